@@ -1,0 +1,225 @@
+"""Settings of a hub process: defaults, ``HUB_*`` variables and flags.
+
+Every setting is a flag ``--name`` and a variable ``HUB_NAME`` (the flag
+wins). ``parse_settings`` raises ``ConfigError`` with one clear line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Final, NoReturn
+from urllib.parse import urlsplit
+
+
+class ConfigError(ValueError):
+    """A bad flag or value: one line, exit code 2."""
+
+
+PROJECT_KEY_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 9001
+    api_key: str = ""
+    # Project key -> project id; None accepts any project key (id 0).
+    projects: Mapping[str, int] | None = None
+    redis_url: str | None = None
+    workers: int = 1
+    grace: float = 30.0
+    heartbeat_timeout: float = 60.0
+    node_lease: float = 15.0
+    log_level: str = "info"
+    log_format: str = "text"
+    # Transport limits.
+    max_frame: int = 64 * 1024
+    max_http_body: int = 1024 * 1024
+    max_header: int = 16 * 1024
+    handshake_timeout: float = 10.0
+    backlog: int = 4096
+    # Agents.
+    agent_interval: float = 1.0
+    agent_max_pending: int = 100_000
+    # How often timers (heartbeat timeout, grace) are checked.
+    sweep_interval: float = 1.0
+    # True when the API key was generated at start (printed once).
+    api_key_generated: bool = field(default=False, compare=False)
+
+    def project_id(self, key: str) -> int | None:
+        """The configured id of a project key, 0 when any key goes, None when unknown."""
+        if self.projects is None:
+            return 0 if PROJECT_KEY_RE.fullmatch(key) else None
+        return self.projects.get(key)
+
+
+def parse_projects(text: str) -> dict[str, int]:
+    projects: dict[str, int] = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, _, pid = item.partition(":")
+        if not PROJECT_KEY_RE.fullmatch(key):
+            raise ConfigError(f"--projects: invalid project key {key!r} (1-64 of A-Za-z0-9._-)")
+        if pid:
+            try:
+                projects[key] = int(pid)
+            except ValueError:
+                raise ConfigError(
+                    f"--projects: project id of {key!r} must be an integer, got {pid!r}"
+                ) from None
+        else:
+            projects[key] = 0
+    if not projects:
+        raise ConfigError("--projects: give at least one project key (key[:id],...)")
+    return projects
+
+
+def _positive(name: str, kind: type) -> Any:
+    def conv(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {text!r}")
+        return value
+
+    conv.__name__ = kind.__name__
+    return conv
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port must be an integer, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535, got {port}")
+    return port
+
+
+def _redis_url(text: str) -> str:
+    scheme = urlsplit(text).scheme
+    if scheme not in ("redis", "rediss", "redis+cluster", "rediss+cluster", "unix"):
+        raise argparse.ArgumentTypeError(
+            f"redis url must start with redis://, rediss://, redis+cluster:// or unix://, got {text!r}"
+        )
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+# name, type, help. Each also read from HUB_<NAME>.
+OPTIONS: Final[list[tuple[str, Any, str]]] = [
+    ("host", str, "address to listen on (default 127.0.0.1)"),
+    ("port", _port, "port for WebSocket and HTTP (default 9001)"),
+    ("api-key", str, "organization API key for agents and /public/ (default: random, printed once)"),
+    ("projects", parse_projects, "accepted project keys, key[:id],... (default: any)"),
+    ("redis-url", _redis_url, "Redis URL; makes this process a cluster node (default: single node)"),
+    (
+        "workers",
+        _positive("workers", int),
+        "processes on one port, each a cluster node; needs Redis (default 1)",
+    ),
+    ("grace", _positive("grace", float), "seconds a disconnected session waits for its tracker (default 30)"),
+    (
+        "heartbeat-timeout",
+        _positive("heartbeat-timeout", float),
+        "seconds of tracker silence before closing (default 60)",
+    ),
+    (
+        "node-lease",
+        _positive("node-lease", float),
+        "seconds before a silent node's sessions are dropped (default 15)",
+    ),
+    ("log-level", str.lower, "debug, info, warning or error (default info)"),
+    ("log-format", str.lower, "text or json (default text)"),
+    (
+        "max-frame",
+        _positive("max-frame", int),
+        "largest WebSocket message in bytes; larger closes with 1009 (default 65536)",
+    ),
+    (
+        "max-http-body",
+        _positive("max-http-body", int),
+        "largest HTTP body in bytes; larger is a 413 (default 1048576)",
+    ),
+    (
+        "max-header",
+        _positive("max-header", int),
+        "largest HTTP request head in bytes; larger is a 431 (default 16384)",
+    ),
+    (
+        "handshake-timeout",
+        _positive("handshake-timeout", float),
+        "seconds to send a full request head (default 10)",
+    ),
+    ("backlog", _positive("backlog", int), "listen backlog (default 4096)"),
+    (
+        "agent-interval",
+        _positive("agent-interval", float),
+        "seconds between lastActiveAt batches to agents (default 1)",
+    ),
+    (
+        "agent-max-pending",
+        _positive("agent-max-pending", int),
+        "sessions with unsent changes before a slow agent is dropped (default 100000)",
+    ),
+    ("sweep-interval", _positive("sweep-interval", float), "seconds between timer sweeps (default 1)"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hub", description="Live-session WebSocket hub")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    serve = sub.add_parser("serve", help="run the hub", description="Run the hub.")
+    serve.error = parser.error  # type: ignore[method-assign]
+    for name, kind, help_text in OPTIONS:
+        serve.add_argument(f"--{name}", type=kind, default=None, help=f"{help_text} [HUB_{_env(name)}]")
+    return parser
+
+
+def _env(name: str) -> str:
+    return name.upper().replace("-", "_")
+
+
+def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from ``hub serve`` flags over ``HUB_*`` variables over defaults."""
+    environ = os.environ if environ is None else environ
+    parser = build_parser()
+    args = parser.parse_args(list(argv))
+    values: dict[str, Any] = {}
+    for name, kind, _ in OPTIONS:
+        attr = name.replace("-", "_")
+        value = getattr(args, attr)
+        if value is None and environ.get(f"HUB_{_env(name)}", "") != "":
+            raw = environ[f"HUB_{_env(name)}"]
+            try:
+                value = kind(raw)
+            except (argparse.ArgumentTypeError, ValueError) as exc:
+                raise ConfigError(f"HUB_{_env(name)}: {exc}") from None
+        if value is not None:
+            values[attr] = value
+    return validate(Settings(**values))
+
+
+def validate(settings: Settings) -> Settings:
+    if settings.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"--log-level must be debug, info, warning or error, got {settings.log_level!r}")
+    if settings.log_format not in ("text", "json"):
+        raise ConfigError(f"--log-format must be text or json, got {settings.log_format!r}")
+    if settings.workers > 1 and not settings.redis_url:
+        raise ConfigError("--workers above 1 needs --redis-url: each worker is a node of a Redis cluster")
+    if settings.api_key == "":
+        return replace(settings, api_key=secrets.token_urlsafe(24), api_key_generated=True)
+    return settings

@@ -1,0 +1,422 @@
+"""The transport: one ``asyncio.Protocol`` per connection, no task per connection.
+
+HTTP is parsed by httptools; a WebSocket upgrade is handed to websockets'
+Sans-I/O ``ServerProtocol``, which keeps every protocol rule (handshake,
+masking, fragments, ping, close, size limit). This layer only moves bytes:
+what a frame or a request means is decided by the endpoint or ``HttpApi``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Protocol as TypingProtocol
+
+import httptools
+from websockets.datastructures import Headers
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request as WsRequest
+from websockets.protocol import OPEN, State
+from websockets.server import ServerProtocol
+
+from .config import Settings
+from .http_api import HttpApi, Request, Response, error
+
+log = logging.getLogger("hub.server")
+
+# Close codes (README, "Close codes").
+CLOSE_TOO_BIG = 1009
+CLOSE_POLICY = 1008
+CLOSE_RESTART = 1012
+CLOSE_HEARTBEAT_TIMEOUT = 4000
+CLOSE_TIMEOUT_S = 2.0
+
+
+class Endpoint(TypingProtocol):
+    """What a WebSocket path does with its connection's messages."""
+
+    # Seconds of silence before the hub closes the connection; None = never.
+    idle_timeout: float | None
+
+    def receive(self, data: bytes, now: int) -> bytes | None:
+        """One whole message; returns a reply frame, if any."""
+
+    def closed(self, now: int, timed_out: bool) -> None: ...
+
+    def writable(self) -> None:
+        """The connection's send buffer drained: queued frames may go."""
+
+
+# Route a WebSocket handshake: an endpoint to accept it, or a refusal.
+WsRouter = Callable[[Request, "Connection"], "Endpoint | Response"]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: HTTP requests, then maybe one WebSocket."""
+
+    __slots__ = (
+        "body",
+        "deadline",
+        "endpoint",
+        "fragments",
+        "head_size",
+        "headers",
+        "last_seen",
+        "parser",
+        "paused",
+        "peer",
+        "server",
+        "timed_out",
+        "transport",
+        "url",
+        "ws",
+    )
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+        self.url = b""
+        self.headers: list[tuple[str, str]] = []
+        self.body = bytearray()
+        self.head_size = 0
+        self.ws: ServerProtocol | None = None
+        self.endpoint: Endpoint | None = None
+        self.fragments: list[bytes] | None = None
+        # Monotonic time by which the client must have done something.
+        self.deadline = time.monotonic() + server.settings.handshake_timeout
+        self.last_seen = 0.0
+        self.paused = False
+        self.timed_out = False
+        self.peer: str = ""
+
+    # asyncio callbacks -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else ""
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        endpoint, self.endpoint = self.endpoint, None
+        if endpoint is not None:
+            try:
+                endpoint.closed(now_ms(), self.timed_out)
+            except Exception:
+                log.exception("endpoint close failed")
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.endpoint is not None:
+            self.endpoint.writable()
+
+    def data_received(self, data: bytes) -> None:
+        if self.ws is not None:
+            self._ws_data(data)
+        elif self.parser is not None:
+            self._http_data(data)
+
+    def eof_received(self) -> bool | None:
+        if self.ws is not None:
+            self.ws.receive_eof()
+            self._ws_events()
+        return None
+
+    # HTTP ---------------------------------------------------------------
+
+    def _http_data(self, data: bytes) -> None:
+        assert self.parser is not None
+        self.head_size += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgrade(data[upgrade.args[0] :])
+        except httptools.HttpParserError:
+            self._respond(error(400, "malformed HTTP request"), keep_alive=False)
+        except _Refuse as refuse:
+            self._respond(refuse.response, keep_alive=False)
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.body = bytearray()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.server.settings.max_header:
+            raise _Refuse(error(414, "request URI too long"))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head_size > self.server.settings.max_header:
+            raise _Refuse(error(431, "request header fields too large"))
+        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        if self.head_size > self.server.settings.max_header:
+            raise _Refuse(error(431, "request header fields too large"))
+        for name, value in self.headers:
+            if name.lower() == "content-length":
+                try:
+                    size = int(value)
+                except ValueError:
+                    raise _Refuse(error(400, "invalid Content-Length")) from None
+                if size > self.server.settings.max_http_body:
+                    raise _Refuse(
+                        error(
+                            413, f"request body over the limit of {self.server.settings.max_http_body} bytes"
+                        )
+                    )
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+        if len(self.body) > self.server.settings.max_http_body:
+            raise _Refuse(
+                error(413, f"request body over the limit of {self.server.settings.max_http_body} bytes")
+            )
+
+    def on_message_complete(self) -> None:
+        assert self.parser is not None
+        if self.parser.should_upgrade():
+            return  # handled by HttpParserUpgrade in _http_data
+        request = self._request()
+        try:
+            response = self.server.api.handle(request)
+        except Exception:
+            log.exception("HTTP handler failed on %s %s", request.method, request.path)
+            response = error(500, "internal error")
+        if request.method == "HEAD":
+            response.body = b""
+        self._respond(response, keep_alive=self.parser.should_keep_alive())
+        self.head_size = 0
+        self.deadline = time.monotonic() + self.server.settings.handshake_timeout
+
+    def _request(self) -> Request:
+        assert self.parser is not None
+        parsed = httptools.parse_url(self.url)
+        return Request(
+            method=self.parser.get_method().decode("ascii", "replace"),
+            path=(parsed.path or b"/").decode("utf-8", "replace"),
+            query=(parsed.query or b"").decode("utf-8", "replace"),
+            headers={name.lower(): value for name, value in self.headers},
+            body=bytes(self.body),
+        )
+
+    def _respond(self, response: Response, keep_alive: bool) -> None:
+        if self.transport is None:
+            return
+        reason = HTTPStatus(response.status).phrase
+        lines = [
+            f"HTTP/1.1 {response.status} {reason}",
+            f"Content-Type: {response.content_type}",
+            f"Content-Length: {len(response.body)}",
+            "Cache-Control: no-store",
+        ]
+        lines += [f"{name}: {value}" for name, value in response.headers]
+        if not keep_alive:
+            lines.append("Connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.transport.write(head + response.body)
+        if not keep_alive:
+            self.parser = None
+            self.transport.close()
+
+    # WebSocket ----------------------------------------------------------
+
+    def _upgrade(self, rest: bytes) -> None:
+        request = self._request()
+        routed = self.server.route_ws(request, self)
+        if isinstance(routed, Response):
+            self._respond(routed, keep_alive=False)
+            return
+        ws = ServerProtocol(state=OPEN, max_size=self.server.settings.max_frame)
+        response = ws.accept(WsRequest(path=self.url.decode("latin-1"), headers=Headers(self.headers)))
+        assert self.transport is not None
+        if response.status_code != 101:
+            self.transport.write(response.serialize())
+            self.parser = None
+            self.transport.close()
+            return
+        self.transport.write(response.serialize())
+        self.parser = None
+        self.url = b""
+        self.headers = []
+        self.body = bytearray()
+        self.ws = ws
+        self.endpoint = routed
+        self.last_seen = time.monotonic()
+        if rest:
+            self._ws_data(rest)
+
+    def _ws_data(self, data: bytes) -> None:
+        assert self.ws is not None
+        self.ws.receive_data(data)
+        self._ws_events()
+
+    def _ws_events(self) -> None:
+        ws = self.ws
+        assert ws is not None
+        events = ws.events_received()
+        if events:
+            self.last_seen = time.monotonic()
+        for event in events:
+            if not isinstance(event, Frame):
+                continue
+            opcode = event.opcode
+            if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+                if event.fin:
+                    self._message(bytes(event.data))
+                else:
+                    self.fragments = [bytes(event.data)]
+            elif opcode is Opcode.CONT and self.fragments is not None:
+                self.fragments.append(bytes(event.data))
+                if event.fin:
+                    data = b"".join(self.fragments)
+                    self.fragments = None
+                    self._message(data)
+        self._flush()
+
+    def _message(self, data: bytes) -> None:
+        endpoint = self.endpoint
+        if endpoint is None or self.ws is None or self.ws.state is not OPEN:
+            return
+        reply = endpoint.receive(data, now_ms())
+        if reply is not None and self.ws.state is OPEN:
+            self.ws.send_text(reply)
+
+    def _flush(self) -> None:
+        ws, transport = self.ws, self.transport
+        if ws is None or transport is None:
+            return
+        for chunk in ws.data_to_send():
+            if chunk:
+                transport.write(chunk)
+            else:
+                transport.close()
+                return
+        if ws.close_expected():
+            self.deadline = min(self.deadline, time.monotonic() + CLOSE_TIMEOUT_S)
+
+    # For endpoints ------------------------------------------------------
+
+    @property
+    def open(self) -> bool:
+        return self.ws is not None and self.ws.state is OPEN and self.transport is not None
+
+    def send(self, frame: bytes) -> None:
+        """Queue one text frame to the client."""
+        if self.open:
+            assert self.ws is not None
+            self.ws.send_text(frame)
+            self._flush()
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake; the transport is dropped if it stalls."""
+        if self.open:
+            assert self.ws is not None
+            self.ws.send_close(code, reason)
+            self.deadline = time.monotonic() + CLOSE_TIMEOUT_S
+            self._flush()
+        elif self.transport is not None and self.ws is None:
+            self.transport.close()
+
+    def set_receive_buffer(self, size: int) -> None:
+        sock = self.transport.get_extra_info("socket") if self.transport else None
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+    def expire(self, now: float) -> None:
+        """Called by the sweeper: enforce handshake, heartbeat and close deadlines."""
+        transport = self.transport
+        if transport is None:
+            return
+        ws = self.ws
+        if ws is None or ws.state is not OPEN:
+            if now >= self.deadline:
+                transport.abort()
+            return
+        endpoint = self.endpoint
+        timeout = endpoint.idle_timeout if endpoint is not None else None
+        if timeout is not None and now - self.last_seen > timeout:
+            self.timed_out = True
+            self.close(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")
+
+
+class _Refuse(Exception):
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+class Server:
+    """Listens, owns the set of connections, sweeps their deadlines."""
+
+    def __init__(self, settings: Settings, api: HttpApi, route_ws: WsRouter) -> None:
+        self.settings = settings
+        self.api = api
+        self.route_ws = route_ws
+        self.connections: set[Connection] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        if sock is not None:
+            self._server = await loop.create_server(
+                lambda: Connection(self), sock=sock, backlog=self.settings.backlog
+            )
+        else:
+            self._server = await loop.create_server(
+                lambda: Connection(self),
+                self.settings.host,
+                self.settings.port,
+                backlog=self.settings.backlog,
+                reuse_address=True,
+            )
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    def sweep(self) -> None:
+        now = time.monotonic()
+        for conn in list(self.connections):
+            conn.expire(now)
+
+    def close_all(self, code: int, reason: str) -> None:
+        for conn in list(self.connections):
+            if conn.ws is not None:
+                conn.close(code, reason)
+            elif conn.transport is not None:
+                conn.transport.close()
+
+    async def wait_closed(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        if self._server is not None:
+            self._server.close()
+
+
+__all__ = ["CLOSE_POLICY", "CLOSE_RESTART", "CLOSE_TOO_BIG", "Connection", "Endpoint", "Server", "State"]

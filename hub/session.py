@@ -1,0 +1,286 @@
+"""The live session record and the tracker messages that change it.
+
+Pure data and rules: no I/O, no clock (callers pass ``now`` in Unix ms).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Annotated, Any, Final
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+# Documented limits of tracker input (README, "Limits").
+MAX_SESSION_ID: Final = 64
+MAX_STRING: Final = 1024
+MAX_METADATA_KEYS: Final = 50
+MAX_METADATA_KEY: Final = 128
+MAX_USER_PROPERTIES_BYTES: Final = 16 * 1024
+
+SESSION_ID_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+# Descriptive string fields a tracker may set with start/update.
+DESCRIPTIVE_FIELDS: Final = (
+    "userID",
+    "userUUID",
+    "pageTitle",
+    "url",
+    "referrer",
+    "trackerVersion",
+    "userOs",
+    "userBrowser",
+    "userBrowserVersion",
+    "userDevice",
+    "userDeviceType",
+    "userCountry",
+    "userState",
+    "userCity",
+    "language",
+    "environment",
+    "appVersion",
+    "userAgent",
+)
+
+
+class Session(Struct, gc=False):
+    """One live session, exactly as it goes on the wire (CONTRACT §1)."""
+
+    sessionID: str
+    projectKey: str
+    projectId: int
+    timestamp: int
+    lastActiveAt: int
+    userID: str | None = None
+    userUUID: str | None = None
+    metadata: dict[str, str] = {}
+    userProperties: dict[str, Any] = {}
+    pageTitle: str | None = None
+    url: str | None = None
+    referrer: str | None = None
+    active: bool = True
+    connected: bool = True
+    tabs: int = 1
+    trackerVersion: str | None = None
+    userOs: str | None = None
+    userBrowser: str | None = None
+    userBrowserVersion: str | None = None
+    userDevice: str | None = None
+    userDeviceType: str | None = None
+    userCountry: str | None = None
+    userState: str | None = None
+    userCity: str | None = None
+    language: str | None = None
+    environment: str | None = None
+    appVersion: str | None = None
+    userAgent: str | None = None
+    live: bool = True
+
+
+# Fields a search may sort by: every scalar field of the record.
+SCALAR_FIELDS: Final = frozenset(
+    f for f in Session.__struct_fields__ if f not in ("metadata", "userProperties")
+)
+
+Text = Annotated[str, Meta(max_length=MAX_STRING)]
+OptText = Text | None | UnsetType
+MetaKey = Annotated[str, Meta(min_length=1, max_length=MAX_METADATA_KEY)]
+MetaValue = Text | int | float | bool | None
+MetadataIn = Annotated[dict[MetaKey, MetaValue], Meta(max_length=MAX_METADATA_KEYS)]
+
+
+class _Fields(Struct):
+    """Fields a tracker may carry in start and update (all optional)."""
+
+    userID: OptText = UNSET
+    userUUID: OptText = UNSET
+    pageTitle: OptText = UNSET
+    url: OptText = UNSET
+    referrer: OptText = UNSET
+    trackerVersion: OptText = UNSET
+    userOs: OptText = UNSET
+    userBrowser: OptText = UNSET
+    userBrowserVersion: OptText = UNSET
+    userDevice: OptText = UNSET
+    userDeviceType: OptText = UNSET
+    userCountry: OptText = UNSET
+    userState: OptText = UNSET
+    userCity: OptText = UNSET
+    language: OptText = UNSET
+    environment: OptText = UNSET
+    appVersion: OptText = UNSET
+    userAgent: OptText = UNSET
+    metadata: MetadataIn | UnsetType = UNSET
+    userProperties: dict[str, Any] | UnsetType = UNSET
+    active: bool | UnsetType = UNSET
+
+
+class Start(_Fields, tag_field="type", tag="start"):
+    # Untyped on purpose: a bad sessionID or timestamp falls back, it is not an error.
+    sessionID: Any = None
+    timestamp: Any = None
+
+
+class Update(_Fields, tag_field="type", tag="update"):
+    pass
+
+
+class Heartbeat(Struct, tag_field="type", tag="heartbeat"):
+    active: bool | UnsetType = UNSET
+
+
+class End(Struct, tag_field="type", tag="end"):
+    pass
+
+
+TrackerMessage = Start | Update | Heartbeat | End
+
+
+class Started(Struct, tag_field="type", tag="started"):
+    sessionID: str
+    session: Session
+
+
+class ErrorFrame(Struct, tag_field="type", tag="error"):
+    code: str
+    message: str
+
+
+class InputError(Exception):
+    """A tracker message that must be refused whole, with a stable code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+_decoder: Final = msgspec.json.Decoder(TrackerMessage)
+
+
+def decode_message(frame: bytes | str) -> TrackerMessage:
+    """Decode one tracker frame or raise InputError with a stable code."""
+    try:
+        msg: TrackerMessage = _decoder.decode(frame)
+    except msgspec.ValidationError as exc:
+        raise InputError(_classify(str(exc)), str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise InputError("invalid_json", str(exc)) from None
+    if isinstance(msg, (Start, Update)):
+        check_limits(msg)
+    return msg
+
+
+def _classify(text: str) -> str:
+    if "at `$.type`" in text or "field `type`" in text:
+        return "unknown_type"
+    if " - at `$" not in text:
+        return "invalid_message"
+    if "length <=" in text or "length >=" in text:
+        return "limit_exceeded"
+    return "invalid_field"
+
+
+def check_limits(msg: _Fields) -> None:
+    """Limits msgspec's schema cannot express."""
+    if msg.userProperties is not UNSET:
+        size = len(msgspec.json.encode(msg.userProperties))
+        if size > MAX_USER_PROPERTIES_BYTES:
+            raise InputError(
+                "limit_exceeded",
+                f"userProperties is {size} bytes encoded, over the limit of {MAX_USER_PROPERTIES_BYTES}",
+            )
+
+
+def valid_session_id(value: object) -> bool:
+    return isinstance(value, str) and SESSION_ID_RE.fullmatch(value) is not None
+
+
+def session_id_or_new(value: object) -> str:
+    return value if valid_session_id(value) else str(uuid.uuid4())  # type: ignore[return-value]
+
+
+def timestamp_or_now(value: object, now: int) -> int:
+    # bool is an int subclass but not a number a tracker means.
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 2**53:
+        return int(value)
+    return now
+
+
+def _meta_str(value: str | int | float | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def changes_of(msg: _Fields, session: Session | None) -> dict[str, Any]:
+    """What applying ``msg`` to ``session`` changes, as wire fields.
+
+    ``metadata`` and ``userProperties`` merge by key (null removes a key);
+    other fields carried replace stored ones. Fields equal to the stored
+    value are left out, so an empty result means nothing changed.
+    """
+    changes: dict[str, Any] = {}
+    for name in DESCRIPTIVE_FIELDS:
+        value = getattr(msg, name)
+        if value is not UNSET and (session is None or getattr(session, name) != value):
+            changes[name] = value
+    if msg.active is not UNSET and (session is None or session.active != msg.active):
+        changes["active"] = msg.active
+    if msg.metadata is not UNSET:
+        current = session.metadata if session is not None else {}
+        merged = dict(current)
+        for key, raw in msg.metadata.items():
+            if raw is None:
+                merged.pop(key, None)
+            else:
+                merged[key] = _meta_str(raw)
+        if len(merged) > MAX_METADATA_KEYS:
+            raise InputError(
+                "limit_exceeded",
+                f"metadata would hold {len(merged)} keys, over the limit of {MAX_METADATA_KEYS}",
+            )
+        if merged != current:
+            changes["metadata"] = merged
+    if msg.userProperties is not UNSET:
+        current_up = session.userProperties if session is not None else {}
+        merged_up = dict(current_up)
+        for key, val in msg.userProperties.items():
+            if val is None:
+                merged_up.pop(key, None)
+            else:
+                merged_up[key] = val
+        if merged_up != current_up:
+            size = len(msgspec.json.encode(merged_up))
+            if size > MAX_USER_PROPERTIES_BYTES:
+                raise InputError(
+                    "limit_exceeded",
+                    f"userProperties would be {size} bytes encoded, "
+                    f"over the limit of {MAX_USER_PROPERTIES_BYTES}",
+                )
+            changes["userProperties"] = merged_up
+    return changes
+
+
+def new_session(msg: Start, session_id: str, project_key: str, project_id: int, now: int) -> Session:
+    """A fresh record from a first ``start``."""
+    ts = timestamp_or_now(msg.timestamp, now)
+    session = Session(
+        sessionID=session_id,
+        projectKey=project_key,
+        projectId=project_id,
+        timestamp=ts,
+        lastActiveAt=now,
+    )
+    for name, value in changes_of(msg, None).items():
+        setattr(session, name, value)
+    return session
+
+
+def encode_error(code: str, message: str) -> bytes:
+    return msgspec.json.encode(ErrorFrame(code=code, message=message))
+
+
+def encode_started(session: Session) -> bytes:
+    return msgspec.json.encode(Started(sessionID=session.sessionID, session=session))

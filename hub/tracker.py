@@ -1,0 +1,80 @@
+"""The tracker protocol of one connection (CONTRACT §2), without I/O.
+
+``TrackerProtocol.receive`` takes one frame and returns the reply frame to
+send, if any. Bad input gets an ``error`` frame and changes nothing.
+"""
+
+from __future__ import annotations
+
+from msgspec import UNSET
+
+from .session import (
+    End,
+    Heartbeat,
+    InputError,
+    Session,
+    Start,
+    decode_message,
+    encode_error,
+    encode_started,
+    valid_session_id,
+)
+from .sessions import Registry
+
+
+class TrackerProtocol:
+    __slots__ = ("errors", "project_id", "project_key", "registry", "session")
+
+    def __init__(self, registry: Registry, project_key: str, project_id: int) -> None:
+        self.registry = registry
+        self.project_key = project_key
+        self.project_id = project_id
+        self.session: Session | None = None
+        self.errors = 0
+
+    def receive(self, frame: bytes | str, now: int) -> bytes | None:
+        try:
+            return self._receive(frame, now)
+        except InputError as exc:
+            self.errors += 1
+            return encode_error(exc.code, exc.message)
+
+    def _receive(self, frame: bytes | str, now: int) -> bytes | None:
+        msg = decode_message(frame)
+        session = self.session
+        if session is not None and not self.registry.is_live(session):
+            # Ended elsewhere (another tab's end, or the cluster): start again.
+            session = self.session = None
+        if isinstance(msg, Heartbeat):
+            if session is None:
+                raise InputError("not_started", "send start before heartbeat")
+            self.registry.heartbeat(session, None if msg.active is UNSET else msg.active, now)
+            return None
+        if isinstance(msg, Start):
+            if session is not None and not valid_session_id(msg.sessionID):
+                msg.sessionID = session.sessionID
+            elif session is not None and msg.sessionID != session.sessionID:
+                raise InputError(
+                    "already_started",
+                    f"this connection holds session {session.sessionID}; send end before starting another",
+                )
+            attach = session is None
+            session, _ = self.registry.start(self.project_key, self.project_id, msg, now, attach)
+            self.session = session
+            return encode_started(session)
+        if session is None:
+            raise InputError(
+                "not_started", f"send start before {'end' if isinstance(msg, End) else 'update'}"
+            )
+        if isinstance(msg, End):
+            self.registry.end(session, "ended")
+            self.session = None
+            return None
+        self.registry.update(session, msg, now)
+        return None
+
+    def closed(self, now: int, timed_out: bool) -> None:
+        """The connection closed; a held session waits out its grace."""
+        if self.session is not None:
+            self.registry.detach(self.session, now, "timeout" if timed_out else "disconnected")
+            self.session = None
