@@ -50,6 +50,9 @@ class Hub:
         self.api = HttpApi(settings, self.index, ready=lambda: self.ready and not self.draining)
         self.server = Server(settings, self.api, self.route_ws)
         self._stop = anyio.Event()
+        # Set once the hub listens; ``port`` is then the bound port.
+        self.listening = anyio.Event()
+        self.port = 0
 
     def route_ws(self, request: Request, conn: Connection) -> Endpoint | Response:
         if self.draining:
@@ -67,16 +70,20 @@ class Hub:
         self,
         sock: socket.socket | None = None,
         *,
+        handle_signals: bool = True,
         task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Run until ``stop()`` or SIGTERM/SIGINT, then drain."""
+        """Run until ``stop()`` (or SIGTERM/SIGINT with ``handle_signals``), then drain."""
         await self.server.start(sock)
+        self.port = self.server.port
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._sweeper)
-            tg.start_soon(self._signals)
+            if handle_signals:
+                tg.start_soon(self._signals)
             self.ready = True
-            log.info("listening on %s:%d", self.settings.host, self.server.port)
-            task_status.started(self.server.port)
+            log.info("listening on %s:%d", self.settings.host, self.port)
+            self.listening.set()
+            task_status.started(self.port)
             await self._stop.wait()
             await self._drain()
             tg.cancel_scope.cancel()

@@ -1,0 +1,183 @@
+"""Shared test tools: free ports, an in-process hub, hub processes, a raw HTTP client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+from hub.app import Hub
+from hub.config import Settings
+
+API_KEY = "test-key-7f3a"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class HttpReply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def http(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | str | dict[str, Any] | list[Any] | None = None,
+    headers: dict[str, str] | None = None,
+    key: str | None = API_KEY,
+    raw: bytes | None = None,
+    timeout: float = 5.0,
+) -> HttpReply:
+    """One HTTP/1.1 request on a fresh connection, read to the end."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        if raw is None:
+            if isinstance(body, (dict, list)):
+                body = json.dumps(body)
+            data = body.encode() if isinstance(body, str) else (body or b"")
+            lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
+            if key is not None:
+                lines.append(f"Authorization: Bearer {key}")
+            for name, value in (headers or {}).items():
+                lines.append(f"{name}: {value}")
+            if data or method in ("POST", "PUT"):
+                lines.append(f"Content-Length: {len(data)}")
+            raw = ("\r\n".join(lines) + "\r\n\r\n").encode() + data
+        writer.write(raw)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        status = int(status_line.split()[1])
+        hdrs = {}
+        for line in header_lines:
+            if ":" in line:
+                name, _, value = line.partition(":")
+                hdrs[name.strip().lower()] = value.strip()
+        length = int(hdrs.get("content-length", "0"))
+        payload = await asyncio.wait_for(reader.readexactly(length), timeout) if length else b""
+        return HttpReply(status, hdrs, payload)
+    finally:
+        writer.close()
+
+
+@dataclass
+class RunningHub:
+    hub: Hub
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def tracker_url(self, project: str = "p1") -> str:
+        return f"{self.url}/ws/tracker/{project}"
+
+    def agent_url(self, project: str = "p1") -> str:
+        return f"{self.url}/ws/agent/{project}"
+
+    async def search(self, project: str = "p1", body: dict[str, Any] | None = None) -> dict[str, Any]:
+        reply = await http(self.port, "POST", f"/public/{project}/assist/sessions", body or {})
+        assert reply.status == 200, reply.body
+        data: dict[str, Any] = reply.json()["data"]
+        return data
+
+
+TEST_SETTINGS = Settings(port=0, api_key=API_KEY, sweep_interval=0.05, handshake_timeout=2.0)
+
+
+@asynccontextmanager
+async def running_hub(**overrides: Any) -> AsyncIterator[RunningHub]:
+    """A hub in this event loop on a free port, with short sweep intervals."""
+    hub = Hub(replace(TEST_SETTINGS, **overrides))
+    task = asyncio.create_task(hub.serve(handle_signals=False))
+    waiter = asyncio.create_task(hub.listening.wait())
+    done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        waiter.cancel()
+        task.result()
+    try:
+        yield RunningHub(hub, hub.port)
+    finally:
+        hub.stop()
+        await asyncio.wait_for(task, 10)
+
+
+async def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.01) -> Any:
+    """Poll an (async or sync) predicate until it is truthy; its value is returned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+class HubProcess:
+    """``python -m hub serve`` in a child process, killed for real at the end."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+        full_env.update(env or {})
+        self.args = [sys.executable, "-m", "hub", "serve", "--port", str(self.port), *args]
+        self.proc = subprocess.Popen(
+            self.args, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    def wait_ready(self, timeout: float = 10.0, path: str = "/healthz") -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"hub exited {self.proc.returncode}: {self.proc.stderr.read()}")  # type: ignore[union-attr]
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                    if s.recv(64).startswith(b"HTTP/1.1 200"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"hub on port {self.port} not ready within {timeout} s")
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> HubProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
