@@ -145,10 +145,13 @@ class Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self._upgrade(data[upgrade.args[0] :])
-        except httptools.HttpParserError:
-            self._respond(error(400, "malformed HTTP request"), keep_alive=False)
-        except _Refuse as refuse:
-            self._respond(refuse.response, keep_alive=False)
+        except httptools.HttpParserError as exc:
+            # httptools wraps what a callback raises; a _Refuse carries its answer.
+            cause = exc.__context__
+            if isinstance(cause, _Refuse):
+                self._respond(cause.response, keep_alive=False)
+            else:
+                self._respond(error(400, "malformed HTTP request"), keep_alive=False)
 
     # httptools callbacks
     def on_message_begin(self) -> None:

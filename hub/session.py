@@ -175,10 +175,10 @@ def decode_message(frame: bytes | str) -> TrackerMessage:
 def _classify(text: str) -> str:
     if "at `$.type`" in text or "field `type`" in text:
         return "unknown_type"
-    if " - at `$" not in text:
-        return "invalid_message"
-    if "length <=" in text or "length >=" in text:
+    if "length <=" in text:
         return "limit_exceeded"
+    if "`$" not in text:
+        return "invalid_message"
     return "invalid_field"
 
 
