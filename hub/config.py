@@ -29,7 +29,10 @@ class Settings:
     port: int = 9001
     api_key: str = ""
     # Project key -> project id; None accepts any project key (id 0).
+    # From --projects, a ``Projects`` that also carries per-project API keys.
     projects: Mapping[str, int] | None = None
+    # Project key -> API keys that may read only that project (--keys-file).
+    keys_file: Mapping[str, tuple[str, ...]] | None = None
     redis_url: str | None = None
     workers: int = 1
     grace: float = 30.0
@@ -46,6 +49,18 @@ class Settings:
     # Agents.
     agent_interval: float = 1.0
     agent_max_pending: int = 100_000
+    # Hardening (README, "Security"); 0 turns a limit off.
+    rate_limit: float = 100.0
+    rate_burst: int = 200
+    read_batch: int = 64
+    tracker_rcvbuf: int = 16 * 1024
+    max_conns_per_ip: int = 0
+    max_sessions_per_project: int = 250_000
+    max_agents: int = 1000
+    max_filters: int = 50
+    agent_idle_timeout: float = 300.0
+    # Origins allowed to open tracker connections; None allows any.
+    tracker_origins: tuple[str, ...] | None = None
     # How often timers (heartbeat timeout, grace) are checked.
     sweep_interval: float = 1.0
     # True when the API key was generated at start (printed once).
@@ -58,27 +73,67 @@ class Settings:
         return self.projects.get(key)
 
 
-def parse_projects(text: str) -> dict[str, int]:
-    projects: dict[str, int] = {}
+class Projects(dict[str, int]):
+    """Project key -> project id, plus the API keys given with ``key:id:apikey``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.api_keys: dict[str, tuple[str, ...]] = {}
+
+
+def parse_projects(text: str) -> Projects:
+    # ArgumentTypeError: argparse shows its message as is (a ValueError it would hide).
+    projects = Projects()
     for item in text.split(","):
         item = item.strip()
         if not item:
             continue
-        key, _, pid = item.partition(":")
+        key, _, rest = item.partition(":")
+        pid, _, api_key = rest.partition(":")
         if not PROJECT_KEY_RE.fullmatch(key):
-            raise ConfigError(f"--projects: invalid project key {key!r} (1-64 of A-Za-z0-9._-)")
+            raise argparse.ArgumentTypeError(f"invalid project key {key!r} (1-64 of A-Za-z0-9._-)")
         if pid:
             try:
                 projects[key] = int(pid)
             except ValueError:
-                raise ConfigError(
-                    f"--projects: project id of {key!r} must be an integer, got {pid!r}"
+                raise argparse.ArgumentTypeError(
+                    f"project id of {key!r} must be an integer, got {pid!r}"
                 ) from None
         else:
             projects[key] = 0
+        if api_key:
+            projects.api_keys[key] = (*projects.api_keys.get(key, ()), api_key)
     if not projects:
-        raise ConfigError("--projects: give at least one project key (key[:id],...)")
+        raise argparse.ArgumentTypeError("give at least one project key (key[:id[:apikey]],...)")
     return projects
+
+
+def parse_keys_file(path: str) -> dict[str, tuple[str, ...]]:
+    """Per-project API keys: one ``projectKey:apiKey`` a line; ``#`` comments."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path!r}: {exc.strerror}") from None
+    keys: dict[str, tuple[str, ...]] = {}
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        project, sep, api_key = line.partition(":")
+        project, api_key = project.strip(), api_key.strip()
+        # The key itself is never echoed: only the line number says where.
+        if not sep or not PROJECT_KEY_RE.fullmatch(project) or not api_key:
+            raise argparse.ArgumentTypeError(f"line {number} is not projectKey:apiKey")
+        keys[project] = (*keys.get(project, ()), api_key)
+    return keys
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    origins = tuple(o.strip().rstrip("/").lower() for o in text.split(",") if o.strip())
+    if not origins:
+        raise argparse.ArgumentTypeError("give at least one origin, e.g. https://example.com")
+    return origins
 
 
 def _positive(name: str, kind: type) -> Any:
@@ -89,6 +144,20 @@ def _positive(name: str, kind: type) -> Any:
             raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
         if value <= 0:
             raise argparse.ArgumentTypeError(f"{name} must be > 0, got {text!r}")
+        return value
+
+    conv.__name__ = kind.__name__
+    return conv
+
+
+def _non_negative(name: str, kind: type) -> Any:
+    def conv(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0 (0 = off), got {text!r}")
         return value
 
     conv.__name__ = kind.__name__
@@ -124,7 +193,12 @@ OPTIONS: Final[list[tuple[str, Any, str]]] = [
     ("host", str, "address to listen on (default 127.0.0.1)"),
     ("port", _port, "port for WebSocket and HTTP (default 9001)"),
     ("api-key", str, "organization API key for agents and /public/ (default: random, printed once)"),
-    ("projects", parse_projects, "accepted project keys, key[:id],... (default: any)"),
+    (
+        "projects",
+        parse_projects,
+        "accepted project keys, key[:id[:apikey]],...; an apikey reads only its project (default: any)",
+    ),
+    ("keys-file", parse_keys_file, "file of per-project API keys, one projectKey:apiKey a line"),
     ("redis-url", _redis_url, "Redis URL; makes this process a cluster node (default: single node)"),
     (
         "workers",
@@ -176,6 +250,52 @@ OPTIONS: Final[list[tuple[str, Any, str]]] = [
         "sessions with unsent changes before a slow agent is dropped (default 100000)",
     ),
     ("sweep-interval", _positive("sweep-interval", float), "seconds between timer sweeps (default 1)"),
+    (
+        "rate-limit",
+        _non_negative("rate-limit", float),
+        "WebSocket messages/s a connection may sustain; past it closes with 1008 (default 100, 0 = off)",
+    ),
+    ("rate-burst", _positive("rate-burst", int), "messages a connection may send at once (default 200)"),
+    (
+        "read-batch",
+        _non_negative("read-batch", int),
+        "messages handled per read before yielding to other connections (default 64, 0 = off)",
+    ),
+    (
+        "tracker-rcvbuf",
+        _non_negative("tracker-rcvbuf", int),
+        "socket receive buffer of tracker connections in bytes (default 16384, 0 = system default)",
+    ),
+    (
+        "max-conns-per-ip",
+        _non_negative("max-conns-per-ip", int),
+        "open connections per client IP; more get a 429 (default 0 = off; leave off behind a proxy)",
+    ),
+    (
+        "max-sessions-per-project",
+        _non_negative("max-sessions-per-project", int),
+        "live sessions per project; more get error project_full (default 250000, 0 = off)",
+    ),
+    (
+        "max-agents",
+        _non_negative("max-agents", int),
+        "agent connections per process; more get a 503 (default 1000, 0 = off)",
+    ),
+    (
+        "max-filters",
+        _non_negative("max-filters", int),
+        "filters in one search or subscription; more is a 400 / limit_exceeded (default 50, 0 = off)",
+    ),
+    (
+        "agent-idle-timeout",
+        _non_negative("agent-idle-timeout", float),
+        "seconds an agent may stay silent (no message, no ping) before 4000 (default 300, 0 = off)",
+    ),
+    (
+        "tracker-origins",
+        _origins,
+        "Origins allowed to open tracker connections, comma-separated; others get 403 (default: any)",
+    ),
 ]
 
 
@@ -218,6 +338,10 @@ def validate(settings: Settings) -> Settings:
         raise ConfigError(f"--log-level must be debug, info, warning or error, got {settings.log_level!r}")
     if settings.log_format not in ("text", "json"):
         raise ConfigError(f"--log-format must be text or json, got {settings.log_format!r}")
+    if settings.keys_file and settings.projects is not None:
+        unknown = sorted(set(settings.keys_file) - set(settings.projects))
+        if unknown:
+            raise ConfigError(f"--keys-file names projects not in --projects: {', '.join(unknown)}")
     if settings.workers > 1 and not settings.redis_url:
         raise ConfigError("--workers above 1 needs --redis-url: each worker is a node of a Redis cluster")
     if settings.api_key == "":

@@ -6,7 +6,6 @@ moves bytes. Every malformed request is a 400 saying what was wrong.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -15,6 +14,7 @@ from urllib.parse import parse_qsl, unquote
 import msgspec
 from msgspec import Struct
 
+from .auth import Auth, bearer_token
 from .config import Settings
 from .index import LiveIndex
 from .search import Query, QueryError, parse_body, parse_params
@@ -61,20 +61,6 @@ def error(status: int, message: str, headers: list[tuple[str, str]] | None = Non
     return Response(status, _encoder.encode({"error": message}), headers=headers or [])
 
 
-def bearer_token(headers: dict[str, str]) -> str | None:
-    auth = headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
-
-
-def key_matches(given: str | None, expected: str) -> bool:
-    if given is None:
-        return False
-    return hmac.compare_digest(given.encode(), expected.encode())
-
-
 def query_params(query: str) -> dict[str, str]:
     return dict(parse_qsl(query, keep_blank_values=True))
 
@@ -90,6 +76,7 @@ class HttpApi:
         self.settings = settings
         self.index = index
         self.ready = ready
+        self.auth = Auth.from_settings(settings)
         self.routes: dict[str, Callable[[Request], Response]] = {
             "/healthz": lambda _r: Response(200, b'{"status":"ok"}'),
             "/readyz": self._readyz,
@@ -122,9 +109,10 @@ class HttpApi:
         # ["", "public", pk, "assist", "sessions", (sid)]
         if len(parts) not in (5, 6) or parts[3] != "assist" or parts[4] != "sessions":
             return error(404, "not found")
-        if not key_matches(bearer_token(request.headers), self.settings.api_key):
-            return error(401, "missing or invalid API key", [("WWW-Authenticate", "Bearer")])
         project_key = parts[2]
+        # A project's own key does not open another project: 401, as a wrong key.
+        if not self.auth.may_read(bearer_token(request.headers), project_key):
+            return error(401, "missing or invalid API key", [("WWW-Authenticate", "Bearer")])
         if self.settings.project_id(project_key) is None:
             return error(404, "project not found")
         if len(parts) == 6:
@@ -143,6 +131,9 @@ class HttpApi:
         return self._search(project_key, query)
 
     def _search(self, project_key: str, query: Query) -> Response:
+        limit = self.settings.max_filters
+        if limit and len(query.criteria) > limit:
+            return error(400, f"{len(query.criteria)} filters, over the limit of {limit}")
         total, page = self.index.search(project_key, query)
         return Response(200, _encoder.encode(SearchAnswer(SearchData(total=total, sessions=page))))
 
