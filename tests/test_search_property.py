@@ -52,7 +52,7 @@ fields_st = st.fixed_dictionaries(
 session_st = st.tuples(st.sampled_from([f"s{i}" for i in range(12)]), st.integers(0, 5), fields_st)
 
 filter_name_st = st.one_of(
-    st.sampled_from(TEXT_FIELDS + ["active", "sessionId", "timestamp"]),
+    st.sampled_from([*TEXT_FIELDS, "active", "sessionId", "timestamp"]),
     st.sampled_from(list(ALIASES)).map(str.upper),
     st.sampled_from(META_KEYS),
     st.just("METADATA"),
@@ -76,7 +76,7 @@ filter_st = st.builds(
 query_st = st.fixed_dictionaries(
     {"filters": st.lists(filter_st, min_size=1, max_size=3) | st.lists(filter_st, max_size=1)},
     optional={
-        "sort": st.sampled_from(SORTABLE + ["TIMESTAMP", "userId"]),
+        "sort": st.sampled_from([*SORTABLE, "TIMESTAMP", "userId"]),
         "order": st.sampled_from(["asc", "desc", "ASC", "Desc"]),
         "page": st.integers(1, 4),
         "limit": st.integers(1, 7),
