@@ -1,0 +1,105 @@
+"""`hub serve` as a user starts it: flags, HUB_* variables, clear errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import API_KEY, HubProcess, free_port, http
+
+
+def run_hub(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "hub", *args], env=full_env, capture_output=True, text=True, timeout=20
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "words"),
+    [
+        (["serve", "--port", "abc"], {}, "port"),
+        (["serve", "--port", "70000"], {}, "port"),
+        (["serve", "--bogus"], {}, "--bogus"),
+        (["serve", "--grace", "-1"], {}, "grace"),
+        (["serve", "--log-format", "xml"], {}, "log-format"),
+        (["serve", "--workers", "2"], {}, "redis"),
+        (["serve", "--projects", "bad key!"], {}, "projects"),
+        (["serve", "--redis-url", "http://x"], {}, "redis"),
+        (["serve"], {"HUB_PORT": "nope"}, "HUB_PORT"),
+        (["serve"], {"HUB_LOG_LEVEL": "loud"}, "log-level"),
+        ([], {}, "command"),
+    ],
+)
+def test_bad_flag_or_value_is_one_line_and_exit_2(args: list[str], env: dict[str, str], words: str) -> None:
+    result = run_hub(*args, env=env)
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert words.lower() in lines[0].lower()
+
+
+def test_help_lists_every_flag_with_its_variable() -> None:
+    result = run_hub("serve", "--help")
+    assert result.returncode == 0
+    for flag in (
+        "--host",
+        "--port",
+        "--api-key",
+        "--projects",
+        "--redis-url",
+        "--workers",
+        "--grace",
+        "--heartbeat-timeout",
+        "--node-lease",
+        "--log-level",
+        "--log-format",
+    ):
+        assert flag in result.stdout
+        assert "HUB_" + flag[2:].upper().replace("-", "_") in result.stdout
+
+
+async def test_environment_configures_the_hub_and_a_flag_wins() -> None:
+    port = free_port()
+    env = {"HUB_PORT": "1", "HUB_API_KEY": API_KEY, "HUB_PROJECTS": "shop:42"}
+    with HubProcess(env=env, port=port) as proc:  # --port is passed as a flag: it wins over HUB_PORT
+        proc.wait_ready()
+        reply = await http(port, "GET", "/public/shop/assist/sessions")
+        assert reply.status == 200
+        reply = await http(port, "GET", "/public/other/assist/sessions")
+        assert reply.status == 404
+        assert proc.terminate() == 0
+
+
+async def test_generated_api_key_is_printed_once_and_works() -> None:
+    port = free_port()
+    with HubProcess(port=port) as proc:
+        proc.wait_ready()
+        assert proc.terminate() == 0
+        out = proc.proc.stdout.read()  # type: ignore[union-attr]
+    lines = [line for line in out.splitlines() if "API key" in line]
+    assert len(lines) == 1, out
+    key = lines[0].rsplit(" ", 1)[1]
+    assert len(key) >= 24
+    with HubProcess("--api-key", key, port=port) as proc:
+        proc.wait_ready()
+        assert (await http(port, "GET", "/public/p/assist/sessions", key=key)).status == 200
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "hub"
+    assert script.exists() or shutil.which("hub"), "pip install gives a `hub` console script"
+    result = subprocess.run(
+        [str(script) if script.exists() else "hub", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.returncode == 0 and "--redis-url" in result.stdout
