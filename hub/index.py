@@ -3,61 +3,458 @@
 The index owns the mutation of indexed records: callers change a session
 only through ``apply`` and ``touch`` so the index can keep itself in step.
 No I/O, no clock.
+
+Per project it keeps, for every filterable field and every metadata key, an
+inverted index from the text a filter compares (``search.text_of``) to the
+sessions holding it, plus the sessions ordered by (timestamp, sessionID) for
+the default sort. ``search`` plans each query from those: exact filters from
+their buckets, smallest first; ``contains`` by scanning the field's distinct
+values, not its sessions; candidates that are already few are checked one by
+one with ``Criterion.matches``. ``search.brute_force`` is the reference the
+answers must equal (tests/test_index.py checks it on random data).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+import heapq
+from bisect import bisect_left, bisect_right, insort
+from collections.abc import Iterable, Iterator
+from itertools import accumulate, islice
+from operator import itemgetter
+from typing import Any, Final
 
-from .search import Query, brute_force
+from .search import FILTERABLE, Criterion, Query, sort_key
 from .session import Session
+
+# Fields whose values are ints: indexed by the int itself (its text is str(int)).
+INT_FIELDS: Final = frozenset(
+    f for f in FILTERABLE if Session.__annotations__.get(f) in (int, "int")
+)
+BOOL_FIELDS: Final = frozenset(
+    f for f in FILTERABLE if Session.__annotations__.get(f) in (bool, "bool")
+)
+
+# Relative costs for the planner, in the time of one hash probe (~30 ns here):
+# checking one candidate with Criterion.matches, and scanning one distinct
+# value during a `contains`. Measured by loadtest.bench_search, rounded.
+CHECK_COST: Final = 12
+SCAN_COST: Final = 0.5
+# One step of the walk along the timestamp order vs one matched session
+# sorted: the walk is a C-level filter, sorting builds a key per session.
+WALK_PER_SORT: Final = 16
+
+# A bucket: the one session holding a value, or the set of them. Most values
+# of high-cardinality fields (sessionID, userID, timestamps) are held by one
+# session, and a lone str costs nothing beyond the dict entry.
+Bucket = str | set[str]
+Key = str | int
+_EMPTY: Final[frozenset[str]] = frozenset()
+_SEP: Final = "\x00"
+
+
+def _text_key(value: str | None) -> str | None:
+    if not value:
+        return None
+    low = value.lower()
+    # Reuse the record's own string when lowering changes nothing.
+    return value if low == value else low
+
+
+def field_key(session: Session, field: str) -> Key | None:
+    """What ``field`` of ``session`` is indexed under; None when a filter cannot match it."""
+    value = getattr(session, field)
+    if field in INT_FIELDS:
+        return value  # type: ignore[no-any-return]
+    if field in BOOL_FIELDS:
+        return "true" if value else "false"
+    return _text_key(value)
+
+
+def _int_of(text: str) -> int | None:
+    """The int whose str() is exactly ``text``, if any."""
+    try:
+        number = int(text)
+    except ValueError:
+        return None
+    return number if str(number) == text else None
+
+
+class _Haystack:
+    """The distinct values of a field joined into one string, for C-speed substring search."""
+
+    __slots__ = ("keys", "starts", "text")
+
+    def __init__(self, keys: list[Key]) -> None:
+        self.keys = keys
+        texts = [k if isinstance(k, str) else str(k) for k in keys]
+        self.text = _SEP.join(texts)
+        self.starts = [0, *accumulate(len(t) + 1 for t in texts)]
+
+    def containing(self, value: str) -> Iterator[Key]:
+        # A value without the separator never matches across two keys, so
+        # each hit lies inside one key; skip to the next key after a hit.
+        text, starts, keys = self.text, self.starts, self.keys
+        pos = text.find(value)
+        while pos != -1:
+            i = bisect_right(starts, pos) - 1
+            yield keys[i]
+            pos = text.find(value, starts[i + 1])
+
+
+class FieldIndex:
+    """Sessions of one project by the text one field (or metadata key) holds."""
+
+    __slots__ = ("_added", "_hay", "_stale", "buckets", "count", "numeric")
+
+    def __init__(self, numeric: bool) -> None:
+        self.numeric = numeric
+        self.buckets: dict[Key, Bucket] = {}
+        self.count = 0  # sessions indexed (holding a non-empty value)
+        self._hay: _Haystack | None = None
+        # Keys created or dropped since the haystack was built.
+        self._added: set[Key] = set()
+        self._stale = 0
+
+    def add(self, key: Key, sid: str) -> None:
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            self.buckets[key] = sid
+            if self._hay is not None:
+                self._added.add(key)
+                self._check_hay()
+        elif type(bucket) is str:
+            self.buckets[key] = {bucket, sid}
+        else:
+            bucket.add(sid)  # type: ignore[union-attr]
+        self.count += 1
+
+    def discard(self, key: Key, sid: str) -> None:
+        bucket = self.buckets[key]
+        if type(bucket) is str:
+            del self.buckets[key]
+            if self._hay is not None:
+                self._stale += 1
+                self._check_hay()
+        else:
+            bucket.discard(sid)  # type: ignore[union-attr]
+            if len(bucket) == 1:
+                self.buckets[key] = next(iter(bucket))
+        self.count -= 1
+
+    def _check_hay(self) -> None:
+        # Too many changes since the build: drop it, the next `contains` rebuilds.
+        if len(self._added) + self._stale > max(256, len(self._hay.keys) // 4):  # type: ignore[union-attr]
+            self._hay = None
+            self._added = set()
+            self._stale = 0
+
+    def lookup(self, text: str) -> Bucket | None:
+        """The sessions whose text equals ``text`` (an `is` value)."""
+        if self.numeric:
+            number = _int_of(text)
+            return None if number is None else self.buckets.get(number)
+        return self.buckets.get(text)
+
+    def scan_cost(self) -> float:
+        return len(self.buckets) * SCAN_COST
+
+    def containing(self, values: Iterable[str]) -> list[Bucket]:
+        """Buckets of every distinct value containing one of ``values`` (a `contains`)."""
+        if self._hay is None:
+            self._hay = _Haystack(list(self.buckets))
+        found: set[Key] = set()
+        for value in values:
+            if _SEP in value:
+                found.update(k for k in self.buckets if value in _key_text(k))
+                continue
+            found.update(self._hay.containing(value))
+            found.update(k for k in self._added if value in _key_text(k))
+        buckets = self.buckets
+        return [b for k in found if (b := buckets.get(k)) is not None]
+
+    def all_buckets(self) -> list[Bucket]:
+        return list(self.buckets.values())
+
+
+def _key_text(key: Key) -> str:
+    return key if isinstance(key, str) else str(key)
+
+
+def _size(buckets: Iterable[Bucket]) -> int:
+    return sum(1 if type(b) is str else len(b) for b in buckets)
+
+
+def _union(buckets: list[Bucket]) -> set[str] | frozenset[str]:
+    """The sessions of ``buckets``; may be a bucket itself, so read it only."""
+    if len(buckets) == 1 and type(buckets[0]) is not str:
+        return buckets[0]  # type: ignore[return-value]
+    out: set[str] = set()
+    for b in buckets:
+        if type(b) is str:
+            out.add(b)
+        else:
+            out |= b  # type: ignore[arg-type]
+    return out
+
+
+class _Project:
+    __slots__ = ("fields", "meta", "order", "sessions")
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, Session] = {}
+        self.fields = {f: FieldIndex(f in INT_FIELDS) for f in FILTERABLE}
+        self.meta: dict[str, FieldIndex] = {}
+        # (timestamp, sessionID) ascending: the default sort without sorting.
+        self.order: list[tuple[int, str]] = []
+
+    def add(self, s: Session) -> None:
+        sid = s.sessionID
+        self.sessions[sid] = s
+        for name, fi in self.fields.items():
+            key = field_key(s, name)
+            if key is not None:
+                fi.add(key, sid)
+        for mkey, value in s.metadata.items():
+            self._meta_add(mkey, value, sid)
+        insort(self.order, (s.timestamp, sid))
+
+    def remove(self, s: Session) -> None:
+        sid = s.sessionID
+        del self.sessions[sid]
+        for name, fi in self.fields.items():
+            key = field_key(s, name)
+            if key is not None:
+                fi.discard(key, sid)
+        for mkey, value in s.metadata.items():
+            self._meta_discard(mkey, value, sid)
+        self._order_discard(s.timestamp, sid)
+
+    def _order_discard(self, timestamp: int, sid: str) -> None:
+        item = (timestamp, sid)
+        del self.order[bisect_left(self.order, item)]
+
+    def _meta_add(self, mkey: str, value: str, sid: str) -> None:
+        key = _text_key(value)
+        if key is not None:
+            fi = self.meta.get(mkey)
+            if fi is None:
+                fi = self.meta[mkey] = FieldIndex(False)
+            fi.add(key, sid)
+
+    def _meta_discard(self, mkey: str, value: str, sid: str) -> None:
+        key = _text_key(value)
+        if key is not None:
+            fi = self.meta[mkey]
+            fi.discard(key, sid)
+            if not fi.count:
+                del self.meta[mkey]
+
+    def set_field(self, s: Session, name: str, value: Any) -> None:
+        fi = self.fields.get(name)
+        if fi is None:
+            if name == "metadata":
+                self._set_metadata(s, value)
+            else:
+                setattr(s, name, value)
+            return
+        old = field_key(s, name)
+        if name == "timestamp":
+            self._order_discard(s.timestamp, s.sessionID)
+            insort(self.order, (value, s.sessionID))
+        setattr(s, name, value)
+        new = field_key(s, name)
+        if old != new:
+            if old is not None:
+                fi.discard(old, s.sessionID)
+            if new is not None:
+                fi.add(new, s.sessionID)
+
+    def _set_metadata(self, s: Session, new: dict[str, str]) -> None:
+        old = s.metadata
+        s.metadata = new
+        sid = s.sessionID
+        for mkey, value in old.items():
+            if new.get(mkey) != value:
+                self._meta_discard(mkey, value, sid)
+        for mkey, value in new.items():
+            if old.get(mkey) != value:
+                self._meta_add(mkey, value, sid)
+
+    # -- search --------------------------------------------------------------
+
+    def _index_of(self, c: Criterion) -> FieldIndex | None:
+        return self.meta.get(c.key) if c.key is not None else self.fields[c.field]
+
+    def match(self, criteria: tuple[Criterion, ...]) -> set[str] | frozenset[str] | None:
+        """The matching session ids; None means every session of the project."""
+        n = len(self.sessions)
+        exact: list[tuple[int, Criterion, list[Bucket] | None, FieldIndex]] = []
+        contains: list[tuple[Criterion, FieldIndex]] = []
+        for c in criteria:
+            fi = self._index_of(c)
+            if fi is None or not fi.count:
+                return _EMPTY
+            if not c.values:
+                # "set to a non-empty value": free when every session has it.
+                if fi.count < n:
+                    exact.append((fi.count, c, None, fi))
+            elif c.op == "is":
+                buckets = [b for v in c.values if (b := fi.lookup(v)) is not None]
+                if not buckets:
+                    return _EMPTY
+                exact.append((_size(buckets), c, buckets, fi))
+            else:
+                contains.append((c, fi))
+        exact.sort(key=itemgetter(0))
+        cands: set[str] | frozenset[str] | None = None
+        for size, c, exact_buckets, fi in exact:
+            if cands is not None and len(cands) * CHECK_COST < size:
+                cands = self._check(cands, c)
+            else:
+                found = _union(exact_buckets if exact_buckets is not None else fi.all_buckets())
+                cands = found if cands is None else cands & found
+            if not cands:
+                return _EMPTY
+        for c, fi in contains:
+            if cands is not None and len(cands) * CHECK_COST < fi.scan_cost():
+                cands = self._check(cands, c)
+            else:
+                found = _union(fi.containing(c.values))
+                cands = found if cands is None else cands & found
+            if not cands:
+                return _EMPTY
+        return cands
+
+    def _check(self, cands: Iterable[str], c: Criterion) -> set[str]:
+        sessions = self.sessions
+        return {sid for sid in cands if c.matches(sessions[sid])}
+
+    def page(self, matched: set[str] | frozenset[str] | None, q: Query) -> list[Session]:
+        ids = self._timestamp_page(matched, q) if q.sort == "timestamp" else self._sorted_page(matched, q)
+        sessions = self.sessions
+        return [sessions[sid] for sid in ids]
+
+    def _timestamp_page(self, matched: set[str] | frozenset[str] | None, q: Query) -> list[str]:
+        order, n = self.order, len(self.order)
+        start, stop = q.offset, q.offset + q.limit
+        if matched is None:
+            if q.descending:
+                chunk = order[max(0, n - stop) : max(0, n - start)]
+                chunk.reverse()
+            else:
+                chunk = order[start:stop]
+            return [sid for _, sid in chunk]
+        m = len(matched)
+        if start >= m:
+            return []
+        # Walk the order when the matches are dense enough to reach `stop`
+        # of them within the steps sorting them would cost; else sort them.
+        budget = WALK_PER_SORT * m
+        if stop * n <= budget * m:
+            region = order if budget >= n else order[n - budget :] if q.descending else order[:budget]
+            ids = map(itemgetter(1), reversed(region) if q.descending else region)
+            found = list(islice(filter(matched.__contains__, ids), start, stop))
+            if len(found) == min(stop, m) - start or region is order:
+                return found
+        sessions = self.sessions
+        keys = [(sessions[sid].timestamp, sid) for sid in matched]
+        return [sid for _, sid in _top(keys, stop, q.descending)[start:stop]]
+
+    def _sorted_page(self, matched: set[str] | frozenset[str] | None, q: Query) -> list[str]:
+        sessions = self.sessions
+        key = sort_key(q.sort, q.descending)
+        chosen: Iterable[Session] = (
+            sessions.values() if matched is None else (sessions[sid] for sid in matched)
+        )
+        keys = [key(s) for s in chosen]
+        stop = q.offset + q.limit
+        return [k[2] for k in _top(keys, stop, q.descending)[q.offset : stop]]
+
+
+def _top(keys: list[Any], count: int, descending: bool) -> list[Any]:
+    """The first ``count`` of ``keys`` in order; keys are unique (they end with sessionID)."""
+    if count * 8 < len(keys):
+        return heapq.nlargest(count, keys) if descending else heapq.nsmallest(count, keys)
+    keys.sort(reverse=descending)
+    return keys
 
 
 class LiveIndex:
-    """Live sessions of every project (scan-based search)."""
+    """Live sessions of every project, with inverted indexes per project."""
 
     def __init__(self) -> None:
-        self._projects: dict[str, dict[str, Session]] = {}
+        self._projects: dict[str, _Project] = {}
 
     def __len__(self) -> int:
-        return sum(len(p) for p in self._projects.values())
+        return sum(len(p.sessions) for p in self._projects.values())
 
     def count(self, project_key: str) -> int:
-        return len(self._projects.get(project_key, ()))
+        project = self._projects.get(project_key)
+        return len(project.sessions) if project is not None else 0
 
     def get(self, project_key: str, session_id: str) -> Session | None:
         project = self._projects.get(project_key)
-        return project.get(session_id) if project is not None else None
+        return project.sessions.get(session_id) if project is not None else None
 
     def sessions(self, project_key: str) -> Iterator[Session]:
-        return iter(list(self._projects.get(project_key, {}).values()))
+        project = self._projects.get(project_key)
+        return iter(list(project.sessions.values()) if project is not None else [])
 
     def projects(self) -> list[str]:
         return list(self._projects)
 
+    def _indexed(self, session: Session) -> _Project | None:
+        project = self._projects.get(session.projectKey)
+        if project is not None and project.sessions.get(session.sessionID) is session:
+            return project
+        return None
+
     def add(self, session: Session) -> None:
-        self._projects.setdefault(session.projectKey, {})[session.sessionID] = session
+        """Index ``session``; one already live under its sessionID is replaced."""
+        project = self._projects.get(session.projectKey)
+        if project is None:
+            project = self._projects[session.projectKey] = _Project()
+        old = project.sessions.get(session.sessionID)
+        if old is not None:
+            project.remove(old)
+        project.add(session)
 
     def remove(self, session: Session) -> None:
-        project = self._projects.get(session.projectKey)
-        if project is not None and project.get(session.sessionID) is session:
-            del project[session.sessionID]
-            if not project:
+        project = self._indexed(session)
+        if project is not None:
+            project.remove(session)
+            if not project.sessions:
                 del self._projects[session.projectKey]
 
     def apply(self, session: Session, changes: dict[str, Any]) -> None:
-        """Set changed fields of an indexed session."""
+        """Set changed fields of a session, re-indexing only those fields."""
+        project = self._indexed(session)
+        if project is None:
+            for name, value in changes.items():
+                setattr(session, name, value)
+            return
+        if "sessionID" in changes or "projectKey" in changes:
+            raise ValueError("sessionID and projectKey identify an indexed session: remove and add it")
         for name, value in changes.items():
-            setattr(session, name, value)
+            project.set_field(session, name, value)
 
     def touch(self, session: Session, now: int) -> None:
         """Refresh lastActiveAt only: no other field is re-indexed."""
+        project = self._indexed(session)
+        if project is None:
+            session.lastActiveAt = now
+            return
+        fi = project.fields["lastActiveAt"]
+        sid = session.sessionID
+        fi.discard(session.lastActiveAt, sid)
         session.lastActiveAt = now
+        fi.add(now, sid)
 
     def search(self, project_key: str, query: Query) -> tuple[int, list[Session]]:
         """``(total before paging, the page)`` of a project's matching sessions."""
         project = self._projects.get(project_key)
-        if not project:
+        if project is None:
             return 0, []
-        return brute_force(list(project.values()), query)
+        matched = project.match(query.criteria)
+        total = len(project.sessions) if matched is None else len(matched)
+        return total, project.page(matched, query)

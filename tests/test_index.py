@@ -1,0 +1,273 @@
+"""The indexed search answers exactly as the brute-force scan (search.brute_force).
+
+Random sessions, random changes between queries (updates, heartbeats,
+removals, re-adds), random queries with every operator, alias, metadata
+filter, sort field, order and page. Then one end-to-end check through a real
+hub: trackers over WebSocket, searches over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+import websockets
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from hub.index import LiveIndex
+from hub.search import FilterIn, Query, brute_force, parse_filter, resolve_sort
+from hub.session import SCALAR_FIELDS, Session
+from tests.helpers import running_hub, wait_for
+
+PROJECTS = ("p1", "p2")
+# Small pools so that values, substrings, case variants and ties collide.
+IDS = ("a", "A", "b", "ab", "s-1", "S-1", "x.y", "c:d", "e", "f")
+TEXTS = (None, "", "Chrome", "chrome", "CHROME", "Firefox", "fire", "a\x00b", "ab", "B", "x 1", "12")
+META_KEYS = ("plan", "Plan", "tenant", "x")
+FILTER_NAMES = (
+    "userId", "USERID", "userUuid", "userAnonymousId", "platform", "sessionId", "userBrowser",
+    "userOs", "pageTitle", "url", "timestamp", "lastActiveAt", "tabs", "active", "connected",
+    "live", "projectId", "projectKey", "metadata", "plan", "Plan", "tenant", "unknownKey",
+)  # fmt: skip
+SORTS = tuple(sorted(SCALAR_FIELDS)) + ("TIMESTAMP", "userid", "platform")
+STRING_SETTABLE = ("userID", "userUUID", "userBrowser", "userOs", "userDeviceType", "pageTitle", "url")
+
+texts = st.sampled_from(TEXTS)
+small_ints = st.integers(min_value=0, max_value=12)
+metadata = st.dictionaries(st.sampled_from(META_KEYS), st.sampled_from(TEXTS[1:]), max_size=3)
+scalars = st.one_of(
+    st.sampled_from(TEXTS),
+    small_ints,
+    st.booleans(),
+    st.sampled_from((1.0, 2.5, -3)),
+    st.sampled_from(("TRUE", "False", "chr", "ROME", "1", "0", "p1", "P2", "a\x00")),
+)
+
+
+@st.composite
+def sessions(draw: st.DrawFn) -> Session:
+    s = Session(
+        sessionID=draw(st.sampled_from(IDS)),
+        projectKey=draw(st.sampled_from(PROJECTS)),
+        projectId=draw(st.sampled_from((0, 1, 12))),
+        timestamp=draw(small_ints),
+        lastActiveAt=draw(small_ints),
+        metadata=draw(metadata),
+        active=draw(st.booleans()),
+        connected=draw(st.booleans()),
+        tabs=draw(st.integers(0, 3)),
+    )
+    for name in STRING_SETTABLE:
+        setattr(s, name, draw(texts))
+    return s
+
+
+@st.composite
+def changes(draw: st.DrawFn) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in draw(st.sets(st.sampled_from(STRING_SETTABLE), max_size=3)):
+        out[name] = draw(texts)
+    if draw(st.booleans()):
+        out["metadata"] = draw(metadata)
+    if draw(st.booleans()):
+        out["active"] = draw(st.booleans())
+    if draw(st.booleans()):
+        out["tabs"] = draw(st.integers(0, 3))
+    if draw(st.booleans()):
+        out["timestamp"] = draw(small_ints)
+    if draw(st.booleans()):
+        out["lastActiveAt"] = draw(small_ints)
+    if draw(st.booleans()):
+        out["userProperties"] = {"k": draw(small_ints)}
+    return out
+
+
+@st.composite
+def queries(draw: st.DrawFn) -> Query:
+    criteria = []
+    for i in range(draw(st.integers(0, 3))):
+        name = draw(st.sampled_from(FILTER_NAMES))
+        raw = draw(st.one_of(st.none(), scalars, st.lists(scalars, max_size=3)))
+        f = FilterIn(
+            name=name,
+            operator=draw(st.sampled_from((None, "is", "contains", "IS", "Contains"))),
+            value=raw,
+            source=draw(st.sampled_from(META_KEYS)) if name == "metadata" else None,
+        )
+        criteria.append(parse_filter(f, f"filters[{i}]"))
+    return Query(
+        criteria=tuple(criteria),
+        sort=resolve_sort(draw(st.sampled_from(SORTS))),
+        descending=draw(st.booleans()),
+        page=draw(st.integers(1, 4)),
+        limit=draw(st.integers(1, 7)),
+    )
+
+
+def assert_same(index: LiveIndex, live: dict[tuple[str, str], Session], project: str, q: Query) -> None:
+    expected_total, expected = brute_force([s for (p, _), s in live.items() if p == project], q)
+    total, page = index.search(project, q)
+    assert total == expected_total, q
+    assert [s.sessionID for s in page] == [s.sessionID for s in expected], q
+    assert all(a is b for a, b in zip(page, expected, strict=True))
+
+
+class IndexMachine(RuleBasedStateMachine):
+    @initialize()
+    def setup(self) -> None:
+        self.index = LiveIndex()
+        self.live: dict[tuple[str, str], Session] = {}
+
+    @rule(s=sessions())
+    def add(self, s: Session) -> None:
+        self.index.add(s)
+        self.live[(s.projectKey, s.sessionID)] = s
+
+    @rule(data=st.data())
+    def remove(self, data: st.DataObject) -> None:
+        if self.live:
+            key = data.draw(st.sampled_from(sorted(self.live)))
+            self.index.remove(self.live.pop(key))
+
+    @rule(data=st.data(), c=changes())
+    def apply(self, data: st.DataObject, c: dict[str, Any]) -> None:
+        if self.live:
+            s = self.live[data.draw(st.sampled_from(sorted(self.live)))]
+            self.index.apply(s, c)
+            for name, value in c.items():
+                assert getattr(s, name) == value
+
+    @rule(data=st.data(), now=small_ints)
+    def touch(self, data: st.DataObject, now: int) -> None:
+        if self.live:
+            s = self.live[data.draw(st.sampled_from(sorted(self.live)))]
+            self.index.touch(s, now)
+            assert s.lastActiveAt == now
+
+    @rule(project=st.sampled_from(PROJECTS), q=queries())
+    def search(self, project: str, q: Query) -> None:
+        assert_same(self.index, self.live, project, q)
+
+    @invariant()
+    def counts(self) -> None:
+        assert len(self.index) == len(self.live)
+        for p in PROJECTS:
+            assert self.index.count(p) == sum(1 for (q, _) in self.live if q == p)
+
+
+TestIndexMachine = IndexMachine.TestCase
+TestIndexMachine.settings = settings(
+    max_examples=300, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+def _random_session(rng: random.Random, n: int) -> Session:
+    return Session(
+        sessionID=f"s{n}",
+        projectKey="p",
+        projectId=7,
+        timestamp=rng.randrange(5000),
+        lastActiveAt=rng.randrange(5000),
+        userID=f"user{rng.randrange(3000)}@Example.com" if rng.random() < 0.8 else None,
+        userBrowser=rng.choice(("Chrome", "Firefox", "Safari", "Edge", None)),
+        userCountry=rng.choice(("FR", "DE", "US", "GB", "ES", "IT")),
+        metadata={"plan": rng.choice(("free", "pro", "Enterprise"))}
+        | ({"tenant": f"t{rng.randrange(60)}"} if rng.random() < 0.5 else {}),
+    )
+
+
+def test_many_sessions_with_churn_match_brute_force() -> None:
+    """Enough sessions and churn for the planner's other paths: walking the
+    timestamp order part-way, sorting a sparse match, rebuilding the distinct
+    values a `contains` scans after many new ones."""
+    rng = random.Random(4)
+    index = LiveIndex()
+    live: dict[tuple[str, str], Session] = {}
+    bodies = [
+        [FilterIn("userBrowser", "is", ["chrome"])],
+        [FilterIn("userBrowser", "is", ["chrome", "EDGE"]), FilterIn("userCountry", "is", "fr")],
+        [FilterIn("userId", "contains", "user12"), FilterIn("plan", "is", "pro")],
+        [FilterIn("userId", "contains", ["ser29", "R1@"]), FilterIn("metadata", source="tenant")],
+        [FilterIn("tenant", "is", "t7")],
+        [FilterIn("tenant", "contains", "t1"), FilterIn("userId", "contains", "example")],
+        [FilterIn("timestamp", "contains", "12")],
+        [FilterIn("userId")],
+        [],
+    ]
+    made = 0
+    for step in range(40):
+        for _ in range(150):
+            op = rng.random()
+            if op < 0.5 or not live:
+                s = _random_session(rng, made)
+                made += 1
+                index.add(s)
+                live[("p", s.sessionID)] = s
+            elif op < 0.7:
+                index.remove(live.pop(rng.choice(list(live))))
+            elif op < 0.85:
+                s = live[rng.choice(list(live))]
+                index.apply(s, {"userID": f"user{rng.randrange(3000)}@example.com", "tabs": 2})
+            else:
+                index.touch(live[rng.choice(list(live))], 5000 + step)
+        for filters in bodies:
+            for sort in ("timestamp", "userID", "lastActiveAt"):
+                q = Query(
+                    criteria=tuple(parse_filter(f, "f") for f in filters),
+                    sort=sort,
+                    descending=rng.random() < 0.7,
+                    page=rng.choice((1, 1, 2, 5)),
+                    limit=rng.choice((10, 10, 50, 1000)),
+                )
+                assert_same(index, live, "p", q)
+
+
+async def test_tracker_updates_are_searchable_over_http() -> None:
+    async with running_hub() as h:
+        conns = []
+        for i in range(30):
+            ws = await websockets.connect(h.tracker_url())
+            conns.append(ws)
+            start = {
+                "type": "start",
+                "sessionID": f"s{i:02d}",
+                "timestamp": 1000 + i % 7,
+                "userID": f"User{i}@x.io",
+                "userBrowser": "Chrome" if i % 3 else "Firefox",
+                "metadata": {"plan": "pro" if i % 2 else "free"},
+            }
+            await ws.send(json.dumps(start))
+            assert json.loads(await ws.recv())["type"] == "started"
+        # Changes after the start move sessions between index buckets.
+        await conns[3].send(json.dumps({"type": "update", "userBrowser": "Edge", "metadata": {"plan": "pro"}}))
+        await conns[4].send(json.dumps({"type": "end"}))
+        await conns[5].send(json.dumps({"type": "heartbeat", "active": False}))
+
+        async def settled() -> bool:
+            every = await h.search(body={"limit": 100})
+            edge = await h.search(body={"filters": [{"name": "userBrowser", "operator": "is", "value": "edge"}]})
+            inactive = await h.search(body={"filters": [{"name": "active", "operator": "is", "value": False}]})
+            return (
+                every["total"] == 29
+                and [s["sessionID"] for s in edge["sessions"]] == ["s03"]
+                and [s["sessionID"] for s in inactive["sessions"]] == ["s05"]
+            )
+
+        await wait_for(settled)
+        body = {
+            "filters": [
+                {"name": "userBrowser", "operator": "is", "value": ["chrome", "edge"]},
+                {"name": "plan", "operator": "is", "value": "PRO"},
+            ],
+            "limit": 5,
+        }
+        data = await h.search(body=body)
+        expected = [i for i in range(30) if i != 4 and (i % 3 or i == 3) and (i % 2 or i == 3)]
+        assert data["total"] == len(expected)
+        order = sorted(expected, key=lambda i: (1000 + i % 7, f"s{i:02d}"), reverse=True)
+        assert [s["sessionID"] for s in data["sessions"]] == [f"s{i:02d}" for i in order[:5]]
+        for ws in conns:
+            await ws.close()
