@@ -27,12 +27,8 @@ from .search import FILTERABLE, Criterion, Query, sort_key
 from .session import Session
 
 # Fields whose values are ints: indexed by the int itself (its text is str(int)).
-INT_FIELDS: Final = frozenset(
-    f for f in FILTERABLE if Session.__annotations__.get(f) in (int, "int")
-)
-BOOL_FIELDS: Final = frozenset(
-    f for f in FILTERABLE if Session.__annotations__.get(f) in (bool, "bool")
-)
+INT_FIELDS: Final = frozenset(f for f in FILTERABLE if Session.__annotations__.get(f) in (int, "int"))
+BOOL_FIELDS: Final = frozenset(f for f in FILTERABLE if Session.__annotations__.get(f) in (bool, "bool"))
 
 # Relative costs for the planner, in the time of one hash probe (~30 ns here):
 # checking one candidate with Criterion.matches, and scanning one distinct

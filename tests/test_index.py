@@ -32,7 +32,7 @@ FILTER_NAMES = (
     "userOs", "pageTitle", "url", "timestamp", "lastActiveAt", "tabs", "active", "connected",
     "live", "projectId", "projectKey", "metadata", "plan", "Plan", "tenant", "unknownKey",
 )  # fmt: skip
-SORTS = tuple(sorted(SCALAR_FIELDS)) + ("TIMESTAMP", "userid", "platform")
+SORTS = (*sorted(SCALAR_FIELDS), "TIMESTAMP", "userid", "platform")
 STRING_SETTABLE = ("userID", "userUUID", "userBrowser", "userOs", "userDeviceType", "pageTitle", "url")
 
 texts = st.sampled_from(TEXTS)
@@ -242,14 +242,18 @@ async def test_tracker_updates_are_searchable_over_http() -> None:
             await ws.send(json.dumps(start))
             assert json.loads(await ws.recv())["type"] == "started"
         # Changes after the start move sessions between index buckets.
-        await conns[3].send(json.dumps({"type": "update", "userBrowser": "Edge", "metadata": {"plan": "pro"}}))
+        update = {"type": "update", "userBrowser": "Edge", "metadata": {"plan": "pro"}}
+        await conns[3].send(json.dumps(update))
         await conns[4].send(json.dumps({"type": "end"}))
         await conns[5].send(json.dumps({"type": "heartbeat", "active": False}))
 
+        def only(name: str, value: Any) -> dict[str, Any]:
+            return {"filters": [{"name": name, "operator": "is", "value": value}]}
+
         async def settled() -> bool:
             every = await h.search(body={"limit": 100})
-            edge = await h.search(body={"filters": [{"name": "userBrowser", "operator": "is", "value": "edge"}]})
-            inactive = await h.search(body={"filters": [{"name": "active", "operator": "is", "value": False}]})
+            edge = await h.search(body=only("userBrowser", "edge"))
+            inactive = await h.search(body=only("active", False))
             return (
                 every["total"] == 29
                 and [s["sessionID"] for s in edge["sessions"]] == ["s03"]
