@@ -7,9 +7,11 @@ task group; connections themselves have no task.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -18,6 +20,7 @@ from anyio.abc import TaskStatus
 from .config import Settings
 from .http_api import HttpApi, Request, Response, error
 from .index import LiveIndex
+from .metrics import TRACKER, MessageCounts, Metrics
 from .server import CLOSE_RESTART, Connection, Endpoint, Server, now_ms
 from .sessions import Registry
 from .tracker import TrackerProtocol
@@ -32,8 +35,15 @@ class TrackerEndpoint(TrackerProtocol):
 
     __slots__ = ("idle_timeout",)
 
-    def __init__(self, registry: Registry, project_key: str, project_id: int, idle_timeout: float) -> None:
-        super().__init__(registry, project_key, project_id)
+    def __init__(
+        self,
+        registry: Registry,
+        project_key: str,
+        project_id: int,
+        idle_timeout: float,
+        counts: MessageCounts | None = None,
+    ) -> None:
+        super().__init__(registry, project_key, project_id, counts)
         self.idle_timeout: float | None = idle_timeout
 
     def writable(self) -> None:
@@ -47,8 +57,23 @@ class Hub:
         self.registry = Registry(self.index, grace_ms=int(settings.grace * 1000))
         self.ready = False
         self.draining = False
-        self.api = HttpApi(settings, self.index, ready=lambda: self.ready and not self.draining)
-        self.server = Server(settings, self.api, self.route_ws)
+        self.metrics = Metrics(self.index, per_project=settings.metrics_per_project)
+        self.registry.listeners.append(self.metrics.sessions)
+        self.api = HttpApi(
+            settings,
+            self.index,
+            ready=lambda: self.ready and not self.draining,
+            on_search=self.metrics.observe_search,
+        )
+        self.api.routes["/metrics"] = self.metrics.route
+        self.server = Server(settings, self.api, self.route_ws, self.metrics.connections)
+        self.server.endpoint_kinds.update({TrackerEndpoint: TRACKER})
+        self._add_gauges()
+        # Awaited by a SIGTERM drain, in order, within ``drain_timeout``: before
+        # connections close (cluster mode: tell peers this node's sessions are
+        # moving) and after (flush what is still to be published).
+        self.before_close: list[Callable[[], Awaitable[None]]] = []
+        self.after_close: list[Callable[[], Awaitable[None]]] = []
         self._stop = anyio.Event()
         # Set once the hub listens; ``port`` is then the bound port.
         self.listening = anyio.Event()
@@ -63,8 +88,28 @@ class Hub:
             project_id = self.settings.project_id(project_key)
             if project_id is None:
                 return error(404, "project not found")
-            return TrackerEndpoint(self.registry, project_key, project_id, self.settings.heartbeat_timeout)
+            return TrackerEndpoint(
+                self.registry,
+                project_key,
+                project_id,
+                self.settings.heartbeat_timeout,
+                self.metrics.trackers,
+            )
         return error(404, "not found")
+
+    def _add_gauges(self) -> None:
+        m = self.metrics
+        m.gauge(
+            "hub_ready",
+            "1 when /readyz answers 200 (bootstrapped, not draining).",
+            lambda: float(self.api.ready()),
+        )
+        m.gauge("hub_draining", "1 while a SIGTERM drain runs.", lambda: float(self.draining))
+        m.gauge(
+            "hub_disconnected_sessions",
+            "Sessions of this node waiting out their reconnect grace.",
+            lambda: self.registry.waiting,
+        )
 
     async def serve(
         self,
@@ -74,14 +119,18 @@ class Hub:
         task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Run until ``stop()`` (or SIGTERM/SIGINT with ``handle_signals``), then drain."""
-        await self.server.start(sock)
+        try:
+            await self.server.start(sock)
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise BindError(f"cannot listen on {self.settings.host}:{self.settings.port}: {reason}") from exc
         self.port = self.server.port
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._sweeper)
             if handle_signals:
                 tg.start_soon(self._signals)
             self.ready = True
-            log.info("listening on %s:%d", self.settings.host, self.port)
+            log.info("hub.listening", extra={"fields": {"host": self.settings.host, "port": self.port}})
             self.listening.set()
             task_status.started(self.port)
             await self._stop.wait()
@@ -94,15 +143,36 @@ class Hub:
     async def _signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
-                log.info("received %s: draining", signal.Signals(signum).name)
+                log.info("hub.signal", extra={"fields": {"signal": signal.Signals(signum).name}})
                 self.stop()
                 return
 
     async def _drain(self) -> None:
+        """Readiness off and no new connections at once, then every connection closed
+        with 1012 so trackers reconnect elsewhere; all of it within ``drain_timeout``."""
         self.draining = True
         self.server.stop_accepting()
+        timeout = self.settings.drain_timeout
+        deadline = anyio.current_time() + timeout
+        open_at_start = len(self.server.connections)
+        log.info("drain.start", extra={"fields": {"connections": open_at_start, "timeout": timeout}})
+        # Hooks before the close get at most half the budget: the closing
+        # handshakes must still have time to happen.
+        with anyio.move_on_after(timeout / 2) as before:
+            for hook in self.before_close:
+                await hook()
         self.server.close_all(CLOSE_RESTART, "hub restarting")
-        await self.server.wait_closed(timeout=5.0)
+        # What is still open after most of the rest is aborted.
+        await self.server.wait_closed(timeout=(deadline - anyio.current_time()) * 0.8)
+        with anyio.move_on_at(deadline) as after:
+            for hook in self.after_close:
+                await hook()
+        timed_out = before.cancelled_caught or after.cancelled_caught
+        log.log(
+            logging.WARNING if timed_out else logging.INFO,
+            "drain.done",
+            extra={"fields": {"connections": open_at_start, "hooks_timed_out": timed_out}},
+        )
 
     async def _sweeper(self) -> None:
         interval = self.settings.sweep_interval
@@ -115,8 +185,12 @@ class Hub:
         self.registry.sweep(now_ms())
 
 
+class BindError(OSError):
+    """The listening socket could not be opened (port in use, bad address)."""
+
+
 def run(settings: Settings, **backend: Any) -> None:
     hub = Hub(settings)
     started = time.monotonic()
     anyio.run(hub.serve, backend="asyncio", backend_options=backend)
-    log.info("stopped after %.1f s", time.monotonic() - started)
+    log.info("hub.stopped", extra={"fields": {"uptime_s": round(time.monotonic() - started, 1)}})

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Sequence
 
+from . import logs
 from .config import ConfigError, parse_settings
 
 
@@ -15,19 +15,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"hub: error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    logs.setup(settings.log_level, settings.log_format, logs.secrets_of(settings))
     if settings.api_key_generated:
         # Printed once, on purpose not through logging: logs never carry keys.
         print(f"hub: no --api-key given; generated API key: {settings.api_key}", flush=True)
-    from .app import run
+    from .app import BindError, run
 
     try:
         import uvloop  # noqa: F401
-
-        run(settings, use_uvloop=True)
     except ImportError:
-        run(settings)
+        backend: dict[str, bool] = {}
+    else:
+        backend = {"use_uvloop": True}
+    try:
+        run(settings, **backend)
+    except BindError as exc:
+        # A port in use is an operator's mistake, not a crash: one line, like a bad flag.
+        print(f"hub: error: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -21,6 +21,7 @@ class ConfigError(ValueError):
 
 
 PROJECT_KEY_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+NODE_ID_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class Settings:
     grace: float = 30.0
     heartbeat_timeout: float = 60.0
     node_lease: float = 15.0
+    # This node's name in the cluster; "" = hostname-pid (README, "Cluster").
+    node_id: str = ""
     log_level: str = "info"
     log_format: str = "text"
     # Transport limits.
@@ -63,6 +66,9 @@ class Settings:
     tracker_origins: tuple[str, ...] | None = None
     # How often timers (heartbeat timeout, grace) are checked.
     sweep_interval: float = 1.0
+    # Operations: seconds a SIGTERM drain may take before exiting; per-project metric labels.
+    drain_timeout: float = 10.0
+    metrics_per_project: bool = False
     # True when the API key was generated at start (printed once).
     api_key_generated: bool = field(default=False, compare=False)
 
@@ -164,6 +170,15 @@ def _non_negative(name: str, kind: type) -> Any:
     return conv
 
 
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _port(text: str) -> int:
     try:
         port = int(text)
@@ -180,6 +195,12 @@ def _redis_url(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"redis url must start with redis://, rediss://, redis+cluster:// or unix://, got {text!r}"
         )
+    return text
+
+
+def _node_id(text: str) -> str:
+    if not NODE_ID_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"node id must be 1-64 of A-Za-z0-9._:-, got {text!r}")
     return text
 
 
@@ -216,6 +237,7 @@ OPTIONS: Final[list[tuple[str, Any, str]]] = [
         _positive("node-lease", float),
         "seconds before a silent node's sessions are dropped (default 15)",
     ),
+    ("node-id", _node_id, "this node's name in a cluster (default: hostname-pid)"),
     ("log-level", str.lower, "debug, info, warning or error (default info)"),
     ("log-format", str.lower, "text or json (default text)"),
     (
@@ -250,6 +272,16 @@ OPTIONS: Final[list[tuple[str, Any, str]]] = [
         "sessions with unsent changes before a slow agent is dropped (default 100000)",
     ),
     ("sweep-interval", _positive("sweep-interval", float), "seconds between timer sweeps (default 1)"),
+    (
+        "drain-timeout",
+        _positive("drain-timeout", float),
+        "seconds a SIGTERM drain may take before the process exits (default 10)",
+    ),
+    (
+        "metrics-per-project",
+        _bool,
+        "true: label live-session metrics by project key (one series per project) (default false)",
+    ),
     (
         "rate-limit",
         _non_negative("rate-limit", float),

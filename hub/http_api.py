@@ -6,6 +6,7 @@ moves bytes. Every malformed request is a 400 saying what was wrong.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -76,6 +77,7 @@ class HttpApi:
         self.settings = settings
         self.index = index
         self.ready = ready
+        self.on_search = on_search
         self.auth = Auth.from_settings(settings)
         self.routes: dict[str, Callable[[Request], Response]] = {
             "/healthz": lambda _r: Response(200, b'{"status":"ok"}'),
@@ -134,7 +136,10 @@ class HttpApi:
         limit = self.settings.max_filters
         if limit and len(query.criteria) > limit:
             return error(400, f"{len(query.criteria)} filters, over the limit of {limit}")
+        started = time.perf_counter()
         total, page = self.index.search(project_key, query)
+        if self.on_search is not None:
+            self.on_search(time.perf_counter() - started)
         return Response(200, _encoder.encode(SearchAnswer(SearchData(total=total, sessions=page))))
 
 

@@ -25,6 +25,7 @@ from websockets.server import ServerProtocol
 
 from .config import Settings
 from .http_api import HttpApi, Request, Response, error
+from .metrics import ConnectionCounts
 
 log = logging.getLogger("hub.server")
 
@@ -34,6 +35,8 @@ CLOSE_POLICY = 1008
 CLOSE_RESTART = 1012
 CLOSE_HEARTBEAT_TIMEOUT = 4000
 CLOSE_TIMEOUT_S = 2.0
+# Dropped without a close frame (never sent on the wire; the metrics label).
+CLOSE_ABNORMAL = 1006
 
 
 class Endpoint(TypingProtocol):
@@ -110,6 +113,7 @@ class Connection(asyncio.Protocol):
         self.server.connections.discard(self)
         endpoint, self.endpoint = self.endpoint, None
         if endpoint is not None:
+            self.server.count_close(endpoint, self)
             try:
                 endpoint.closed(now_ms(), self.timed_out)
             except Exception:
@@ -204,6 +208,7 @@ class Connection(asyncio.Protocol):
             response = error(500, "internal error")
         if request.method == "HEAD":
             response.body = b""
+        log_request(request, response, self.peer)
         self._respond(response, keep_alive=self.parser.should_keep_alive())
         self.head_size = 0
         self.deadline = time.monotonic() + self.server.settings.handshake_timeout
@@ -222,6 +227,7 @@ class Connection(asyncio.Protocol):
     def _respond(self, response: Response, keep_alive: bool) -> None:
         if self.transport is None:
             return
+        self.server.counts.http_responses[response.status] += 1
         reason = HTTPStatus(response.status).phrase
         lines = [
             f"HTTP/1.1 {response.status} {reason}",
@@ -244,6 +250,7 @@ class Connection(asyncio.Protocol):
         request = self._request()
         routed = self.server.route_ws(request, self)
         if isinstance(routed, Response):
+            log_request(request, routed, self.peer)
             self._respond(routed, keep_alive=False)
             return
         ws = ServerProtocol(state=OPEN, max_size=self.server.settings.max_frame)
@@ -261,6 +268,7 @@ class Connection(asyncio.Protocol):
         self.body = bytearray()
         self.ws = ws
         self.endpoint = routed
+        self.server.count_open(routed, self)
         self.last_seen = time.monotonic()
         if rest:
             self._ws_data(rest)
@@ -359,6 +367,21 @@ class Connection(asyncio.Protocol):
             self.close(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")
 
 
+def log_request(request: Request, response: Response, peer: str) -> None:
+    # The path only: a query string may carry ?token=.
+    if log.isEnabledFor(logging.DEBUG):
+        fields = {"method": request.method, "path": request.path, "status": response.status, "peer": peer}
+        log.debug("http.request", extra={"fields": fields})
+
+
+def close_code(ws: ServerProtocol | None) -> int:
+    """The code a WebSocket closed with: the hub's own if it closed first, else the client's."""
+    if ws is None:
+        return CLOSE_ABNORMAL
+    frame = ws.close_sent or ws.close_rcvd
+    return CLOSE_ABNORMAL if frame is None else int(frame.code)
+
+
 class _Refuse(Exception):
     def __init__(self, response: Response) -> None:
         super().__init__(response.status)
@@ -368,10 +391,15 @@ class _Refuse(Exception):
 class Server:
     """Listens, owns the set of connections, sweeps their deadlines."""
 
-    def __init__(self, settings: Settings, api: HttpApi, route_ws: WsRouter) -> None:
+    def __init__(
+        self, settings: Settings, api: HttpApi, route_ws: WsRouter, counts: ConnectionCounts | None = None
+    ) -> None:
         self.settings = settings
         self.api = api
         self.route_ws = route_ws
+        self.counts = counts if counts is not None else ConnectionCounts()
+        # Endpoint class -> metrics label ("tracker", "agent"); set by whoever routes.
+        self.endpoint_kinds: dict[type, str] = {}
         self.connections: set[Connection] = set()
         self._server: asyncio.Server | None = None
 
@@ -389,6 +417,17 @@ class Server:
                 backlog=self.settings.backlog,
                 reuse_address=True,
             )
+
+    def count_open(self, endpoint: Endpoint, conn: Connection) -> None:
+        kind = self.endpoint_kinds.get(type(endpoint), "other")
+        self.counts.opened[kind] += 1
+        log.debug("connection.open", extra={"fields": {"kind": kind, "peer": conn.peer}})
+
+    def count_close(self, endpoint: Endpoint, conn: Connection) -> None:
+        kind = self.endpoint_kinds.get(type(endpoint), "other")
+        code = close_code(conn.ws)
+        self.counts.closed[(kind, code)] += 1
+        log.debug("connection.close", extra={"fields": {"kind": kind, "peer": conn.peer, "code": code}})
 
     @property
     def port(self) -> int:

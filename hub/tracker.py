@@ -6,14 +6,19 @@ send, if any. Bad input gets an ``error`` frame and changes nothing.
 
 from __future__ import annotations
 
+from typing import Final
+
 from msgspec import UNSET
 
+from .metrics import TRACKER, MessageCounts
 from .session import (
     End,
     Heartbeat,
     InputError,
     Session,
     Start,
+    TrackerMessage,
+    Update,
     decode_message,
     encode_error,
     encode_started,
@@ -21,12 +26,23 @@ from .session import (
 )
 from .sessions import Registry
 
+# Message class -> metrics label.
+_TYPE_NAMES: Final[dict[type[TrackerMessage], str]] = {
+    Start: "start",
+    Update: "update",
+    Heartbeat: "heartbeat",
+    End: "end",
+}
 
 class TrackerProtocol:
-    __slots__ = ("errors", "project_id", "project_key", "registry", "session")
+    __slots__ = ("counts", "errors", "project_id", "project_key", "registry", "session")
 
-    def __init__(self, registry: Registry, project_key: str, project_id: int) -> None:
+    def __init__(
+        self, registry: Registry, project_key: str, project_id: int, counts: MessageCounts | None = None
+    ) -> None:
         self.registry = registry
+        # Shared by every tracker of a hub (metrics); a throwaway one when not given.
+        self.counts = counts if counts is not None else MessageCounts(TRACKER)
         self.project_key = project_key
         self.project_id = project_id
         self.session: Session | None = None
@@ -37,10 +53,13 @@ class TrackerProtocol:
             return self._receive(frame, now)
         except InputError as exc:
             self.errors += 1
+            self.counts.error(exc.code, exc.message)
+            self.counts.sent["error"] += 1
             return encode_error(exc.code, exc.message)
 
     def _receive(self, frame: bytes | str, now: int) -> bytes | None:
         msg = decode_message(frame)
+        self.counts.received[_TYPE_NAMES[type(msg)]] += 1
         session = self.session
         if session is not None and not self.registry.is_live(session):
             # Ended elsewhere (another tab's end, or the cluster): start again.
@@ -61,6 +80,7 @@ class TrackerProtocol:
             attach = session is None
             session, _ = self.registry.start(self.project_key, self.project_id, msg, now, attach)
             self.session = session
+            self.counts.sent["started"] += 1
             return encode_started(session)
         if session is None:
             raise InputError(

@@ -1,0 +1,282 @@
+"""Prometheus metrics (CONTRACT §5): ``GET /metrics`` in the text format.
+
+The hot path only bumps plain ints (``counts[key] += 1`` on a small
+``Counter``, ~0.05 µs, where a prometheus_client child costs ~0.27 µs with
+its lock); ``HubCollector`` turns them into metric families at scrape time.
+Numbers owned by other modules (agent queues, Redis) come in through
+``Metrics.gauge`` / ``Metrics.counter``: a function read at scrape time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Final
+
+from prometheus_client import (
+    CONTENT_TYPE_PLAIN_0_0_4,
+    CollectorRegistry,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from .http_api import Request, Response
+from .index import LiveIndex
+from .session import Session
+
+log = logging.getLogger("hub.errors")
+# ``*_created`` series (a timestamp per counter) only add noise to a scrape.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+# Search answers take from tens of µs (a few sessions) to tens of ms (a scan of 100k).
+SEARCH_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+# At most one warning line per error code per interval: a client sending garbage
+# in a loop must not turn into a disk-filling log.
+WARN_INTERVAL_S: Final = 10.0
+
+# Label values of the connection kinds.
+TRACKER: Final = "tracker"
+AGENT: Final = "agent"
+
+
+class MessageCounts:
+    """Messages of one kind of client: received and sent by type, refused by error code."""
+
+    __slots__ = ("_next_warning", "_suppressed", "errors", "kind", "received", "sent")
+
+    def __init__(self, kind: str, received: Iterable[str] = (), sent: Iterable[str] = ()) -> None:
+        self.kind = kind
+        # Seeded with the known types so every series exists from the first scrape.
+        self.received: Counter[str] = Counter(dict.fromkeys(received, 0))
+        self.sent: Counter[str] = Counter(dict.fromkeys(sent, 0))
+        self.errors: Counter[str] = Counter()
+        self._next_warning: dict[str, float] = {}
+        self._suppressed: Counter[str] = Counter()
+
+    def error(self, code: str, message: str) -> None:
+        """Count a refused message; log it at warning, throttled per code."""
+        self.errors[code] += 1
+        now = time.monotonic()
+        if now < self._next_warning.get(code, 0.0):
+            self._suppressed[code] += 1
+            return
+        self._next_warning[code] = now + WARN_INTERVAL_S
+        log.warning(
+            "protocol.error",
+            extra={
+                "fields": {
+                    "kind": self.kind,
+                    "code": code,
+                    "message": message,
+                    "suppressed": self._suppressed.pop(code, 0),
+                }
+            },
+        )
+
+
+class ConnectionCounts:
+    """WebSocket connections opened and closed by kind, HTTP responses by status."""
+
+    __slots__ = ("closed", "http_responses", "opened")
+
+    def __init__(self) -> None:
+        self.opened: Counter[str] = Counter({TRACKER: 0, AGENT: 0})
+        # (kind, close code) -> connections
+        self.closed: Counter[tuple[str, int]] = Counter()
+        self.http_responses: Counter[int] = Counter()
+
+    def open_now(self, kind: str) -> int:
+        return self.opened[kind] - sum(n for (k, _), n in self.closed.items() if k == kind)
+
+
+class SessionCounts:
+    """A Registry listener: sessions this node holds, started and ended by reason."""
+
+    __slots__ = ("ended", "local", "started")
+
+    def __init__(self) -> None:
+        self.local = 0
+        self.started = 0
+        self.ended: Counter[str] = Counter()
+
+    def session_started(self, session: Session) -> None:
+        self.local += 1
+        self.started += 1
+
+    def session_changed(self, session: Session, changes: dict[str, Any]) -> None:
+        pass
+
+    def session_touched(self, session: Session) -> None:
+        pass
+
+    def session_ended(self, session: Session, reason: str) -> None:
+        self.local -= 1
+        self.ended[reason] += 1
+
+
+# What an external read returns: one value, or values by label values.
+Reading = float | Mapping[tuple[str, ...], float]
+
+
+@dataclass(frozen=True)
+class _External:
+    name: str
+    documentation: str
+    read: Callable[[], Reading]
+    labels: Sequence[str]
+    counter: bool
+
+
+def _hub_version() -> str:
+    try:
+        return version("hub")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class Metrics:
+    """Everything ``/metrics`` shows for one hub (one registry per hub, so tests can run several)."""
+
+    def __init__(self, index: LiveIndex, per_project: bool = False) -> None:
+        self.index = index
+        self.per_project = per_project
+        self.connections = ConnectionCounts()
+        self.trackers = MessageCounts(
+            TRACKER, received=("start", "update", "heartbeat", "end"), sent=("started", "error")
+        )
+        self.agents = MessageCounts(AGENT)
+        self.sessions = SessionCounts()
+        self.externals: list[_External] = []
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(HubCollector(self))
+        self.search_seconds = Histogram(
+            "hub_search_duration_seconds",
+            "Time to answer one session search, seconds.",
+            buckets=SEARCH_BUCKETS,
+            registry=self.registry,
+        )
+        ProcessCollector(registry=self.registry)
+
+    def gauge(
+        self, name: str, documentation: str, read: Callable[[], Reading], labels: Sequence[str] = ()
+    ) -> None:
+        """Show a value owned elsewhere, read at each scrape."""
+        self.externals.append(_External(name, documentation, read, tuple(labels), counter=False))
+
+    def counter(
+        self, name: str, documentation: str, read: Callable[[], Reading], labels: Sequence[str] = ()
+    ) -> None:
+        """Show a monotonic count owned elsewhere (``name`` without ``_total``)."""
+        self.externals.append(_External(name, documentation, read, tuple(labels), counter=True))
+
+    def observe_search(self, seconds: float) -> None:
+        self.search_seconds.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def route(self, _request: Request) -> Response:
+        return Response(200, self.render(), content_type=CONTENT_TYPE_PLAIN_0_0_4)
+
+
+class HubCollector(Collector):
+    """Metric families from the hub's plain counts, built at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.m
+        info = GaugeMetricFamily("hub_info", "Hub version; always 1.", labels=["version"])
+        info.add_metric([_hub_version()], 1)
+        yield info
+
+        conns = m.connections
+        now = GaugeMetricFamily("hub_connections", "Open WebSocket connections.", labels=["kind"])
+        opened = CounterMetricFamily(
+            "hub_connections_opened", "WebSocket connections accepted.", labels=["kind"]
+        )
+        for kind in sorted(conns.opened):
+            now.add_metric([kind], conns.open_now(kind))
+            opened.add_metric([kind], conns.opened[kind])
+        yield now
+        yield opened
+        closed = CounterMetricFamily(
+            "hub_connections_closed",
+            "WebSocket connections closed, by close code (1006: dropped without a close frame).",
+            labels=["kind", "code"],
+        )
+        for (kind, close), n in sorted(conns.closed.items()):
+            closed.add_metric([kind, str(close)], n)
+        yield closed
+        http = CounterMetricFamily("hub_http_responses", "HTTP responses, by status code.", labels=["code"])
+        for status, n in sorted(conns.http_responses.items()):
+            http.add_metric([str(status)], n)
+        yield http
+
+        received = CounterMetricFamily(
+            "hub_messages_received", "Valid WebSocket messages received, by type.", labels=["kind", "type"]
+        )
+        sent = CounterMetricFamily(
+            "hub_messages_sent", "WebSocket messages sent, by type.", labels=["kind", "type"]
+        )
+        errors = CounterMetricFamily(
+            "hub_errors", "Messages refused with an error frame, by error code.", labels=["kind", "code"]
+        )
+        for counts in (m.trackers, m.agents):
+            for name, n in sorted(counts.received.items()):
+                received.add_metric([counts.kind, name], n)
+            for name, n in sorted(counts.sent.items()):
+                sent.add_metric([counts.kind, name], n)
+            for code, n in sorted(counts.errors.items()):
+                errors.add_metric([counts.kind, code], n)
+        yield received
+        yield sent
+        yield errors
+
+        yield GaugeMetricFamily(
+            "hub_live_sessions",
+            "Live sessions in this node's index (cluster-wide in cluster mode).",
+            value=len(m.index),
+        )
+        yield GaugeMetricFamily(
+            "hub_local_sessions", "Live sessions held by this node's trackers.", value=m.sessions.local
+        )
+        yield CounterMetricFamily(
+            "hub_sessions_started", "Sessions started on this node.", value=m.sessions.started
+        )
+        ended = CounterMetricFamily(
+            "hub_sessions_ended", "Sessions ended on this node, by reason.", labels=["reason"]
+        )
+        for reason, n in sorted(m.sessions.ended.items()):
+            ended.add_metric([reason], n)
+        yield ended
+        if m.per_project:
+            per = GaugeMetricFamily(
+                "hub_project_live_sessions", "Live sessions in the index, by project key.", labels=["project"]
+            )
+            for project in sorted(m.index.projects()):
+                per.add_metric([project], m.index.count(project))
+            yield per
+
+        for ext in m.externals:
+            yield _external(ext)
+
+
+def _external(ext: _External) -> Metric:
+    family = CounterMetricFamily if ext.counter else GaugeMetricFamily
+    value = ext.read()
+    if isinstance(value, Mapping):
+        metric = family(ext.name, ext.documentation, labels=list(ext.labels))
+        for labels, v in sorted(value.items()):
+            metric.add_metric(list(labels), v)
+        return metric
+    return family(ext.name, ext.documentation, value=value)
