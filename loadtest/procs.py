@@ -1,0 +1,158 @@
+"""Processes of a run: servers it starts (hub, baseline), swarm workers, and their CPU and memory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import psutil
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def listen_overflows() -> int:
+    """The kernel's count of connections dropped at a full listen backlog (TcpExt ListenOverflows)."""
+    with open("/proc/net/netstat") as f:
+        lines = f.read().splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            return int(table.get("ListenOverflows", 0)) + int(table.get("ListenDrops", 0))
+    return 0
+
+
+def pids_listening(port: int) -> list[int]:
+    """Processes listening on ``port`` (needs permission to see other processes' sockets)."""
+    try:
+        conns = psutil.net_connections("tcp")
+    except psutil.AccessDenied:
+        return []
+    return sorted(
+        {c.pid for c in conns if c.status == "LISTEN" and c.laddr and c.laddr.port == port and c.pid}
+    )
+
+
+@dataclass
+class Watched:
+    """CPU and RSS of a server: its processes and their children (hub workers)."""
+
+    pids: list[int]
+    _cpu: float = 0.0
+    _at: float = 0.0
+    procs: dict[int, psutil.Process] = field(default_factory=dict)
+
+    def processes(self) -> list[psutil.Process]:
+        found: dict[int, psutil.Process] = {}
+        for pid in self.pids:
+            try:
+                top = self.procs.get(pid) or psutil.Process(pid)
+                found[pid] = top
+                for child in top.children(recursive=True):
+                    found[child.pid] = self.procs.get(child.pid) or child
+            except psutil.NoSuchProcess:
+                continue
+        self.procs = found
+        return list(found.values())
+
+    def rss(self) -> int:
+        total = 0
+        for proc in self.processes():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += proc.memory_info().rss
+        return total
+
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for proc in self.processes():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                t = proc.cpu_times()
+                total += t.user + t.system
+        return total
+
+    def cpu_percent(self) -> float:
+        """Percent of one core used since the previous call."""
+        cpu, now = self.cpu_seconds(), time.monotonic()
+        pct = 100.0 * (cpu - self._cpu) / (now - self._at) if self._at else 0.0
+        self._cpu, self._at = cpu, now
+        return pct
+
+    def fds(self) -> int:
+        total = 0
+        for proc in self.processes():
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                total += proc.num_fds()
+        return total
+
+
+class Server:
+    """A hub or baseline this run started on its own free port; killed at the end."""
+
+    def __init__(self, kind: str, api_key: str, extra: str = "", grace: float = 30.0) -> None:
+        self.kind = kind
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+        if kind == "hub":
+            self.args = [
+                sys.executable, "-m", "hub", "serve", "--port", str(self.port), "--api-key", api_key,
+                "--grace", str(grace), "--log-level", "warning", *shlex.split(extra),
+            ]  # fmt: skip
+        else:
+            self.args = [sys.executable, "-m", "loadtest.baseline", "--port", str(self.port)]
+        self.proc = subprocess.Popen(
+            self.args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def command(self) -> str:
+        return shlex.join(["python", *self.args[1:]]).replace(f"--port {self.port}", "--port PORT")
+
+    async def ready(self, timeout: float = 30.0) -> None:
+        path = "/readyz" if self.kind == "hub" else "/healthz"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read() if self.proc.stderr else ""
+                raise RuntimeError(f"{self.kind} exited {self.proc.returncode}: {err.strip()[-2000:]}")
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                line = await asyncio.wait_for(reader.readline(), 2)
+                writer.close()
+                if b" 200 " in line:
+                    return
+            except (OSError, TimeoutError):
+                pass
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"{self.kind} on port {self.port} not ready within {timeout} s")
+
+    def stop(self) -> None:
+        """SIGTERM (the hub drains), SIGKILL after 15 s; then any worker child left behind."""
+        try:
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
