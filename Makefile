@@ -22,10 +22,16 @@ redis-server:
 	  echo "installing redis-server (apt)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
 
+# Browser tests drive Debian's Chromium headless (never a downloaded browser): install it if absent.
+chromium:
+	@command -v chromium >/dev/null || { \
+	  echo "installing chromium (apt)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+
 serve: $(VENV)/.installed
 	$(VENV)/bin/hub serve $(ARGS)
 
-test: $(VENV)/.dev redis-server
+test: $(VENV)/.dev redis-server chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev

@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
+from . import static
 from .config import Settings
 from .http_api import HttpApi, Request, Response, error
 from .index import LiveIndex
@@ -65,6 +66,7 @@ class Hub:
             ready=lambda: self.ready and not self.draining,
             on_search=self.metrics.observe_search,
         )
+        self.api.routes.update(static.routes())
         self.api.routes["/metrics"] = self.metrics.route
         self.server = Server(settings, self.api, self.route_ws, self.metrics.connections)
         self.server.endpoint_kinds.update({TrackerEndpoint: TRACKER})

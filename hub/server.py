@@ -233,8 +233,10 @@ class Connection(asyncio.Protocol):
             f"HTTP/1.1 {response.status} {reason}",
             f"Content-Type: {response.content_type}",
             f"Content-Length: {len(response.body)}",
-            "Cache-Control: no-store",
         ]
+        # API answers are never cached; a response that says otherwise (static files) wins.
+        if not any(name.lower() == "cache-control" for name, _ in response.headers):
+            lines.append("Cache-Control: no-store")
         lines += [f"{name}: {value}" for name, value in response.headers]
         if not keep_alive:
             lines.append("Connection: close")
@@ -303,11 +305,14 @@ class Connection(asyncio.Protocol):
 
     def _message(self, data: bytes) -> None:
         endpoint = self.endpoint
-        if endpoint is None or self.ws is None or self.ws.state is not OPEN:
+        ws = self.ws
+        # Frames that arrived with the peer's close (e.g. a tracker's `end` right before it
+        # closes) still count; after a close the hub started, nothing does.
+        if endpoint is None or ws is None or not (ws.state is OPEN or ws.close_rcvd_then_sent):
             return
         reply = endpoint.receive(data, now_ms())
-        if reply is not None and self.ws.state is OPEN:
-            self.ws.send_text(reply)
+        if reply is not None and ws.state is OPEN:
+            ws.send_text(reply)
 
     def _flush(self) -> None:
         ws, transport = self.ws, self.transport

@@ -1,0 +1,336 @@
+/* Live sessions dashboard: one agent WebSocket (CONTRACT §3) feeding a
+ * virtual table. Messages only change the model; one render per animation
+ * frame touches the rows that are visible, so 5,000 sessions cost the same
+ * to draw as 50. Session fields are tracker-controlled: set as text only. */
+(function () {
+  "use strict";
+  var ROW_H = 30, OVERSCAN = 6, STREAM_MAX = 200;
+  var $ = function (id) { return document.getElementById(id); };
+  var store = window.sessionStorage;
+
+  var sessions = new Map();  // sessionID -> record, as the hub sent it
+  var order = [];            // sessionIDs, newest session first (the API's default sort)
+  var ws = null, attempt = 0, retryTimer = null, everOpened = false;
+  var filters = [];
+  var selected = null, stream = [], selectedEnd = null;
+  var frame = 0, updates = 0;
+  var pool = [];
+
+  // --- model --------------------------------------------------------------
+
+  function before(a, b) {  // sort: timestamp desc, ties by sessionID
+    return a.timestamp !== b.timestamp ? a.timestamp > b.timestamp : a.sessionID < b.sessionID;
+  }
+  function insert(rec) {
+    var lo = 0, hi = order.length;
+    while (lo < hi) {
+      var mid = (lo + hi) >> 1;
+      if (before(sessions.get(order[mid]), rec)) lo = mid + 1; else hi = mid;
+    }
+    order.splice(lo, 0, rec.sessionID);
+  }
+  function remove(id) {
+    if (!sessions.delete(id)) return;
+    var i = order.indexOf(id);
+    if (i >= 0) order.splice(i, 1);
+  }
+
+  function onMessage(msg) {
+    updates++;
+    switch (msg.type) {
+      case "snapshot":
+        sessions = new Map();
+        msg.sessions.forEach(function (s) { sessions.set(s.sessionID, s); });
+        order = msg.sessions.map(function (s) { return s.sessionID; });
+        order.sort(function (a, b) { return before(sessions.get(a), sessions.get(b)) ? -1 : 1; });
+        if (selected && !sessions.has(selected)) selectedEnd = "not in this view";
+        break;
+      case "session.start":
+        remove(msg.session.sessionID);
+        sessions.set(msg.session.sessionID, msg.session);
+        insert(msg.session);
+        if (msg.session.sessionID === selected) { selectedEnd = null; logChange("start", msg.session); }
+        break;
+      case "session.update":
+        var rec = sessions.get(msg.sessionID);
+        if (!rec) break;
+        var moved = "timestamp" in msg.changes && msg.changes.timestamp !== rec.timestamp;
+        if (moved) remove(msg.sessionID);
+        Object.assign(rec, msg.changes);
+        if (moved) { sessions.set(rec.sessionID, rec); insert(rec); }
+        if (msg.sessionID === selected) logChange("update", msg.changes);
+        break;
+      case "sessions.update":  // lastActiveAt of many sessions in one frame
+        for (var id in msg.changes) {
+          var r = sessions.get(id);
+          if (r) Object.assign(r, msg.changes[id]);
+        }
+        break;
+      case "session.end":
+        remove(msg.sessionID);
+        if (msg.sessionID === selected) { selectedEnd = msg.reason; logChange("end", {reason: msg.reason}); }
+        break;
+      case "error":
+        setStatus("hub: " + (msg.message || msg.code), "bad");
+        break;
+    }
+    schedule();
+  }
+
+  function logChange(kind, data) {
+    stream.unshift({at: Date.now(), kind: kind, data: data});
+    if (stream.length > STREAM_MAX) stream.length = STREAM_MAX;
+  }
+
+  // --- connection -----------------------------------------------------------
+
+  function connect() {
+    var project = $("project").value.trim(), key = $("key").value;
+    if (!project || !key) return;
+    store.setItem("hubDashboard.project", project);
+    store.setItem("hubDashboard.key", key);
+    disconnect();
+    everOpened = false;
+    var proto = location.protocol === "https:" ? "wss://" : "ws://";
+    // Browsers cannot set headers on a WebSocket: the key goes as ?token=.
+    var url = proto + location.host + "/ws/agent/" + encodeURIComponent(project) +
+      "?token=" + encodeURIComponent(key);
+    var sock = new WebSocket(url);
+    ws = sock;
+    setStatus("connecting…");
+    sock.onopen = function () {
+      attempt = 0;
+      everOpened = true;
+      setStatus("live", "ok");
+      subscribe();
+    };
+    sock.onmessage = function (event) {
+      var msg;
+      try { msg = JSON.parse(event.data); } catch (e) { return; }
+      onMessage(msg);
+    };
+    sock.onclose = function (event) {
+      if (ws !== sock) return;
+      ws = null;
+      if (!everOpened && attempt === 0) {
+        // A refused handshake (401/404) is indistinguishable from a dead hub here.
+        setStatus("could not connect: check the API key and project", "bad");
+      }
+      var delay = Math.random() * Math.min(30000, 1000 * Math.pow(2, attempt++));
+      if (everOpened || attempt > 1) {
+        setStatus("disconnected (" + (event.code || "no code") + "), retrying in " +
+          Math.ceil(delay / 1000) + " s", "bad");
+      }
+      retryTimer = setTimeout(connect, delay);
+    };
+  }
+
+  function disconnect() {
+    clearTimeout(retryTimer);
+    if (ws) { var old = ws; ws = null; old.close(1000); }
+  }
+
+  function subscribe() {
+    if (ws && ws.readyState === WebSocket.OPEN) {
+      var msg = {type: "subscribe"};
+      if (filters.length) msg.filters = filters;
+      ws.send(JSON.stringify(msg));
+    }
+  }
+
+  function setStatus(text, cls) {
+    var el = $("status");
+    el.textContent = text;
+    el.className = "status" + (cls ? " " + cls : "");
+  }
+
+  // --- rendering --------------------------------------------------------------
+
+  function schedule() {
+    if (!frame) frame = requestAnimationFrame(render);
+  }
+
+  function ago(ms) {
+    var s = Math.max(0, Math.round((Date.now() - ms) / 1000));
+    if (s < 60) return s + " s ago";
+    if (s < 3600) return Math.floor(s / 60) + " min ago";
+    return Math.floor(s / 3600) + " h ago";
+  }
+  function text(el, value) {  // writes only what changed: most frames change a cell or two
+    if (el.textContent !== value) el.textContent = value;
+  }
+  function stateOf(s) { return !s.connected ? "reconnecting" : s.active ? "active" : "idle"; }
+
+  function makeRow() {
+    var row = document.createElement("div");
+    row.className = "row";
+    row.setAttribute("role", "row");
+    ["who", "page", "country", "browser", "state", "ago", "tabs", "started"].forEach(function (c) {
+      var cell = document.createElement("span");
+      cell.className = c;
+      cell.setAttribute("role", "cell");
+      row.appendChild(cell);
+    });
+    return row;
+  }
+
+  function fill(row, s, index) {
+    var c = row.children;
+    row.style.transform = "translateY(" + index * ROW_H + "px)";
+    if (row.dataset.sessionId !== s.sessionID) row.dataset.sessionId = s.sessionID;
+    var cls = "row" + (s.sessionID === selected ? " selected" : "");
+    if (row.className !== cls) row.className = cls;
+    text(c[0], s.userID || s.userUUID || "anonymous · " + s.sessionID.slice(0, 8));
+    c[0].title = s.sessionID;
+    text(c[1], s.pageTitle || s.url || "");
+    c[1].title = s.url || "";
+    text(c[2], [s.userCountry, s.userCity].filter(Boolean).join(" · "));
+    var browser = s.userBrowser ? s.userBrowser + " " + String(s.userBrowserVersion || "").split(".")[0] : "";
+    text(c[3], [browser.trim(), s.userOs].filter(Boolean).join(" · "));
+    var state = stateOf(s);
+    text(c[4], state);
+    if (c[4].className !== "state " + state) c[4].className = "state " + state;
+    text(c[5], ago(s.lastActiveAt));
+    text(c[6], String(s.tabs));
+    text(c[7], ago(s.timestamp));
+  }
+
+  function render() {
+    frame = 0;
+    var viewport = $("viewport");
+    $("spacer").style.height = order.length * ROW_H + "px";
+    var first = Math.max(0, Math.floor(viewport.scrollTop / ROW_H) - OVERSCAN);
+    var last = Math.min(order.length, Math.ceil((viewport.scrollTop + viewport.clientHeight) / ROW_H) + OVERSCAN);
+    var rows = $("rows"), needed = Math.max(0, last - first);
+    while (pool.length < needed) { var r = makeRow(); pool.push(r); rows.appendChild(r); }
+    while (pool.length > needed) rows.removeChild(pool.pop());
+    for (var i = 0; i < needed; i++) fill(pool[i], sessions.get(order[first + i]), first + i);
+    document.title = "hub · " + order.length + " live";
+    if (ws) setCount();
+    renderDetail();
+  }
+
+  function setCount() {
+    text($("status"), "live · " + order.length + " session" + (order.length === 1 ? "" : "s"));
+  }
+
+  var shownRecord = null;
+  function renderDetail() {
+    var aside = $("detail");
+    if (!selected) { aside.hidden = true; return; }
+    aside.hidden = false;
+    var rec = sessions.get(selected);
+    text($("detail-title"), rec ? (rec.userID || rec.userUUID || "anonymous") : selected);
+    var st = $("detail-state");
+    text(st, selectedEnd ? "ended: " + selectedEnd : rec ? stateOf(rec) + " · " + selected : "");
+    st.className = selectedEnd ? "ended" : "";
+    var json = rec ? JSON.stringify(rec, null, 2) : "";
+    if (json !== shownRecord) { $("record").textContent = json; shownRecord = json; }
+    var list = $("stream");
+    if (list.childElementCount !== stream.length || (stream[0] && list.firstChild.dataset.at !== String(stream[0].at))) {
+      list.textContent = "";
+      stream.forEach(function (e) {
+        var li = document.createElement("li");
+        li.dataset.at = String(e.at);
+        var t = document.createElement("time");
+        t.textContent = new Date(e.at).toLocaleTimeString();
+        li.appendChild(t);
+        li.appendChild(document.createTextNode(e.kind + " " + JSON.stringify(e.data)));
+        list.appendChild(li);
+      });
+    }
+  }
+
+  function select(id) {
+    selected = id;
+    stream = [];
+    selectedEnd = null;
+    shownRecord = null;
+    schedule();
+  }
+
+  // --- filters ----------------------------------------------------------------
+
+  function addFilter(f) {
+    f = f || {name: "", operator: "contains", value: []};
+    var wrap = document.createElement("span");
+    wrap.className = "filter";
+    var name = document.createElement("input");
+    name.className = "f-name"; name.placeholder = "name"; name.size = 12;
+    name.setAttribute("list", "filter-names"); name.value = f.name;
+    var op = document.createElement("select");
+    op.className = "f-op";
+    ["contains", "is"].forEach(function (o) { op.add(new Option(o, o, false, o === f.operator)); });
+    var value = document.createElement("input");
+    value.className = "f-value"; value.placeholder = "value, value…"; value.size = 14;
+    value.value = (f.value || []).join(", ");
+    var source = document.createElement("input");
+    source.className = "f-source"; source.placeholder = "metadata key"; source.size = 10;
+    source.value = f.source || "";
+    source.hidden = f.name.toLowerCase() !== "metadata";
+    name.addEventListener("input", function () { source.hidden = name.value.toLowerCase() !== "metadata"; });
+    var del = document.createElement("button");
+    del.type = "button"; del.textContent = "×"; del.setAttribute("aria-label", "remove filter");
+    del.addEventListener("click", function () { wrap.remove(); });
+    [name, source, op, value, del].forEach(function (el) { wrap.appendChild(el); });
+    $("filter-rows").appendChild(wrap);
+    return wrap;
+  }
+
+  function readFilters() {
+    var out = [];
+    document.querySelectorAll("#filter-rows .filter").forEach(function (w) {
+      var name = w.querySelector(".f-name").value.trim();
+      if (!name) return;
+      var f = {
+        name: name,
+        operator: w.querySelector(".f-op").value,
+        value: w.querySelector(".f-value").value.split(",").map(function (v) { return v.trim(); })
+          .filter(Boolean)
+      };
+      var source = w.querySelector(".f-source").value.trim();
+      if (name.toLowerCase() === "metadata" && source) f.source = source;
+      out.push(f);
+    });
+    return out;
+  }
+
+  // --- wiring -------------------------------------------------------------------
+
+  $("connect").addEventListener("submit", function (e) {
+    e.preventDefault();
+    attempt = 0;
+    connect();
+  });
+  $("filters").addEventListener("submit", function (e) {
+    e.preventDefault();
+    filters = readFilters();
+    store.setItem("hubDashboard.filters", JSON.stringify(filters));
+    subscribe();
+  });
+  $("add-filter").addEventListener("click", function () { addFilter().querySelector("input").focus(); });
+  $("viewport").addEventListener("scroll", schedule, {passive: true});
+  window.addEventListener("resize", schedule);
+  $("rows").addEventListener("click", function (e) {
+    var row = e.target.closest(".row");
+    if (row) select(row.dataset.sessionId);
+  });
+  $("close-detail").addEventListener("click", function () { select(null); });
+  // "n s ago" moves even when nothing arrives.
+  setInterval(schedule, 1000);
+
+  var params = new URLSearchParams(location.search);
+  $("project").value = params.get("project") || store.getItem("hubDashboard.project") || "";
+  $("key").value = store.getItem("hubDashboard.key") || "";
+  try { filters = JSON.parse(store.getItem("hubDashboard.filters") || "[]"); } catch (e) { filters = []; }
+  filters.forEach(addFilter);
+  if (!filters.length) addFilter();
+  if ($("project").value && $("key").value) connect();
+
+  // For tests and scripts: the model, not the DOM.
+  window.hubDashboard = {
+    count: function () { return order.length; },
+    session: function (id) { return sessions.get(id) || null; },
+    rowHeight: ROW_H
+  };
+})();
