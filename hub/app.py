@@ -6,6 +6,7 @@ task group; connections themselves have no task.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -18,10 +19,13 @@ import anyio
 from anyio.abc import TaskStatus
 
 from . import static
+from .agent_endpoint import AgentEndpoint
+from .agents import FanOut
+from .auth import bearer_token
 from .config import Settings
-from .http_api import HttpApi, Request, Response, error
+from .http_api import HttpApi, Request, Response, error, query_params
 from .index import LiveIndex
-from .metrics import TRACKER, MessageCounts, Metrics
+from .metrics import AGENT, TRACKER, MessageCounts, Metrics
 from .server import CLOSE_RESTART, Connection, Endpoint, Server, now_ms
 from .sessions import Registry
 from .tracker import TrackerProtocol
@@ -29,6 +33,7 @@ from .tracker import TrackerProtocol
 log = logging.getLogger("hub")
 
 TRACKER_PREFIX = "/ws/tracker/"
+AGENT_PREFIX = "/ws/agent/"
 
 
 class TrackerEndpoint(TrackerProtocol):
@@ -69,7 +74,9 @@ class Hub:
         self.api.routes.update(static.routes())
         self.api.routes["/metrics"] = self.metrics.route
         self.server = Server(settings, self.api, self.route_ws, self.metrics.connections)
-        self.server.endpoint_kinds.update({TrackerEndpoint: TRACKER})
+        self.agents = FanOut(self.index, settings.agent_max_pending, wake=self._wake_agents)
+        self.registry.listeners.append(self.agents)
+        self.server.endpoint_kinds.update({TrackerEndpoint: TRACKER, AgentEndpoint: AGENT})
         self._add_gauges()
         # Awaited by a SIGTERM drain, in order, within ``drain_timeout``: before
         # connections close (cluster mode: tell peers this node's sessions are
@@ -97,7 +104,31 @@ class Hub:
                 self.settings.heartbeat_timeout,
                 self.metrics.trackers,
             )
+        if path.startswith(AGENT_PREFIX):
+            return self._route_agent(request, conn, path[len(AGENT_PREFIX) :])
         return error(404, "not found")
+
+    def _route_agent(self, request: Request, conn: Connection, project_key: str) -> Endpoint | Response:
+        # Browsers cannot set headers on a WebSocket: ?token= is the fallback.
+        token = bearer_token(request.headers) or query_params(request.query).get("token")
+        if not self.api.auth.may_read(token, project_key):
+            return error(401, "missing or invalid API key", [("WWW-Authenticate", "Bearer")])
+        if self.settings.project_id(project_key) is None:
+            return error(404, "project not found")
+        limit = self.settings.max_agents
+        if limit and len(self.agents.agents) >= limit:
+            return error(503, f"the hub holds its limit of {limit} agent connections")
+        return AgentEndpoint(
+            self.agents,
+            conn,
+            project_key,
+            self.settings.max_filters,
+            self.settings.agent_idle_timeout or None,
+        )
+
+    def _wake_agents(self) -> None:
+        # Changes arrive in bursts (a read of many tracker frames): send once after.
+        asyncio.get_running_loop().call_soon(self.agents.flush)
 
     def _add_gauges(self) -> None:
         m = self.metrics
@@ -129,6 +160,7 @@ class Hub:
         self.port = self.server.port
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._sweeper)
+            tg.start_soon(self._agent_ticker)
             if handle_signals:
                 tg.start_soon(self._signals)
             self.ready = True
@@ -181,6 +213,12 @@ class Hub:
         while True:
             await anyio.sleep(interval)
             self.sweep()
+
+    async def _agent_ticker(self) -> None:
+        interval = self.settings.agent_interval
+        while True:
+            await anyio.sleep(interval)
+            self.agents.tick()
 
     def sweep(self) -> None:
         self.server.sweep()

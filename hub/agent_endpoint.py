@@ -1,0 +1,45 @@
+"""The agent WebSocket endpoint: ``/ws/agent/{projectKey}`` on a live connection.
+
+It only connects ``server.Connection`` (which sends, pauses and closes) to
+the ``FanOut`` core: frames in are subscriptions, frames out are queued by
+the fan-out and sent while the connection is not paused.
+"""
+
+from __future__ import annotations
+
+from .agents import Agent, FanOut, parse_subscribe
+from .server import Connection
+from .session import InputError, encode_error
+
+
+class AgentEndpoint:
+    __slots__ = ("agent", "fanout", "idle_timeout", "max_filters", "project_key")
+
+    def __init__(
+        self,
+        fanout: FanOut,
+        conn: Connection,
+        project_key: str,
+        max_filters: int,
+        idle_timeout: float | None,
+    ) -> None:
+        self.fanout = fanout
+        self.project_key = project_key
+        self.max_filters = max_filters
+        self.idle_timeout = idle_timeout
+        self.agent: Agent = fanout.add(conn)
+
+    def receive(self, data: bytes, now: int) -> bytes | None:
+        try:
+            sub = parse_subscribe(data, self.project_key, self.max_filters)
+        except InputError as exc:
+            # A bad subscribe changes nothing: the previous subscription stays.
+            return encode_error(exc.code, exc.message)
+        self.fanout.subscribe(self.agent, sub)
+        return None
+
+    def closed(self, now: int, timed_out: bool) -> None:
+        self.fanout.remove(self.agent)
+
+    def writable(self) -> None:
+        self.fanout.deliver(self.agent)

@@ -1,0 +1,488 @@
+"""Fan-out of live session changes to assist agents (CONTRACT §3), without I/O.
+
+``FanOut`` is a ``Registry`` listener. Subscriptions with the same project,
+filters and sessionID share one ``Group``: the group decides once per change
+whether the session matches (start / update / end "unmatched") and keeps the
+set of sessionIDs that match now. Groups are indexed by project and by
+(project, sessionID), so a change costs one match per group of its project
+plus one outbox step per agent of the groups it concerns, never a scan of
+every agent.
+
+Each agent has a coalescing outbox keyed by sessionID: a pending start
+encodes the latest record when it is sent, pending updates merge, a start
+then end never reaches the agent. An agent whose connection is paused
+therefore holds at most one entry per session it watched, and is closed
+with ``CLOSE_TOO_SLOW`` past ``max_pending`` entries.
+
+``lastActiveAt``-only changes (``session_touched``) cost one dict store per
+project; ``tick`` (once per interval) sends each group one batch, encoded
+once and shared by the group's agents that are not behind.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any, Final, Protocol
+
+import msgspec
+from msgspec import Struct
+
+from .index import LiveIndex
+from .search import Criterion, Query, QueryError, convert_filters, sort_key
+from .session import InputError, Session, valid_session_id
+
+# Close code for an agent that fell too far behind (README, "Close codes").
+CLOSE_TOO_SLOW: Final = 4008
+
+
+class Snapshot(Struct, tag_field="type", tag="snapshot"):
+    sessions: list[Session]
+
+
+class SessionStart(Struct, tag_field="type", tag="session.start"):
+    session: Session
+
+
+class SessionUpdate(Struct, tag_field="type", tag="session.update"):
+    sessionID: str
+    changes: dict[str, Any]
+
+
+class SessionsUpdate(Struct, tag_field="type", tag="sessions.update"):
+    """lastActiveAt of several sessions at once: ``changes`` by sessionID."""
+
+    changes: dict[str, dict[str, int]]
+
+
+class SessionEnd(Struct, tag_field="type", tag="session.end"):
+    sessionID: str
+    reason: str
+
+
+class Subscribe(Struct, tag_field="type", tag="subscribe"):
+    # Raw: converted by search.convert_filters so errors read as the HTTP API's.
+    filters: Any = None
+    sessionID: Any = None
+
+
+_decoder: Final = msgspec.json.Decoder(Subscribe)
+_encode: Final = msgspec.json.Encoder().encode
+
+
+class Subscription(Struct, frozen=True):
+    project_key: str
+    criteria: tuple[Criterion, ...] = ()
+    session_id: str | None = None
+
+
+def parse_subscribe(frame: bytes, project_key: str, max_filters: int) -> Subscription:
+    """An agent's frame as a subscription, or InputError (code + message)."""
+    try:
+        msg = _decoder.decode(frame)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        code = "unknown_type" if "`$.type`" in text or "field `type`" in text else "invalid_message"
+        raise InputError(code, text) from None
+    except msgspec.DecodeError as exc:
+        raise InputError("invalid_json", str(exc)) from None
+    try:
+        criteria = convert_filters(msg.filters)
+    except QueryError as exc:
+        raise InputError("invalid_filters", str(exc)) from None
+    if max_filters and len(criteria) > max_filters:
+        raise InputError("invalid_filters", f"{len(criteria)} filters, over the limit of {max_filters}")
+    session_id = msg.sessionID
+    if session_id is not None and not valid_session_id(session_id):
+        raise InputError("invalid_field", "sessionID must be 1-64 characters of A-Za-z0-9._:-")
+    return Subscription(project_key, criteria, session_id)
+
+
+class Sink(Protocol):
+    """The agent's connection, as the fan-out needs it."""
+
+    paused: bool
+
+    def send(self, frame: bytes) -> None: ...
+
+    def close(self, code: int, reason: str) -> None: ...
+
+
+class _Entry:
+    """What an agent has not been sent yet about one session."""
+
+    __slots__ = ("changes", "ended", "session", "started", "touched")
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        # Send end (this reason) first: the agent saw the session.
+        self.ended: str | None = None
+        # Send start with the record as it is at send time.
+        self.started = False
+        # Merged changes of an update; never mutated (shared between agents).
+        self.changes: dict[str, Any] | None = None
+        # Send the record's current lastActiveAt.
+        self.touched = False
+
+
+class Agent:
+    """One agent connection: its group, its outbox."""
+
+    __slots__ = ("batch", "closed", "entries", "group", "sink", "snapshot_due")
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.group: Group | None = None
+        self.entries: OrderedDict[str, _Entry] = OrderedDict()
+        # A group's encoded lastActiveAt batch, shared, queued before ``entries``.
+        self.batch: tuple[bytes, dict[str, Session]] | None = None
+        # The snapshot is built when it can be sent: events until then are in it.
+        self.snapshot_due = False
+        self.closed = False
+
+    @property
+    def pending(self) -> int:
+        """Sessions with something unsent (the memory a slow agent holds)."""
+        return len(self.entries) + (len(self.batch[1]) if self.batch is not None else 0)
+
+    def _entry(self, session: Session) -> _Entry:
+        entry = self.entries.get(session.sessionID)
+        if entry is None:
+            entry = self.entries[session.sessionID] = _Entry(session)
+        return entry
+
+    def start(self, session: Session) -> None:
+        entry = self._entry(session)
+        entry.session = session
+        entry.started = True
+        entry.changes = None
+        entry.touched = False
+
+    def update(self, session: Session, changes: dict[str, Any]) -> None:
+        entry = self._entry(session)
+        if entry.started:
+            return  # the start will carry the latest record
+        entry.changes = changes if entry.changes is None else {**entry.changes, **changes}
+
+    def end(self, session: Session, reason: str) -> None:
+        entry = self._entry(session)
+        if entry.started and entry.ended is None:
+            del self.entries[session.sessionID]  # never seen: nothing to say
+            return
+        if not entry.started:
+            entry.ended = reason
+        entry.started = False
+        entry.changes = None
+        entry.touched = False
+
+    def touch(self, session: Session) -> None:
+        entry = self.entries.get(session.sessionID)
+        if entry is None:
+            self._entry(session).touched = True
+        elif not entry.started and entry.ended is None:
+            entry.touched = True
+
+    def fold_batch(self) -> None:
+        """Turn the queued shared batch into entries (the agent is behind)."""
+        if self.batch is not None:
+            sessions = self.batch[1]
+            self.batch = None
+            for session in sessions.values():
+                self.touch(session)
+
+
+class Group:
+    """Agents with the same subscription, and the sessions matching it now."""
+
+    __slots__ = ("agents", "query", "sub", "watched")
+
+    def __init__(self, sub: Subscription, index: LiveIndex) -> None:
+        self.sub = sub
+        self.query = Query(criteria=sub.criteria)
+        self.agents: set[Agent] = set()
+        if sub.session_id is not None:
+            one = index.get(sub.project_key, sub.session_id)
+            candidates: Iterable[Session] = () if one is None else (one,)
+        else:
+            candidates = index.sessions(sub.project_key)
+        self.watched: set[str] = {s.sessionID for s in candidates if self.query.matches(s)}
+
+    def matches(self, session: Session) -> bool:
+        sid = self.sub.session_id
+        return (sid is None or sid == session.sessionID) and self.query.matches(session)
+
+
+class FanOut:
+    """Registry listener delivering session changes to subscribed agents."""
+
+    def __init__(self, index: LiveIndex, max_pending: int, wake: Callable[[], None]) -> None:
+        self.index = index
+        self.max_pending = max_pending
+        # Called when agents have frames to send; the caller then runs ``flush``.
+        self._wake = wake
+        self.agents: set[Agent] = set()
+        self._groups: dict[Subscription, Group] = {}
+        self._by_project: dict[str, set[Group]] = {}
+        self._by_session: dict[tuple[str, str], set[Group]] = {}
+        self._dirty: dict[Agent, None] = {}
+        # Sessions touched since the last tick, per project.
+        self._touched: dict[str, dict[str, Session]] = {}
+        # Frames encoded during one flush, shared by agents: id(object) -> (object, frame).
+        self._frames: dict[int, tuple[object, bytes]] = {}
+
+    # Agents -------------------------------------------------------------
+
+    def add(self, sink: Sink) -> Agent:
+        agent = Agent(sink)
+        self.agents.add(agent)
+        return agent
+
+    def remove(self, agent: Agent) -> None:
+        agent.closed = True
+        self._leave(agent)
+        self.agents.discard(agent)
+        self._dirty.pop(agent, None)
+        agent.entries.clear()
+        agent.batch = None
+
+    def subscribe(self, agent: Agent, sub: Subscription) -> None:
+        """Replace the agent's subscription; a snapshot goes out first."""
+        self._leave(agent)
+        group = self._groups.get(sub)
+        if group is None:
+            group = self._groups[sub] = Group(sub, self.index)
+            if sub.session_id is None:
+                self._by_project.setdefault(sub.project_key, set()).add(group)
+            else:
+                self._by_session.setdefault((sub.project_key, sub.session_id), set()).add(group)
+        group.agents.add(agent)
+        agent.group = group
+        agent.entries.clear()
+        agent.batch = None
+        agent.snapshot_due = True
+        self.deliver(agent)
+
+    def _leave(self, agent: Agent) -> None:
+        group, agent.group = agent.group, None
+        if group is None:
+            return
+        group.agents.discard(agent)
+        if group.agents:
+            return
+        sub = group.sub
+        del self._groups[sub]
+        if sub.session_id is None:
+            key: Any = sub.project_key
+            index: dict[Any, set[Group]] = self._by_project
+        else:
+            key, index = (sub.project_key, sub.session_id), self._by_session
+        groups = index[key]
+        groups.discard(group)
+        if not groups:
+            del index[key]
+
+    def _groups_of(self, session: Session) -> list[Group]:
+        groups = list(self._by_project.get(session.projectKey, ()))
+        by_sid = self._by_session.get((session.projectKey, session.sessionID))
+        if by_sid:
+            groups.extend(by_sid)
+        return groups
+
+    # Registry listener --------------------------------------------------
+
+    def session_started(self, session: Session) -> None:
+        for group in self._groups_of(session):
+            if group.matches(session):
+                group.watched.add(session.sessionID)
+                self._each(group, lambda a: a.start(session))
+
+    def session_changed(self, session: Session, changes: dict[str, Any]) -> None:
+        touched = self._touched.get(session.projectKey)
+        if touched is not None:
+            touched.pop(session.sessionID, None)  # the update carries lastActiveAt
+        groups = self._groups_of(session)
+        if not groups:
+            return
+        # One copy shared by every agent: the registry's dict is not ours to keep.
+        changes = dict(changes)
+        sid = session.sessionID
+        for group in groups:
+            was, now = sid in group.watched, group.matches(session)
+            if was and now:
+                self._each(group, lambda a: a.update(session, changes))
+            elif now:
+                group.watched.add(sid)
+                self._each(group, lambda a: a.start(session))
+            elif was:
+                group.watched.discard(sid)
+                self._each(group, lambda a: a.end(session, "unmatched"))
+
+    def session_touched(self, session: Session) -> None:
+        project = session.projectKey
+        if project in self._by_project or (project, session.sessionID) in self._by_session:
+            self._touched.setdefault(project, {})[session.sessionID] = session
+
+    def session_ended(self, session: Session, reason: str) -> None:
+        touched = self._touched.get(session.projectKey)
+        if touched is not None:
+            touched.pop(session.sessionID, None)
+        sid = session.sessionID
+        for group in self._groups_of(session):
+            if sid in group.watched:
+                group.watched.discard(sid)
+                self._each(group, lambda a: a.end(session, reason))
+
+    def _each(self, group: Group, step: Callable[[Agent], None]) -> None:
+        over: list[Agent] = []
+        for agent in group.agents:
+            if agent.snapshot_due:
+                continue  # the snapshot, built later, will show this change
+            step(agent)
+            self._mark(agent)
+            if self._behind(agent):
+                over.append(agent)
+        for agent in over:
+            self._drop(agent)
+
+    def _behind(self, agent: Agent) -> bool:
+        # A burst fills any outbox until the next flush: only a paused one is behind.
+        return agent.sink.paused and len(agent.entries) > self.max_pending
+
+    def _mark(self, agent: Agent) -> None:
+        if not self._dirty:
+            self._wake()
+        self._dirty[agent] = None
+
+    def _drop(self, agent: Agent) -> None:
+        sink = agent.sink
+        self.remove(agent)
+        sink.close(CLOSE_TOO_SLOW, f"too slow: over {self.max_pending} sessions with unsent changes")
+
+    # Periodic lastActiveAt batches ---------------------------------------
+
+    def tick(self) -> None:
+        """Send what was touched since the last tick, one batch per group."""
+        touched, self._touched = self._touched, {}
+        over: list[Agent] = []
+        for project, sessions in touched.items():
+            for group in self._touch_groups(project, sessions):
+                watched = group.watched
+                if len(watched) < len(sessions):
+                    batch = {sid: sessions[sid] for sid in watched if sid in sessions}
+                else:
+                    batch = {sid: s for sid, s in sessions.items() if sid in watched}
+                if batch:
+                    self._offer(group, batch, over)
+        for agent in over:
+            self._drop(agent)
+        self.flush()
+
+    def _touch_groups(self, project: str, sessions: dict[str, Session]) -> list[Group]:
+        groups = list(self._by_project.get(project, ()))
+        if self._by_session:
+            for sid in sessions:
+                groups.extend(self._by_session.get((project, sid), ()))
+        return groups
+
+    def _offer(self, group: Group, batch: dict[str, Session], over: list[Agent]) -> None:
+        frame: bytes | None = None
+        for agent in group.agents:
+            if agent.snapshot_due:
+                continue
+            if agent.batch is None and not agent.entries:
+                if frame is None:
+                    frame = _touch_frame({sid: s.lastActiveAt for sid, s in batch.items()})
+                agent.batch = (frame, batch)
+            else:
+                # Behind: keep only the latest lastActiveAt per session, in the outbox.
+                agent.fold_batch()
+                for session in batch.values():
+                    agent.touch(session)
+                if self._behind(agent):
+                    over.append(agent)
+            self._mark(agent)
+
+    # Delivery -----------------------------------------------------------
+
+    def flush(self) -> None:
+        """Send queued frames to every agent that has some, until it pauses."""
+        dirty, self._dirty = self._dirty, {}
+        try:
+            for agent in dirty:
+                self._send(agent)
+        finally:
+            self._frames.clear()
+
+    def deliver(self, agent: Agent) -> None:
+        """Send one agent's queued frames now (subscribed, or its buffer drained)."""
+        try:
+            self._send(agent)
+        finally:
+            self._frames.clear()
+
+    def _send(self, agent: Agent) -> None:
+        sink = agent.sink
+        if agent.closed or sink.paused:
+            return
+        if agent.snapshot_due:
+            agent.snapshot_due = False
+            sink.send(self._snapshot(agent))
+            if sink.paused:
+                return
+        if agent.batch is not None:
+            frame, _ = agent.batch
+            agent.batch = None
+            sink.send(frame)
+        entries = agent.entries
+        touches: dict[str, int] = {}
+        while entries and not sink.paused:
+            sid, entry = entries.popitem(last=False)
+            session = entry.session
+            if entry.ended is not None:
+                sink.send(_encode(SessionEnd(sid, entry.ended)))
+            if entry.started:
+                sink.send(self._start_frame(session))
+            elif entry.changes is not None:
+                if entry.touched:
+                    changes = {**entry.changes, "lastActiveAt": session.lastActiveAt}
+                    sink.send(_encode(SessionUpdate(sid, changes)))
+                else:
+                    sink.send(self._update_frame(sid, entry.changes))
+            elif entry.touched:
+                touches[sid] = session.lastActiveAt
+        if touches:
+            sink.send(_touch_frame(touches))
+
+    # One encoding per object per flush: the same change goes to many agents.
+    # Keyed by id(); the object is kept alongside so the id stays its own.
+
+    def _start_frame(self, session: Session) -> bytes:
+        hit = self._frames.get(id(session))
+        if hit is None or hit[0] is not session:
+            hit = self._frames[id(session)] = (session, _encode(SessionStart(session)))
+        return hit[1]
+
+    def _update_frame(self, sid: str, changes: dict[str, Any]) -> bytes:
+        hit = self._frames.get(id(changes))
+        if hit is None or hit[0] is not changes:
+            hit = self._frames[id(changes)] = (changes, _encode(SessionUpdate(sid, changes)))
+        return hit[1]
+
+    def _snapshot(self, agent: Agent) -> bytes:
+        group = agent.group
+        sessions: list[Session] = []
+        if group is not None:
+            get = self.index.get
+            for sid in group.watched:
+                session = get(group.sub.project_key, sid)
+                if session is not None:
+                    sessions.append(session)
+        sessions.sort(key=sort_key("timestamp", True), reverse=True)
+        return _encode(Snapshot(sessions))
+
+
+def _touch_frame(touches: dict[str, int]) -> bytes:
+    if len(touches) == 1:
+        ((sid, at),) = touches.items()
+        return _encode(SessionUpdate(sid, {"lastActiveAt": at}))
+    return _encode(SessionsUpdate({sid: {"lastActiveAt": at} for sid, at in touches.items()}))

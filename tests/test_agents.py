@@ -1,0 +1,401 @@
+"""Agents over real sockets: subscribe, snapshot, stream, coalescing, auth (CONTRACT §3)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from hub.agents import CLOSE_TOO_SLOW, Agent
+from tests.helpers import API_KEY, RunningHub, http, running_hub, wait_for
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+async def connect_agent(h: RunningHub, project: str = "p1", **kwargs: Any) -> ClientConnection:
+    kwargs.setdefault("additional_headers", AUTH)
+    return await websockets.connect(h.agent_url(project), max_size=None, **kwargs)
+
+
+async def recv(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any]:
+    frame: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), timeout))
+    return frame
+
+
+async def subscribe(ws: ClientConnection, **body: Any) -> list[dict[str, Any]]:
+    await ws.send(json.dumps({"type": "subscribe", **body}))
+    frame = await recv(ws)
+    assert frame["type"] == "snapshot", frame
+    sessions: list[dict[str, Any]] = frame["sessions"]
+    return sessions
+
+
+@asynccontextmanager
+async def tracker(h: RunningHub, **start: Any) -> AsyncIterator[ClientConnection]:
+    async with websockets.connect(h.tracker_url()) as ws:
+        await ws.send(json.dumps({"type": "start", **start}))
+        assert json.loads(await ws.recv())["type"] == "started"
+        yield ws
+
+
+async def start_tracker(h: RunningHub, **start: Any) -> ClientConnection:
+    ws = await websockets.connect(h.tracker_url())
+    await ws.send(json.dumps({"type": "start", **start}))
+    assert json.loads(await ws.recv())["type"] == "started"
+    return ws
+
+
+def hub_agent(h: RunningHub, ws: ClientConnection) -> Agent:
+    """The hub's side of an agent client connection, found by its port."""
+    port = ws.local_address[1]
+    for agent in h.hub.agents.agents:
+        peer = agent.sink.transport.get_extra_info("peername")  # type: ignore[attr-defined]
+        if peer[1] == port:
+            return agent
+    raise AssertionError("no such agent")
+
+
+CHROME = [{"name": "userBrowser", "operator": "is", "value": ["Chrome"]}]
+
+
+async def test_snapshot_is_the_search_answer() -> None:
+    async with running_hub() as h:
+        trackers = [
+            await start_tracker(
+                h, sessionID=f"s{i}", userBrowser="Chrome" if i % 3 else "Firefox", userID=f"u{i}"
+            )
+            for i in range(12)
+        ]
+        async with await connect_agent(h) as agent:
+            snap = await subscribe(agent, filters=CHROME)
+            assert sorted(s["sessionID"] for s in snap) == sorted(f"s{i}" for i in range(12) if i % 3)
+            everything = await subscribe(agent)
+            records = {s["sessionID"]: s for s in (await h.search(body={"limit": 1000}))["sessions"]}
+            assert {s["sessionID"]: s for s in everything} == records and len(records) == 12
+            order = [(s["timestamp"], s["sessionID"]) for s in everything]
+            assert order == sorted(order, reverse=True)
+        for t in trackers:
+            await t.close()
+
+
+async def test_start_update_end_and_unmatched() -> None:
+    async with running_hub(grace=0.2) as h, await connect_agent(h) as agent:
+        assert await subscribe(agent, filters=CHROME) == []
+        t = await start_tracker(h, sessionID="a", userBrowser="Chrome", pageTitle="home")
+        frame = await recv(agent)
+        assert frame["type"] == "session.start" and frame["session"]["pageTitle"] == "home"
+        await t.send(json.dumps({"type": "update", "pageTitle": "cart"}))
+        frame = await recv(agent)
+        assert frame["type"] == "session.update" and frame["sessionID"] == "a"
+        assert (
+            set(frame["changes"]) == {"pageTitle", "lastActiveAt"} and frame["changes"]["pageTitle"] == "cart"
+        )
+        await t.send(json.dumps({"type": "update", "userBrowser": "Firefox"}))
+        assert await recv(agent) == {"type": "session.end", "sessionID": "a", "reason": "unmatched"}
+        await t.send(json.dumps({"type": "update", "pageTitle": "unseen"}))
+        await t.send(json.dumps({"type": "update", "userBrowser": "chrome"}))
+        frame = await recv(agent)
+        assert frame["type"] == "session.start" and frame["session"]["pageTitle"] == "unseen"
+        await t.send(json.dumps({"type": "end"}))
+        assert await recv(agent) == {"type": "session.end", "sessionID": "a", "reason": "ended"}
+        # A tracker that goes away: connected:false, then the end after the grace.
+        t2 = await start_tracker(h, sessionID="b", userBrowser="Chrome")
+        assert (await recv(agent))["type"] == "session.start"
+        await t2.close()
+        frame = await recv(agent)
+        assert frame["changes"] == {"connected": False, "tabs": 0}
+        assert await recv(agent) == {"type": "session.end", "sessionID": "b", "reason": "disconnected"}
+        await t.close()
+
+
+async def test_heartbeats_are_batched_per_interval() -> None:
+    async with running_hub(agent_interval=0.05) as h, await connect_agent(h) as agent:
+        await subscribe(agent)
+        a = await start_tracker(h, sessionID="a")
+        b = await start_tracker(h, sessionID="b")
+        assert {(await recv(agent))["type"] for _ in range(2)} == {"session.start"}
+        await a.send('{"type":"heartbeat"}')
+        frame = await recv(agent)
+        assert frame["type"] == "session.update" and frame["sessionID"] == "a"
+        assert list(frame["changes"]) == ["lastActiveAt"]
+        for _ in range(3):
+            await a.send('{"type":"heartbeat"}')
+            await b.send('{"type":"heartbeat"}')
+        await wait_for(lambda: len(h.hub.agents._touched.get("p1", {})) == 2)
+        frame = await recv(agent)
+        assert frame["type"] == "sessions.update" and set(frame["changes"]) == {"a", "b"}
+        assert all(list(c) == ["lastActiveAt"] for c in frame["changes"].values())
+        # An active flag change is a real change: sent at once, not batched.
+        await b.send('{"type":"heartbeat","active":false}')
+        frame = await recv(agent)
+        assert frame["sessionID"] == "b" and frame["changes"]["active"] is False
+        await a.close()
+        await b.close()
+
+
+async def test_new_subscribe_replaces_old() -> None:
+    async with (
+        running_hub() as h,
+        tracker(h, sessionID="s1", userBrowser="Chrome") as t1,
+        tracker(h, sessionID="s2") as t2,
+    ):
+        agent = await connect_agent(h)
+        assert [s["sessionID"] for s in await subscribe(agent, filters=CHROME)] == ["s1"]
+        assert [s["sessionID"] for s in await subscribe(agent, sessionID="s2")] == ["s2"]
+        await t1.send(json.dumps({"type": "update", "pageTitle": "not for this agent"}))
+        await t2.send(json.dumps({"type": "update", "pageTitle": "watched"}))
+        frame = await recv(agent)
+        assert frame["sessionID"] == "s2" and frame["changes"]["pageTitle"] == "watched"
+        # sessionID and filters together: that session while it matches.
+        assert await subscribe(agent, sessionID="s2", filters=CHROME) == []
+        await t2.send(json.dumps({"type": "update", "userBrowser": "Chrome"}))
+        frame = await recv(agent)
+        assert frame["type"] == "session.start" and frame["session"]["sessionID"] == "s2"
+        await agent.close()
+        await wait_for(lambda: not h.hub.agents.agents)
+
+
+async def test_bad_subscribe_is_an_error_frame_and_keeps_the_old_one() -> None:
+    bad = [{"name": "userBrowser", "operator": "regex", "value": ["x"]}]
+    async with running_hub() as h, await connect_agent(h) as agent:
+        await subscribe(agent, filters=CHROME)
+        reply = await http(h.port, "POST", "/public/p1/assist/sessions", {"filters": bad})
+        assert reply.status == 400
+        await agent.send(json.dumps({"type": "subscribe", "filters": bad}))
+        frame = await recv(agent)
+        assert frame == {"type": "error", "code": "invalid_filters", "message": reply.json()["error"]}
+        for raw, code in [
+            ("{", "invalid_json"),
+            ('{"type":"nope"}', "unknown_type"),
+            ('{"type":"subscribe","filters":[{"name":1}]}', "invalid_filters"),
+            ('{"type":"subscribe","sessionID":"bad id!"}', "invalid_field"),
+        ]:
+            await agent.send(raw)
+            frame = await recv(agent)
+            assert frame["type"] == "error" and frame["code"] == code, frame
+        async with tracker(h, sessionID="c", userBrowser="Chrome"):
+            frame = await recv(agent)
+            assert frame["type"] == "session.start" and frame["session"]["sessionID"] == "c"
+
+
+async def test_auth_and_project_refusals() -> None:
+    async with running_hub(projects={"p1": 1}) as h:
+        for kwargs, url in [
+            ({}, h.agent_url()),
+            ({"additional_headers": {"Authorization": "Bearer wrong"}}, h.agent_url()),
+            ({"additional_headers": {"Authorization": f"Basic {API_KEY}"}}, h.agent_url()),
+            ({}, h.agent_url() + "?token=wrong"),
+            ({}, h.agent_url() + "?token="),
+        ]:
+            with pytest.raises(InvalidStatus) as refused:
+                await websockets.connect(url, **kwargs)
+            assert refused.value.response.status_code == 401
+            assert (
+                b"wrong" not in refused.value.response.body
+                and API_KEY.encode() not in refused.value.response.body
+            )
+        with pytest.raises(InvalidStatus) as unknown:
+            await websockets.connect(h.agent_url("nope"), additional_headers=AUTH)
+        assert unknown.value.response.status_code == 404
+        async with await websockets.connect(h.agent_url() + f"?token={API_KEY}") as agent:
+            assert await subscribe(agent) == []
+        async with await connect_agent(h) as agent:
+            assert await subscribe(agent) == []
+
+
+def small_receive_buffer_socket(port: int) -> socket.socket:
+    """A client socket that reads little: the hub's side fills up quickly."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    return sock
+
+
+async def collect(ws: ClientConnection, into: list[dict[str, Any]]) -> None:
+    try:
+        async for raw in ws:
+            into.append(json.loads(raw))
+    except ConnectionClosed:
+        pass
+
+
+async def test_stalled_agent_is_bounded_and_others_keep_receiving() -> None:
+    n = 1000
+    async with running_hub(agent_interval=0.1) as h:
+        trackers = await asyncio.gather(*(start_tracker(h, sessionID=f"s{i}") for i in range(n)))
+        fast = await connect_agent(h)
+        slow = await connect_agent(h, sock=small_receive_buffer_socket(h.port), max_queue=1)
+        assert len(await subscribe(fast)) == n and len(await subscribe(slow)) == n
+        seen: list[dict[str, Any]] = []
+        reader = asyncio.create_task(collect(fast, seen))
+        stalled = hub_agent(h, slow)
+        peak = 0
+        # ~1 KiB titles: 1 MB a round outgrows the kernel's socket buffers (4 MiB at most).
+        pad = "x" * 1000
+        rounds = 12
+        for round_ in range(rounds):
+            for i, t in enumerate(trackers):
+                await t.send(json.dumps({"type": "update", "pageTitle": f"r{round_}-{i}{pad}"}))
+                await t.send('{"type":"heartbeat"}')
+            await asyncio.sleep(0)
+            peak = max(peak, stalled.pending)
+            assert stalled.pending <= n
+        await wait_for(lambda: stalled.sink.paused)
+        # The fast agent has every session's last title, and then the heartbeat batches.
+        last = {f"s{i}": f"r{rounds - 1}-{i}{pad}" for i in range(n)}
+
+        def titles() -> dict[str, str]:
+            got: dict[str, str] = {}
+            for f in seen:
+                if f["type"] == "session.update" and "pageTitle" in f["changes"]:
+                    got[f["sessionID"]] = f["changes"]["pageTitle"]
+            return got
+
+        await wait_for(lambda: titles() == last, timeout=10)
+        for t in trackers:
+            await t.send('{"type":"heartbeat"}')
+        mark = len(seen)
+        await wait_for(
+            lambda: (
+                {sid for f in seen[mark:] if f["type"] == "sessions.update" for sid in f["changes"]}
+                == set(last)
+            ),
+            timeout=5,
+        )
+        assert stalled.pending <= n and peak <= n
+        reader.cancel()
+        for ws in (fast, slow, *trackers):
+            ws.transport.abort()
+
+
+async def test_agent_past_max_pending_is_closed() -> None:
+    n = 200
+    async with running_hub(agent_max_pending=50) as h:
+        trackers = await asyncio.gather(*(start_tracker(h, sessionID=f"s{i}") for i in range(n)))
+        slow = await connect_agent(h, sock=small_receive_buffer_socket(h.port), max_queue=1)
+        fast = await connect_agent(h)
+        await subscribe(slow)
+        await subscribe(fast)
+        seen: list[dict[str, Any]] = []
+        reader = asyncio.create_task(collect(fast, seen))
+        stalled = hub_agent(h, slow)
+        pad = "x" * 1000
+        round_ = 0
+        while stalled in h.hub.agents.agents:
+            for i, t in enumerate(trackers):
+                await t.send(json.dumps({"type": "update", "pageTitle": f"r{round_}-{i}{pad}"}))
+            round_ += 1
+            await asyncio.sleep(0)
+            assert round_ < 200, "the slow agent was never dropped"
+        # Reading now, the slow client drains its backlog and finds the close frame.
+        try:
+            async for _ in slow:
+                pass
+        except ConnectionClosed:
+            pass
+        assert slow.close_code == CLOSE_TOO_SLOW and slow.close_reason.startswith("too slow")
+        assert hub_agent(h, fast) in h.hub.agents.agents
+        await wait_for(
+            lambda: any(f.get("changes", {}).get("pageTitle") == f"r{round_ - 1}-0{pad}" for f in seen)
+        )
+        reader.cancel()
+        for ws in (fast, *trackers):
+            await ws.close()
+
+
+async def test_order_per_session_and_snapshot_plus_stream_under_concurrency() -> None:
+    """Concurrent trackers; one agent from the start, one joining midway.
+
+    Per session, an agent sees start, updates, end (repeatable), titles in
+    order; snapshot + stream rebuilds exactly the hub's final state.
+    """
+    async with running_hub(agent_interval=0.02) as h:
+        early = await connect_agent(h)
+        await subscribe(early)
+        early_seen: list[dict[str, Any]] = []
+        early_reader = asyncio.create_task(collect(early, early_seen))
+        late_seen: list[dict[str, Any]] = []
+        late_reader: asyncio.Task[None] | None = None
+        late = await connect_agent(h)
+
+        async def life(i: int) -> None:
+            for lap in range(3):
+                async with websockets.connect(h.tracker_url()) as t:
+                    await t.send(json.dumps({"type": "start", "sessionID": f"s{i}", "pageTitle": f"{lap}-0"}))
+                    await t.recv()
+                    for k in range(1, 15):
+                        await t.send(json.dumps({"type": "update", "pageTitle": f"{lap}-{k}"}))
+                        await t.send('{"type":"heartbeat"}')
+                        if k % 5 == 0:
+                            await asyncio.sleep(0)
+                    if lap < 2:
+                        await t.send('{"type":"end"}')
+                    else:
+                        await t.send(json.dumps({"type": "update", "metadata": {"done": "yes"}}))
+                        await wait_for(lambda: done.is_set())
+
+        async def join_midway() -> None:
+            nonlocal late_reader
+            await asyncio.sleep(0.02)
+            await late.send('{"type":"subscribe"}')
+            late_reader = asyncio.create_task(collect(late, late_seen))
+
+        done = asyncio.Event()
+        lives = [asyncio.create_task(life(i)) for i in range(30)]
+        await join_midway()
+        await wait_for(
+            lambda: (
+                all(s.metadata.get("done") for s in h.hub.index.sessions("p1"))
+                and h.hub.index.count("p1") == 30
+            ),
+            timeout=20,
+        )
+        final = {s["sessionID"]: s for s in (await h.search(body={"limit": 1000}))["sessions"]}
+        await asyncio.sleep(0.1)  # one more tick: the last lastActiveAt batches
+
+        def rebuild(frames: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+            state: dict[str, dict[str, Any]] = {}
+            last_title: dict[str, tuple[int, int]] = {}
+            for f in frames:
+                kind = f["type"]
+                if kind == "snapshot":
+                    state = {s["sessionID"]: s for s in f["sessions"]}
+                elif kind == "session.start":
+                    sid = f["session"]["sessionID"]
+                    assert sid not in state, f"start of {sid} while it is live"
+                    state[sid] = f["session"]
+                elif kind == "session.update":
+                    assert f["sessionID"] in state, f"update before start: {f}"
+                    state[f["sessionID"]].update(f["changes"])
+                elif kind == "sessions.update":
+                    for sid, changes in f["changes"].items():
+                        assert sid in state, f"batched update before start: {sid}"
+                        state[sid].update(changes)
+                elif kind == "session.end":
+                    assert state.pop(f["sessionID"], None) is not None, f"end of unknown: {f}"
+                else:
+                    raise AssertionError(f)
+                for sid, s in state.items():
+                    lap, k = map(int, s["pageTitle"].split("-"))
+                    assert (lap, k) >= last_title.get(sid, (0, 0)), f"title went back for {sid}"
+                    last_title[sid] = (lap, k)
+            return state
+
+        assert rebuild(early_seen) == final
+        assert late_reader is not None
+        assert late_seen[0]["type"] == "snapshot" and rebuild(late_seen) == final
+        done.set()
+        await asyncio.gather(*lives)
+        for task in (early_reader, late_reader):
+            task.cancel()
+        await early.close()
+        await late.close()
