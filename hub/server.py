@@ -12,15 +12,17 @@ import asyncio
 import logging
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 from http import HTTPStatus
+from typing import Final
 from typing import Protocol as TypingProtocol
 
 import httptools
 from websockets.datastructures import Headers
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request as WsRequest
-from websockets.protocol import OPEN, State
+from websockets.protocol import OPEN, Event, State
 from websockets.server import ServerProtocol
 
 from .config import Settings
@@ -66,7 +68,9 @@ class Connection(asyncio.Protocol):
     """One client connection: HTTP requests, then maybe one WebSocket."""
 
     __slots__ = (
+        "backlog",
         "body",
+        "counted",
         "deadline",
         "endpoint",
         "fragments",
@@ -78,6 +82,7 @@ class Connection(asyncio.Protocol):
         "peer",
         "server",
         "timed_out",
+        "tokens",
         "transport",
         "url",
         "ws",
@@ -100,6 +105,11 @@ class Connection(asyncio.Protocol):
         self.paused = False
         self.timed_out = False
         self.peer: str = ""
+        # Rate limit: a token bucket refilled from last_seen (README, "Security").
+        self.tokens = float(server.settings.rate_burst)
+        # Events of one read not handled yet: reading waits until they are.
+        self.backlog: list[Event] | None = None
+        self.counted = False
 
     # asyncio callbacks -------------------------------------------------
 
@@ -108,9 +118,27 @@ class Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
         self.server.connections.add(self)
+        limit = self.server.settings.max_conns_per_ip
+        if limit:
+            per_ip = self.server.per_ip
+            if per_ip.get(self.peer, 0) >= limit:
+                self.server.limits["max_conns_per_ip"] += 1
+                self._respond(error(429, f"over {limit} connections from one address"), keep_alive=False)
+                return
+            per_ip[self.peer] = per_ip.get(self.peer, 0) + 1
+            self.counted = True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        if self.counted:
+            self.counted = False
+            per_ip = self.server.per_ip
+            per_ip[self.peer] -= 1
+            if not per_ip[self.peer]:
+                del per_ip[self.peer]
+        ws = self.ws
+        if ws is not None and ws.close_sent is not None and ws.close_sent.code == CLOSE_TOO_BIG:
+            self.server.limits["max_frame"] += 1
         endpoint, self.endpoint = self.endpoint, None
         if endpoint is not None:
             self.server.count_close(endpoint, self)
@@ -153,6 +181,9 @@ class Connection(asyncio.Protocol):
             # httptools wraps what a callback raises; a _Refuse carries its answer.
             cause = exc.__context__
             if isinstance(cause, _Refuse):
+                limit = _STATUS_LIMITS.get(cause.response.status)
+                if limit is not None:
+                    self.server.limits[limit] += 1
                 self._respond(cause.response, keep_alive=False)
             else:
                 self._respond(error(400, "malformed HTTP request"), keep_alive=False)
@@ -285,7 +316,33 @@ class Connection(asyncio.Protocol):
         assert ws is not None
         events = ws.events_received()
         if events:
-            self.last_seen = time.monotonic()
+            now = time.monotonic()
+            server = self.server
+            if server.rate:
+                # Two float ops per read: refill for the time since the last one, take one per frame.
+                tokens = self.tokens + (now - self.last_seen) * server.rate
+                self.tokens = tokens = min(tokens, server.burst) - len(events)
+                if tokens < 0:
+                    server.limits["rate_limit"] += 1
+                    self._refuse_flood()
+                    return
+            self.last_seen = now
+        self._handle(events)
+
+    def _refuse_flood(self) -> None:
+        """Past the rate limit: close with 1008 and stop reading at once."""
+        self.close(CLOSE_POLICY, "rate limit exceeded")
+        if self.transport is not None:
+            self.transport.close()
+
+    def _handle(self, events: list[Event]) -> None:
+        batch = self.server.read_batch
+        if batch and len(events) > batch and self.transport is not None:
+            # Yield to other connections: handle the rest on the next loop turn.
+            self.backlog = events[batch:]
+            events = events[:batch]
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_soon(self._resume)
         for event in events:
             if not isinstance(event, Frame):
                 continue
@@ -302,6 +359,14 @@ class Connection(asyncio.Protocol):
                     self.fragments = None
                     self._message(data)
         self._flush()
+
+    def _resume(self) -> None:
+        events, self.backlog = self.backlog, None
+        if events is None or self.transport is None:
+            return
+        self._handle(events)
+        if self.backlog is None and self.transport is not None:
+            self.transport.resume_reading()
 
     def _message(self, data: bytes) -> None:
         endpoint = self.endpoint
@@ -363,11 +428,14 @@ class Connection(asyncio.Protocol):
         ws = self.ws
         if ws is None or ws.state is not OPEN:
             if now >= self.deadline:
+                if ws is None:
+                    self.server.limits["handshake_timeout"] += 1
                 transport.abort()
             return
         endpoint = self.endpoint
         timeout = endpoint.idle_timeout if endpoint is not None else None
         if timeout is not None and now - self.last_seen > timeout:
+            self.server.limits["idle_timeout"] += 1
             self.timed_out = True
             self.close(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")
 
@@ -385,6 +453,10 @@ def close_code(ws: ServerProtocol | None) -> int:
         return CLOSE_ABNORMAL
     frame = ws.close_sent or ws.close_rcvd
     return CLOSE_ABNORMAL if frame is None else int(frame.code)
+
+
+# Refusals that are a limit reached, by HTTP status (for the limit counter).
+_STATUS_LIMITS: Final = {413: "max_http_body", 414: "max_header", 431: "max_header"}
 
 
 class _Refuse(Exception):
@@ -407,6 +479,12 @@ class Server:
         self.endpoint_kinds: dict[type, str] = {}
         self.connections: set[Connection] = set()
         self._server: asyncio.Server | None = None
+        # Times each limit was reached, by name (README, "Security"; /metrics).
+        self.limits: Counter[str] = Counter()
+        self.per_ip: dict[str, int] = {}
+        self.rate = settings.rate_limit
+        self.burst = float(settings.rate_burst)
+        self.read_batch = settings.read_batch
 
     async def start(self, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
