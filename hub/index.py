@@ -23,7 +23,7 @@ from itertools import accumulate, islice
 from operator import itemgetter
 from typing import Any, Final
 
-from .search import FILTERABLE, Criterion, Query, sort_key
+from .search import FILTERABLE, Criterion, Query
 from .session import Session
 
 # Fields whose values are ints: indexed by the int itself (its text is str(int)).
@@ -33,7 +33,7 @@ BOOL_FIELDS: Final = frozenset(f for f in FILTERABLE if Session.__annotations__.
 # Relative costs for the planner, in the time of one hash probe (~30 ns here):
 # checking one candidate with Criterion.matches, and scanning one distinct
 # value during a `contains`. Measured by loadtest.bench_search, rounded.
-CHECK_COST: Final = 12
+CHECK_COST: Final = 10
 SCAN_COST: Final = 0.5
 # One step of the walk along the timestamp order vs one matched session
 # sorted: the walk is a C-level filter, sorting builds a key per session.
@@ -168,9 +168,6 @@ class FieldIndex:
         buckets = self.buckets
         return [b for k in found if (b := buckets.get(k)) is not None]
 
-    def all_buckets(self) -> list[Bucket]:
-        return list(self.buckets.values())
-
 
 def _key_text(key: Key) -> str:
     return key if isinstance(key, str) else str(key)
@@ -190,6 +187,18 @@ def _union(buckets: list[Bucket]) -> set[str] | frozenset[str]:
             out.add(b)
         else:
             out |= b  # type: ignore[arg-type]
+    return out
+
+
+def _restrict(cands: set[str] | frozenset[str], buckets: list[Bucket]) -> set[str] | frozenset[str]:
+    """``cands`` ∩ the union of ``buckets``, without building that union."""
+    out: set[str] = set()
+    for b in buckets:
+        if type(b) is str:
+            if b in cands:
+                out.add(b)
+        else:
+            out |= cands & b  # type: ignore[operator]
     return out
 
 
@@ -304,19 +313,22 @@ class _Project:
         exact.sort(key=itemgetter(0))
         cands: set[str] | frozenset[str] | None = None
         for size, c, exact_buckets, fi in exact:
-            if cands is not None and len(cands) * CHECK_COST < size:
-                cands = self._check(cands, c)
+            buckets = exact_buckets if exact_buckets is not None else list(fi.buckets.values())
+            if cands is None:
+                cands = _union(buckets)
             else:
-                found = _union(exact_buckets if exact_buckets is not None else fi.all_buckets())
-                cands = found if cands is None else cands & found
+                # Intersecting costs a probe per bucket and per smaller side.
+                cost = len(buckets) + min(len(cands) * len(buckets), size)
+                check = len(cands) * CHECK_COST < cost
+                cands = self._check(cands, c) if check else _restrict(cands, buckets)
             if not cands:
                 return _EMPTY
         for c, fi in contains:
             if cands is not None and len(cands) * CHECK_COST < fi.scan_cost():
                 cands = self._check(cands, c)
             else:
-                found = _union(fi.containing(c.values))
-                cands = found if cands is None else cands & found
+                found = fi.containing(c.values)
+                cands = _union(found) if cands is None else _restrict(cands, found)
             if not cands:
                 return _EMPTY
         return cands
@@ -357,18 +369,40 @@ class _Project:
         return [sid for _, sid in _top(keys, stop, q.descending)[start:stop]]
 
     def _sorted_page(self, matched: set[str] | frozenset[str] | None, q: Query) -> list[str]:
+        field, desc, stop = q.sort, q.descending, q.offset + q.limit
+        if matched is None and field in INT_FIELDS:
+            return self._int_order_page(field, q)
         sessions = self.sessions
-        key = sort_key(q.sort, q.descending)
-        chosen: Iterable[Session] = (
-            sessions.values() if matched is None else (sessions[sid] for sid in matched)
-        )
-        keys = [key(s) for s in chosen]
-        stop = q.offset + q.limit
-        return [k[2] for k in _top(keys, stop, q.descending)[q.offset : stop]]
+        chosen = sessions.values() if matched is None else [sessions[sid] for sid in matched]
+        # Same order as search.sort_key: (value, sessionID), unset values last either way.
+        keys: list[tuple[Any, str]] = []
+        unset: list[str] = []
+        for s in chosen:
+            value = getattr(s, field)
+            if value is None:
+                unset.append(s.sessionID)
+            else:
+                keys.append((value, s.sessionID))
+        ids = [k[1] for k in _top(keys, stop, desc)[:stop]]
+        if len(ids) < stop:
+            ids += _top(unset, stop - len(ids), desc)
+        return ids[q.offset : stop]
+
+    def _int_order_page(self, field: str, q: Query) -> list[str]:
+        # Every session holds an int here: the top values of the field's
+        # index, then their sessions by sessionID, need no sort of them all.
+        buckets, desc, stop = self.fields[field].buckets, q.descending, q.offset + q.limit
+        ids: list[str] = []
+        for value in _top(list(buckets), stop, desc):
+            bucket = buckets[value]
+            ids += [bucket] if type(bucket) is str else sorted(bucket, reverse=desc)
+            if len(ids) >= stop:
+                break
+        return ids[q.offset : stop]
 
 
 def _top(keys: list[Any], count: int, descending: bool) -> list[Any]:
-    """The first ``count`` of ``keys`` in order; keys are unique (they end with sessionID)."""
+    """The first ``count`` of ``keys`` in order; keys are unique, so heap and sort agree."""
     if count * 8 < len(keys):
         return heapq.nlargest(count, keys) if descending else heapq.nsmallest(count, keys)
     keys.sort(reverse=descending)
