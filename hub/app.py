@@ -126,10 +126,6 @@ class Hub:
             self.settings.agent_idle_timeout or None,
         )
 
-    def _wake_agents(self) -> None:
-        # Changes arrive in bursts (a read of many tracker frames): send once after.
-        asyncio.get_running_loop().call_soon(self.agents.flush)
-
     def _add_gauges(self) -> None:
         m = self.metrics
         m.gauge(
@@ -143,6 +139,33 @@ class Hub:
             "Sessions of this node waiting out their reconnect grace.",
             lambda: self.registry.waiting,
         )
+        m.counter(
+            "hub_limits_reached",
+            "Times a hardening limit refused or closed a client, by limit.",
+            self._limits_reached,
+            labels=["limit"],
+        )
+        m.gauge("hub_agents", "Agent connections in the fan-out.", lambda: len(self.agents.agents))
+        m.gauge(
+            "hub_agent_queue_depth",
+            "Sessions with unsent changes, summed over agents (the fan-out backlog).",
+            lambda: sum(agent.pending for agent in self.agents.agents),
+        )
+        m.gauge(
+            "hub_agent_queue_depth_max",
+            "Sessions with unsent changes of the most behind agent.",
+            lambda: max((agent.pending for agent in self.agents.agents), default=0),
+        )
+
+    def _limits_reached(self) -> dict[tuple[str, ...], float]:
+        reached: dict[tuple[str, ...], float] = {(n,): float(c) for n, c in self.server.limits.items()}
+        # The per-project session limit is refused by the registry, as a tracker error.
+        reached[("max_sessions_per_project",)] = float(self.metrics.trackers.errors["project_full"])
+        return reached
+
+    def _wake_agents(self) -> None:
+        # Changes arrive in bursts (a read of many tracker frames): send once after.
+        asyncio.get_running_loop().call_soon(self.agents.flush)
 
     async def serve(
         self,

@@ -13,6 +13,7 @@ import base64
 import os
 import socket
 import struct
+import time
 from typing import Protocol as TypingProtocol
 from urllib.parse import urlsplit
 
@@ -70,6 +71,7 @@ class WsConn(asyncio.Protocol):
         "handler",
         "opened",
         "request",
+        "tcp_ms",
         "transport",
         "waiter",
     )
@@ -82,6 +84,7 @@ class WsConn(asyncio.Protocol):
         self.opened = False
         self.close_code: int | None = None
         self.closing = False
+        self.tcp_ms = 0.0  # TCP connect time: ~1000 ms or more means a SYN was dropped and retried
         self.frags: list[bytes] | None = None
         # Resolved when the handshake is answered; dropped after that.
         self.waiter: asyncio.Future[None] | None = waiter
@@ -240,7 +243,9 @@ async def ws_connect(
             sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((source, 0))
         async with asyncio.timeout(timeout):
+            t0 = time.perf_counter()
             await loop.sock_connect(sock, (host, port))
+            conn.tcp_ms = (time.perf_counter() - t0) * 1000
             await loop.create_connection(lambda: conn, sock=sock)
             await waiter
     except BaseException:

@@ -34,6 +34,7 @@ MAX_DURATION: Final = 3_600.0
 MAX_QPS: Final = 5_000.0
 PER_PROCESS: Final = 15_000  # connections per worker process (fd limit 20,000)
 SOURCES: Final = 250  # 127.0.0.1 .. 127.0.0.250
+POOL: Final = 8  # keep-alive HTTP connections per target for searches and checks
 
 AGENT_FILTERS: Final = [
     [],
@@ -180,6 +181,7 @@ class Run:
         self.live_at: float | None = None
         self.api_key = opts.api_key
         self.http: list[HttpClient] = []
+        self.pools: list[asyncio.Queue[HttpClient]] = []
         self.stopping = False
 
     # Setup ------------------------------------------------------------------
@@ -197,7 +199,13 @@ class Run:
                 {pid for url in opts.targets for pid in pids_listening(urlsplit(url).port or 80)}
             )
             self.watched = Watched(pids) if pids else None
-        self.http = [HttpClient(url, self.api_key) for url in opts.targets for _ in range(4)]
+        self.http = [HttpClient(url, self.api_key) for url in opts.targets for _ in range(POOL)]
+        self.pools = []
+        for t in range(len(opts.targets)):
+            pool: asyncio.Queue[HttpClient] = asyncio.Queue()
+            for client in self.http[t * POOL : (t + 1) * POOL]:
+                pool.put_nowait(client)
+            self.pools.append(pool)
 
     async def start_workers(self, heartbeat: float | None = None, probe: float = 0.0) -> None:
         opts = self.opts
@@ -291,12 +299,17 @@ class Run:
     # Searches and checks ------------------------------------------------------
 
     async def search(self, target: int, project: str, body: dict[str, Any] | None, query: str = "") -> Any:
-        client = self.http[target * 4 + random.randrange(4)]
+        # A keep-alive connection carries one request at a time: wait for a free one.
+        pool = self.pools[target]
+        client = await pool.get()
         path = f"/public/{project}/assist/sessions{query}"
-        if body is None:
-            status, payload = await client.request("GET", path)
-        else:
-            status, payload = await client.request("POST", path, json.dumps(body).encode())
+        try:
+            if body is None:
+                status, payload = await client.request("GET", path)
+            else:
+                status, payload = await client.request("POST", path, json.dumps(body).encode())
+        finally:
+            pool.put_nowait(client)
         if status != 200:
             raise RuntimeError(f"HTTP {status}: {payload[:200]!r}")
         return json.loads(payload)["data"]
@@ -582,7 +595,7 @@ class Run:
                 continue
             total = sum(totals) if self.opts.sharded else min(totals)
             if total >= self.opts.trackers:
-                self.registered_at = time.monotonic() - self.storm_t0
+                self.registered_at = time.time()
             await asyncio.sleep(0.02)
 
     async def execute(self) -> dict[str, Any]:
@@ -595,7 +608,6 @@ class Run:
         overflows_before = listen_overflows()
         await self.start_server()
         self.rss0 = self.watched.rss() if self.watched is not None else None
-        self.storm_t0 = time.monotonic()
         await self.start_workers()
         tasks = []
         loop = asyncio.get_running_loop()
@@ -615,7 +627,7 @@ class Run:
                 now = time.monotonic()
                 agg = self.totals()
                 if self.live_at is None and agg["live"] >= opts.trackers:
-                    self.live_at = now - self.storm_t0
+                    self.live_at = time.time()
                 check = None
                 if now - last_check >= opts.check_interval and opts.spawn != "baseline":
                     last_check = now
@@ -681,6 +693,9 @@ class Run:
                 "live": live,
                 "kib_per_session": round((settled_rss - self.rss0) / 1024 / live, 2) if live else None,
             }
+        first = min(
+            (w.last.first_connect_at for w in self.workers if w.last and w.last.first_connect_at), default=0
+        )
         checks = dict(self.checks)
         checks["errors"] = dict(self.checks["errors"])
         checks["final"] = final
@@ -701,8 +716,12 @@ class Run:
             "summary": {
                 "max_live": max((p["live"] for p in self.timeseries), default=0),
                 "live_at_end": agg["live"],
-                "all_live_s": round(self.live_at, 3) if self.live_at is not None else None,
-                "all_registered_s": round(self.registered_at, 3) if self.registered_at is not None else None,
+                "all_live_s": round(self.live_at - first, 3) if self.live_at is not None and first else None,
+                # From the swarm's first connect attempt to the hub's total holding every tracker.
+                "all_registered_s": round(self.registered_at - first, 3)
+                if self.registered_at is not None and first
+                else None,
+                "slow_tcp_connects": sum(w.last.slow_tcp_connects for w in self.workers if w.last),
                 "listen_overflows": listen_overflows() - overflows_before,
                 "sent": dict(agg["sent"]),
                 "received": agg["received"],

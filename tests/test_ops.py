@@ -6,10 +6,17 @@ import asyncio
 import io
 import json
 import logging
+import os
+import re
+import shutil
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
+from pathlib import Path
 
 import pytest
 import websockets
@@ -17,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection
 
 from hub import logs
-from tests.helpers import API_KEY, HubProcess, RunningHub, http, running_hub, wait_for
+from tests.helpers import API_KEY, HubProcess, RunningHub, free_port, http, running_hub, wait_for
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -105,6 +112,22 @@ async def test_metrics_follow_a_scenario() -> None:
         assert value(m, "hub_http_responses_total", code="401") == 1
 
 
+async def test_agent_connections_and_queue_depth() -> None:
+    async with running_hub() as h:
+        url = f"{h.agent_url()}?token={API_KEY}"
+        async with websockets.connect(url) as agent:
+            await agent.send(json.dumps({"type": "subscribe"}))
+            snapshot = json.loads(await asyncio.wait_for(agent.recv(), 5))
+            assert snapshot["type"] == "snapshot"
+            m = await scrape(h.port)
+            assert value(m, "hub_connections", kind="agent") == 1
+            assert value(m, "hub_agents") == 1
+            assert ("hub_agent_queue_depth", frozenset()) in m
+        await wait_for(lambda: h.hub.metrics.connections.open_now("agent") == 0)
+        m = await scrape(h.port)
+        assert value(m, "hub_connections_closed_total", kind="agent", code="1000") == 1
+
+
 async def test_project_labels_only_behind_the_setting() -> None:
     async with running_hub() as h:
         ws = await tracker(h, "a1", project="shop")
@@ -138,6 +161,14 @@ async def test_json_logs_parse_and_never_carry_a_key() -> None:
         for key in (SECRET_KEY, WRONG_KEY):
             await http(port, "GET", "/public/p1/assist/sessions", key=key)
             await http(port, "GET", f"/public/p1/assist/sessions?token={key}", key=None)
+        async with websockets.connect(f"ws://127.0.0.1:{port}/ws/agent/p1?token={SECRET_KEY}") as agent:
+            await agent.send(json.dumps({"type": "subscribe"}))
+            await asyncio.wait_for(agent.recv(), 5)
+        with pytest.raises(websockets.InvalidStatus):
+            await websockets.connect(f"ws://127.0.0.1:{port}/ws/agent/p1?token={WRONG_KEY}")
+        headers = {"Authorization": f"Bearer {SECRET_KEY}"}
+        async with websockets.connect(f"ws://127.0.0.1:{port}/ws/agent/p1", additional_headers=headers):
+            pass
         await ws.close()
         assert await asyncio.to_thread(proc.terminate) == 0
         _, err = proc.proc.communicate()
@@ -151,8 +182,8 @@ async def test_json_logs_parse_and_never_carry_a_key() -> None:
     errors = [r for r in records if r["event"] == "protocol.error"]
     assert errors and errors[0]["level"] == "warning" and errors[0]["code"] == "invalid_json"
     refused = [r for r in records if r["event"] == "http.request" and r["status"] == 401]
-    # /public/ takes only a Bearer header: both ?token= requests and the wrong Bearer.
-    assert len(refused) == 3
+    # /public/ takes only a Bearer header: both ?token= requests, the wrong Bearer, the wrong agent.
+    assert len(refused) == 4
     assert all("?" not in r["path"] for r in records if r["event"] == "http.request")
 
 
@@ -248,3 +279,100 @@ def test_a_port_in_use_is_one_line_and_exit_2() -> None:
     assert code == 2
     expected = f"hub: error: cannot listen on 127.0.0.1:{port}: Address already in use"
     assert err.strip().splitlines() == [expected]
+
+
+# --- Dockerfile ----------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile, continuations joined, comments dropped."""
+    text = (ROOT / "Dockerfile").read_text()
+    joined = re.sub(r"\\\n(\s*#.*\n)*", " ", text)
+    steps = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            instruction, _, args = line.partition(" ")
+            steps.append((instruction.upper(), args.strip()))
+    return steps
+
+
+def test_dockerfile_lints_clean() -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"
+    result = subprocess.run([str(hadolint), str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_dockerfile_steps_install_a_hub_that_serves(tmp_path: Path) -> None:
+    """Replay the image's steps into a fresh venv: the same install, the same CMD and HEALTHCHECK."""
+    steps = dockerfile()
+    base = next(args for instruction, args in steps if instruction == "FROM")
+    assert base.startswith(f"python:{sys.version_info.major}.{sys.version_info.minor}-slim")
+    app, venv = tmp_path / "app", tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HUB_", "PIP_NO_CACHE"))}
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"
+    env.pop("PYTHONPATH", None)
+    skipped, user, exposed, healthcheck, cmd = [], "", "", "", ""
+    for instruction, args in steps:
+        if instruction == "WORKDIR":
+            app.mkdir(parents=True, exist_ok=True)
+        elif instruction == "ENV":
+            env.update(dict(re.findall(r"(\w+)=(\S+)", args)))
+        elif instruction == "COPY":
+            *sources, _dest = args.split()
+            for src in sources:
+                target = app / src
+                if (ROOT / src).is_dir():
+                    shutil.copytree(ROOT / src, target, ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    shutil.copy(ROOT / src, target)
+        elif instruction == "RUN":
+            if "useradd" in args:
+                skipped.append(args)  # needs root; the USER check below covers it
+                continue
+            # pip's cache may be reused here; the image build keeps it out of the layer.
+            command = args.replace("--no-cache-dir", "")
+            subprocess.run(["bash", "-ec", command], cwd=app, env=env, check=True, timeout=300)
+        elif instruction == "USER":
+            user = args
+        elif instruction == "EXPOSE":
+            exposed = args
+        elif instruction == "HEALTHCHECK":
+            healthcheck = args.split(" CMD ", 1)[1]
+        elif instruction == "CMD":
+            cmd = args
+    assert len(skipped) == 1 and user.split(":")[0] not in ("", "0", "root")
+    assert exposed == env["HUB_PORT"] == "9001"
+    assert json.loads(cmd) == ["hub", "serve", "--host", "0.0.0.0"]
+    # The installed hub, not this checkout: run from the app dir's parent.
+    port = str(free_port())
+    env.update(HUB_PORT=port, HUB_API_KEY=API_KEY, HUB_HOST="127.0.0.1")
+    argv = [str(venv / "bin" / "hub"), *json.loads(cmd)[1:]]
+    argv[argv.index("0.0.0.0")] = "127.0.0.1"  # loopback only on this machine
+    proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    try:
+        probe = json.loads(healthcheck)
+        deadline = time.monotonic() + 20
+        while subprocess.run(probe, env=env, cwd=tmp_path, capture_output=True).returncode != 0:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "HEALTHCHECK never passed"
+            time.sleep(0.1)
+        located = subprocess.run(
+            [str(venv / "bin" / "python"), "-c", "import hub, sys; sys.stdout.write(hub.__file__)"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert located.stdout.startswith(str(venv))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,190 @@
+"""Small, fast runs of every loadtest scenario against real hub processes, checking the JSON result."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.helpers import API_KEY, HubProcess, http
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def loadtest(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "loadtest", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def run_against(hub: HubProcess, scenario: str, out: Path, *args: str) -> tuple[int, dict[str, Any]]:
+    proc = loadtest(
+        scenario,
+        "--target",
+        f"ws://127.0.0.1:{hub.port}",
+        "--api-key",
+        API_KEY,
+        "--quiet",
+        "--check-interval",
+        "0.5",
+        "--out",
+        str(out),
+        *args,
+    )
+    assert out.exists(), proc.stderr[-3000:]
+    return proc.returncode, json.loads(out.read_text())
+
+
+def assert_checks_pass(result: dict[str, Any], live: int) -> None:
+    checks = result["checks"]
+    assert checks["count_checks"] > 0 and checks["count_mismatches"] == 0, checks
+    assert checks["sampled"] > 0 and checks["sample_missing"] == 0, checks
+    final = checks["final"]
+    assert final["ok"] and final["expected"] == live and final["hub_total"] == [live], final
+
+
+async def test_trackers_with_churn_and_checks(tmp_path: Path) -> None:
+    with HubProcess("--api-key", API_KEY) as hub:
+        hub.wait_ready()
+        rc, result = run_against(
+            hub, "trackers", tmp_path / "t.json",
+            "-n", "200", "--ramp", "400", "--heartbeat", "0.5", "--duration", "3",
+            "--reloads", "4", "--tabs", "4", "--drops", "2", "--ends", "4", "--updates", "8",
+        )  # fmt: skip
+        assert rc == 0, result["checks"]
+        summary = result["summary"]
+        assert summary["max_live"] == 200 and summary["errors"] == {}
+        sent = summary["sent"]
+        assert sent["heartbeat"] > 200 and sent["start"] >= 200
+        for kind in ("reload", "tab", "drop", "end", "update"):
+            assert sent.get(f"churn_{kind}", 0) > 0, kind
+        assert summary["connect_ms"]["n"] >= 200
+        # The hub was found by its port: its memory is reported.
+        assert summary["memory"]["live"] == 200 and summary["memory"]["kib_per_session"] > 0
+        assert_checks_pass(result, 200)
+        # The swarm ends its sessions when it stops: the next run starts clean.
+        reply = await http(hub.port, "POST", "/public/loadtest/assist/sessions", {"limit": 1})
+        assert reply.json()["data"]["total"] == 0
+
+
+def test_agents_receive_snapshot_and_stream(tmp_path: Path) -> None:
+    with HubProcess("--api-key", API_KEY) as hub:
+        hub.wait_ready()
+        rc, result = run_against(
+            hub, "agents", tmp_path / "a.json", "-n", "100", "--agents", "8", "--duration", "2"
+        )
+        assert rc == 0, result["checks"]
+        summary = result["summary"]
+        assert summary["agents_open"] == 8
+        assert summary["agent_events"]["snapshot"] == 8
+        assert summary["agent_events"]["session.start"] >= 100
+        assert summary["fanout_ms"]["n"] > 0 and summary["snapshot_ms"]["n"] == 8
+        assert_checks_pass(result, 100)
+
+
+def test_search_mix(tmp_path: Path) -> None:
+    with HubProcess("--api-key", API_KEY) as hub:
+        hub.wait_ready()
+        rc, result = run_against(
+            hub, "search", tmp_path / "s.json", "-n", "200", "--qps", "60", "--duration", "2"
+        )
+        assert rc == 0, result["checks"]
+        summary = result["summary"]
+        assert summary["search_errors"] == {}
+        assert summary["search_ms"]["n"] >= 60
+        assert set(summary["search_by_kind_ms"]) >= {"list", "userId"}
+
+
+def test_mixed(tmp_path: Path) -> None:
+    with HubProcess("--api-key", API_KEY) as hub:
+        hub.wait_ready()
+        rc, result = run_against(
+            hub, "mixed", tmp_path / "m.json", "-n", "150", "--agents", "4", "--qps", "20", "--duration", "2"
+        )
+        assert rc == 0, result["checks"]
+        assert result["summary"]["agents_open"] == 4 and result["summary"]["search_ms"]["n"] > 0
+        assert_checks_pass(result, 150)
+
+
+def test_hub_that_loses_sessions_is_reported(tmp_path: Path) -> None:
+    # The hub ends dropped sessions after 0.2 s, while the swarm comes back within its 30 s grace:
+    # the hub then holds fewer sessions than the swarm believes, and the run must say so.
+    with HubProcess("--api-key", API_KEY, "--grace", "0.2", "--sweep-interval", "0.1") as hub:
+        hub.wait_ready()
+        rc, result = run_against(
+            hub, "trackers", tmp_path / "x.json", "-n", "100", "--drops", "30", "--duration", "3"
+        )
+        assert rc == 1
+        assert result["checks"]["count_mismatches"] > 0
+        example = result["checks"]["count_mismatch_examples"][0]
+        assert example["hub_total"] < example["believed"][0]
+
+
+def test_storm_and_report(tmp_path: Path) -> None:
+    out = tmp_path / "storm.json"
+    proc = loadtest("storm", "--spawn", "hub", "-n", "1000", "--duration", "1", "--quiet", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    summary = result["summary"]
+    assert summary["max_live"] == 1000 and summary["errors"] == {}
+    assert 0 < summary["all_registered_s"] < 30
+    assert result["server"]["command"].startswith("python -m hub serve")
+    assert_checks_pass(result, 1000)
+
+    plots = tmp_path / "plots"
+    report = loadtest("report", str(out), "--plots", str(plots))
+    assert report.returncode == 0, report.stderr
+    row = next(line for line in report.stdout.splitlines() if line.startswith("| storm.json"))
+    assert "| storm | 1000 |" in row and "final: all 1000 found" in row
+    assert (plots / "latency.png").stat().st_size > 1000
+    assert (plots / "memory.png").stat().st_size > 1000
+
+
+def test_ingest_compares_hub_with_baseline(tmp_path: Path) -> None:
+    out = tmp_path / "ingest.json"
+    proc = loadtest(
+        "ingest",
+        "-n",
+        "100",
+        "--ramp",
+        "1000",
+        "--ladder",
+        "300,600",
+        "--step",
+        "1",
+        "--quiet",
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for kind in ("baseline", "hub"):
+        server = result["servers"][kind]
+        assert server["sessions"] == 100
+        assert [s["offered"] for s in server["steps"]] == [300, 600]
+        assert all(s["achieved"] > 0.8 * s["offered"] for s in server["steps"])
+        assert all(s["probe_p50_ms"] is not None for s in server["steps"])
+    report = loadtest("report", str(out))
+    assert "| ingest.json | hub | 100 |" in report.stdout
+
+
+def test_refuses_targets_off_this_machine(tmp_path: Path) -> None:
+    proc = loadtest(
+        "trackers", "--target", "ws://10.1.2.3:9001", "--api-key", "k", "--out", str(tmp_path / "r.json")
+    )
+    assert proc.returncode == 2
+    assert "not a loopback address" in proc.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_bounds_are_enforced() -> None:
+    proc = loadtest("trackers", "--spawn", "hub", "-n", "1000000")
+    assert proc.returncode == 2 and "--trackers must be" in proc.stderr
+    proc = loadtest("trackers", "--spawn", "hub", "--duration", "100000")
+    assert proc.returncode == 2 and "--duration" in proc.stderr
