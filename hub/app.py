@@ -21,7 +21,7 @@ from anyio.abc import TaskStatus
 from . import static
 from .agent_endpoint import AgentEndpoint
 from .agents import FanOut
-from .auth import bearer_token
+from .auth import bearer_token, origin_allowed
 from .config import Settings
 from .http_api import HttpApi, Request, Response, error, query_params
 from .index import LiveIndex
@@ -60,7 +60,11 @@ class Hub:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.index = LiveIndex()
-        self.registry = Registry(self.index, grace_ms=int(settings.grace * 1000))
+        self.registry = Registry(
+            self.index,
+            grace_ms=int(settings.grace * 1000),
+            max_sessions_per_project=settings.max_sessions_per_project,
+        )
         self.ready = False
         self.draining = False
         self.metrics = Metrics(self.index, per_project=settings.metrics_per_project)
@@ -97,6 +101,12 @@ class Hub:
             project_id = self.settings.project_id(project_key)
             if project_id is None:
                 return error(404, "project not found")
+            if not origin_allowed(self.settings, request.headers):
+                self.server.limits["tracker_origin"] += 1
+                return error(403, "origin not allowed")
+            if self.settings.tracker_rcvbuf:
+                # A small window: a flooding client fills it and waits, instead of the hub's memory.
+                conn.set_receive_buffer(self.settings.tracker_rcvbuf)
             return TrackerEndpoint(
                 self.registry,
                 project_key,
@@ -117,6 +127,7 @@ class Hub:
             return error(404, "project not found")
         limit = self.settings.max_agents
         if limit and len(self.agents.agents) >= limit:
+            self.server.limits["max_agents"] += 1
             return error(503, f"the hub holds its limit of {limit} agent connections")
         return AgentEndpoint(
             self.agents,

@@ -7,6 +7,7 @@ moves bytes. Every malformed request is a 400 saying what was wrong.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -79,6 +80,8 @@ class HttpApi:
         self.ready = ready
         self.on_search = on_search
         self.auth = Auth.from_settings(settings)
+        # Times a limit was reached here, by name; the server counts into the same one.
+        self.limits: Counter[str] = Counter()
         self.routes: dict[str, Callable[[Request], Response]] = {
             "/healthz": lambda _r: Response(200, b'{"status":"ok"}'),
             "/readyz": self._readyz,
@@ -135,6 +138,7 @@ class HttpApi:
     def _search(self, project_key: str, query: Query) -> Response:
         limit = self.settings.max_filters
         if limit and len(query.criteria) > limit:
+            self.limits["max_filters"] += 1
             return error(400, f"{len(query.criteria)} filters, over the limit of {limit}")
         started = time.perf_counter()
         total, page = self.index.search(project_key, query)

@@ -480,7 +480,7 @@ class Server:
         self.connections: set[Connection] = set()
         self._server: asyncio.Server | None = None
         # Times each limit was reached, by name (README, "Security"; /metrics).
-        self.limits: Counter[str] = Counter()
+        self.limits: Counter[str] = api.limits
         self.per_ip: dict[str, int] = {}
         self.rate = settings.rate_limit
         self.burst = float(settings.rate_burst)

@@ -211,13 +211,13 @@ async def main() -> None:
         base = best["limiter off"]
         print("| variant | hub CPU per heartbeat (best of 3) | vs off |\n|---|---|---|")
         for name, us in best.items():
-            print(f"| {name} | {us:.2f} µs | {us / base:.2f}× |")
+            print(f"| {name} | {us:.2f} µs | {us / base:.2f}x |")
         return
     rows = []
     for name, extra in CONFIGS.items():
         rows.append(await flood_run(name, extra, args.trackers, args.duration, args.interval))
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| mitigation | heartbeats | lost | p50 | p99 | max | flooder connects | flood MB sent |")
+    print("\n| mitigation | heartbeats | lost | p50 | p99 | max | flooder connects | MB the flooder wrote |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
