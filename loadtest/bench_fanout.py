@@ -79,7 +79,7 @@ class Counter:
     def __init__(self) -> None:
         self.messages = 0
         self.bytes = 0
-        self.last: bytes = b""
+        self.first: bytes = b""
 
     def on_open(self, conn: WsConn) -> None:
         pass
@@ -87,7 +87,8 @@ class Counter:
     def on_message(self, conn: WsConn, data: bytes) -> None:
         self.messages += 1
         self.bytes += len(data)
-        self.last = data
+        if not self.first:
+            self.first = data
 
     def on_close(self, conn: WsConn, code: int | None, opened: bool) -> None:
         pass
@@ -151,11 +152,14 @@ async def _trackers(url: str, first: int, n: int, total: int, period: float, q: 
 class LatencyAgent(Counter):
     """Decodes lastActiveAt batches and turns each into a latency sample."""
 
-    def __init__(self, sample: bool, schedule: tuple[float, float, int], out: list[float]) -> None:
+    def __init__(
+        self, sample: bool, schedule: tuple[float, float, int], out: list[float], after_tick: list[float]
+    ) -> None:
         super().__init__()
         self.sample = sample
         self.t0, self.period, self.total = schedule
         self.out = out
+        self.after_tick = after_tick
         self.window = (0.0, 0.0)
 
     def on_message(self, conn: WsConn, data: bytes) -> None:
@@ -173,6 +177,8 @@ class LatencyAgent(Counter):
             items = [(msg["sessionID"], msg["changes"])]
         else:
             return
+        # The newest stamp in a batch is just before the hub's tick: what follows is delivery.
+        self.after_tick.append(now - max(c["lastActiveAt"] for _, c in items) / 1000)
         for sid, changes in items:
             phase = int(sid[1:]) / self.total * self.period
             stamped = changes["lastActiveAt"] / 1000 + 0.002  # ms truncation
@@ -209,6 +215,7 @@ async def part1(args: argparse.Namespace) -> dict[str, Any]:
         base_cpu = (cpu_seconds(hub.pid) - c0) / args.duration
 
         samples: list[float] = []
+        after_tick: list[float] = []
         schedule = (t0, args.period, args.sessions)
         headers = [("Authorization", f"Bearer {API_KEY}")]
         t_sub = time.monotonic()
@@ -216,7 +223,9 @@ async def part1(args: argparse.Namespace) -> dict[str, Any]:
             url,
             "/ws/agent/bench",
             args.agents,
-            lambda i: LatencyAgent(i < args.sampled, schedule, samples),
+            lambda i: LatencyAgent(
+                i % (args.agents // args.sampled or 1) == 0, schedule, samples, after_tick
+            ),
             headers,
         )
         for conn in agents:
@@ -225,7 +234,7 @@ async def part1(args: argparse.Namespace) -> dict[str, Any]:
         while any(h.messages == 0 for h in handlers):
             await asyncio.sleep(0.01)
         snapshot_s = time.monotonic() - t_sub
-        snapshot_sizes = [len(msgspec.json.decode(h.last)["sessions"]) for h in handlers[:3]]
+        snapshot_sizes = [len(msgspec.json.decode(h.first)["sessions"]) for h in handlers[:3]]
         await asyncio.sleep(args.warmup)
         start = time.time()
         for h in handlers:
@@ -262,6 +271,8 @@ async def part1(args: argparse.Namespace) -> dict[str, Any]:
         "latency_p50_ms": round(pct(samples, 0.5) * 1000, 1),
         "latency_p99_ms": round(pct(samples, 0.99) * 1000, 1),
         "latency_max_ms": round(max(samples, default=math.nan) * 1000, 1),
+        "tick_to_agent_p50_ms": round(pct(after_tick, 0.5) * 1000, 1),
+        "tick_to_agent_p99_ms": round(pct(after_tick, 0.99) * 1000, 1),
         "tracker_send_lag_p99_ms": round(max(lag[2] for lag in lags) * 1000, 1),
     }
 
