@@ -22,6 +22,7 @@ from . import static
 from .agent_endpoint import AgentEndpoint
 from .agents import FanOut
 from .auth import bearer_token, origin_allowed
+from .cluster import Cluster
 from .config import Settings
 from .http_api import HttpApi, Request, Response, error, query_params
 from .index import LiveIndex
@@ -72,7 +73,7 @@ class Hub:
         self.api = HttpApi(
             settings,
             self.index,
-            ready=lambda: self.ready and not self.draining,
+            ready=lambda: self.ready and not self.draining and (self.cluster is None or self.cluster.ready),
             on_search=self.metrics.observe_search,
         )
         self.api.routes.update(static.routes())
@@ -87,6 +88,11 @@ class Hub:
         # moving) and after (flush what is still to be published).
         self.before_close: list[Callable[[], Awaitable[None]]] = []
         self.after_close: list[Callable[[], Awaitable[None]]] = []
+        # Cluster mode (README, "Cluster"): the index mirrored through Redis.
+        self.cluster = Cluster(settings, self.registry) if settings.redis_url else None
+        if self.cluster is not None:
+            self.registry.listeners.append(self.cluster)
+            self.before_close.append(self.cluster.leave)
         self._stop = anyio.Event()
         # Set once the hub listens; ``port`` is then the bound port.
         self.listening = anyio.Event()
@@ -195,6 +201,8 @@ class Hub:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._sweeper)
             tg.start_soon(self._agent_ticker)
+            if self.cluster is not None:
+                tg.start_soon(self.cluster.run)
             if handle_signals:
                 tg.start_soon(self._signals)
             self.ready = True

@@ -1,0 +1,518 @@
+"""Cluster mode: every node keeps a full copy of the live index, mirrored through Redis.
+
+Each node publishes what changes in the sessions it holds and applies what
+the other nodes publish (``Registry.remote_*``), so any node answers any
+search or agent subscription with the whole picture (CONTRACT §5).
+
+In Redis (every key carries the ``{hub}`` hash tag, so a Redis Cluster keeps
+them, and the channel, in one slot and transactions stay possible):
+
+- ``{hub}:changes`` — the pub/sub channel (sharded pub/sub on a Redis
+  Cluster). A message is one ``Batch`` from one node: its full records that
+  changed, lastActiveAt refreshes, and sessions it ended or let go.
+- ``{hub}:sessions:<node>`` — a hash of the node's records, and
+  ``{hub}:seq:<node>`` the sequence number of the batch they reflect; both
+  written in the same MULTI/EXEC as the batch's PUBLISH.
+- ``{hub}:lease:<node>`` — refreshed with every batch (a batch goes out at
+  least every lease/4), expiring after the lease; ``{hub}:nodes`` maps each
+  node to its epoch (a random id per process start).
+
+Bootstrap without a lost change: subscribe first, then read each node's
+(seq, records) atomically; buffered batches at or below that seq are
+already in the snapshot and skipped, later ones apply. A batch whose seq is
+not the next one (a gap) or a new epoch makes the reader resync that node
+from its snapshot. A peer silent for longer than the lease is dropped:
+its sessions end with reason ``node_lost``; a node that comes back under the
+same id has a new epoch, so its old sessions are dropped, not resurrected.
+While Redis is unreachable nothing is dropped: the node serves its own
+trackers and the last known state, retries with backoff and jitter, then
+rewrites its records and tells peers to reload them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import secrets
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+from msgspec import Raw, Struct
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from .config import Settings
+from .server import now_ms
+from .session import Session
+from .sessions import Key, Registry
+
+log = logging.getLogger("hub.cluster")
+
+CHANNEL: Final = "{hub}:changes"
+NODES_KEY: Final = "{hub}:nodes"
+
+# Batch kinds.
+OPS: Final = 0
+RELOAD: Final = 1  # the sender rewrote its records: read them
+BYE: Final = 2  # the sender drains: its sessions wait out their grace for their trackers
+
+# What a session waits to publish: a lastActiveAt refresh, its record, or its end (the reason).
+TOUCH: Final = 0
+RECORD: Final = 1
+
+BACKOFF_MIN: Final = 0.1
+BACKOFF_MAX: Final = 2.0
+HSET_CHUNK: Final = 1000
+
+
+def default_node_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _key(kind: str, node: str) -> str:
+    return f"{{hub}}:{kind}:{node}"
+
+
+def _field(key: Key) -> str:
+    return f"{key[0]}/{key[1]}"
+
+
+class _BatchOut(Struct, array_like=True):
+    node: str
+    epoch: str
+    seq: int
+    kind: int
+    up: list[Raw]
+    touch: list[tuple[str, str, int]]
+    # (projectKey, sessionID, reason); reason None: the sender let it go to other nodes.
+    gone: list[tuple[str, str, str | None]]
+
+
+class Batch(Struct, array_like=True):
+    node: str
+    epoch: str
+    seq: int
+    kind: int
+    up: list[Session]
+    touch: list[tuple[str, str, int]]
+    gone: list[tuple[str, str, str | None]]
+
+
+_encode: Final = msgspec.msgpack.Encoder().encode
+_decode_batch: Final = msgspec.msgpack.Decoder(Batch).decode
+_decode_session: Final = msgspec.msgpack.Decoder(Session).decode
+
+
+@dataclass
+class Peer:
+    epoch: str
+    seq: int
+    heard: float  # monotonic time of its last batch
+
+
+def connect(url: str) -> tuple[Any, bool]:
+    """A client for ``url`` and whether it is a Redis Cluster (``redis+cluster://``)."""
+    parts = urlsplit(url)
+    # No retries inside redis-py: a failure must reach ``Cluster.run``, which
+    # resubscribes and resyncs; a silent reconnect would lose messages.
+    options: dict[str, Any] = {
+        "retry": Retry(NoBackoff(), 0),
+        "socket_connect_timeout": 2.0,
+        "socket_timeout": 5.0,
+    }
+    if parts.scheme.endswith("+cluster"):
+        plain = urlunsplit((parts.scheme.removesuffix("+cluster"), *parts[1:]))
+        return RedisCluster.from_url(plain, **options), True
+    return Redis.from_url(url, **options), False
+
+
+class Cluster:
+    """A ``Registry`` listener publishing this node's changes; ``run`` applies the others'."""
+
+    def __init__(self, settings: Settings, registry: Registry) -> None:
+        assert settings.redis_url
+        self.url = settings.redis_url
+        self.registry = registry
+        self.index = registry.index
+        self.node = settings.node_id or default_node_id()
+        self.epoch = secrets.token_hex(6)
+        self.lease = settings.node_lease
+        self.lease_ms = max(1, int(settings.node_lease * 1000))
+        self.ready = False  # bootstrapped once: /readyz
+        self.connected = False
+        self.leaving = False
+        self.peers: dict[str, Peer] = {}
+        self.published = 0  # batches
+        self.received = 0
+        self._client: Any = None
+        self._sharded = False
+        self._pending: dict[Key, int | str] = {}
+        # Sessions in this node's hash in Redis.
+        self._in_redis: set[Key] = set()
+        self._seq = 0
+        self._applying = False
+        self._wake = anyio.Event()
+        self._lock = anyio.Lock()
+        self._last_publish = 0.0
+
+    # -- Registry listener: mark what to publish ------------------------------
+
+    def _mark(self, session: Session, mark: int | str) -> None:
+        key = (session.projectKey, session.sessionID)
+        if self._applying:
+            # A peer's change: not ours to publish, unless it made this node
+            # let go of a session it published (resumed or ended elsewhere).
+            if key in self._in_redis and not self.registry.holds(key):
+                self._pending[key] = RECORD
+                self._wake.set()
+            return
+        if self.leaving:
+            return
+        if mark == TOUCH and key in self._pending:
+            return
+        self._pending[key] = mark
+        self._wake.set()
+
+    def session_started(self, session: Session) -> None:
+        self._mark(session, RECORD)
+
+    def session_changed(self, session: Session, changes: dict[str, Any]) -> None:
+        self._mark(session, RECORD)
+
+    def session_touched(self, session: Session) -> None:
+        self._mark(session, TOUCH)
+
+    def session_ended(self, session: Session, reason: str) -> None:
+        self._mark(session, reason)
+
+    # -- running ----------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Stay connected: bootstrap, mirror, and after any failure retry with backoff and jitter."""
+        task_status.started()
+        delay = BACKOFF_MIN
+        while True:
+            bootstrapped = False
+            try:
+                client, sharded = connect(self.url)
+                pubsub = client.pubsub()
+                try:
+                    self._client, self._sharded = client, sharded
+                    if sharded:
+                        await client.initialize()  # the slot map, before routing by channel
+                    await self._subscribe(pubsub)
+                    await self._bootstrap(client)
+                    bootstrapped = True
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(self._publisher, client)
+                        tg.start_soon(self._reader, client, pubsub)
+                        tg.start_soon(self._watch_leases, client)
+                finally:
+                    self.connected = False
+                    self._client = None
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                        await _close(client, pubsub)
+            except* (RedisError, OSError) as group:
+                log.warning(
+                    "cluster.redis_down",
+                    extra={"fields": {"error": _first_error(group), "retry_in_s": round(delay, 2)}},
+                )
+            except* Exception as group:
+                # Never let the mirror take the node down: log, reconnect, resync.
+                log.error("cluster.failed", exc_info=group)
+            if bootstrapped:
+                delay = BACKOFF_MIN
+            await anyio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _subscribe(self, pubsub: Any) -> None:
+        if self._sharded:
+            await pubsub.ssubscribe(CHANNEL)
+        else:
+            await pubsub.subscribe(CHANNEL)
+        # The subscription must be live before the snapshots are read.
+        with anyio.fail_after(5):
+            while True:
+                msg = await self._next(pubsub, 1.0, ignore_subscribe=False)
+                if msg is not None and msg["type"] in ("subscribe", "ssubscribe"):
+                    return
+
+    async def _next(self, pubsub: Any, timeout: float, ignore_subscribe: bool = True) -> Any:
+        get = pubsub.get_sharded_message if self._sharded else pubsub.get_message
+        return await get(ignore_subscribe_messages=ignore_subscribe, timeout=timeout)
+
+    async def _bootstrap(self, client: Any) -> None:
+        await self._republish(client)
+        nodes = {k.decode(): v.decode() for k, v in (await client.hgetall(NODES_KEY)).items()}
+        others = [n for n in nodes if n != self.node]
+        alive = await client.mget([_key("lease", n) for n in others]) if others else []
+        for node, lease in zip(others, alive, strict=True):
+            if lease is None:
+                await self._forget_dead(client, node)
+            else:
+                await self._sync(client, node)
+        # Peers not (yet) back in Redis keep their sessions for one lease.
+        heard = time.monotonic()
+        for peer in self.peers.values():
+            peer.heard = heard
+        self.connected = True
+        self.ready = True
+        log.info(
+            "cluster.bootstrapped",
+            extra={"fields": {"node": self.node, "peers": len(self.peers), "sessions": len(self.index)}},
+        )
+
+    async def _republish(self, client: Any) -> None:
+        """Rewrite this node's records in Redis and tell peers to reload them."""
+        async with self._lock:
+            pending, self._pending = self._pending, {}
+            try:
+                held = self.registry.held()
+                gone: list[tuple[str, str, str | None]] = [
+                    (k[0], k[1], m) for k, m in pending.items() if isinstance(m, str)
+                ]
+                self._seq += 1
+                batch = _BatchOut(self.node, self.epoch, self._seq, RELOAD, [], [], gone)
+                pipe = client.pipeline(transaction=True)
+                pipe.delete(_key("sessions", self.node))
+                for i in range(0, len(held), HSET_CHUNK):
+                    pipe.hset(
+                        _key("sessions", self.node),
+                        mapping={_field(_key_of(s)): self._record(s) for s in held[i : i + HSET_CHUNK]},
+                    )
+                self._write_tail(pipe, batch)
+                pipe.hset(NODES_KEY, self.node, self.epoch)
+                await pipe.execute()
+            except BaseException:
+                self._restore(pending)
+                raise
+            self._in_redis = {_key_of(s) for s in held}
+            self._last_publish = time.monotonic()
+            self.published += 1
+
+    def _write_tail(self, pipe: Any, batch: _BatchOut) -> None:
+        pipe.set(_key("seq", self.node), batch.seq)
+        pipe.set(_key("lease", self.node), self.epoch, px=self.lease_ms)
+        if self._sharded:
+            pipe.spublish(CHANNEL, _encode(batch))
+        else:
+            pipe.publish(CHANNEL, _encode(batch))
+
+    def _restore(self, pending: dict[Key, int | str]) -> None:
+        # Newer marks win; what failed to go out goes with the next batch.
+        for key, mark in pending.items():
+            self._pending.setdefault(key, mark)
+
+    def _record(self, session: Session) -> bytes:
+        """The session as this node holds it: its own tabs, not the cluster's sum."""
+        tabs = self.registry.local_tabs(_key_of(session))
+        return _encode(msgspec.structs.replace(session, tabs=tabs, connected=tabs > 0))
+
+    async def _publisher(self, client: Any) -> None:
+        ping = max(self.lease / 4, 0.01)
+        while not self.leaving:
+            with anyio.move_on_after(ping):
+                await self._wake.wait()
+            if self._pending or time.monotonic() - self._last_publish >= ping:
+                await self.flush(client)
+
+    async def flush(self, client: Any) -> None:
+        """Publish the pending changes as one batch (an empty one refreshes the lease)."""
+        async with self._lock:
+            self._wake = anyio.Event()
+            pending, self._pending = self._pending, {}
+            try:
+                up: list[Raw] = []
+                touch: list[tuple[str, str, int]] = []
+                gone: list[tuple[str, str, str | None]] = []
+                records: dict[str, bytes] = {}
+                removed: list[str] = []
+                for key, mark in pending.items():
+                    session = self.index.get(*key)
+                    if isinstance(mark, str) or session is None or not self.registry.holds(key):
+                        if key in self._in_redis:
+                            self._in_redis.discard(key)
+                            removed.append(_field(key))
+                            gone.append((key[0], key[1], mark if isinstance(mark, str) else None))
+                        continue
+                    data = self._record(session)
+                    records[_field(key)] = data
+                    if mark == TOUCH and key in self._in_redis:
+                        touch.append((key[0], key[1], session.lastActiveAt))
+                    else:
+                        up.append(Raw(data))
+                        self._in_redis.add(key)
+                self._seq += 1
+                batch = _BatchOut(self.node, self.epoch, self._seq, OPS, up, touch, gone)
+                pipe = client.pipeline(transaction=True)
+                if records:
+                    pipe.hset(_key("sessions", self.node), mapping=records)
+                if removed:
+                    pipe.hdel(_key("sessions", self.node), *removed)
+                self._write_tail(pipe, batch)
+                await pipe.execute()
+            except BaseException:
+                self._restore(pending)
+                raise
+            self._last_publish = time.monotonic()
+            self.published += 1
+
+    async def _reader(self, client: Any, pubsub: Any) -> None:
+        while True:
+            msg = await self._next(pubsub, 1.0)
+            if msg is None:
+                continue
+            try:
+                batch = _decode_batch(msg["data"])
+            except msgspec.DecodeError:
+                log.warning("cluster.bad_message", extra={"fields": {"bytes": len(msg["data"])}})
+                continue
+            if batch.node != self.node:
+                self.received += 1
+                await self._receive(client, batch)
+            elif batch.epoch != self.epoch:
+                log.error("cluster.duplicate_node_id", extra={"fields": {"node": self.node}})
+
+    async def _receive(self, client: Any, batch: Batch) -> None:
+        node = batch.node
+        now = now_ms()
+        peer = self.peers.get(node)
+        if peer is not None and peer.epoch != batch.epoch:
+            # Restarted under the same id: what the old process held is gone.
+            self._drop(node, "node_lost")
+            peer = None
+        if batch.kind == BYE:
+            self.peers.pop(node, None)
+            self._applying = True
+            try:
+                self.registry.move_node(node, now)
+            finally:
+                self._applying = False
+            log.info("cluster.node_left", extra={"fields": {"node": node}})
+            return
+        if batch.kind == RELOAD:
+            self._apply(node, Batch(node, batch.epoch, batch.seq, OPS, [], [], batch.gone), now)
+        elif peer is not None and batch.seq == peer.seq + 1:
+            self._apply(node, batch, now)
+            peer.seq = batch.seq
+            peer.heard = time.monotonic()
+            return
+        elif peer is not None and batch.seq <= peer.seq:
+            peer.heard = time.monotonic()
+            return  # already in the snapshot read
+        if not await self._sync(client, node):
+            # Its records are not in Redis (yet): take the batch as it is.
+            self._apply(node, batch, now)
+            self.peers[node] = Peer(batch.epoch, batch.seq, time.monotonic())
+
+    def _apply(self, node: str, batch: Batch, now: int) -> None:
+        registry = self.registry
+        self._applying = True
+        try:
+            for project_key, session_id, reason in batch.gone:
+                registry.remote_remove(node, project_key, session_id, reason, now)
+            for record in batch.up:
+                registry.remote_upsert(node, record, now)
+            for project_key, session_id, last_active in batch.touch:
+                registry.remote_touch(project_key, session_id, last_active)
+        finally:
+            self._applying = False
+
+    async def _sync(self, client: Any, node: str) -> bool:
+        """Make ``node``'s sessions here equal its snapshot in Redis; False when it has none."""
+        pipe = client.pipeline(transaction=True)
+        pipe.hget(NODES_KEY, node)
+        pipe.get(_key("seq", node))
+        pipe.hgetall(_key("sessions", node))
+        raw_epoch, raw_seq, fields = await pipe.execute()
+        if raw_epoch is None or raw_seq is None:
+            return False
+        epoch = raw_epoch.decode()
+        peer = self.peers.get(node)
+        if peer is not None and peer.epoch != epoch:
+            self._drop(node, "node_lost")
+        records = [_decode_session(v) for v in fields.values()]
+        self._applying = True
+        try:
+            self.registry.reconcile(node, records, now_ms())
+        finally:
+            self._applying = False
+        self.peers[node] = Peer(epoch, int(raw_seq), time.monotonic())
+        return True
+
+    def _drop(self, node: str, reason: str) -> None:
+        self.peers.pop(node, None)
+        self._applying = True
+        try:
+            dropped = self.registry.drop_node(node, reason, now_ms())
+        finally:
+            self._applying = False
+        log.warning("cluster.node_lost", extra={"fields": {"node": node, "sessions": dropped}})
+
+    async def _forget_dead(self, client: Any, node: str) -> None:
+        """``node``'s lease ran out: drop its sessions here and its keys in Redis."""
+        if node in self.peers or self.registry.sessions_of(node):
+            self._drop(node, "node_lost")
+        if not await client.exists(_key("lease", node)):
+            pipe = client.pipeline(transaction=True)
+            pipe.hdel(NODES_KEY, node)
+            pipe.delete(_key("sessions", node), _key("seq", node))
+            await pipe.execute()
+
+    async def _watch_leases(self, client: Any) -> None:
+        interval = min(self.lease / 10, 0.5)
+        while True:
+            await anyio.sleep(interval)
+            deadline = time.monotonic() - self.lease
+            for node, peer in list(self.peers.items()):
+                if peer.heard < deadline:
+                    await self._forget_dead(client, node)
+
+    async def leave(self) -> None:
+        """Drain: publish what is pending, then tell peers this node's sessions are moving."""
+        self.leaving = True
+        client = self._client
+        if client is None or not self.connected:
+            return
+        await self.flush(client)
+        async with self._lock:
+            self._seq += 1
+            pipe = client.pipeline(transaction=True)
+            pipe.hdel(NODES_KEY, self.node)
+            pipe.delete(_key("sessions", self.node), _key("seq", self.node), _key("lease", self.node))
+            batch = _encode(_BatchOut(self.node, self.epoch, self._seq, BYE, [], [], []))
+            if self._sharded:
+                pipe.spublish(CHANNEL, batch)
+            else:
+                pipe.publish(CHANNEL, batch)
+            await pipe.execute()
+        log.info("cluster.left", extra={"fields": {"node": self.node, "sessions": len(self._in_redis)}})
+
+
+def _key_of(session: Session) -> Key:
+    return (session.projectKey, session.sessionID)
+
+
+def _first_error(group: BaseExceptionGroup[Any]) -> str:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def _close(client: Any, pubsub: Any) -> None:
+    try:
+        await pubsub.aclose()
+        await client.aclose()
+    except (RedisError, OSError):
+        pass
