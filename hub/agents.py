@@ -84,7 +84,7 @@ def parse_subscribe(frame: bytes, project_key: str, max_filters: int) -> Subscri
         text = str(exc)
         code = "unknown_type" if "`$.type`" in text or "field `type`" in text else "invalid_message"
         raise InputError(code, text) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec: bad UTF-8 in a string
         raise InputError("invalid_json", str(exc)) from None
     try:
         criteria = convert_filters(msg.filters)

@@ -220,7 +220,7 @@ def parse_body(body: bytes) -> Query:
         parsed = _body_decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise QueryError(f"invalid search body: {exc}") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec: bad UTF-8 in a string
         raise QueryError(f"invalid JSON: {exc}") from None
     return Query(
         criteria=parse_filters(parsed.filters),

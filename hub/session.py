@@ -165,7 +165,7 @@ def decode_message(frame: bytes | str) -> TrackerMessage:
         msg: TrackerMessage = _decoder.decode(frame)
     except msgspec.ValidationError as exc:
         raise InputError(_classify(str(exc)), str(exc)) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec: bad UTF-8 in a string
         raise InputError("invalid_json", str(exc)) from None
     if isinstance(msg, (Start, Update)):
         check_limits(msg)
