@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--hub-args", default="", help="extra `hub serve` flags with --spawn hub")
         p.add_argument(
+            "--hubs", type=int, default=1, help="with --spawn hub: N independent single-node hubs (sharded)"
+        )
+        p.add_argument(
             "--hub-pid",
             type=int,
             action="append",
@@ -132,6 +135,7 @@ def options(args: argparse.Namespace) -> Any:
         targets=args.targets or ["ws://127.0.0.1:9001"],
         spawn="hub" if args.command == "ingest" else args.spawn,
         hub_args=args.hub_args,
+        hubs=args.hubs,
         hub_pids=args.hub_pids,
         projects=[p.strip() for p in args.projects.split(",") if p.strip()],
         api_key=args.api_key,

@@ -59,6 +59,7 @@ class Options:
     scenario: str
     targets: list[str] = field(default_factory=lambda: ["ws://127.0.0.1:9001"])
     spawn: str = "none"  # hub, baseline or none
+    hubs: int = 1  # servers to spawn; more than one are independent nodes (sharded)
     hub_args: str = ""
     hub_pids: list[int] = field(default_factory=list)
     projects: list[str] = field(default_factory=lambda: ["loadtest"])
@@ -101,6 +102,8 @@ class Options:
                 raise UsageError(
                     f"target {url!r} is not a loopback address: the swarm only targets this machine"
                 )
+        if not 1 <= self.hubs <= 16:
+            raise UsageError("--hubs must be 1-16")
         if not 0 <= self.trackers <= MAX_TRACKERS:
             raise UsageError(f"--trackers must be 0-{MAX_TRACKERS}")
         if not 0 <= self.agents <= MAX_AGENTS:
@@ -153,6 +156,8 @@ class Run:
         self.opts = opts
         self.workers: list[Worker] = []
         self.server: Server | None = None
+        # With --hubs N: independent single-node hubs, one target each (sharded).
+        self.servers: list[Server] = []
         self.watched: Watched | None = None
         self.connect_ms: list[float] = []
         self.probe_ms: list[float] = []
@@ -190,10 +195,15 @@ class Run:
         opts = self.opts
         if opts.spawn in ("hub", "baseline"):
             self.api_key = self.api_key or "loadtest-key"
-            self.server = Server(opts.spawn, self.api_key, opts.hub_args, opts.grace)
-            await self.server.ready()
-            opts.targets = [self.server.url]
-            self.watched = Watched([self.server.proc.pid])
+            self.servers = [
+                Server(opts.spawn, self.api_key, opts.hub_args, opts.grace) for _ in range(opts.hubs)
+            ]
+            self.server = self.servers[0]
+            for server in self.servers:
+                await server.ready()
+            opts.targets = [server.url for server in self.servers]
+            opts.sharded = opts.sharded or opts.hubs > 1
+            self.watched = Watched([server.proc.pid for server in self.servers])
         else:
             pids = opts.hub_pids or sorted(
                 {pid for url in opts.targets for pid in pids_listening(urlsplit(url).port or 80)}
@@ -659,8 +669,8 @@ class Run:
         settled_rss = self.watched.rss() if self.watched is not None else None
         await self.stop_workers()
         result = self.result(agg, final, settled_rss, load_before, overflows_before)
-        if self.server is not None:
-            self.server.stop()
+        for server in self.servers:
+            server.stop()
         return result
 
     async def stop_workers(self) -> None:
@@ -797,10 +807,13 @@ async def run_ingest(opts: Options) -> dict[str, Any]:
         run.stopping = True
         await run.stop_workers()
         run.server.stop()
-        # Keeping up: under 80% of a core and start round trips under 250 ms.
-        ok = [s for s in steps if s["cpu_pct"] <= 80 and (s["probe_p99_ms"] or 0) < 250]
-        costs = [s["cpu_us_per_hb"] for s in steps if s["cpu_us_per_hb"] and s["cpu_pct"] >= 10]
-        cost = sorted(costs)[len(costs) // 2] if costs else None
+        # Keeping up: the swarm sent what was offered and a start's round trip stayed short (p50, as
+        # p99 on a shared machine mostly shows other processes' CPU bursts).
+        for s in steps:
+            s["kept_up"] = s["achieved"] >= 0.9 * s["offered"] and (s["probe_p50_ms"] or 0) < 50
+        ok = [s for s in steps if s["kept_up"] and s["cpu_pct"] <= 80]
+        costs = sorted(s["cpu_us_per_hb"] for s in ok if s["cpu_us_per_hb"] and s["cpu_pct"] >= 5)
+        cost = costs[len(costs) // 2] if costs else None
         servers[kind] = {
             "command": run.server.command,
             "sessions": live,
@@ -816,6 +829,12 @@ async def run_ingest(opts: Options) -> dict[str, Any]:
         if hub["capacity_at_80pct"] and base["capacity_at_80pct"]
         else None
     )
+    # The same offered rate on both servers, both keeping up: baseline cost / hub cost.
+    matched = sorted(
+        b["cpu_us_per_hb"] / h["cpu_us_per_hb"]
+        for b, h in zip(base["steps"], hub["steps"], strict=False)
+        if b["kept_up"] and h["kept_up"] and b["cpu_us_per_hb"] and h["cpu_us_per_hb"]
+    )
     return {
         "scenario": "ingest",
         "options": {k: v for k, v in asdict(opts).items() if k not in ("api_key", "out", "quiet")},
@@ -826,6 +845,7 @@ async def run_ingest(opts: Options) -> dict[str, Any]:
             "hub_capacity_at_80pct": hub["capacity_at_80pct"],
             "baseline_capacity_at_80pct": base["capacity_at_80pct"],
             "ratio": ratio,
+            "ratio_same_rate_median": round(matched[len(matched) // 2], 3) if matched else None,
             "hub_best_rate_under_80pct": hub["best_rate_under_80pct"],
             "baseline_best_rate_under_80pct": base["best_rate_under_80pct"],
         },
@@ -842,7 +862,7 @@ async def run(opts: Options) -> dict[str, Any]:
         for w in r.workers:
             if w.proc.returncode is None:
                 w.proc.kill()
-        if r.server is not None:
-            r.server.stop()
+        for server in r.servers:
+            server.stop()
         for client in r.http:
             client.close()
