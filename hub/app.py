@@ -271,8 +271,9 @@ class BindError(OSError):
     """The listening socket could not be opened (port in use, bad address)."""
 
 
-def run(settings: Settings, **backend: Any) -> None:
+def run(settings: Settings, sock: socket.socket | None = None, **backend: Any) -> None:
+    """Serve until stopped; on ``sock`` when given (a ``--workers`` process), else host:port."""
     hub = Hub(settings)
     started = time.monotonic()
-    anyio.run(hub.serve, backend="asyncio", backend_options=backend)
+    anyio.run(hub.serve, sock, backend="asyncio", backend_options=backend)
     log.info("hub.stopped", extra={"fields": {"uptime_s": round(time.monotonic() - started, 1)}})

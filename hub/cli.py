@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from . import logs
 from .config import ConfigError, parse_settings
@@ -24,10 +25,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import uvloop  # noqa: F401
     except ImportError:
-        backend: dict[str, bool] = {}
+        backend: dict[str, Any] = {}
     else:
         backend = {"use_uvloop": True}
     try:
+        if settings.workers > 1:
+            from .workers import run_workers
+
+            return run_workers(settings, backend)
         run(settings, **backend)
     except BindError as exc:
         # A port in use is an operator's mistake, not a crash: one line, like a bad flag.

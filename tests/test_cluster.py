@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, asynccontextmanager, contextmanager
@@ -354,3 +356,43 @@ async def _shard_channels(redis: RedisCluster) -> set[str]:
         out, _ = await proc.communicate()
         found.update(out.decode().split())
     return found
+
+
+async def test_workers_share_one_port_and_each_is_a_node() -> None:
+    with RedisServer() as redis, node(redis.url, "w", "--workers", "2") as hub:
+        hub.wait_ready(path="/readyz")
+        await wait_for(lambda: _node_names(redis.port) == {"w-0", "w-1"}, timeout=10)
+        ws = [await tracker(hub.port, f"w{i}") for i in range(16)]
+        held = await wait_for(lambda: _held_per_node(redis.port), timeout=5)
+        # The kernel spread the connections: both workers hold some.
+        assert all(held.values()) and sum(held.values()) == 16
+        for _ in range(8):
+            # Whichever worker answers, it has every session.
+            assert set(await sessions_of(hub.port)) == {f"w{i}" for i in range(16)}
+        for w in ws:
+            await w.close()
+        assert hub.terminate() == 0
+
+
+def _redis_cli(port: int, *args: str) -> list[str]:
+    out = subprocess.run(
+        ["redis-cli", "-p", str(port), *args], capture_output=True, text=True, timeout=5, check=True
+    ).stdout
+    return out.split()
+
+
+def _node_names(port: int) -> set[str]:
+    return set(_redis_cli(port, "hkeys", "{hub}:nodes"))
+
+
+def _held_per_node(port: int) -> dict[str, int] | None:
+    held = {n: int(_redis_cli(port, "hlen", f"{{hub}}:sessions:{n}")[0]) for n in ("w-0", "w-1")}
+    return held if sum(held.values()) == 16 else None
+
+
+def test_workers_without_redis_is_one_line_and_exit_2() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "hub", "serve", "--workers", "2"], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "--workers" in proc.stderr and "redis" in proc.stderr
