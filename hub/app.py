@@ -93,6 +93,7 @@ class Hub:
         if self.cluster is not None:
             self.registry.listeners.append(self.cluster)
             self.before_close.append(self.cluster.leave)
+            self._add_cluster_metrics(self.cluster)
         self._stop = anyio.Event()
         # Set once the hub listens; ``port`` is then the bound port.
         self.listening = anyio.Event()
@@ -152,6 +153,11 @@ class Hub:
         )
         m.gauge("hub_draining", "1 while a SIGTERM drain runs.", lambda: float(self.draining))
         m.gauge(
+            "hub_local_sessions",
+            "Live sessions held by this node's trackers (or waiting out their grace here).",
+            lambda: len(self.registry.held()),
+        )
+        m.gauge(
             "hub_disconnected_sessions",
             "Sessions of this node waiting out their reconnect grace.",
             lambda: self.registry.waiting,
@@ -172,6 +178,19 @@ class Hub:
             "hub_agent_queue_depth_max",
             "Sessions with unsent changes of the most behind agent.",
             lambda: max((agent.pending for agent in self.agents.agents), default=0),
+        )
+
+    def _add_cluster_metrics(self, cluster: Cluster) -> None:
+        m = self.metrics
+        m.counter("hub_redis_published_batches", "Batches this node published.", lambda: cluster.published)
+        m.counter("hub_redis_received_batches", "Batches received from peers.", lambda: cluster.received)
+        m.gauge("hub_redis_connected", "1 while the Redis connection is up.", lambda: cluster.connected)
+        m.gauge("hub_cluster_peers", "Peer nodes this node hears from.", lambda: len(cluster.peers))
+        m.gauge(
+            "hub_cluster_peer_silence_seconds",
+            "Seconds since the last batch of the quietest peer: the replication lag bound "
+            "(peers publish at least every node-lease/4).",
+            lambda: max((time.monotonic() - p.heard for p in cluster.peers.values()), default=0.0),
         )
 
     def _limits_reached(self) -> dict[tuple[str, ...], float]:

@@ -10,7 +10,7 @@ from typing import Final
 
 from msgspec import UNSET
 
-from .metrics import TRACKER, MessageCounts
+from .metrics import MessageCounts, tracker_counts
 from .session import (
     End,
     Heartbeat,
@@ -42,7 +42,7 @@ class TrackerProtocol:
     ) -> None:
         self.registry = registry
         # Shared by every tracker of a hub (metrics); a throwaway one when not given.
-        self.counts = counts if counts is not None else MessageCounts(TRACKER)
+        self.counts = counts if counts is not None else tracker_counts()
         self.project_key = project_key
         self.project_id = project_id
         self.session: Session | None = None

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import AsyncExitStack, contextmanager
+from contextlib import AsyncExitStack, ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,7 @@ from websockets.asyncio.client import ClientConnection
 
 from hub import logs
 from tests.helpers import API_KEY, HubProcess, RunningHub, free_port, http, running_hub, wait_for
+from tests.redis_server import RedisServer, have_redis
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -141,6 +142,33 @@ async def test_project_labels_only_behind_the_setting() -> None:
         assert value(m, "hub_project_live_sessions", project="blog") == 1
         await ws1.close()
         await ws2.close()
+
+
+@pytest.mark.skipif(not have_redis(), reason="redis-server is not installed")
+async def test_cluster_metrics_tell_own_from_mirrored_sessions() -> None:
+    lease = 1.5
+    with RedisServer() as redis, ExitStack() as stack:
+        args = ("--redis-url", redis.url, "--api-key", API_KEY, "--node-lease", str(lease))
+        nodes = [stack.enter_context(HubProcess(*args, "--node-id", f"m{i}")) for i in range(2)]
+        for n in nodes:
+            await asyncio.to_thread(n.wait_ready, 10.0, "/readyz")
+        ws = await tracker(nodes[0].port, "c1")
+
+        async def mirrored() -> Samples | None:
+            m = await scrape(nodes[1].port)
+            return m if value(m, "hub_live_sessions") == 1 else None
+
+        far = await wait_for(mirrored)
+        near = await scrape(nodes[0].port)
+        assert value(near, "hub_live_sessions") == value(near, "hub_local_sessions") == 1
+        assert value(far, "hub_local_sessions") == 0
+        assert value(near, "hub_redis_published_batches_total") >= 1
+        assert value(far, "hub_redis_received_batches_total") >= 1
+        for m in (near, far):
+            assert value(m, "hub_redis_connected") == 1 and value(m, "hub_ready") == 1
+            assert value(m, "hub_cluster_peers") == 1
+            assert 0 <= value(m, "hub_cluster_peer_silence_seconds") < lease
+        await ws.close()
 
 
 # --- logs ----------------------------------------------------------------------------------
