@@ -3,10 +3,12 @@
 ``FanOut`` is a ``Registry`` listener. Subscriptions with the same project,
 filters and sessionID share one ``Group``: the group decides once per change
 whether the session matches (start / update / end "unmatched") and keeps the
-set of sessionIDs that match now. Groups are indexed by project and by
-(project, sessionID), so a change costs one match per group of its project
-plus one outbox step per agent of the groups it concerns, never a scan of
-every agent.
+set of sessionIDs that match now. Groups are indexed by (project,
+sessionID), by the values of one of their ``is`` criteria (plus the
+sessions each such group watches, to see a session stop matching), and the
+rest by project: a change costs one match per candidate group plus one
+outbox step per agent of the groups it concerns, never a scan of every
+agent.
 
 Each agent has a coalescing outbox keyed by sessionID: a pending start
 encodes the latest record when it is sent, pending updates merge, a start
@@ -29,7 +31,7 @@ import msgspec
 from msgspec import Struct
 
 from .index import LiveIndex
-from .search import Criterion, Query, QueryError, convert_filters, sort_key
+from .search import Criterion, Query, QueryError, convert_filters, sort_key, text_of
 from .session import InputError, Session, valid_session_id
 
 # Close code for an agent that fell too far behind (README, "Close codes").
@@ -194,12 +196,18 @@ class Agent:
 class Group:
     """Agents with the same subscription, and the sessions matching it now."""
 
-    __slots__ = ("agents", "query", "sub", "watched")
+    __slots__ = ("agents", "key", "query", "sub", "watched")
 
     def __init__(self, sub: Subscription, index: LiveIndex) -> None:
         self.sub = sub
         self.query = Query(criteria=sub.criteria)
         self.agents: set[Agent] = set()
+        # An "is" criterion: a session can only match with one of its values, so
+        # the group is found by value instead of being matched on every change.
+        exact = [c for c in sub.criteria if c.op == "is" and c.values]
+        self.key: Criterion | None = (
+            min(exact, key=lambda c: len(c.values)) if exact and sub.session_id is None else None
+        )
         if sub.session_id is not None:
             one = index.get(sub.project_key, sub.session_id)
             candidates: Iterable[Session] = () if one is None else (one,)
@@ -222,8 +230,13 @@ class FanOut:
         self._wake = wake
         self.agents: set[Agent] = set()
         self._groups: dict[Subscription, Group] = {}
+        # Filter groups without an "is" criterion: matched on every change of the project.
         self._by_project: dict[str, set[Group]] = {}
+        # Groups with one: project -> (field, metadata key) -> value -> groups.
+        self._by_value: dict[str, dict[tuple[str, str | None], dict[str, set[Group]]]] = {}
+        # (project, sessionID) -> groups of one session, and value-indexed groups watching it.
         self._by_session: dict[tuple[str, str], set[Group]] = {}
+        self._watching: dict[tuple[str, str], set[Group]] = {}
         self._dirty: dict[Agent, None] = {}
         # Sessions touched since the last tick, per project.
         self._touched: dict[str, dict[str, Session]] = {}
@@ -251,10 +264,7 @@ class FanOut:
         group = self._groups.get(sub)
         if group is None:
             group = self._groups[sub] = Group(sub, self.index)
-            if sub.session_id is None:
-                self._by_project.setdefault(sub.project_key, set()).add(group)
-            else:
-                self._by_session.setdefault((sub.project_key, sub.session_id), set()).add(group)
+            self._register(group)
         group.agents.add(agent)
         agent.group = group
         agent.entries.clear()
@@ -269,23 +279,64 @@ class FanOut:
         group.agents.discard(agent)
         if group.agents:
             return
-        sub = group.sub
-        del self._groups[sub]
-        if sub.session_id is None:
-            key: Any = sub.project_key
-            index: dict[Any, set[Group]] = self._by_project
+        del self._groups[group.sub]
+        self._unregister(group)
+
+    def _register(self, group: Group) -> None:
+        project, sid, key = group.sub.project_key, group.sub.session_id, group.key
+        if sid is not None:
+            self._by_session.setdefault((project, sid), set()).add(group)
+        elif key is None:
+            self._by_project.setdefault(project, set()).add(group)
         else:
-            key, index = (sub.project_key, sub.session_id), self._by_session
-        groups = index[key]
-        groups.discard(group)
-        if not groups:
-            del index[key]
+            values = self._by_value.setdefault(project, {}).setdefault((key.field, key.key), {})
+            for value in key.values:
+                values.setdefault(value, set()).add(group)
+            for watched in group.watched:
+                self._watching.setdefault((project, watched), set()).add(group)
+
+    def _unregister(self, group: Group) -> None:
+        project, sid, key = group.sub.project_key, group.sub.session_id, group.key
+        if sid is not None:
+            _discard(self._by_session, (project, sid), group)
+        elif key is None:
+            _discard(self._by_project, project, group)
+        else:
+            by_field = self._by_value[project]
+            values = by_field[(key.field, key.key)]
+            for value in key.values:
+                _discard(values, value, group)
+            if not values:
+                del by_field[(key.field, key.key)]
+                if not by_field:
+                    del self._by_value[project]
+            for watched in group.watched:
+                _discard(self._watching, (project, watched), group)
+
+    def _watch(self, group: Group, sid: str) -> None:
+        group.watched.add(sid)
+        if group.key is not None:
+            self._watching.setdefault((group.sub.project_key, sid), set()).add(group)
+
+    def _unwatch(self, group: Group, sid: str) -> None:
+        group.watched.discard(sid)
+        if group.key is not None:
+            _discard(self._watching, (group.sub.project_key, sid), group)
 
     def _groups_of(self, session: Session) -> list[Group]:
-        groups = list(self._by_project.get(session.projectKey, ()))
-        by_sid = self._by_session.get((session.projectKey, session.sessionID))
-        if by_sid:
-            groups.extend(by_sid)
+        """Groups the session may matter to: it matches them, or did."""
+        project = session.projectKey
+        groups = list(self._by_project.get(project, ()))
+        at = (project, session.sessionID)
+        groups.extend(self._by_session.get(at, ()))
+        by_field = self._by_value.get(project)
+        if by_field:
+            found = set(self._watching.get(at, ()))
+            for (field, key), values in by_field.items():
+                text = text_of(session, field, key)
+                if text is not None:
+                    found.update(values.get(text, ()))
+            groups.extend(found)
         return groups
 
     # Registry listener --------------------------------------------------
@@ -293,7 +344,7 @@ class FanOut:
     def session_started(self, session: Session) -> None:
         for group in self._groups_of(session):
             if group.matches(session):
-                group.watched.add(session.sessionID)
+                self._watch(group, session.sessionID)
                 self._each(group, lambda a: a.start(session))
 
     def session_changed(self, session: Session, changes: dict[str, Any]) -> None:
@@ -311,15 +362,19 @@ class FanOut:
             if was and now:
                 self._each(group, lambda a: a.update(session, changes))
             elif now:
-                group.watched.add(sid)
+                self._watch(group, sid)
                 self._each(group, lambda a: a.start(session))
             elif was:
-                group.watched.discard(sid)
+                self._unwatch(group, sid)
                 self._each(group, lambda a: a.end(session, "unmatched"))
 
     def session_touched(self, session: Session) -> None:
         project = session.projectKey
-        if project in self._by_project or (project, session.sessionID) in self._by_session:
+        if (
+            project in self._by_project
+            or project in self._by_value
+            or (project, session.sessionID) in self._by_session
+        ):
             self._touched.setdefault(project, {})[session.sessionID] = session
 
     def session_ended(self, session: Session, reason: str) -> None:
@@ -329,7 +384,7 @@ class FanOut:
         sid = session.sessionID
         for group in self._groups_of(session):
             if sid in group.watched:
-                group.watched.discard(sid)
+                self._unwatch(group, sid)
                 self._each(group, lambda a: a.end(session, reason))
 
     def _each(self, group: Group, step: Callable[[Agent], None]) -> None:
@@ -379,9 +434,12 @@ class FanOut:
 
     def _touch_groups(self, project: str, sessions: dict[str, Session]) -> list[Group]:
         groups = list(self._by_project.get(project, ()))
-        if self._by_session:
+        if self._by_session or self._watching:
+            found: set[Group] = set()
             for sid in sessions:
-                groups.extend(self._by_session.get((project, sid), ()))
+                found.update(self._by_session.get((project, sid), ()))
+                found.update(self._watching.get((project, sid), ()))
+            groups.extend(found)
         return groups
 
     def _offer(self, group: Group, batch: dict[str, Session], over: list[Agent]) -> None:
@@ -479,6 +537,14 @@ class FanOut:
                     sessions.append(session)
         sessions.sort(key=sort_key("timestamp", True), reverse=True)
         return _encode(Snapshot(sessions))
+
+
+def _discard(index: dict[Any, set[Group]], key: Any, group: Group) -> None:
+    groups = index.get(key)
+    if groups is not None:
+        groups.discard(group)
+        if not groups:
+            del index[key]
 
 
 def _touch_frame(touches: dict[str, int]) -> bytes:

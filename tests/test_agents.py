@@ -86,9 +86,13 @@ async def test_snapshot_is_the_search_answer() -> None:
             await t.close()
 
 
-async def test_start_update_end_and_unmatched() -> None:
+# "is" filters are found by value, others matched on every change: both paths.
+@pytest.mark.parametrize(
+    "filters", [CHROME, [{"name": "userBrowser", "operator": "contains", "value": ["chro"]}]]
+)
+async def test_start_update_end_and_unmatched(filters: list[dict[str, Any]]) -> None:
     async with running_hub(grace=0.2) as h, await connect_agent(h) as agent:
-        assert await subscribe(agent, filters=CHROME) == []
+        assert await subscribe(agent, filters=filters) == []
         t = await start_tracker(h, sessionID="a", userBrowser="Chrome", pageTitle="home")
         frame = await recv(agent)
         assert frame["type"] == "session.start" and frame["session"]["pageTitle"] == "home"
@@ -399,3 +403,28 @@ async def test_order_per_session_and_snapshot_plus_stream_under_concurrency() ->
             task.cancel()
         await early.close()
         await late.close()
+
+
+async def test_is_filters_move_a_session_between_agents() -> None:
+    async with running_hub() as h:
+        a, b, p = [await connect_agent(h) for _ in range(3)]
+        await subscribe(a, filters=[{"name": "userId", "operator": "is", "value": ["ANN"]}])
+        await subscribe(b, filters=[{"name": "userId", "operator": "is", "value": ["bob", "x"]}])
+        await subscribe(
+            p, filters=[{"name": "METADATA", "source": "plan", "operator": "is", "value": ["pro"]}]
+        )
+        t = await start_tracker(h, sessionID="s1", userID="ann", metadata={"plan": "pro"})
+        assert (await recv(a))["type"] == "session.start" and (await recv(p))["type"] == "session.start"
+        await t.send(json.dumps({"type": "update", "userID": "Bob"}))
+        assert await recv(a) == {"type": "session.end", "sessionID": "s1", "reason": "unmatched"}
+        assert (await recv(b))["session"]["userID"] == "Bob"
+        assert (await recv(p))["changes"]["userID"] == "Bob"
+        await t.send(json.dumps({"type": "update", "metadata": {"plan": "free"}}))
+        assert (await recv(p))["reason"] == "unmatched"
+        assert (await recv(b))["changes"]["metadata"] == {"plan": "free"}
+        await t.send('{"type":"end"}')
+        assert await recv(b) == {"type": "session.end", "sessionID": "s1", "reason": "ended"}
+        with pytest.raises(TimeoutError):
+            await recv(a, timeout=0.1)
+        for ws in (a, b, p, t):
+            await ws.close()
