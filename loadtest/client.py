@@ -269,6 +269,17 @@ class HttpClient:
     async def request(
         self, method: str, path: str, body: bytes = b"", timeout: float = 10.0
     ) -> tuple[int, bytes]:
+        reused = self.writer is not None
+        try:
+            return await asyncio.wait_for(self._request(method, path, body), timeout)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            self.close()
+            if not reused:
+                raise
+        except BaseException:
+            self.close()
+            raise
+        # The server closed the idle keep-alive connection: once more on a fresh one.
         try:
             return await asyncio.wait_for(self._request(method, path, body), timeout)
         except BaseException:
