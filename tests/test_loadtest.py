@@ -188,3 +188,16 @@ def test_bounds_are_enforced() -> None:
     assert proc.returncode == 2 and "--trackers must be" in proc.stderr
     proc = loadtest("trackers", "--spawn", "hub", "--duration", "100000")
     assert proc.returncode == 2 and "--duration" in proc.stderr
+
+
+def test_independent_hubs_add_up(tmp_path: Path) -> None:
+    out = tmp_path / "sharded.json"
+    proc = loadtest(
+        "trackers", "--spawn", "hub", "--hubs", "2", "-n", "120", "--ends", "5", "--duration", "2",
+        "--check-interval", "0.5", "--quiet", "--out", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["options"]["sharded"] and len(result["options"]["targets"]) == 2
+    final = result["checks"]["final"]
+    assert final["ok"] and final["hub_total"] == 120 and result["checks"]["count_mismatches"] == 0
