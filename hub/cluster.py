@@ -326,9 +326,11 @@ class Cluster:
             if self._pending or time.monotonic() - self._last_publish >= ping:
                 await self.flush(client)
 
-    async def flush(self, client: Any) -> None:
+    async def flush(self, client: Any, final: bool = False) -> None:
         """Publish the pending changes as one batch (an empty one refreshes the lease)."""
         async with self._lock:
+            if self.leaving and not final:
+                return  # nothing may follow the goodbye
             self._wake = anyio.Event()
             pending, self._pending = self._pending, {}
             try:
@@ -484,7 +486,16 @@ class Cluster:
         client = self._client
         if client is None or not self.connected:
             return
-        await self.flush(client)
+        try:
+            await self._goodbye(client)
+        except (RedisError, OSError) as exc:
+            # Peers will drop this node's sessions when its lease runs out instead.
+            log.warning("cluster.leave_failed", extra={"fields": {"error": f"{type(exc).__name__}: {exc}"}})
+            return
+        log.info("cluster.left", extra={"fields": {"node": self.node, "sessions": len(self._in_redis)}})
+
+    async def _goodbye(self, client: Any) -> None:
+        await self.flush(client, final=True)
         async with self._lock:
             self._seq += 1
             pipe = client.pipeline(transaction=True)
@@ -496,7 +507,6 @@ class Cluster:
             else:
                 pipe.publish(CHANNEL, batch)
             await pipe.execute()
-        log.info("cluster.left", extra={"fields": {"node": self.node, "sessions": len(self._in_redis)}})
 
 
 def _key_of(session: Session) -> Key:
