@@ -389,11 +389,17 @@ class _Project:
         return ids[q.offset : stop]
 
     def _int_order_page(self, field: str, q: Query) -> list[str]:
-        # Every session holds an int here: the top values of the field's
-        # index, then their sessions by sessionID, need no sort of them all.
+        # Every session holds an int here, so the field's index has a key per
+        # session. Any `stop` keys bound the answer: at least `stop` sessions
+        # lie at or beyond the weakest of them. The keys inserted last (first)
+        # make a tight bound for clock-driven fields like lastActiveAt, and a
+        # C-level filter then leaves few keys to order.
         buckets, desc, stop = self.fields[field].buckets, q.descending, q.offset + q.limit
+        seed: list[Any] = list(islice(reversed(buckets) if desc else iter(buckets), stop))
+        bound: Any = min(seed) if desc else max(seed)
+        keys: list[Any] = list(filter(bound.__le__ if desc else bound.__ge__, buckets))
         ids: list[str] = []
-        for value in _top(list(buckets), stop, desc):
+        for value in _top(keys, stop, desc):
             bucket = buckets[value]
             ids += [bucket] if type(bucket) is str else sorted(bucket, reverse=desc)
             if len(ids) >= stop:
