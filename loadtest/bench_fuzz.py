@@ -21,7 +21,7 @@ import time
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--examples", type=int, default=7000, help="hypothesis examples per test")
+    parser.add_argument("--examples", type=int, default=9500, help="hypothesis examples per test")
     args = parser.parse_args()
     env = {**os.environ, "FUZZ_EXAMPLES": str(args.examples)}
     started = time.monotonic()
@@ -34,7 +34,10 @@ def main() -> int:
     elapsed = time.monotonic() - started
     match = re.search(r"fuzz inputs: (\{.*\})", proc.stdout)
     if proc.returncode != 0 or match is None:
-        print(proc.stdout[-5000:], proc.stderr[-2000:], sep="\n")
+        # The failing example and its error, not the captured log lines around them.
+        wanted = re.compile(r"^(E |FAILED|\s*\| .*(Error|Failing test case|batch=))")
+        print("\n".join(line[:2000] for line in proc.stdout.splitlines() if wanted.match(line)))
+        print(proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-2000:])
         return 1
     inputs = json.loads(match.group(1))
     total = sum(inputs.values())
