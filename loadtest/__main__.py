@@ -32,7 +32,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "updates": 10.0,
     },
     # 10k trackers connecting and starting at once; the hub's total is polled until it holds them all.
-    "storm": {"trackers": 10_000, "ramp": 0.0, "duration": 2.0},
+    # Two swarm processes: the connecting side costs more CPU per connection than the hub.
+    "storm": {"trackers": 10_000, "ramp": 0.0, "duration": 2.0, "procs": 2},
     # Heartbeats/s absorbed, bare websockets baseline then the hub, same swarm, same run.
     "ingest": {
         "trackers": 4000,
@@ -141,7 +142,7 @@ def options(args: argparse.Namespace) -> Any:
         projects=[p.strip() for p in args.projects.split(",") if p.strip()],
         api_key=args.api_key,
         seed=args.seed,
-        procs=args.procs,
+        procs=args.procs or preset.get("procs", 0),
         grace=args.grace,
         sharded=args.sharded,
         check_interval=args.check_interval,

@@ -618,6 +618,7 @@ class Run:
         overflows_before = listen_overflows()
         await self.start_server()
         self.rss0 = self.watched.rss() if self.watched is not None else None
+        self.cpu0 = self.watched.cpu_seconds() if self.watched is not None else 0.0
         await self.start_workers()
         tasks = []
         loop = asyncio.get_running_loop()
@@ -667,6 +668,7 @@ class Run:
         )
         agg = self.totals()
         settled_rss = self.watched.rss() if self.watched is not None else None
+        self.cpu_used = self.watched.cpu_seconds() - self.cpu0 if self.watched is not None else None
         await self.stop_workers()
         result = self.result(agg, final, settled_rss, load_before, overflows_before)
         for server in self.servers:
@@ -731,7 +733,6 @@ class Run:
                 "all_registered_s": round(self.registered_at - first, 3)
                 if self.registered_at is not None and first
                 else None,
-                "slow_tcp_connects": sum(w.last.slow_tcp_connects for w in self.workers if w.last),
                 "listen_overflows": listen_overflows() - overflows_before,
                 "sent": dict(agg["sent"]),
                 "received": agg["received"],
@@ -745,6 +746,8 @@ class Run:
                 "fanout_ms": percentiles(self.fanout_ms),
                 "snapshot_ms": percentiles(self.snapshot_ms),
                 "memory": memory,
+                # Hub CPU from before the swarm to the settled state (storm: divide by trackers).
+                "hub_cpu_s": round(self.cpu_used, 2) if self.cpu_used is not None else None,
                 "hub_max_cpu_pct": max((p.get("hub_cpu_pct", 0) for p in self.timeseries), default=None),
                 "hub_max_fds": max((p.get("hub_fds", 0) for p in self.timeseries), default=None),
             },

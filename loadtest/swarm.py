@@ -76,7 +76,6 @@ class Report(msgspec.Struct, tag="report"):
     sample: list[tuple[int, str, str]]
     ended: list[str]  # sessions ended by churn since the last report
     first_connect_at: float  # wall clock of the first connect attempt (0 = none yet)
-    slow_tcp_connects: int  # TCP connects of >= 900 ms: a SYN dropped (full listen backlog) and retried
 
 
 class Settled(msgspec.Struct, tag="settled"):
@@ -380,7 +379,6 @@ class Worker:
         self.snapshot_ms: list[float] = []
         self.ended: list[str] = []
         self.first_connect_at = 0.0
-        self.slow_tcp_connects = 0
         self.churn = True
         self.stopping = False
         self.rate = 0.0  # ingest heartbeats per second
@@ -407,15 +405,13 @@ class Worker:
         if not self.first_connect_at:
             self.first_connect_at = time.time()
         try:
-            conn = await ws_connect(
+            await ws_connect(
                 self.cfg.targets[tracker.target],
                 f"/ws/tracker/{tracker.project}",
                 tracker,
                 source=source_address(tracker.idx),
                 timeout=self.cfg.connect_timeout,
             )
-            if conn.tcp_ms >= 900:
-                self.slow_tcp_connects += 1
         except (OSError, HandshakeError, TimeoutError) as exc:
             self.errors[error_name(exc)] += 1
             if tracker.lost_at == 0.0:
@@ -595,7 +591,6 @@ class Worker:
             sample=[(t.target, t.project, t.sid) for t in live],
             ended=self.ended,
             first_connect_at=self.first_connect_at,
-            slow_tcp_connects=self.slow_tcp_connects,
         )
         self.connect_ms, self.probe_ms, self.fanout_ms, self.snapshot_ms, self.ended = [], [], [], [], []
         return report
