@@ -189,6 +189,47 @@ async def run(rates: list[int], seconds: float, sessions: int) -> list[dict[str,
     return rows
 
 
+def mirror_cpu(sessions: int = 500, batches: int = 2000, per_batch: int = 20) -> tuple[float, float]:
+    """In-process µs per update: encoding on the publishing node, decode + apply on a receiving one."""
+    from hub.cluster import Batch, _BatchOut
+    from hub.index import LiveIndex
+    from hub.session import Session
+    from hub.sessions import Registry
+
+    encode = msgspec.msgpack.Encoder().encode
+    decode = msgspec.msgpack.Decoder(Batch).decode
+    records = [
+        Session(
+            sessionID=f"b{i}",
+            projectKey=PROJECT,
+            projectId=0,
+            timestamp=1,
+            lastActiveAt=1,
+            userID=f"u{i}",
+            userBrowser="Chrome",
+            metadata={"plan": "a"},
+        )
+        for i in range(sessions)
+    ]
+    registry = Registry(LiveIndex(), grace_ms=30_000)
+    for r in records:
+        registry.remote_upsert("A", msgspec.structs.replace(r), 1)
+    n = batches * per_batch
+    start = time.perf_counter()
+    wire = []
+    for k in range(batches):
+        changed = (records[(k * per_batch + j) % sessions] for j in range(per_batch))
+        up = [msgspec.Raw(encode(msgspec.structs.replace(r, pageTitle=f"t{k}"))) for r in changed]
+        wire.append(encode(_BatchOut("A", "e", k, 0, up, [], [])))
+    encode_us = (time.perf_counter() - start) / n * 1e6
+    start = time.perf_counter()
+    for data in wire:
+        for record in decode(data).up:
+            registry.remote_upsert("A", record, 2)
+    apply_us = (time.perf_counter() - start) / n * 1e6
+    return encode_us, apply_us
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -198,6 +239,8 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=500, help="tracker sessions on node A")
     args = parser.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
+    encode_us, apply_us = mirror_cpu()
+    print(f"mirror CPU per update: encode {encode_us:.1f} us, decode+apply on a peer {apply_us:.1f} us")
     rows = asyncio.run(run(rates, args.seconds, args.sessions))
     print("\n| path | target/s | sent/s | agent frames | p50 | p99 | max |")
     print("|---|---|---|---|---|---|---|")
