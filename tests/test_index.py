@@ -197,9 +197,14 @@ def test_many_sessions_with_churn_match_brute_force() -> None:
         [FilterIn("userId")],
         [],
     ]
-    made = 0
-    for step in range(40):
-        for _ in range(150):
+    # More sessions than the sample other-field sorts bound their first page with.
+    for made in range(7000):
+        s = _random_session(rng, made)
+        index.add(s)
+        live[("p", s.sessionID)] = s
+    made = 7000
+    for step in range(12):
+        for _ in range(300):
             op = rng.random()
             if op < 0.5 or not live:
                 s = _random_session(rng, made)
@@ -222,6 +227,29 @@ def test_many_sessions_with_churn_match_brute_force() -> None:
                     page=rng.choice((1, 1, 2, 5)),
                     limit=rng.choice((10, 10, 50, 1000)),
                 )
+                assert_same(index, live, "p", q)
+
+
+def test_other_field_sorts_when_sessions_arrive_in_that_order() -> None:
+    """Sessions indexed in the order of the sort field: the first sessions are the answer."""
+    index = LiveIndex()
+    live: dict[tuple[str, str], Session] = {}
+    for n in range(6000):
+        s = Session(
+            sessionID=f"s{n % 97}-{n}",
+            projectKey="p",
+            projectId=1,
+            timestamp=n % 13,
+            lastActiveAt=n,
+            userID=f"u{n:05d}" if n % 50 else None,
+            pageTitle=f"t{n // 3:05d}",
+        )
+        index.add(s)
+        live[("p", s.sessionID)] = s
+    for sort in ("userID", "pageTitle", "lastActiveAt", "sessionID"):
+        for descending in (False, True):
+            for page, limit in ((1, 10), (3, 7), (1, 64), (2, 1000)):
+                q = Query(sort=sort, descending=descending, page=page, limit=limit)
                 assert_same(index, live, "p", q)
 
 
