@@ -51,10 +51,15 @@ class SessionUpdate(Struct, tag_field="type", tag="session.update"):
     changes: dict[str, Any]
 
 
+class Active(Struct, gc=False):
+    # Not a dict: 10k of these per tick must not set off the garbage collector.
+    lastActiveAt: int
+
+
 class SessionsUpdate(Struct, tag_field="type", tag="sessions.update"):
     """lastActiveAt of several sessions at once: ``changes`` by sessionID."""
 
-    changes: dict[str, dict[str, int]]
+    changes: dict[str, Active]
 
 
 class SessionEnd(Struct, tag_field="type", tag="session.end"):
@@ -551,4 +556,4 @@ def _touch_frame(touches: dict[str, int]) -> bytes:
     if len(touches) == 1:
         ((sid, at),) = touches.items()
         return _encode(SessionUpdate(sid, {"lastActiveAt": at}))
-    return _encode(SessionsUpdate({sid: {"lastActiveAt": at} for sid, at in touches.items()}))
+    return _encode(SessionsUpdate({sid: Active(at) for sid, at in touches.items()}))

@@ -240,9 +240,10 @@ async def part1(args: argparse.Namespace) -> dict[str, Any]:
         for h in handlers:
             h.window = (start, start + args.duration)
         m0, b0 = sum(h.messages for h in handlers), sum(h.bytes for h in handlers)
-        c0 = cpu_seconds(hub.pid)
+        c0, own0 = cpu_seconds(hub.pid), time.process_time()
         await asyncio.sleep(args.duration)
         cpu = (cpu_seconds(hub.pid) - c0) / args.duration
+        own = (time.process_time() - own0) / args.duration
         frames = (sum(h.messages for h in handlers) - m0) / args.duration
         nbytes = (sum(h.bytes for h in handlers) - b0) / args.duration
         for conn in agents:
@@ -273,6 +274,7 @@ async def part1(args: argparse.Namespace) -> dict[str, Any]:
         "latency_max_ms": round(max(samples, default=math.nan) * 1000, 1),
         "tick_to_agent_p50_ms": round(pct(after_tick, 0.5) * 1000, 1),
         "tick_to_agent_p99_ms": round(pct(after_tick, 0.99) * 1000, 1),
+        "agents_process_cpu": round(own, 3),
         "tracker_send_lag_p99_ms": round(max(lag[2] for lag in lags) * 1000, 1),
     }
 
