@@ -176,11 +176,17 @@ class WsConn(asyncio.Protocol):
 
     @property
     def open(self) -> bool:
-        return self.opened and not self.closing and self.transport is not None and self.close_code is None
+        return (
+            self.opened
+            and not self.closing
+            and self.close_code is None
+            and self.transport is not None
+            and not self.transport.is_closing()
+        )
 
     def write(self, data: bytes) -> None:
         """Raw bytes, e.g. a frame built once by ``frame`` and sent many times."""
-        if self.transport is not None:
+        if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
     def send(self, payload: bytes) -> None:

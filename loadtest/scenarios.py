@@ -222,7 +222,8 @@ class Run:
         conns = opts.trackers + opts.agents
         n = max(opts.procs, math.ceil(conns / PER_PROCESS), 1)
         ramp_time = opts.trackers / opts.ramp if opts.ramp > 0 else 0.0
-        deadline = ramp_time + opts.duration + (len(opts.ladder) * (opts.step + 1.5)) + 120
+        # Past the orchestrator's own bound (hold + 90 s + settling + the final paging).
+        deadline = ramp_time + opts.duration + (len(opts.ladder) * (opts.step + 1.5)) + 600
         for w in range(n):
             lo, hi = opts.trackers * w // n, opts.trackers * (w + 1) // n
             alo, ahi = opts.agents * w // n, opts.agents * (w + 1) // n
@@ -649,6 +650,8 @@ class Run:
                 self.timeseries.append(point)
                 if live_view is not None:
                     live_view.update(self.view(point, agg), refresh=True)
+                elif len(self.timeseries) % 10 == 0:
+                    print(f"loadtest: {json.dumps(point)}", file=sys.stderr, flush=True)
                 if hold_until is None and agg["ramped"]:
                     hold_until = now + opts.duration
                     if opts.qps > 0 and opts.spawn != "baseline":
