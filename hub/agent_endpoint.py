@@ -7,7 +7,7 @@ the fan-out and sent while the connection is not paused.
 
 from __future__ import annotations
 
-from .agents import Agent, FanOut, parse_subscribe
+from .agents import PONG, Agent, FanOut, parse_message
 from .server import Connection
 from .session import InputError, encode_error
 
@@ -31,10 +31,12 @@ class AgentEndpoint:
 
     def receive(self, data: bytes, now: int) -> bytes | None:
         try:
-            sub = parse_subscribe(data, self.project_key, self.max_filters)
+            sub = parse_message(data, self.project_key, self.max_filters)
         except InputError as exc:
             # A bad subscribe changes nothing: the previous subscription stays.
             return encode_error(exc.code, exc.message)
+        if sub is None:
+            return PONG
         self.fanout.subscribe(self.agent, sub)
         return None
 

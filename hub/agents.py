@@ -73,7 +73,13 @@ class Subscribe(Struct, tag_field="type", tag="subscribe"):
     sessionID: Any = None
 
 
-_decoder: Final = msgspec.json.Decoder(Subscribe)
+class Ping(Struct, tag_field="type", tag="ping"):
+    """Keeps a browser agent (which cannot send WebSocket pings) within --agent-idle-timeout."""
+
+
+PONG: Final = b'{"type":"pong"}'
+
+_decoder: Final = msgspec.json.Decoder(Subscribe | Ping)
 _encode: Final = msgspec.json.Encoder().encode
 
 
@@ -83,8 +89,8 @@ class Subscription(Struct, frozen=True):
     session_id: str | None = None
 
 
-def parse_subscribe(frame: bytes, project_key: str, max_filters: int) -> Subscription:
-    """An agent's frame as a subscription, or InputError (code + message)."""
+def parse_message(frame: bytes, project_key: str, max_filters: int) -> Subscription | None:
+    """An agent's frame: a subscription, None for a ping, or InputError (code + message)."""
     try:
         msg = _decoder.decode(frame)
     except msgspec.ValidationError as exc:
@@ -93,6 +99,8 @@ def parse_subscribe(frame: bytes, project_key: str, max_filters: int) -> Subscri
         raise InputError(code, text) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec: bad UTF-8 in a string
         raise InputError("invalid_json", str(exc)) from None
+    if isinstance(msg, Ping):
+        return None
     try:
         criteria = convert_filters(msg.filters)
     except QueryError as exc:

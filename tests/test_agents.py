@@ -185,6 +185,8 @@ async def test_bad_subscribe_is_an_error_frame_and_keeps_the_old_one() -> None:
             await agent.send(raw)
             frame = await recv(agent)
             assert frame["type"] == "error" and frame["code"] == code, frame
+        await agent.send('{"type":"ping"}')
+        assert await recv(agent) == {"type": "pong"}
         async with tracker(h, sessionID="c", userBrowser="Chrome"):
             frame = await recv(agent)
             assert frame["type"] == "session.start" and frame["session"]["sessionID"] == "c"
@@ -428,3 +430,20 @@ async def test_is_filters_move_a_session_between_agents() -> None:
             await recv(a, timeout=0.1)
         for ws in (a, b, p, t):
             await ws.close()
+
+
+async def test_silent_agent_is_closed_and_ping_keeps_one_open() -> None:
+    async with running_hub(agent_idle_timeout=0.3) as h:
+        silent = await connect_agent(h, ping_interval=None)
+        chatty = await connect_agent(h, ping_interval=None)
+        await subscribe(silent)
+        await subscribe(chatty)
+        for _ in range(8):
+            await chatty.send('{"type":"ping"}')
+            assert await recv(chatty) == {"type": "pong"}
+            await asyncio.sleep(0.1)
+        with pytest.raises(ConnectionClosed):
+            await recv(silent)
+        assert silent.close_code == 4000
+        assert hub_agent(h, chatty) in h.hub.agents.agents
+        await chatty.close()
