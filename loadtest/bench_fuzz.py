@@ -34,6 +34,10 @@ def main() -> int:
     elapsed = time.monotonic() - started
     match = re.search(r"fuzz inputs: (\{.*\})", proc.stdout)
     if proc.returncode != 0 or match is None:
+        log = os.path.abspath("bench_fuzz.log")
+        with open(log, "w") as f:
+            f.write(proc.stdout + proc.stderr)
+        print(f"full output: {log}")
         # The failing example and its error, not the captured log lines around them.
         wanted = re.compile(r"^(E |FAILED|\s*\| .*(Error|Failing test case|batch=))")
         print("\n".join(line[:2000] for line in proc.stdout.splitlines() if wanted.match(line)))
