@@ -239,12 +239,14 @@ async def part1(args: argparse.Namespace) -> dict[str, Any]:
         start = time.time()
         for h in handlers:
             h.window = (start, start + args.duration)
-        m0, b0 = sum(h.messages for h in handlers), sum(h.bytes for h in handlers)
+        before = [h.messages for h in handlers]
+        m0, b0 = sum(before), sum(h.bytes for h in handlers)
         c0, own0 = cpu_seconds(hub.pid), time.process_time()
         await asyncio.sleep(args.duration)
         cpu = (cpu_seconds(hub.pid) - c0) / args.duration
         own = (time.process_time() - own0) / args.duration
         frames = (sum(h.messages for h in handlers) - m0) / args.duration
+        per_agent = sorted(h.messages - n for h, n in zip(handlers, before, strict=True))
         nbytes = (sum(h.bytes for h in handlers) - b0) / args.duration
         for conn in agents:
             conn.abort()
@@ -267,6 +269,7 @@ async def part1(args: argparse.Namespace) -> dict[str, Any]:
         "hub_cpu_with_agents": round(cpu, 3),
         "cpu_ratio": round(cpu / base_cpu, 2) if base_cpu else None,
         "frames_per_s": round(frames),
+        "frames_per_agent_min_median_max": [per_agent[0], per_agent[len(per_agent) // 2], per_agent[-1]],
         "mb_per_s": round(nbytes / 1e6, 1),
         "latency_samples": len(samples),
         "latency_p50_ms": round(pct(samples, 0.5) * 1000, 1),
