@@ -447,3 +447,38 @@ async def test_silent_agent_is_closed_and_ping_keeps_one_open() -> None:
         assert silent.close_code == 4000
         assert hub_agent(h, chatty) in h.hub.agents.agents
         await chatty.close()
+
+
+async def test_subscribe_while_stalled_snapshots_when_writable() -> None:
+    n = 200
+    pad = "x" * 1000
+    async with running_hub() as h:
+        trackers = await asyncio.gather(
+            *(
+                start_tracker(h, sessionID=f"s{i}", userBrowser="Chrome" if i % 2 else "Edge")
+                for i in range(n)
+            )
+        )
+        slow = await connect_agent(h, sock=small_receive_buffer_socket(h.port), max_queue=1)
+        await subscribe(slow)
+        stalled = hub_agent(h, slow)
+        round_ = 0
+        while not stalled.sink.paused:
+            for i, t in enumerate(trackers):
+                await t.send(json.dumps({"type": "update", "pageTitle": f"r{round_}-{i}{pad}"}))
+            round_ += 1
+            await asyncio.sleep(0.01)
+            assert round_ < 100
+        await slow.send(json.dumps({"type": "subscribe", "filters": CHROME}))
+        await wait_for(lambda: stalled.snapshot_due)
+        for i, t in enumerate(trackers):
+            await t.send(json.dumps({"type": "update", "pageTitle": f"last-{i}"}))
+        await wait_for(lambda: all(s.pageTitle.startswith("last") for s in h.hub.index.sessions("p1")))
+        assert stalled.pending == 0  # nothing queued: the snapshot will carry it all
+        while (frame := await recv(slow))["type"] != "snapshot" or len(frame["sessions"]) == n:
+            pass
+        assert sorted(s["pageTitle"] for s in frame["sessions"]) == sorted(
+            f"last-{i}" for i in range(1, n, 2)
+        )
+        for ws in (slow, *trackers):
+            await ws.close()
