@@ -77,6 +77,8 @@ async def test_snapshot_is_the_search_answer() -> None:
         async with await connect_agent(h) as agent:
             snap = await subscribe(agent, filters=CHROME)
             assert sorted(s["sessionID"] for s in snap) == sorted(f"s{i}" for i in range(12) if i % 3)
+            search = await h.search(body={"filters": CHROME, "limit": 1000})
+            assert sorted(s["sessionID"] for s in search["sessions"]) == sorted(s["sessionID"] for s in snap)
             everything = await subscribe(agent)
             records = {s["sessionID"]: s for s in (await h.search(body={"limit": 1000}))["sessions"]}
             assert {s["sessionID"]: s for s in everything} == records and len(records) == 12
