@@ -26,7 +26,18 @@ def main() -> int:
     env = {**os.environ, "FUZZ_EXAMPLES": str(args.examples)}
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "tests/test_fuzz.py"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-s",
+            "-p",
+            "no:cacheprovider",
+            "--timeout",
+            "0",
+            "tests/test_fuzz.py",
+        ],
         env=env,
         capture_output=True,
         text=True,
