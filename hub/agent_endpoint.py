@@ -14,6 +14,7 @@ from .session import InputError, encode_error
 
 class AgentEndpoint:
     __slots__ = ("agent", "fanout", "idle_timeout", "max_filters", "project_key")
+    keepalive = True
 
     def __init__(
         self,

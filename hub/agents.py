@@ -71,6 +71,9 @@ class Subscribe(Struct, tag_field="type", tag="subscribe"):
     # Raw: converted by search.convert_filters so errors read as the HTTP API's.
     filters: Any = None
     sessionID: Any = None
+    # Opt in to ``sessions.update``: one frame per interval for many sessions'
+    # lastActiveAt, instead of CONTRACT §3's one ``session.update`` each.
+    batch: bool = False
 
 
 class Ping(Struct, tag_field="type", tag="ping"):
@@ -87,6 +90,7 @@ class Subscription(Struct, frozen=True):
     project_key: str
     criteria: tuple[Criterion, ...] = ()
     session_id: str | None = None
+    batch: bool = False
 
 
 def parse_message(frame: bytes, project_key: str, max_filters: int) -> Subscription | None:
@@ -95,7 +99,10 @@ def parse_message(frame: bytes, project_key: str, max_filters: int) -> Subscript
         msg = _decoder.decode(frame)
     except msgspec.ValidationError as exc:
         text = str(exc)
-        code = "unknown_type" if "`$.type`" in text or "field `type`" in text else "invalid_message"
+        if "`$.type`" in text or "field `type`" in text:
+            code = "unknown_type"
+        else:
+            code = "invalid_field" if "`$." in text else "invalid_message"
         raise InputError(code, text) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec: bad UTF-8 in a string
         raise InputError("invalid_json", str(exc)) from None
@@ -110,7 +117,7 @@ def parse_message(frame: bytes, project_key: str, max_filters: int) -> Subscript
     session_id = msg.sessionID
     if session_id is not None and not valid_session_id(session_id):
         raise InputError("invalid_field", "sessionID must be 1-64 characters of A-Za-z0-9._:-")
-    return Subscription(project_key, criteria, session_id)
+    return Subscription(project_key, criteria, session_id, msg.batch)
 
 
 class Sink(Protocol):
@@ -149,8 +156,8 @@ class Agent:
         self.sink = sink
         self.group: Group | None = None
         self.entries: OrderedDict[str, _Entry] = OrderedDict()
-        # A group's encoded lastActiveAt batch, shared, queued before ``entries``.
-        self.batch: tuple[bytes, dict[str, Session]] | None = None
+        # A group's encoded lastActiveAt frames, shared, queued before ``entries``.
+        self.batch: tuple[list[bytes], dict[str, Session]] | None = None
         # The snapshot is built when it can be sent: events until then are in it.
         self.snapshot_due = False
         self.closed = False
@@ -456,14 +463,14 @@ class FanOut:
         return groups
 
     def _offer(self, group: Group, batch: dict[str, Session], over: list[Agent]) -> None:
-        frame: bytes | None = None
+        frames: list[bytes] | None = None
         for agent in group.agents:
             if agent.snapshot_due:
                 continue
             if agent.batch is None and not agent.entries:
-                if frame is None:
-                    frame = _touch_frame({sid: s.lastActiveAt for sid, s in batch.items()})
-                agent.batch = (frame, batch)
+                if frames is None:
+                    frames = _touch_frames({sid: s.lastActiveAt for sid, s in batch.items()}, group.sub.batch)
+                agent.batch = (frames, batch)
             else:
                 # Behind: keep only the latest lastActiveAt per session, in the outbox.
                 agent.fold_batch()
@@ -501,9 +508,10 @@ class FanOut:
             if sink.paused:
                 return
         if agent.batch is not None:
-            frame, _ = agent.batch
+            frames, _ = agent.batch
             agent.batch = None
-            sink.send(frame)
+            for frame in frames:
+                sink.send(frame)
         entries = agent.entries
         touches: dict[str, int] = {}
         while entries and not sink.paused:
@@ -522,7 +530,8 @@ class FanOut:
             elif entry.touched:
                 touches[sid] = session.lastActiveAt
         if touches:
-            sink.send(_touch_frame(touches))
+            for frame in _touch_frames(touches, agent.group is not None and agent.group.sub.batch):
+                sink.send(frame)
 
     # One encoding per object per flush: the same change goes to many agents.
     # Keyed by id(); the object is kept alongside so the id stays its own.
@@ -560,8 +569,7 @@ def _discard(index: dict[Any, set[Group]], key: Any, group: Group) -> None:
             del index[key]
 
 
-def _touch_frame(touches: dict[str, int]) -> bytes:
-    if len(touches) == 1:
-        ((sid, at),) = touches.items()
-        return _encode(SessionUpdate(sid, {"lastActiveAt": at}))
-    return _encode(SessionsUpdate({sid: Active(at) for sid, at in touches.items()}))
+def _touch_frames(touches: dict[str, int], batch: bool) -> list[bytes]:
+    if batch and len(touches) > 1:
+        return [_encode(SessionsUpdate({sid: Active(at) for sid, at in touches.items()}))]
+    return [_encode(SessionUpdate(sid, {"lastActiveAt": at})) for sid, at in touches.items()]

@@ -41,6 +41,7 @@ class TrackerEndpoint(TrackerProtocol):
     """The tracker protocol on a live connection."""
 
     __slots__ = ("idle_timeout",)
+    keepalive = False
 
     def __init__(
         self,

@@ -46,6 +46,10 @@ class Endpoint(TypingProtocol):
 
     # Seconds of silence before the hub closes the connection; None = never.
     idle_timeout: float | None
+    # Ping a silent peer at half the idle timeout, so only a dead one times out
+    # (agents in browsers cannot ping). Trackers are not pinged: their silence
+    # is what the heartbeat timeout detects.
+    keepalive: bool
 
     def receive(self, data: bytes, now: int) -> bytes | None:
         """One whole message; returns a reply frame, if any."""
@@ -80,6 +84,7 @@ class Connection(asyncio.Protocol):
         "parser",
         "paused",
         "peer",
+        "pinged",
         "server",
         "timed_out",
         "tokens",
@@ -104,6 +109,7 @@ class Connection(asyncio.Protocol):
         self.last_seen = 0.0
         self.paused = False
         self.timed_out = False
+        self.pinged = False
         self.peer: str = ""
         # Rate limit: a token bucket refilled from last_seen (README, "Security").
         self.tokens = float(server.settings.rate_burst)
@@ -327,6 +333,7 @@ class Connection(asyncio.Protocol):
                     self._refuse_flood()
                     return
             self.last_seen = now
+            self.pinged = False
         self._handle(events)
 
     def _refuse_flood(self) -> None:
@@ -434,10 +441,17 @@ class Connection(asyncio.Protocol):
             return
         endpoint = self.endpoint
         timeout = endpoint.idle_timeout if endpoint is not None else None
-        if timeout is not None and now - self.last_seen > timeout:
+        if timeout is None or endpoint is None:
+            return
+        idle = now - self.last_seen
+        if idle > timeout:
             self.server.limits["idle_timeout"] += 1
             self.timed_out = True
-            self.close(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")
+            self.close(CLOSE_HEARTBEAT_TIMEOUT, "idle timeout" if endpoint.keepalive else "heartbeat timeout")
+        elif endpoint.keepalive and not self.pinged and idle > timeout / 2:
+            self.pinged = True
+            ws.send_ping(b"")
+            self._flush()
 
 
 def log_request(request: Request, response: Response, peer: str) -> None:

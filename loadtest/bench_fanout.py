@@ -229,7 +229,7 @@ async def part1(args: argparse.Namespace) -> dict[str, Any]:
             headers,
         )
         for conn in agents:
-            conn.send(b'{"type":"subscribe"}')
+            conn.send(b'{"type":"subscribe","batch":true}')
         handlers: list[LatencyAgent] = [a.handler for a in agents]  # type: ignore[misc]
         while any(h.messages == 0 for h in handlers):
             await asyncio.sleep(0.01)

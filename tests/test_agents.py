@@ -122,9 +122,31 @@ async def test_start_update_end_and_unmatched(filters: list[dict[str, Any]]) -> 
         await t.close()
 
 
-async def test_heartbeats_are_batched_per_interval() -> None:
-    async with running_hub(agent_interval=0.05) as h, await connect_agent(h) as agent:
+async def test_heartbeats_reach_agents_once_per_interval_as_session_updates() -> None:
+    async with running_hub(agent_interval=0.2) as h, await connect_agent(h) as agent:
         await subscribe(agent)
+        a = await start_tracker(h, sessionID="a")
+        b = await start_tracker(h, sessionID="b")
+        assert {(await recv(agent))["type"] for _ in range(2)} == {"session.start"}
+        for _ in range(5):
+            await a.send('{"type":"heartbeat"}')
+            await b.send('{"type":"heartbeat"}')
+        await wait_for(lambda: len(h.hub.agents._touched.get("p1", {})) == 2)
+        frames = [await recv(agent) for _ in range(2)]
+        assert {f["type"] for f in frames} == {"session.update"}, "CONTRACT §3 frames unless batch is asked"
+        assert {f["sessionID"] for f in frames} == {"a", "b"}
+        assert all(list(f["changes"]) == ["lastActiveAt"] for f in frames)
+        with pytest.raises(TimeoutError):
+            await recv(agent, timeout=0.3)  # five heartbeats each, one frame each per interval
+        final = {s["sessionID"]: s["lastActiveAt"] for s in (await h.search())["sessions"]}
+        assert {f["sessionID"]: f["changes"]["lastActiveAt"] for f in frames} == final
+        await a.close()
+        await b.close()
+
+
+async def test_heartbeats_are_batched_per_interval_on_request() -> None:
+    async with running_hub(agent_interval=0.05) as h, await connect_agent(h) as agent:
+        await subscribe(agent, batch=True)
         a = await start_tracker(h, sessionID="a")
         b = await start_tracker(h, sessionID="b")
         assert {(await recv(agent))["type"] for _ in range(2)} == {"session.start"}
@@ -183,6 +205,7 @@ async def test_bad_subscribe_is_an_error_frame_and_keeps_the_old_one() -> None:
             ('{"type":"nope"}', "unknown_type"),
             ('{"type":"subscribe","filters":[{"name":1}]}', "invalid_filters"),
             ('{"type":"subscribe","sessionID":"bad id!"}', "invalid_field"),
+            ('{"type":"subscribe","batch":"yes"}', "invalid_field"),
         ]:
             await agent.send(raw)
             frame = await recv(agent)
@@ -242,7 +265,7 @@ async def test_stalled_agent_is_bounded_and_others_keep_receiving() -> None:
         trackers = await asyncio.gather(*(start_tracker(h, sessionID=f"s{i}") for i in range(n)))
         fast = await connect_agent(h)
         slow = await connect_agent(h, sock=small_receive_buffer_socket(h.port), max_queue=1)
-        assert len(await subscribe(fast)) == n and len(await subscribe(slow)) == n
+        assert len(await subscribe(fast, batch=True)) == n and len(await subscribe(slow)) == n
         seen: list[dict[str, Any]] = []
         reader = asyncio.create_task(collect(fast, seen))
         stalled = hub_agent(h, slow)
@@ -434,20 +457,31 @@ async def test_is_filters_move_a_session_between_agents() -> None:
             await ws.close()
 
 
-async def test_silent_agent_is_closed_and_ping_keeps_one_open() -> None:
-    async with running_hub(agent_idle_timeout=0.3) as h:
-        silent = await connect_agent(h, ping_interval=None)
+async def test_dead_agent_is_closed_and_live_ones_are_kept_by_the_hubs_ping() -> None:
+    async with running_hub(agent_idle_timeout=1.0) as h:
+        # A peer that completes the handshake and then never reads: it cannot answer pings.
+        reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
+        writer.write(
+            f"GET /ws/agent/p1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            f"Authorization: Bearer {API_KEY}\r\n\r\n".encode()
+        )
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        # A websockets client answers the hub's pings by itself, as browsers do.
+        quiet = await connect_agent(h, ping_interval=None)
         chatty = await connect_agent(h, ping_interval=None)
-        await subscribe(silent)
+        await subscribe(quiet)
         await subscribe(chatty)
-        for _ in range(8):
+        for _ in range(25):
             await chatty.send('{"type":"ping"}')
             assert await recv(chatty) == {"type": "pong"}
             await asyncio.sleep(0.1)
-        with pytest.raises(ConnectionClosed):
-            await recv(silent)
-        assert silent.close_code == 4000
+        rest = await asyncio.wait_for(reader.read(), 5)  # the hub's ping, its close frame, then EOF
+        assert b"\x88" in rest and b"idle timeout" in rest and (4000).to_bytes(2, "big") in rest
+        writer.close()
+        assert hub_agent(h, quiet) in h.hub.agents.agents, "a live agent that sends nothing stays"
         assert hub_agent(h, chatty) in h.hub.agents.agents
+        await quiet.close()
         await chatty.close()
 
 

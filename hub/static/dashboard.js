@@ -132,7 +132,8 @@
 
   function subscribe() {
     if (ws && ws.readyState === WebSocket.OPEN) {
-      var msg = {type: "subscribe"};
+      // batch: heartbeats of many sessions arrive as one sessions.update a second.
+      var msg = {type: "subscribe", batch: true};
       if (filters.length) msg.filters = filters;
       ws.send(JSON.stringify(msg));
     }
