@@ -24,7 +24,7 @@ once and shared by the group's agents that are not behind.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 import msgspec
@@ -230,10 +230,10 @@ class Group:
         )
         if sub.session_id is not None:
             one = index.get(sub.project_key, sub.session_id)
-            candidates: Iterable[Session] = () if one is None else (one,)
+            found = [] if one is None or not self.query.matches(one) else [one]
         else:
-            candidates = index.sessions(sub.project_key)
-        self.watched: set[str] = {s.sessionID for s in candidates if self.query.matches(s)}
+            found = index.matching(sub.project_key, sub.criteria)
+        self.watched: set[str] = {s.sessionID for s in found}
 
     def matches(self, session: Session) -> bool:
         sid = self.sub.session_id

@@ -499,3 +499,13 @@ class LiveIndex:
         matched = project.match(query.criteria)
         total = len(project.sessions) if matched is None else len(matched)
         return total, project.page(matched, query)
+
+    def matching(self, project_key: str, criteria: tuple[Criterion, ...]) -> list[Session]:
+        """Every session of a project matching all ``criteria``, in no order."""
+        project = self._projects.get(project_key)
+        if project is None:
+            return []
+        matched = project.match(criteria)
+        if matched is None:
+            return list(project.sessions.values())
+        return [project.sessions[sid] for sid in matched]

@@ -160,9 +160,12 @@ def test_index_answers_as_brute_force(starts: list[tuple[str, Any]], ops: list[t
     for kind, arg in starts + ops:
         now += 1
         if kind == "query":
-            total, page = index.search("p", parse_body(json.dumps(arg).encode()))
+            query = parse_body(json.dumps(arg).encode())
+            total, page = index.search("p", query)
             records = [as_record(s) for s in index.sessions("p")]
             assert (total, [s.sessionID for s in page]) == ref_search(records, arg)
+            every = ref_search(records, {**arg, "page": 1, "limit": len(records) + 1})[1]
+            assert sorted(s.sessionID for s in index.matching("p", query.criteria)) == sorted(every)
             continue
         sid, ts, fields = arg
         session = index.get("p", sid)
