@@ -84,11 +84,9 @@ class Hub:
         self.registry.listeners.append(self.agents)
         self.server.endpoint_kinds.update({TrackerEndpoint: TRACKER, AgentEndpoint: AGENT})
         self._add_gauges()
-        # Awaited by a SIGTERM drain, in order, within ``drain_timeout``: before
-        # connections close (cluster mode: tell peers this node's sessions are
-        # moving) and after (flush what is still to be published).
+        # Awaited by a SIGTERM drain, in order, before connections close (cluster
+        # mode: flush publishes, tell peers this node's sessions are moving).
         self.before_close: list[Callable[[], Awaitable[None]]] = []
-        self.after_close: list[Callable[[], Awaitable[None]]] = []
         # Cluster mode (README, "Cluster"): the index mirrored through Redis.
         self.cluster = Cluster(settings, self.registry) if settings.redis_url else None
         if self.cluster is not None:
@@ -258,16 +256,12 @@ class Hub:
             for hook in self.before_close:
                 await hook()
         self.server.close_all(CLOSE_RESTART, "hub restarting")
-        # What is still open after most of the rest is aborted.
-        await self.server.wait_closed(timeout=(deadline - anyio.current_time()) * 0.8)
-        with anyio.move_on_at(deadline) as after:
-            for hook in self.after_close:
-                await hook()
-        timed_out = before.cancelled_caught or after.cancelled_caught
+        # What is still open by the deadline is aborted.
+        await self.server.wait_closed(timeout=deadline - anyio.current_time())
         log.log(
-            logging.WARNING if timed_out else logging.INFO,
+            logging.WARNING if before.cancelled_caught else logging.INFO,
             "drain.done",
-            extra={"fields": {"connections": open_at_start, "hooks_timed_out": timed_out}},
+            extra={"fields": {"connections": open_at_start, "hooks_timed_out": before.cancelled_caught}},
         )
 
     async def _sweeper(self) -> None:
