@@ -142,32 +142,29 @@ def _origins(text: str) -> tuple[str, ...]:
     return origins
 
 
-def _positive(name: str, kind: type) -> Any:
+def _number(name: str, kind: type, zero_ok: bool) -> Any:
+    """A flag converter: a number > 0, or >= 0 where 0 turns the feature off."""
+
     def conv(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {text!r}")
+        if value < 0 or (value == 0 and not zero_ok):
+            bound = ">= 0 (0 = off)" if zero_ok else "> 0"
+            raise argparse.ArgumentTypeError(f"{name} must be {bound}, got {text!r}")
         return value
 
     conv.__name__ = kind.__name__
     return conv
+
+
+def _positive(name: str, kind: type) -> Any:
+    return _number(name, kind, zero_ok=False)
 
 
 def _non_negative(name: str, kind: type) -> Any:
-    def conv(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0 (0 = off), got {text!r}")
-        return value
-
-    conv.__name__ = kind.__name__
-    return conv
+    return _number(name, kind, zero_ok=True)
 
 
 def _bool(text: str) -> bool:
