@@ -34,7 +34,8 @@ import sys
 import time
 from typing import Any
 
-from loadtest.wsraw import RawWs, frame, handshake
+from loadtest.client import frame, handshake
+from loadtest.wsraw import RawWs
 
 HEARTBEAT = b'{"type":"heartbeat"}'
 CONFIGS = {
@@ -78,7 +79,7 @@ def flooder(port: int, stop: Any, counts: Any) -> None:
     while not stop.is_set():
         try:
             with socket.create_connection(("127.0.0.1", port)) as s:
-                s.sendall(handshake("/ws/tracker/flood"))
+                s.sendall(handshake("127.0.0.1", port, "/ws/tracker/flood"))
                 head = b""
                 while b"\r\n\r\n" not in head:
                     chunk = s.recv(4096)

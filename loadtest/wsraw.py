@@ -1,42 +1,15 @@
-"""A lean WebSocket client for benchmarks: hand-written handshake and framing.
+"""A stream-based raw WebSocket client for floods and protocol tests.
 
-The websockets client costs ~440 µs of CPU per handshake (FACTS.md), which
-would make the load generator the bottleneck. Frames are masked with a zero
-key (valid per RFC 6455, and the payload goes out unchanged).
+Framing and the handshake are loadtest.client's; this only reads frames
+back with asyncio streams, one at a time, as a test wants them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 import struct
 
-
-def frame(payload: bytes, opcode: int = 0x1) -> bytes:
-    """One masked client frame (zero mask key)."""
-    n = len(payload)
-    if n < 126:
-        head = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
-    elif n < 65536:
-        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
-    else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
-    return head + b"\0\0\0\0" + payload
-
-
-def handshake(path: str, host: str = "127.0.0.1", headers: dict[str, str] | None = None) -> bytes:
-    key = base64.b64encode(os.urandom(16)).decode()
-    lines = [
-        f"GET {path} HTTP/1.1",
-        f"Host: {host}",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {key}",
-        "Sec-WebSocket-Version: 13",
-    ]
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+from loadtest.client import frame, handshake
 
 
 class RawWs:
@@ -49,7 +22,7 @@ class RawWs:
     @classmethod
     async def connect(cls, port: int, path: str, headers: dict[str, str] | None = None) -> RawWs:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(handshake(path, headers=headers))
+        writer.write(handshake("127.0.0.1", port, path, list((headers or {}).items())))
         head = await reader.readuntil(b"\r\n\r\n")
         if not head.startswith(b"HTTP/1.1 101"):
             writer.close()

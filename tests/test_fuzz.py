@@ -40,7 +40,7 @@ from hub.session import (
     decode_message,
     valid_session_id,
 )
-from loadtest.wsraw import frame, handshake
+from loadtest.client import frame, handshake
 from tests.helpers import API_KEY, running_hub
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))
@@ -130,7 +130,7 @@ def http_raw(port: int, request: bytes) -> tuple[int, bytes]:
 class WsClient:
     def __init__(self, port: int, path: str, headers: dict[str, str] | None = None) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        self.sock.sendall(handshake(path, headers=headers))
+        self.sock.sendall(handshake("127.0.0.1", port, path, list((headers or {}).items())))
         self.buf = b""
         while b"\r\n\r\n" not in self.buf:
             self.buf += self._recv()
