@@ -13,6 +13,7 @@ import base64
 import os
 import socket
 import struct
+import time
 from typing import Protocol as TypingProtocol
 from urllib.parse import urlsplit
 
@@ -271,6 +272,7 @@ class HttpClient:
         self.api_key = api_key
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.sent_at = 0.0  # monotonic time the last request was written
 
     async def request(
         self, method: str, path: str, body: bytes = b"", timeout: float = 10.0
@@ -301,6 +303,7 @@ class HttpClient:
             f"Authorization: Bearer {self.api_key}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"
         )
+        self.sent_at = time.monotonic()
         self.writer.write(head.encode("latin-1") + body)
         raw = await self.reader.readuntil(b"\r\n\r\n")
         lines = raw.decode("latin-1").split("\r\n")

@@ -51,8 +51,13 @@ class Watched:
     _cpu: float = 0.0
     _at: float = 0.0
     procs: dict[int, psutil.Process] = field(default_factory=dict)
+    _listed: float = 0.0
 
     def processes(self) -> list[psutil.Process]:
+        # Finding children scans every process of the machine: at most every 5 s.
+        if self.procs and time.monotonic() - self._listed < 5.0:
+            return list(self.procs.values())
+        self._listed = time.monotonic()
         found: dict[int, psutil.Process] = {}
         for pid in self.pids:
             try:
@@ -86,6 +91,10 @@ class Watched:
         pct = 100.0 * (cpu - self._cpu) / (now - self._at) if self._at else 0.0
         self._cpu, self._at = cpu, now
         return pct
+
+    def sample(self, with_fds: bool) -> tuple[int, float, int | None]:
+        """RSS, CPU percent since the last sample, and (when asked) open fds; run off the event loop."""
+        return self.rss(), self.cpu_percent(), self.fds() if with_fds else None
 
     def fds(self) -> int:
         total = 0

@@ -164,6 +164,7 @@ class Run:
         self.fanout_ms: list[float] = []
         self.snapshot_ms: list[float] = []
         self.search_ms: list[float] = []
+        self.search_lag_ms: list[float] = []
         self.search_by_kind: dict[str, list[float]] = {}
         self.search_errors: Counter[str] = Counter()
         self.tick: dict[str, list[float]] = {"connect": [], "search": [], "probe": [], "fanout": []}
@@ -309,7 +310,14 @@ class Run:
 
     # Searches and checks ------------------------------------------------------
 
-    async def search(self, target: int, project: str, body: dict[str, Any] | None, query: str = "") -> Any:
+    async def search(
+        self,
+        target: int,
+        project: str,
+        body: dict[str, Any] | None,
+        query: str = "",
+        sent: list[float] | None = None,
+    ) -> Any:
         # A keep-alive connection carries one request at a time: wait for a free one.
         pool = self.pools[target]
         client = await pool.get()
@@ -321,6 +329,8 @@ class Run:
                 status, payload = await client.request("POST", path, json.dumps(body).encode())
         finally:
             pool.put_nowait(client)
+        if sent is not None:
+            sent.append(client.sent_at)
         if status != 200:
             raise RuntimeError(f"HTTP {status}: {payload[:200]!r}")
         return json.loads(payload)["data"]
@@ -396,12 +406,16 @@ class Run:
         kind, body, query = self.query_mix()
         target = random.randrange(len(self.opts.targets))
         project = random.choice(self.opts.projects)
+        sent: list[float] = []
         try:
-            await self.search(target, project, body, query)
+            await self.search(target, project, body, query, sent)
         except Exception as exc:
             self.search_errors[type(exc).__name__ + ": " + str(exc)[:80]] += 1
             return
-        ms = (time.monotonic() - due) * 1000
+        # From the request's write to its answer; the swarm's own lag before the write is kept apart
+        # (the orchestrator's loop also reads reports and samples the hub's processes).
+        ms = (time.monotonic() - sent[0]) * 1000
+        self.search_lag_ms.append((sent[0] - due) * 1000)
         self.search_ms.append(ms)
         self.tick["search"].append(ms)
         self.search_by_kind.setdefault(kind, []).append(ms)
@@ -539,7 +553,12 @@ class Run:
     # The run ---------------------------------------------------------------------
 
     def sample_point(
-        self, agg: dict[str, Any], prev: dict[str, Any], dt: float, check: Any
+        self,
+        agg: dict[str, Any],
+        prev: dict[str, Any],
+        dt: float,
+        check: Any,
+        hub: tuple[int, float, int | None] | None,
     ) -> dict[str, Any]:
         sent = sum(v for k, v in agg["sent"].items() if not k.startswith("churn_") and "skipped" not in k)
         prev_sent = prev.get("sent_total", 0)
@@ -563,11 +582,12 @@ class Run:
         }
         if check is not None:
             point["hub_total"] = check["hub_total"]
-        if self.watched is not None:
-            rss = self.watched.rss()
+        if hub is not None:
+            rss, cpu, fds = hub
             point["hub_rss_mib"] = round(rss / 2**20, 1)
-            point["hub_cpu_pct"] = round(self.watched.cpu_percent(), 1)
-            point["hub_fds"] = self.watched.fds()
+            point["hub_cpu_pct"] = round(cpu, 1)
+            if fds is not None:
+                point["hub_fds"] = fds
             if agg["live"] and self.rss0 is not None:
                 point["kib_per_session"] = round((rss - self.rss0) / 1024 / agg["live"], 2)
         for key in self.tick:
@@ -645,7 +665,11 @@ class Run:
                     last_check = now
                     check = await self.count_check()
                     await self.sample_check()
-                point = self.sample_point(agg, prev, now - last_tick, check)
+                hub = None
+                if self.watched is not None:
+                    # psutil reads /proc: in a thread, so searches timed by this loop don't wait on it.
+                    hub = await asyncio.to_thread(self.watched.sample, len(self.timeseries) % 10 == 0)
+                point = self.sample_point(agg, prev, now - last_tick, check, hub)
                 last_tick, prev = now, point
                 self.timeseries.append(point)
                 if live_view is not None:
@@ -746,6 +770,7 @@ class Run:
                 "search_ms": percentiles(self.search_ms),
                 "search_by_kind_ms": {k: percentiles(v) for k, v in self.search_by_kind.items()},
                 "search_errors": dict(self.search_errors),
+                "search_client_lag_ms": percentiles(self.search_lag_ms),
                 "fanout_ms": percentiles(self.fanout_ms),
                 "snapshot_ms": percentiles(self.snapshot_ms),
                 "memory": memory,
