@@ -109,6 +109,7 @@ def plots(results: list[tuple[str, dict[str, Any]]], directory: str) -> list[str
     if not runs:
         return written
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
     for path, r in runs:
         ts = r["timeseries"]
         name = os.path.splitext(os.path.basename(path))[0]
