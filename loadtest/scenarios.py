@@ -44,12 +44,6 @@ AGENT_FILTERS: Final = [
 ]
 
 
-COLUMNS: Final = (
-    "t s", "connected", "live", "hub total", "msgs/s", "recv/s", "errors",
-    "connect p50/p99 ms", "search p50/p99 ms", "hub RSS MiB", "KiB/sess", "hub CPU %", "load",
-)  # fmt: skip
-
-
 class UsageError(ValueError):
     """A bad option: one line, exit code 2."""
 
@@ -597,21 +591,38 @@ class Run:
     def view(self, point: dict[str, Any], agg: dict[str, Any]) -> Any:
         from rich.table import Table
 
-        table = Table(title=f"loadtest {self.opts.scenario} — {', '.join(self.opts.targets)}", expand=False)
-        for col in COLUMNS:
-            table.add_column(col, justify="right")
-
         def f(v: Any) -> str:
             return "-" if v is None else str(v)
 
-        table.add_row(
-            f(point["t"]), f(point["connected"]), f(point["live"]), f(point.get("hub_total")),
-            f(point["msgs_per_s"]), f(point["recv_per_s"]), f(point["errors"]),
-            f"{f(point['connect_p50'])}/{f(point['connect_p99'])}",
-            f"{f(point['search_p50'])}/{f(point['search_p99'])}",
-            f(point.get("hub_rss_mib")), f(point.get("kib_per_session")), f(point.get("hub_cpu_pct")),
-            f(point["loadavg"]),
-        )  # fmt: skip
+        table = Table(
+            title=f"loadtest {self.opts.scenario} — {', '.join(self.opts.targets)}", show_header=False
+        )
+        table.add_column("what", style="bold")
+        table.add_column("value", justify="right")
+        table.add_column("what", style="bold")
+        table.add_column("value", justify="right")
+        rows = [
+            ("elapsed s", f(point["t"]), "load average", f(point["loadavg"])),
+            ("connected", f(point["connected"]), "agents", f(point["agents"])),
+            ("live (swarm)", f(point["live"]), "hub total", f(point.get("hub_total"))),
+            ("msgs/s sent", f(point["msgs_per_s"]), "msgs/s received", f(point["recv_per_s"])),
+            (
+                "connect p50/p99 ms",
+                f"{f(point['connect_p50'])} / {f(point['connect_p99'])}",
+                "search p50/p99 ms",
+                f"{f(point['search_p50'])} / {f(point['search_p99'])}",
+            ),
+            ("hub RSS MiB", f(point.get("hub_rss_mib")), "KiB per session", f(point.get("kib_per_session"))),
+            ("hub CPU %", f(point.get("hub_cpu_pct")), "fan-out p99 ms", f(point["fanout_p99"])),
+            (
+                "errors",
+                f(point["errors"]),
+                "check mismatches",
+                f"{self.checks['count_mismatches']} count, {self.checks['sample_missing']} sample",
+            ),
+        ]
+        for row in rows:
+            table.add_row(*row)
         if agg["errors"]:
             table.caption = "errors: " + ", ".join(f"{k}={v}" for k, v in agg["errors"].most_common(6))
         return table
