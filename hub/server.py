@@ -243,10 +243,8 @@ class Connection(asyncio.Protocol):
         except Exception:
             log.exception("HTTP handler failed on %s %s", request.method, request.path)
             response = error(500, "internal error")
-        if request.method == "HEAD":
-            response.body = b""
         log_request(request, response, self.peer)
-        self._respond(response, keep_alive=self.parser.should_keep_alive())
+        self._respond(response, keep_alive=self.parser.should_keep_alive(), head=request.method == "HEAD")
         self.head_size = 0
         self.deadline = time.monotonic() + self.server.settings.handshake_timeout
 
@@ -261,7 +259,8 @@ class Connection(asyncio.Protocol):
             body=bytes(self.body),
         )
 
-    def _respond(self, response: Response, keep_alive: bool) -> None:
+    def _respond(self, response: Response, keep_alive: bool, head: bool = False) -> None:
+        """Write one response; ``head``: a HEAD request's, the GET's headers without the body."""
         if self.transport is None:
             return
         self.server.counts.http_responses[response.status] += 1
@@ -277,8 +276,8 @@ class Connection(asyncio.Protocol):
         lines += [f"{name}: {value}" for name, value in response.headers]
         if not keep_alive:
             lines.append("Connection: close")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self.transport.write(head + response.body)
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.transport.write(data if head else data + response.body)
         if not keep_alive:
             self.parser = None
             self.transport.close()

@@ -73,7 +73,9 @@ async def http(
                 name, _, value = line.partition(":")
                 hdrs[name.strip().lower()] = value.strip()
         length = int(hdrs.get("content-length", "0"))
-        payload = await asyncio.wait_for(reader.readexactly(length), timeout) if length else b""
+        # A HEAD answer carries the GET's Content-Length and no body.
+        has_body = length and method != "HEAD"
+        payload = await asyncio.wait_for(reader.readexactly(length), timeout) if has_body else b""
         return HttpReply(status, hdrs, payload)
     finally:
         writer.close()

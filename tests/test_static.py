@@ -31,6 +31,7 @@ async def test_static_files(path: str, content_type: str, cache: str, needle: by
 
         head = await http(h.port, "HEAD", path, key=None)
         assert head.status == 200 and head.headers["etag"] == etag
+        assert head.body == b"" and head.headers["content-length"] == str(len(reply.body))
 
 
 async def test_dashboard_policy_and_api_stays_uncached() -> None:
