@@ -318,7 +318,7 @@ OPTIONS: Final[list[tuple[str, Any, str]]] = [
     (
         "agent-idle-timeout",
         _non_negative("agent-idle-timeout", float),
-        "seconds an agent may stay silent (no message, no ping) before 4000 (default 300, 0 = off)",
+        "seconds before an agent that answers nothing, not even the hub's ping, is closed with 4000 (default 300, 0 = off)",
     ),
     (
         "tracker-origins",
