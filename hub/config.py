@@ -318,7 +318,8 @@ OPTIONS: Final[list[tuple[str, Any, str]]] = [
     (
         "agent-idle-timeout",
         _non_negative("agent-idle-timeout", float),
-        "seconds before an agent that answers nothing, not even the hub's ping, is closed with 4000 (default 300, 0 = off)",
+        "seconds before an agent that answers nothing, not even the hub's ping, "
+        "is closed with 4000 (default 300, 0 = off)",
     ),
     (
         "tracker-origins",

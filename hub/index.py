@@ -372,8 +372,12 @@ class _Project:
 
     def _sorted_page(self, matched: set[str] | frozenset[str] | None, q: Query) -> list[str]:
         field, desc, stop = q.sort, q.descending, q.offset + q.limit
-        if matched is None and field in INT_FIELDS:
-            return self._int_order_page(field, q)
+        if field in INT_FIELDS:
+            if matched is None:
+                return self._int_order_page(field, q)
+            found = self._int_matched_page(field, matched, q)
+            if found is not None:
+                return found
         sessions = self.sessions
         chosen = sessions.values() if matched is None else map(sessions.__getitem__, matched)
         # Same order as search.sort_key: (value, sessionID), unset values last
@@ -402,6 +406,44 @@ class _Project:
         for value in _top(keys, stop, desc):
             bucket = buckets[value]
             ids += [bucket] if type(bucket) is str else sorted(bucket, reverse=desc)
+            if len(ids) >= stop:
+                break
+        return ids[q.offset : stop]
+
+
+    def _int_matched_page(self, field: str, matched: set[str] | frozenset[str], q: Query) -> list[str] | None:
+        """A page of ``matched`` by an int field, from the field's index; None when
+        the matches are too sparse for it (sorting them is then cheaper).
+
+        Walking the keys from the last (first) inserted finds ``stop`` matches
+        soon when they are dense, and their weakest value bounds the answer:
+        at least ``stop`` matches lie at or beyond it. A C-level filter keeps
+        the keys within the bound; only those are ordered and read.
+        """
+        buckets, desc, stop = self.fields[field].buckets, q.descending, q.offset + q.limit
+        seen, weakest = 0, None
+        value: Any
+        for value in islice(reversed(buckets) if desc else iter(buckets), len(matched)):
+            bucket = buckets[value]
+            hits = (bucket in matched) if type(bucket) is str else len(matched.intersection(bucket))
+            if hits:
+                seen += hits
+                if weakest is None or (value < weakest if desc else value > weakest):
+                    weakest = value
+                if seen >= stop:
+                    break
+        if seen < stop or weakest is None:
+            return None
+        bound: Any = weakest
+        keys: list[Any] = list(filter(bound.__le__ if desc else bound.__ge__, buckets))
+        ids: list[str] = []
+        for value in _top(keys, len(keys), desc):
+            bucket = buckets[value]
+            if type(bucket) is str:
+                if bucket in matched:
+                    ids.append(bucket)
+            else:
+                ids += sorted(matched.intersection(bucket), reverse=desc)
             if len(ids) >= stop:
                 break
         return ids[q.offset : stop]
