@@ -19,7 +19,6 @@ import asyncio
 import json
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,17 +28,10 @@ from typing import Any
 import websockets
 from playwright.async_api import async_playwright
 
+from loadtest.chromium import FLAGS
+from loadtest.procs import free_port
+
 KEY = "bench-key"
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 COUNTRIES = ["DE", "FR", "US", "BR", "JP", "IN", "GB", "ES", "IT", "CA"]
 BROWSERS = [("Chrome", "131.0"), ("Firefox", "133.0"), ("Safari", "18.1"), ("Edge", "131.0")]
 
@@ -62,12 +54,6 @@ SAMPLER = """seconds => new Promise(resolve => {
     }
     requestAnimationFrame(step);
 })"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pct(values: list[float], p: float) -> float:

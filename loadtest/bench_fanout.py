@@ -23,41 +23,16 @@ import asyncio
 import json
 import math
 import multiprocessing as mp
-import os
-import socket
-import subprocess
-import sys
 import time
 from typing import Any
 
 import msgspec
 
 from .client import WsConn, frame, ws_connect
+from .procs import free_port, start_hub
 
 API_KEY = "bench-fanout"
 HEARTBEAT = frame(b'{"type":"heartbeat"}', mask=b"\x00\x00\x00\x00")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_hub(port: int, interval: float) -> subprocess.Popen[bytes]:
-    args = [sys.executable, "-m", "hub", "serve", "--port", str(port), "--api-key", API_KEY]
-    args += ["--log-level", "warning", "--agent-interval", str(interval), "--max-agents", "0"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
-    proc = subprocess.Popen(args, env=env)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return proc
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("hub did not start")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -188,7 +163,7 @@ class LatencyAgent(Counter):
 
 async def part1(args: argparse.Namespace) -> dict[str, Any]:
     port = free_port()
-    hub = start_hub(port, args.interval)
+    hub = start_hub(port, API_KEY, ["--agent-interval", str(args.interval), "--max-agents", "0"])
     url = f"ws://127.0.0.1:{port}"
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -300,7 +275,7 @@ async def part2(args: argparse.Namespace) -> dict[str, Any]:
         # Fewer changes where each costs 1,000 frames (the agents' reading bounds the run).
         changes = args.changes if kind == "whole project" else args.changes * 10
         port = free_port()
-        hub = start_hub(port, args.interval)
+        hub = start_hub(port, API_KEY, ["--agent-interval", str(args.interval), "--max-agents", "0"])
         url = f"ws://127.0.0.1:{port}"
         try:
             trackers = await start_sessions(url, 0, n_sessions, {"userID": "u0"})

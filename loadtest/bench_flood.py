@@ -29,12 +29,11 @@ import multiprocessing
 import os
 import socket
 import statistics
-import subprocess
-import sys
 import time
 from typing import Any
 
 from loadtest.client import frame, handshake
+from loadtest.procs import free_port, start_hub
 from loadtest.wsraw import RawWs
 
 HEARTBEAT = b'{"type":"heartbeat"}'
@@ -43,28 +42,6 @@ CONFIGS = {
     "yield": ["--rate-limit", "0"],
     "on": [],
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_hub(port: int, extra: list[str]) -> subprocess.Popen[bytes]:
-    args = [sys.executable, "-m", "hub", "serve", "--port", str(port), "--api-key", "bench"]
-    args += ["--log-level", "warning", *extra]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
-    proc = subprocess.Popen(args, env=env)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return proc
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("hub did not start")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -132,7 +109,7 @@ async def tracker(ws: RawWs, i: int, interval: float, until: float, delays: list
 
 async def flood_run(name: str, extra: list[str], n: int, duration: float, interval: float) -> dict[str, Any]:
     port = free_port()
-    hub = start_hub(port, extra)
+    hub = start_hub(port, "bench", extra)
     stop = multiprocessing.Event()
     counts = multiprocessing.Array("d", 2)
     flood = multiprocessing.Process(target=flooder, args=(port, stop, counts), daemon=True)
@@ -166,7 +143,7 @@ async def flood_run(name: str, extra: list[str], n: int, duration: float, interv
 
 async def cost_run(extra: list[str], n: int, beats: int) -> float:
     port = free_port()
-    hub = start_hub(port, ["--tracker-rcvbuf", "0", *extra])
+    hub = start_hub(port, "bench", ["--tracker-rcvbuf", "0", *extra])
     try:
         conns = []
         for i in range(n):

@@ -21,6 +21,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def start_hub(port: int, api_key: str, extra: list[str]) -> subprocess.Popen[bytes]:
+    """``python -m hub serve`` on ``port`` (no HUB_* from this environment), once it accepts."""
+    args = [sys.executable, "-m", "hub", "serve", "--port", str(port), "--api-key", api_key]
+    args += ["--log-level", "warning", *extra]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    proc = subprocess.Popen(args, env=env)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("hub did not start")
+
+
 def listen_overflows() -> int:
     """The kernel's count of connections dropped at a full listen backlog (TcpExt ListenOverflows)."""
     with open("/proc/net/netstat") as f:

@@ -28,6 +28,7 @@ import websockets
 from playwright.async_api import BrowserContext, Page, async_playwright, expect
 
 from hub.server import CLOSE_RESTART
+from loadtest.chromium import FLAGS
 from tests.helpers import API_KEY, RunningHub, running_hub, wait_for
 
 CHROMIUM = shutil.which("chromium")
@@ -35,16 +36,6 @@ pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="Debian's chromium is not installed (`make test` installs it with apt)"
 )
 
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 PAGES = Path(__file__).parent / "pages"
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 
