@@ -141,6 +141,16 @@ KINDS: list[tuple[str, bool, QueryMaker]] = [
         },
     ),
     ("no filter, sort lastActiveAt desc", False, lambda r: {"sort": "lastActiveAt"}),
+    (
+        "metadata is, sort lastActiveAt, page 1-5 x 20",
+        False,
+        lambda r: {
+            "filters": [{"name": "plan", "operator": "is", "value": [r.choice(PLANS)]}],
+            "sort": "lastActiveAt",
+            "page": r.randint(1, 5),
+            "limit": 20,
+        },
+    ),
 ]
 
 
