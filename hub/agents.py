@@ -113,7 +113,7 @@ def parse_message(frame: bytes, project_key: str, max_filters: int) -> Subscript
     except QueryError as exc:
         raise InputError("invalid_filters", str(exc)) from None
     if max_filters and len(criteria) > max_filters:
-        raise InputError("invalid_filters", f"{len(criteria)} filters, over the limit of {max_filters}")
+        raise InputError("limit_exceeded", f"{len(criteria)} filters, over the limit of {max_filters}")
     session_id = msg.sessionID
     if session_id is not None and not valid_session_id(session_id):
         raise InputError("invalid_field", "sessionID must be 1-64 characters of A-Za-z0-9._:-")

@@ -141,6 +141,7 @@ class Hub:
             project_key,
             self.settings.max_filters,
             self.settings.agent_idle_timeout or None,
+            self.server.limits,
         )
 
     def _add_gauges(self) -> None:

@@ -217,6 +217,8 @@ async def test_too_many_filters_are_refused_in_searches_and_subscriptions() -> N
             await a.send(json.dumps({"type": "subscribe", "filters": filters}))
             answer = json.loads(await asyncio.wait_for(a.recv(), 5))
             assert answer["type"] == "error" and "limit of 2" in answer["message"]
+            assert answer["code"] == "limit_exceeded"
+        assert await limit_count(h.port, "max_filters") == 2, "the subscribe counts as well"
 
 
 async def test_idle_agent_is_closed_with_4000() -> None:
