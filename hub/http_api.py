@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 from urllib.parse import parse_qsl, unquote
 
 import msgspec
@@ -145,7 +145,3 @@ class HttpApi:
         if self.on_search is not None:
             self.on_search(time.perf_counter() - started)
         return Response(200, _encoder.encode(SearchAnswer(SearchData(total=total, sessions=page))))
-
-
-def encode(value: Any) -> bytes:
-    return _encoder.encode(value)

@@ -9,6 +9,7 @@ what a frame or a request means is decided by the endpoint or ``HttpApi``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -22,7 +23,7 @@ import httptools
 from websockets.datastructures import Headers
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request as WsRequest
-from websockets.protocol import OPEN, Event, State
+from websockets.protocol import OPEN, Event
 from websockets.server import ServerProtocol
 
 from .config import Settings
@@ -135,7 +136,7 @@ class Connection(asyncio.Protocol):
             self.counted = True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server.connections.discard(self)
+        self.server.forget(self)
         if self.counted:
             self.counted = False
             per_ip = self.server.per_ip
@@ -491,6 +492,8 @@ class Server:
         # Endpoint class -> metrics label ("tracker", "agent"); set by whoever routes.
         self.endpoint_kinds: dict[type, str] = {}
         self.connections: set[Connection] = set()
+        # Set by wait_closed: the last connection gone.
+        self._all_closed: asyncio.Event | None = None
         self._server: asyncio.Server | None = None
         # Times each limit was reached, by name (README, "Security"; /metrics).
         self.limits: Counter[str] = api.limits
@@ -546,15 +549,20 @@ class Server:
             elif conn.transport is not None:
                 conn.transport.close()
 
+    def forget(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        if not self.connections and self._all_closed is not None:
+            self._all_closed.set()
+
     async def wait_closed(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self.connections and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        """Until every connection is gone or ``timeout``; what is left is aborted."""
+        if self.connections:
+            self._all_closed = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), max(timeout, 0.0))
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
         if self._server is not None:
             self._server.close()
 
-
-__all__ = ["CLOSE_POLICY", "CLOSE_RESTART", "CLOSE_TOO_BIG", "Connection", "Endpoint", "Server", "State"]

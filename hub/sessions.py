@@ -28,8 +28,6 @@ from .session import (
     session_id_or_new,
 )
 
-REASONS: Final = ("ended", "disconnected", "timeout", "node_lost", "unmatched")
-
 Key = tuple[str, str]
 
 # Fields a remote record may change as they are; tabs and connected are

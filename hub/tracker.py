@@ -34,8 +34,9 @@ _TYPE_NAMES: Final[dict[type[TrackerMessage], str]] = {
     End: "end",
 }
 
+
 class TrackerProtocol:
-    __slots__ = ("counts", "errors", "project_id", "project_key", "registry", "session")
+    __slots__ = ("counts", "project_id", "project_key", "registry", "session")
 
     def __init__(
         self, registry: Registry, project_key: str, project_id: int, counts: MessageCounts | None = None
@@ -46,13 +47,11 @@ class TrackerProtocol:
         self.project_key = project_key
         self.project_id = project_id
         self.session: Session | None = None
-        self.errors = 0
 
     def receive(self, frame: bytes | str, now: int) -> bytes | None:
         try:
             return self._receive(frame, now)
         except InputError as exc:
-            self.errors += 1
             self.counts.error(exc.code, exc.message)
             self.counts.sent["error"] += 1
             return encode_error(exc.code, exc.message)
