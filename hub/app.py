@@ -12,50 +12,30 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
 
 from . import static
-from .agent_endpoint import AgentEndpoint
-from .agents import FanOut
 from .auth import bearer_token, origin_allowed
 from .cluster import Cluster
 from .config import Settings
+from .counts import AGENT, TRACKER
+from .endpoints import AgentEndpoint, TrackerEndpoint
+from .fanout import FanOut
 from .http_api import HttpApi, Request, Response, error, query_params
 from .index import LiveIndex
-from .metrics import AGENT, TRACKER, MessageCounts, Metrics
-from .server import CLOSE_RESTART, Connection, Endpoint, Server, now_ms
-from .sessions import Registry
-from .tracker import TrackerProtocol
+from .metrics import Metrics
+from .registry import Registry
+from .replication import LocalReplication, Replication
+from .server import Connection, Endpoint, Server, now_ms
+from .wire import CloseCode, ErrorCode
 
 log = logging.getLogger("hub")
 
 TRACKER_PREFIX = "/ws/tracker/"
 AGENT_PREFIX = "/ws/agent/"
-
-
-class TrackerEndpoint(TrackerProtocol):
-    """The tracker protocol on a live connection."""
-
-    __slots__ = ("idle_timeout",)
-    keepalive = False
-
-    def __init__(
-        self,
-        registry: Registry,
-        project_key: str,
-        project_id: int,
-        idle_timeout: float,
-        counts: MessageCounts | None = None,
-    ) -> None:
-        super().__init__(registry, project_key, project_id, counts)
-        self.idle_timeout: float | None = idle_timeout
-
-    def writable(self) -> None:
-        """Trackers only get replies; nothing is queued."""
 
 
 class Hub:
@@ -67,6 +47,11 @@ class Hub:
             grace_ms=int(settings.grace * 1000),
             max_sessions_per_project=settings.max_sessions_per_project,
         )
+        # The one place that knows whether this is a cluster node (README, "Cluster").
+        self.replication: Replication = (
+            Cluster(settings, self.registry) if settings.redis_url else LocalReplication()
+        )
+        self.registry.replication = self.replication
         self.ready = False
         self.draining = False
         self.metrics = Metrics(self.index, per_project=settings.metrics_per_project)
@@ -74,25 +59,17 @@ class Hub:
         self.api = HttpApi(
             settings,
             self.index,
-            ready=lambda: self.ready and not self.draining and (self.cluster is None or self.cluster.ready),
+            ready=lambda: self.ready and not self.draining and self.replication.ready,
             on_search=self.metrics.observe_search,
         )
         self.api.routes.update(static.routes())
         self.api.routes["/metrics"] = self.metrics.route
         self.server = Server(settings, self.api, self.route_ws, self.metrics.connections)
-        self.agents = FanOut(self.index, settings.agent_max_pending, wake=self._wake_agents)
-        self.registry.listeners.append(self.agents)
+        self.fanout = FanOut(self.index, settings.agent_max_pending, wake=self._wake_agents)
+        self.registry.listeners.append(self.fanout)
         self.server.endpoint_kinds.update({TrackerEndpoint: TRACKER, AgentEndpoint: AGENT})
         self._add_gauges()
-        # Awaited by a SIGTERM drain, in order, before connections close (cluster
-        # mode: flush publishes, tell peers this node's sessions are moving).
-        self.before_close: list[Callable[[], Awaitable[None]]] = []
-        # Cluster mode (README, "Cluster"): the index mirrored through Redis.
-        self.cluster = Cluster(settings, self.registry) if settings.redis_url else None
-        if self.cluster is not None:
-            self.registry.listeners.append(self.cluster)
-            self.before_close.append(self.cluster.leave)
-            self._add_cluster_metrics(self.cluster)
+        self.replication.add_metrics(self.metrics.gauge, self.metrics.counter)
         self._stop = anyio.Event()
         # Set once the hub listens; ``port`` is then the bound port.
         self.listening = anyio.Event()
@@ -132,11 +109,11 @@ class Hub:
         if self.settings.project_id(project_key) is None:
             return error(404, "project not found")
         limit = self.settings.max_agents
-        if limit and len(self.agents.agents) >= limit:
+        if limit and len(self.fanout.agents) >= limit:
             self.server.limits["max_agents"] += 1
             return error(503, f"the hub holds its limit of {limit} agent connections")
         return AgentEndpoint(
-            self.agents,
+            self.fanout,
             conn,
             project_key,
             self.settings.max_filters,
@@ -168,40 +145,27 @@ class Hub:
             self._limits_reached,
             labels=["limit"],
         )
-        m.gauge("hub_agents", "Agent connections in the fan-out.", lambda: len(self.agents.agents))
+        m.gauge("hub_agents", "Agent connections in the fan-out.", lambda: len(self.fanout.agents))
         m.gauge(
             "hub_agent_queue_depth",
             "Sessions with unsent changes, summed over agents (the fan-out backlog).",
-            lambda: sum(agent.pending for agent in self.agents.agents),
+            lambda: sum(agent.pending for agent in self.fanout.agents),
         )
         m.gauge(
             "hub_agent_queue_depth_max",
             "Sessions with unsent changes of the most behind agent.",
-            lambda: max((agent.pending for agent in self.agents.agents), default=0),
-        )
-
-    def _add_cluster_metrics(self, cluster: Cluster) -> None:
-        m = self.metrics
-        m.counter("hub_redis_published_batches", "Batches this node published.", lambda: cluster.published)
-        m.counter("hub_redis_received_batches", "Batches received from peers.", lambda: cluster.received)
-        m.gauge("hub_redis_connected", "1 while the Redis connection is up.", lambda: cluster.connected)
-        m.gauge("hub_cluster_peers", "Peer nodes this node hears from.", lambda: len(cluster.peers))
-        m.gauge(
-            "hub_cluster_peer_silence_seconds",
-            "Seconds since the last batch of the quietest peer: the replication lag bound "
-            "(peers publish at least every node-lease/4).",
-            lambda: max((time.monotonic() - p.heard for p in cluster.peers.values()), default=0.0),
+            lambda: max((agent.pending for agent in self.fanout.agents), default=0),
         )
 
     def _limits_reached(self) -> dict[tuple[str, ...], float]:
         reached: dict[tuple[str, ...], float] = {(n,): float(c) for n, c in self.server.limits.items()}
         # The per-project session limit is refused by the registry, as a tracker error.
-        reached[("max_sessions_per_project",)] = float(self.metrics.trackers.errors["project_full"])
+        reached[("max_sessions_per_project",)] = float(self.metrics.trackers.errors[ErrorCode.PROJECT_FULL])
         return reached
 
     def _wake_agents(self) -> None:
         # Changes arrive in bursts (a read of many tracker frames): send once after.
-        asyncio.get_running_loop().call_soon(self.agents.flush)
+        asyncio.get_running_loop().call_soon(self.fanout.flush)
 
     async def serve(
         self,
@@ -220,8 +184,7 @@ class Hub:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._sweeper)
             tg.start_soon(self._agent_ticker)
-            if self.cluster is not None:
-                tg.start_soon(self.cluster.run)
+            tg.start_soon(self.replication.run)
             if handle_signals:
                 tg.start_soon(self._signals)
             self.ready = True
@@ -251,18 +214,17 @@ class Hub:
         deadline = anyio.current_time() + timeout
         open_at_start = len(self.server.connections)
         log.info("drain.start", extra={"fields": {"connections": open_at_start, "timeout": timeout}})
-        # Hooks before the close get at most half the budget: the closing
-        # handshakes must still have time to happen.
+        # Telling peers gets at most half the budget: the closing handshakes
+        # must still have time to happen.
         with anyio.move_on_after(timeout / 2) as before:
-            for hook in self.before_close:
-                await hook()
-        self.server.close_all(CLOSE_RESTART, "hub restarting")
+            await self.replication.leave()
+        self.server.close_all(CloseCode.RESTART, "hub restarting")
         # What is still open by the deadline is aborted.
         await self.server.wait_closed(timeout=deadline - anyio.current_time())
         log.log(
             logging.WARNING if before.cancelled_caught else logging.INFO,
             "drain.done",
-            extra={"fields": {"connections": open_at_start, "hooks_timed_out": before.cancelled_caught}},
+            extra={"fields": {"connections": open_at_start, "leave_timed_out": before.cancelled_caught}},
         )
 
     async def _sweeper(self) -> None:
@@ -275,7 +237,7 @@ class Hub:
         interval = self.settings.agent_interval
         while True:
             await anyio.sleep(interval)
-            self.agents.tick()
+            self.fanout.tick()
 
     def sweep(self) -> None:
         self.server.sweep()

@@ -43,7 +43,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import msgspec
-from anyio.abc import TaskStatus
 from msgspec import Raw, Struct
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -52,19 +51,16 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from .config import Settings
+from .record import Session
+from .registry import Registry, SessionKey
+from .replication import AddMetric
 from .server import now_ms
-from .session import Session
-from .sessions import Key, Registry
+from .wire import BatchKind, EndReason
 
 log = logging.getLogger("hub.cluster")
 
 CHANNEL: Final = "{hub}:changes"
 NODES_KEY: Final = "{hub}:nodes"
-
-# Batch kinds.
-OPS: Final = 0
-RELOAD: Final = 1  # the sender rewrote its records: read them
-BYE: Final = 2  # the sender drains: its sessions wait out their grace for their trackers
 
 # What a session waits to publish: a lastActiveAt refresh, its record, or its end (the reason).
 TOUCH: Final = 0
@@ -83,7 +79,7 @@ def _key(kind: str, node: str) -> str:
     return f"{{hub}}:{kind}:{node}"
 
 
-def _field(key: Key) -> str:
+def _field(key: SessionKey) -> str:
     return f"{key[0]}/{key[1]}"
 
 
@@ -91,21 +87,21 @@ class _BatchOut(Struct, array_like=True):
     node: str
     epoch: str
     seq: int
-    kind: int
+    kind: BatchKind
     up: list[Raw]
     touch: list[tuple[str, str, int]]
     # (projectKey, sessionID, reason); reason None: the sender let it go to other nodes.
-    gone: list[tuple[str, str, str | None]]
+    gone: list[tuple[str, str, EndReason | None]]
 
 
 class Batch(Struct, array_like=True):
     node: str
     epoch: str
     seq: int
-    kind: int
+    kind: BatchKind
     up: list[Session]
     touch: list[tuple[str, str, int]]
-    gone: list[tuple[str, str, str | None]]
+    gone: list[tuple[str, str, EndReason | None]]
 
 
 _encode: Final = msgspec.msgpack.Encoder().encode
@@ -137,7 +133,7 @@ def connect(url: str) -> tuple[Any, bool]:
 
 
 class Cluster:
-    """A ``Registry`` listener publishing this node's changes; ``run`` applies the others'."""
+    """The Redis ``Replication``: publishes this node's changes; ``run`` applies the others'."""
 
     def __init__(self, settings: Settings, registry: Registry) -> None:
         assert settings.redis_url
@@ -156,26 +152,17 @@ class Cluster:
         self.received = 0
         self._client: Any = None
         self._sharded = False
-        self._pending: dict[Key, int | str] = {}
+        self._pending: dict[SessionKey, int | EndReason] = {}
         # Sessions in this node's hash in Redis.
-        self._in_redis: set[Key] = set()
+        self._in_redis: set[SessionKey] = set()
         self._seq = 0
-        self._applying = False
         self._wake = anyio.Event()
         self._lock = anyio.Lock()
         self._last_publish = 0.0
 
-    # -- Registry listener: mark what to publish ------------------------------
+    # -- Replication: mark what to publish (only this node's own changes) --------
 
-    def _mark(self, session: Session, mark: int | str) -> None:
-        key = (session.projectKey, session.sessionID)
-        if self._applying:
-            # A peer's change: not ours to publish, unless it made this node
-            # let go of a session it published (resumed or ended elsewhere).
-            if key in self._in_redis and not self.registry.holds(key):
-                self._pending[key] = RECORD
-                self._wake.set()
-            return
+    def _mark(self, key: SessionKey, mark: int | EndReason) -> None:
         if self.leaving:
             return
         if mark == TOUCH and key in self._pending:
@@ -183,23 +170,36 @@ class Cluster:
         self._pending[key] = mark
         self._wake.set()
 
-    def session_started(self, session: Session) -> None:
-        self._mark(session, RECORD)
+    def held(self, session: Session) -> None:
+        self._mark(_key_of(session), RECORD)
 
-    def session_changed(self, session: Session, changes: dict[str, Any]) -> None:
-        self._mark(session, RECORD)
+    def touched(self, session: Session) -> None:
+        self._mark(_key_of(session), TOUCH)
 
-    def session_touched(self, session: Session) -> None:
-        self._mark(session, TOUCH)
+    def released(self, session: Session, reason: EndReason | None) -> None:
+        key = _key_of(session)
+        if reason is not None:
+            self._mark(key, reason)
+        elif key in self._in_redis:
+            # Resumed or ended elsewhere: the flush finds it no longer held and takes it back.
+            self._mark(key, RECORD)
 
-    def session_ended(self, session: Session, reason: str) -> None:
-        self._mark(session, reason)
+    def add_metrics(self, gauge: AddMetric, counter: AddMetric) -> None:
+        counter("hub_redis_published_batches", "Batches this node published.", lambda: self.published)
+        counter("hub_redis_received_batches", "Batches received from peers.", lambda: self.received)
+        gauge("hub_redis_connected", "1 while the Redis connection is up.", lambda: self.connected)
+        gauge("hub_cluster_peers", "Peer nodes this node hears from.", lambda: len(self.peers))
+        gauge(
+            "hub_cluster_peer_silence_seconds",
+            "Seconds since the last batch of the quietest peer: the replication lag bound "
+            "(peers publish at least every node-lease/4).",
+            lambda: max((time.monotonic() - p.heard for p in self.peers.values()), default=0.0),
+        )
 
     # -- running ----------------------------------------------------------------
 
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def run(self) -> None:
         """Stay connected: bootstrap, mirror, and after any failure retry with backoff and jitter."""
-        task_status.started()
         delay = BACKOFF_MIN
         while True:
             bootstrapped = False
@@ -278,11 +278,11 @@ class Cluster:
             pending, self._pending = self._pending, {}
             try:
                 held = self.registry.held()
-                gone: list[tuple[str, str, str | None]] = [
+                gone: list[tuple[str, str, EndReason | None]] = [
                     (k[0], k[1], m) for k, m in pending.items() if isinstance(m, str)
                 ]
                 self._seq += 1
-                batch = _BatchOut(self.node, self.epoch, self._seq, RELOAD, [], [], gone)
+                batch = _BatchOut(self.node, self.epoch, self._seq, BatchKind.RELOAD, [], [], gone)
                 pipe = client.pipeline(transaction=True)
                 pipe.delete(_key("sessions", self.node))
                 for i in range(0, len(held), HSET_CHUNK):
@@ -308,7 +308,7 @@ class Cluster:
         else:
             pipe.publish(CHANNEL, _encode(batch))
 
-    def _restore(self, pending: dict[Key, int | str]) -> None:
+    def _restore(self, pending: dict[SessionKey, int | EndReason]) -> None:
         # Newer marks win; what failed to go out goes with the next batch.
         for key, mark in pending.items():
             self._pending.setdefault(key, mark)
@@ -336,7 +336,7 @@ class Cluster:
             try:
                 up: list[Raw] = []
                 touch: list[tuple[str, str, int]] = []
-                gone: list[tuple[str, str, str | None]] = []
+                gone: list[tuple[str, str, EndReason | None]] = []
                 records: dict[str, bytes] = {}
                 removed: list[str] = []
                 for key, mark in pending.items():
@@ -355,7 +355,7 @@ class Cluster:
                         up.append(Raw(data))
                         self._in_redis.add(key)
                 self._seq += 1
-                batch = _BatchOut(self.node, self.epoch, self._seq, OPS, up, touch, gone)
+                batch = _BatchOut(self.node, self.epoch, self._seq, BatchKind.OPS, up, touch, gone)
                 pipe = client.pipeline(transaction=True)
                 if records:
                     pipe.hset(_key("sessions", self.node), mapping=records)
@@ -391,19 +391,15 @@ class Cluster:
         peer = self.peers.get(node)
         if peer is not None and peer.epoch != batch.epoch:
             # Restarted under the same id: what the old process held is gone.
-            self._drop(node, "node_lost")
+            self._drop(node, EndReason.NODE_LOST)
             peer = None
-        if batch.kind == BYE:
+        if batch.kind == BatchKind.BYE:
             self.peers.pop(node, None)
-            self._applying = True
-            try:
-                self.registry.move_node(node, now)
-            finally:
-                self._applying = False
+            self.registry.move_node(node, now)
             log.info("cluster.node_left", extra={"fields": {"node": node}})
             return
-        if batch.kind == RELOAD:
-            self._apply(node, Batch(node, batch.epoch, batch.seq, OPS, [], [], batch.gone), now)
+        if batch.kind == BatchKind.RELOAD:
+            self._apply(node, Batch(node, batch.epoch, batch.seq, BatchKind.OPS, [], [], batch.gone), now)
         elif peer is not None and batch.seq == peer.seq + 1:
             self._apply(node, batch, now)
             peer.seq = batch.seq
@@ -419,16 +415,12 @@ class Cluster:
 
     def _apply(self, node: str, batch: Batch, now: int) -> None:
         registry = self.registry
-        self._applying = True
-        try:
-            for project_key, session_id, reason in batch.gone:
-                registry.remote_remove(node, project_key, session_id, reason, now)
-            for record in batch.up:
-                registry.remote_upsert(node, record, now)
-            for project_key, session_id, last_active in batch.touch:
-                registry.remote_touch(project_key, session_id, last_active)
-        finally:
-            self._applying = False
+        for project_key, session_id, reason in batch.gone:
+            registry.remote_remove(node, project_key, session_id, reason, now)
+        for record in batch.up:
+            registry.remote_upsert(node, record, now)
+        for project_key, session_id, last_active in batch.touch:
+            registry.remote_touch(project_key, session_id, last_active)
 
     async def _sync(self, client: Any, node: str) -> bool:
         """Make ``node``'s sessions here equal its snapshot in Redis; False when it has none."""
@@ -442,29 +434,21 @@ class Cluster:
         epoch = raw_epoch.decode()
         peer = self.peers.get(node)
         if peer is not None and peer.epoch != epoch:
-            self._drop(node, "node_lost")
+            self._drop(node, EndReason.NODE_LOST)
         records = [_decode_session(v) for v in fields.values()]
-        self._applying = True
-        try:
-            self.registry.reconcile(node, records, now_ms())
-        finally:
-            self._applying = False
+        self.registry.reconcile(node, records, now_ms())
         self.peers[node] = Peer(epoch, int(raw_seq), time.monotonic())
         return True
 
-    def _drop(self, node: str, reason: str) -> None:
+    def _drop(self, node: str, reason: EndReason) -> None:
         self.peers.pop(node, None)
-        self._applying = True
-        try:
-            dropped = self.registry.drop_node(node, reason, now_ms())
-        finally:
-            self._applying = False
+        dropped = self.registry.drop_node(node, reason, now_ms())
         log.warning("cluster.node_lost", extra={"fields": {"node": node, "sessions": dropped}})
 
     async def _forget_dead(self, client: Any, node: str) -> None:
         """``node``'s lease ran out: drop its sessions here and its keys in Redis."""
         if node in self.peers or self.registry.sessions_of(node):
-            self._drop(node, "node_lost")
+            self._drop(node, EndReason.NODE_LOST)
         if not await client.exists(_key("lease", node)):
             pipe = client.pipeline(transaction=True)
             pipe.hdel(NODES_KEY, node)
@@ -501,7 +485,7 @@ class Cluster:
             pipe = client.pipeline(transaction=True)
             pipe.hdel(NODES_KEY, self.node)
             pipe.delete(_key("sessions", self.node), _key("seq", self.node), _key("lease", self.node))
-            batch = _encode(_BatchOut(self.node, self.epoch, self._seq, BYE, [], [], []))
+            batch = _encode(_BatchOut(self.node, self.epoch, self._seq, BatchKind.BYE, [], [], []))
             if self._sharded:
                 pipe.spublish(CHANNEL, batch)
             else:
@@ -509,7 +493,7 @@ class Cluster:
             await pipe.execute()
 
 
-def _key_of(session: Session) -> Key:
+def _key_of(session: Session) -> SessionKey:
     return (session.projectKey, session.sessionID)
 
 

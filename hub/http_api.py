@@ -19,8 +19,8 @@ from msgspec import Struct
 from .auth import Auth, bearer_token
 from .config import Settings
 from .index import LiveIndex
+from .record import Session
 from .search import Query, QueryError, parse_body, parse_params
-from .session import Session
 
 JSON: Final = "application/json"
 

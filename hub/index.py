@@ -22,8 +22,8 @@ from itertools import accumulate, islice
 from operator import attrgetter, itemgetter
 from typing import Any, Final
 
+from .record import Session
 from .search import FILTERABLE, Criterion, Query
-from .session import Session
 
 # Fields whose values are ints: indexed by the int itself (its text is str(int)).
 INT_FIELDS: Final = frozenset(f for f in FILTERABLE if Session.__annotations__.get(f) in (int, "int"))

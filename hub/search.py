@@ -13,7 +13,7 @@ from typing import Any, Final, Literal
 import msgspec
 from msgspec import Struct
 
-from .session import DESCRIPTIVE_FIELDS, SCALAR_FIELDS, Session
+from .record import DESCRIPTIVE_FIELDS, SCALAR_FIELDS, Session
 
 DEFAULT_LIMIT: Final = 10
 MAX_LIMIT: Final = 1000

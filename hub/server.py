@@ -27,19 +27,14 @@ from websockets.protocol import OPEN, Event
 from websockets.server import ServerProtocol
 
 from .config import Settings
+from .counts import ConnectionCounts
 from .http_api import HttpApi, Request, Response, error
-from .metrics import ConnectionCounts
+from .wire import CLOSE_ABNORMAL, CloseCode
 
 log = logging.getLogger("hub.server")
 
-# Close codes (README, "Close codes").
-CLOSE_TOO_BIG = 1009
-CLOSE_POLICY = 1008
-CLOSE_RESTART = 1012
-CLOSE_HEARTBEAT_TIMEOUT = 4000
+# Seconds the peer has to answer our close frame before the socket is dropped.
 CLOSE_TIMEOUT_S = 2.0
-# Dropped without a close frame (never sent on the wire; the metrics label).
-CLOSE_ABNORMAL = 1006
 
 
 class Endpoint(TypingProtocol):
@@ -144,7 +139,7 @@ class Connection(asyncio.Protocol):
             if not per_ip[self.peer]:
                 del per_ip[self.peer]
         ws = self.ws
-        if ws is not None and ws.close_sent is not None and ws.close_sent.code == CLOSE_TOO_BIG:
+        if ws is not None and ws.close_sent is not None and ws.close_sent.code == CloseCode.TOO_BIG:
             self.server.limits["max_frame"] += 1
         endpoint, self.endpoint = self.endpoint, None
         if endpoint is not None:
@@ -338,7 +333,7 @@ class Connection(asyncio.Protocol):
 
     def _refuse_flood(self) -> None:
         """Past the rate limit: close with 1008 and stop reading at once."""
-        self.close(CLOSE_POLICY, "rate limit exceeded")
+        self.close(CloseCode.POLICY, "rate limit exceeded")
         if self.transport is not None:
             self.transport.close()
 
@@ -447,7 +442,7 @@ class Connection(asyncio.Protocol):
         if idle > timeout:
             self.server.limits["idle_timeout"] += 1
             self.timed_out = True
-            self.close(CLOSE_HEARTBEAT_TIMEOUT, "idle timeout" if endpoint.keepalive else "heartbeat timeout")
+            self.close(CloseCode.IDLE_TIMEOUT, "idle timeout" if endpoint.keepalive else "heartbeat timeout")
         elif endpoint.keepalive and not self.pinged and idle > timeout / 2:
             self.pinged = True
             ws.send_ping(b"")

@@ -10,11 +10,10 @@ from typing import Final
 
 from msgspec import UNSET
 
-from .metrics import MessageCounts, tracker_counts
-from .session import (
+from .counts import MessageCounts, tracker_counts
+from .record import (
     End,
     Heartbeat,
-    InputError,
     Session,
     Start,
     TrackerMessage,
@@ -24,7 +23,8 @@ from .session import (
     encode_started,
     valid_session_id,
 )
-from .sessions import Registry
+from .registry import Registry
+from .wire import EndReason, ErrorCode, InputError
 
 # Message class -> metrics label.
 _TYPE_NAMES: Final[dict[type[TrackerMessage], str]] = {
@@ -65,7 +65,7 @@ class TrackerProtocol:
             session = self.session = None
         if isinstance(msg, Heartbeat):
             if session is None:
-                raise InputError("not_started", "send start before heartbeat")
+                raise InputError(ErrorCode.NOT_STARTED, "send start before heartbeat")
             self.registry.heartbeat(session, None if msg.active is UNSET else msg.active, now)
             return None
         if isinstance(msg, Start):
@@ -73,7 +73,7 @@ class TrackerProtocol:
                 msg.sessionID = session.sessionID
             elif session is not None and msg.sessionID != session.sessionID:
                 raise InputError(
-                    "already_started",
+                    ErrorCode.ALREADY_STARTED,
                     f"this connection holds session {session.sessionID}; send end before starting another",
                 )
             attach = session is None
@@ -83,10 +83,10 @@ class TrackerProtocol:
             return encode_started(session)
         if session is None:
             raise InputError(
-                "not_started", f"send start before {'end' if isinstance(msg, End) else 'update'}"
+                ErrorCode.NOT_STARTED, f"send start before {'end' if isinstance(msg, End) else 'update'}"
             )
         if isinstance(msg, End):
-            self.registry.end(session, "ended")
+            self.registry.end(session, EndReason.ENDED)
             self.session = None
             return None
         self.registry.update(session, msg, now)
@@ -95,5 +95,6 @@ class TrackerProtocol:
     def closed(self, now: int, timed_out: bool) -> None:
         """The connection closed; a held session waits out its grace."""
         if self.session is not None:
-            self.registry.detach(self.session, now, "timeout" if timed_out else "disconnected")
+            reason = EndReason.TIMEOUT if timed_out else EndReason.DISCONNECTED
+            self.registry.detach(self.session, now, reason)
             self.session = None

@@ -193,8 +193,8 @@ def mirror_cpu(sessions: int = 500, batches: int = 2000, per_batch: int = 20) ->
     """In-process µs per update: encoding on the publishing node, decode + apply on a receiving one."""
     from hub.cluster import Batch, _BatchOut
     from hub.index import LiveIndex
-    from hub.session import Session
-    from hub.sessions import Registry
+    from hub.record import Session
+    from hub.registry import Registry
 
     encode = msgspec.msgpack.Encoder().encode
     decode = msgspec.msgpack.Decoder(Batch).decode

@@ -21,8 +21,8 @@ from prometheus_client import CollectorRegistry, Counter
 
 from hub.index import LiveIndex
 from hub.metrics import Metrics, tracker_counts
-from hub.session import Start
-from hub.sessions import Registry
+from hub.record import Start
+from hub.registry import Registry
 from hub.tracker import TrackerProtocol
 
 

@@ -36,9 +36,9 @@ import msgspec
 from hub.app import Hub
 from hub.config import Settings
 from hub.index import LiveIndex
+from hub.record import Session, Start, Update, decode_message, new_session
+from hub.registry import Registry
 from hub.search import Query, brute_force, parse_body
-from hub.session import Session, Start, Update, decode_message, new_session
-from hub.sessions import Registry
 from loadtest.client import HttpClient, WsConn, ws_connect
 from loadtest.procs import Server, free_port
 

@@ -14,7 +14,8 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from hub.agents import CLOSE_TOO_SLOW, Agent
+from hub.fanout import Agent
+from hub.wire import CloseCode
 from tests.helpers import API_KEY, RunningHub, http, running_hub, wait_for
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -56,7 +57,7 @@ async def start_tracker(h: RunningHub, **start: Any) -> ClientConnection:
 def hub_agent(h: RunningHub, ws: ClientConnection) -> Agent:
     """The hub's side of an agent client connection, found by its port."""
     port = ws.local_address[1]
-    for agent in h.hub.agents.agents:
+    for agent in h.hub.fanout.agents:
         peer = agent.sink.transport.get_extra_info("peername")  # type: ignore[attr-defined]
         if peer[1] == port:
             return agent
@@ -131,7 +132,7 @@ async def test_heartbeats_reach_agents_once_per_interval_as_session_updates() ->
         for _ in range(5):
             await a.send('{"type":"heartbeat"}')
             await b.send('{"type":"heartbeat"}')
-        await wait_for(lambda: len(h.hub.agents._touched.get("p1", {})) == 2)
+        await wait_for(lambda: len(h.hub.fanout._touched.get("p1", {})) == 2)
         frames = [await recv(agent) for _ in range(2)]
         assert {f["type"] for f in frames} == {"session.update"}, "CONTRACT §3 frames unless batch is asked"
         assert {f["sessionID"] for f in frames} == {"a", "b"}
@@ -157,7 +158,7 @@ async def test_heartbeats_are_batched_per_interval_on_request() -> None:
         for _ in range(3):
             await a.send('{"type":"heartbeat"}')
             await b.send('{"type":"heartbeat"}')
-        await wait_for(lambda: len(h.hub.agents._touched.get("p1", {})) == 2)
+        await wait_for(lambda: len(h.hub.fanout._touched.get("p1", {})) == 2)
         frame = await recv(agent)
         assert frame["type"] == "sessions.update" and set(frame["changes"]) == {"a", "b"}
         assert all(list(c) == ["lastActiveAt"] for c in frame["changes"].values())
@@ -188,7 +189,7 @@ async def test_new_subscribe_replaces_old() -> None:
         frame = await recv(agent)
         assert frame["type"] == "session.start" and frame["session"]["sessionID"] == "s2"
         await agent.close()
-        await wait_for(lambda: not h.hub.agents.agents)
+        await wait_for(lambda: not h.hub.fanout.agents)
 
 
 async def test_bad_subscribe_is_an_error_frame_and_keeps_the_old_one() -> None:
@@ -321,7 +322,7 @@ async def test_agent_past_max_pending_is_closed() -> None:
         stalled = hub_agent(h, slow)
         pad = "x" * 1000
         round_ = 0
-        while stalled in h.hub.agents.agents:
+        while stalled in h.hub.fanout.agents:
             for i, t in enumerate(trackers):
                 await t.send(json.dumps({"type": "update", "pageTitle": f"r{round_}-{i}{pad}"}))
             round_ += 1
@@ -333,8 +334,8 @@ async def test_agent_past_max_pending_is_closed() -> None:
                 pass
         except ConnectionClosed:
             pass
-        assert slow.close_code == CLOSE_TOO_SLOW and slow.close_reason.startswith("too slow")
-        assert hub_agent(h, fast) in h.hub.agents.agents
+        assert slow.close_code == CloseCode.TOO_SLOW and slow.close_reason.startswith("too slow")
+        assert hub_agent(h, fast) in h.hub.fanout.agents
         await wait_for(
             lambda: any(f.get("changes", {}).get("pageTitle") == f"r{round_ - 1}-0{pad}" for f in seen)
         )
@@ -479,8 +480,8 @@ async def test_dead_agent_is_closed_and_live_ones_are_kept_by_the_hubs_ping() ->
         rest = await asyncio.wait_for(reader.read(), 5)  # the hub's ping, its close frame, then EOF
         assert b"\x88" in rest and b"idle timeout" in rest and (4000).to_bytes(2, "big") in rest
         writer.close()
-        assert hub_agent(h, quiet) in h.hub.agents.agents, "a live agent that sends nothing stays"
-        assert hub_agent(h, chatty) in h.hub.agents.agents
+        assert hub_agent(h, quiet) in h.hub.fanout.agents, "a live agent that sends nothing stays"
+        assert hub_agent(h, chatty) in h.hub.fanout.agents
         await quiet.close()
         await chatty.close()
 

@@ -27,7 +27,7 @@ import pytest
 import websockets
 from playwright.async_api import BrowserContext, Page, async_playwright, expect
 
-from hub.server import CLOSE_RESTART
+from hub.wire import CloseCode
 from loadtest.chromium import FLAGS
 from tests.helpers import API_KEY, RunningHub, running_hub, wait_for
 
@@ -214,7 +214,7 @@ async def test_reconnects_and_resumes_after_the_hub_drops_it(browser: BrowserCon
         with shop_site(h) as site:
             page = await open_shop(browser, site)
             first = await only_session(h)
-            h.hub.server.close_all(CLOSE_RESTART, "hub restarting")
+            h.hub.server.close_all(CloseCode.RESTART, "hub restarting")
             await page.wait_for_function("window.startedCount >= 2")
             session = await only_session(h, connected=True, tabs=1)
             assert session["sessionID"] == first["sessionID"]

@@ -16,8 +16,8 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from hub.index import LiveIndex
-from hub.session import Session, Start
-from hub.sessions import Registry
+from hub.record import Session, Start
+from hub.registry import Registry
 from tests.helpers import API_KEY, HubProcess, free_port, http, wait_for
 from tests.redis_server import RedisCluster, RedisServer, have_redis
 

@@ -29,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hub.session import (
+from hub.record import (
     DESCRIPTIVE_FIELDS,
     MAX_METADATA_KEYS,
     MAX_USER_PROPERTIES_BYTES,

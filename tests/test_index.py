@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from hub.index import LiveIndex
+from hub.record import SCALAR_FIELDS, Session
 from hub.search import FilterIn, Query, brute_force, parse_filter, resolve_sort
-from hub.session import SCALAR_FIELDS, Session
 from tests.helpers import running_hub, wait_for
 
 PROJECTS = ("p1", "p2")

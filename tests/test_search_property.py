@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hub.index import LiveIndex
+from hub.record import Session, Start, Update, decode_message
+from hub.registry import Registry
 from hub.search import parse_body
-from hub.session import Session, Start, Update, decode_message
-from hub.sessions import Registry
 
 WORDS = ["", "a", "ab", "Abc", "b", "AB", "b@c.d"]
 TEXT_FIELDS = ["userID", "userBrowser", "userDeviceType", "pageTitle"]

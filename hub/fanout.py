@@ -14,7 +14,7 @@ Each agent has a coalescing outbox keyed by sessionID: a pending start
 encodes the latest record when it is sent, pending updates merge, a start
 then end never reaches the agent. An agent whose connection is paused
 therefore holds at most one entry per session it watched, and is closed
-with ``CLOSE_TOO_SLOW`` past ``max_pending`` entries.
+with ``CloseCode.TOO_SLOW`` past ``max_pending`` entries.
 
 ``lastActiveAt``-only changes (``session_touched``) cost one dict store per
 project; ``tick`` (once per interval) sends each group one batch, encoded
@@ -31,11 +31,9 @@ import msgspec
 from msgspec import Struct
 
 from .index import LiveIndex
+from .record import Session, valid_session_id
 from .search import Criterion, Query, QueryError, convert_filters, sort_key, text_of
-from .session import InputError, Session, valid_session_id
-
-# Close code for an agent that fell too far behind (README, "Close codes").
-CLOSE_TOO_SLOW: Final = 4008
+from .wire import CloseCode, EndReason, ErrorCode, InputError, validation_code
 
 
 class Snapshot(Struct, tag_field="type", tag="snapshot"):
@@ -98,25 +96,22 @@ def parse_message(frame: bytes, project_key: str, max_filters: int) -> Subscript
     try:
         msg = _decoder.decode(frame)
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        if "`$.type`" in text or "field `type`" in text:
-            code = "unknown_type"
-        else:
-            code = "invalid_field" if "`$." in text else "invalid_message"
-        raise InputError(code, text) from None
+        raise InputError(validation_code(str(exc)), str(exc)) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec: bad UTF-8 in a string
-        raise InputError("invalid_json", str(exc)) from None
+        raise InputError(ErrorCode.INVALID_JSON, str(exc)) from None
     if isinstance(msg, Ping):
         return None
     try:
         criteria = convert_filters(msg.filters)
     except QueryError as exc:
-        raise InputError("invalid_filters", str(exc)) from None
+        raise InputError(ErrorCode.INVALID_FILTERS, str(exc)) from None
     if max_filters and len(criteria) > max_filters:
-        raise InputError("limit_exceeded", f"{len(criteria)} filters, over the limit of {max_filters}")
+        raise InputError(
+            ErrorCode.LIMIT_EXCEEDED, f"{len(criteria)} filters, over the limit of {max_filters}"
+        )
     session_id = msg.sessionID
     if session_id is not None and not valid_session_id(session_id):
-        raise InputError("invalid_field", "sessionID must be 1-64 characters of A-Za-z0-9._:-")
+        raise InputError(ErrorCode.INVALID_FIELD, "sessionID must be 1-64 characters of A-Za-z0-9._:-")
     return Subscription(project_key, criteria, session_id, msg.batch)
 
 
@@ -386,7 +381,7 @@ class FanOut:
                 self._each(group, lambda a: a.start(session))
             elif was:
                 self._unwatch(group, sid)
-                self._each(group, lambda a: a.end(session, "unmatched"))
+                self._each(group, lambda a: a.end(session, EndReason.UNMATCHED))
 
     def session_touched(self, session: Session) -> None:
         project = session.projectKey
@@ -431,7 +426,7 @@ class FanOut:
     def _drop(self, agent: Agent) -> None:
         sink = agent.sink
         self.remove(agent)
-        sink.close(CLOSE_TOO_SLOW, f"too slow: over {self.max_pending} sessions with unsent changes")
+        sink.close(CloseCode.TOO_SLOW, f"too slow: over {self.max_pending} sessions with unsent changes")
 
     # Periodic lastActiveAt batches ---------------------------------------
 

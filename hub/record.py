@@ -12,6 +12,8 @@ from typing import Annotated, Any, Final
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
+from .wire import ErrorCode, InputError, validation_code
+
 # Documented limits of tracker input (README, "Limits").
 MAX_SESSION_ID: Final = 64
 MAX_STRING: Final = 1024
@@ -143,17 +145,8 @@ class Started(Struct, tag_field="type", tag="started"):
 
 
 class ErrorFrame(Struct, tag_field="type", tag="error"):
-    code: str
+    code: ErrorCode
     message: str
-
-
-class InputError(Exception):
-    """A tracker message that must be refused whole, with a stable code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 _decoder: Final = msgspec.json.Decoder(TrackerMessage)
@@ -164,22 +157,12 @@ def decode_message(frame: bytes | str) -> TrackerMessage:
     try:
         msg: TrackerMessage = _decoder.decode(frame)
     except msgspec.ValidationError as exc:
-        raise InputError(_classify(str(exc)), str(exc)) from None
+        raise InputError(validation_code(str(exc)), str(exc)) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec: bad UTF-8 in a string
-        raise InputError("invalid_json", str(exc)) from None
+        raise InputError(ErrorCode.INVALID_JSON, str(exc)) from None
     if isinstance(msg, (Start, Update)):
         check_limits(msg)
     return msg
-
-
-def _classify(text: str) -> str:
-    if "at `$.type`" in text or "field `type`" in text:
-        return "unknown_type"
-    if "length <=" in text:
-        return "limit_exceeded"
-    if "`$" not in text:
-        return "invalid_message"
-    return "invalid_field"
 
 
 def check_limits(msg: _Fields) -> None:
@@ -188,7 +171,7 @@ def check_limits(msg: _Fields) -> None:
         size = len(msgspec.json.encode(msg.userProperties))
         if size > MAX_USER_PROPERTIES_BYTES:
             raise InputError(
-                "limit_exceeded",
+                ErrorCode.LIMIT_EXCEEDED,
                 f"userProperties is {size} bytes encoded, over the limit of {MAX_USER_PROPERTIES_BYTES}",
             )
 
@@ -238,7 +221,7 @@ def changes_of(msg: _Fields, session: Session | None) -> dict[str, Any]:
                 merged[key] = _meta_str(raw)
         if len(merged) > MAX_METADATA_KEYS:
             raise InputError(
-                "limit_exceeded",
+                ErrorCode.LIMIT_EXCEEDED,
                 f"metadata would hold {len(merged)} keys, over the limit of {MAX_METADATA_KEYS}",
             )
         if merged != current:
@@ -255,7 +238,7 @@ def changes_of(msg: _Fields, session: Session | None) -> dict[str, Any]:
             size = len(msgspec.json.encode(merged_up))
             if size > MAX_USER_PROPERTIES_BYTES:
                 raise InputError(
-                    "limit_exceeded",
+                    ErrorCode.LIMIT_EXCEEDED,
                     f"userProperties would be {size} bytes encoded, "
                     f"over the limit of {MAX_USER_PROPERTIES_BYTES}",
                 )
@@ -278,7 +261,7 @@ def new_session(msg: Start, session_id: str, project_key: str, project_id: int, 
     return session
 
 
-def encode_error(code: str, message: str) -> bytes:
+def encode_error(code: ErrorCode, message: str) -> bytes:
     return msgspec.json.encode(ErrorFrame(code=code, message=message))
 
 

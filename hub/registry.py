@@ -1,0 +1,423 @@
+"""The registry of live sessions: start, update, heartbeat, end, tabs, reconnect grace.
+
+``Registry`` turns tracker messages into changes of the live index and
+tells its listeners (agent fan-out, metrics) what changed, and its
+``Replication`` what changed in the sessions this node holds. No I/O and no
+clock: every call takes ``now`` in Unix ms.
+
+In a cluster the index also holds other nodes' sessions. Each node that
+holds a session contributes its tabs (0 while that node waits out the
+session's grace); the indexed record carries their sum, so the same
+sessionID live on two nodes is one session. ``remote_*`` apply what other
+nodes published through the same index calls and listener events as local
+changes, so agents on every node see every change.
+
+The lifecycle of one session lives in its ``Holding`` (every transition is a
+method of ``Registry`` named below); the registry's other dicts are indexes
+over holdings, kept by those same methods:
+
+    (absent) --start / remote_upsert--> LIVE (tabs > 0, connected)
+    LIVE --last tab closes (detach, a peer's part gone)--> GRACE (tabs 0, connected false)
+    GRACE --a tab comes back (start, remote_upsert)--> LIVE
+    GRACE --deadline passes (sweep)--> (absent), reason disconnected or timeout
+    any --end, a peer's end, node_lost--> (absent)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Final, Protocol
+
+import msgspec
+
+from .index import LiveIndex
+from .record import (
+    Session,
+    Start,
+    Update,
+    changes_of,
+    new_session,
+    session_id_or_new,
+)
+from .replication import LocalReplication, Replication
+from .wire import EndReason, ErrorCode, InputError
+
+# A session's identity across the hub: (projectKey, sessionID).
+SessionKey = tuple[str, str]
+
+# Fields a remote record may change as they are; tabs and connected are
+# derived from every node's contribution, timestamp keeps the first start.
+_MIRRORED: Final = tuple(
+    f.name
+    for f in msgspec.structs.fields(Session)
+    if f.name not in ("sessionID", "projectKey", "tabs", "connected", "timestamp", "lastActiveAt", "live")
+)
+
+
+class Listener(Protocol):
+    """Receives every change of the live index, in order, per session."""
+
+    def session_started(self, session: Session) -> None: ...
+
+    def session_changed(self, session: Session, changes: dict[str, Any]) -> None: ...
+
+    def session_touched(self, session: Session) -> None:
+        """Only lastActiveAt changed (a plain heartbeat)."""
+
+    def session_ended(self, session: Session, reason: EndReason) -> None: ...
+
+
+class ProjectFull(InputError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(ErrorCode.PROJECT_FULL, f"the project holds its limit of {limit} live sessions")
+
+
+class Holding:
+    """Who holds one live session: this node's tabs, each peer's tabs, and its grace."""
+
+    __slots__ = ("deadline", "here", "reason", "remote")
+
+    def __init__(self) -> None:
+        # This node's tabs; 0: it waits out the session's grace here; None: not held here.
+        self.here: int | None = None
+        # Tabs each other node holds (0: waiting out its grace there).
+        self.remote: dict[str, int] = {}
+        # While no node holds a tab: when the grace runs out, and the end reason then.
+        self.deadline: int | None = None
+        self.reason = EndReason.DISCONNECTED
+
+    @property
+    def tabs(self) -> int:
+        here = self.here or 0
+        return here + sum(self.remote.values()) if self.remote else here
+
+    @property
+    def orphan(self) -> bool:
+        """No node holds it, not even in a grace."""
+        return self.here is None and not self.remote
+
+
+class Registry:
+    def __init__(
+        self,
+        index: LiveIndex,
+        grace_ms: int,
+        max_sessions_per_project: int = 0,
+        replication: Replication | None = None,
+    ) -> None:
+        self.index = index
+        self.grace_ms = grace_ms
+        self.max_sessions_per_project = max_sessions_per_project
+        self.listeners: list[Listener] = []
+        self.replication: Replication = replication if replication is not None else LocalReplication()
+        # One Holding per indexed session.
+        self._holdings: dict[SessionKey, Holding] = {}
+        # Indexes over holdings: those held here, those in their grace, each peer's.
+        self._local: set[SessionKey] = set()
+        self._waiting: dict[SessionKey, Holding] = {}
+        self._by_node: dict[str, set[SessionKey]] = {}
+
+    def is_live(self, session: Session) -> bool:
+        return self.index.get(session.projectKey, session.sessionID) is session
+
+    # -- transitions of a Holding (the only writers of its fields) ------------
+
+    def _set_here(self, key: SessionKey, h: Holding, tabs: int | None) -> None:
+        h.here = tabs
+        if tabs is None:
+            self._local.discard(key)
+        else:
+            self._local.add(key)
+
+    def _set_remote(self, key: SessionKey, h: Holding, node: str, tabs: int | None) -> None:
+        if tabs is None:
+            h.remote.pop(node, None)
+            nodes = self._by_node.get(node)
+            if nodes is not None:
+                nodes.discard(key)
+        else:
+            if node not in h.remote:
+                self._by_node.setdefault(node, set()).add(key)
+            h.remote[node] = tabs
+
+    def _begin_grace(self, key: SessionKey, h: Holding, deadline: int, reason: EndReason) -> None:
+        """No tab left anywhere; a grace already running keeps its deadline."""
+        if h.deadline is None:
+            h.deadline = deadline
+            h.reason = reason
+            self._waiting[key] = h
+
+    def _end_grace(self, key: SessionKey, h: Holding) -> None:
+        h.deadline = None
+        self._waiting.pop(key, None)
+
+    def _forget(self, key: SessionKey) -> Holding | None:
+        h = self._holdings.pop(key, None)
+        if h is not None:
+            self._local.discard(key)
+            self._waiting.pop(key, None)
+            for node in h.remote:
+                nodes = self._by_node.get(node)
+                if nodes is not None:
+                    nodes.discard(key)
+        return h
+
+    # -- this node's trackers -------------------------------------------------
+
+    def start(
+        self, project_key: str, project_id: int, msg: Start, now: int, attach: bool
+    ) -> tuple[Session, bool]:
+        """Start or join a session; ``attach`` counts a new tab. Returns (session, created)."""
+        session_id = session_id_or_new(msg.sessionID)
+        key = (project_key, session_id)
+        session = self.index.get(project_key, session_id)
+        if session is None:
+            limit = self.max_sessions_per_project
+            if limit and self.index.count(project_key) >= limit:
+                raise ProjectFull(limit)
+            session = new_session(msg, session_id, project_key, project_id, now)
+            h = self._holdings[key] = Holding()
+            self._set_here(key, h, 1)
+            self.index.add(session)
+            for listener in self.listeners:
+                listener.session_started(session)
+            self.replication.held(session)
+            return session, True
+        changes = changes_of(msg, session)
+        h = self._holdings[key]
+        if attach:
+            self._set_here(key, h, (h.here or 0) + 1)
+            changes["tabs"] = h.tabs
+        if not session.connected:
+            changes["connected"] = True
+            self._end_grace(key, h)
+        self._change(session, changes, now)
+        return session, False
+
+    def update(self, session: Session, msg: Update, now: int) -> None:
+        self._change(session, changes_of(msg, session), now)
+
+    def heartbeat(self, session: Session, active: bool | None, now: int) -> None:
+        if active is not None and active != session.active:
+            self._change(session, {"active": active}, now)
+            return
+        self._touch(session, now)
+
+    def _change(self, session: Session, changes: dict[str, Any], now: int) -> None:
+        if not changes:
+            self._touch(session, now)
+            return
+        changes["lastActiveAt"] = now
+        self.index.apply(session, changes)
+        for listener in self.listeners:
+            listener.session_changed(session, changes)
+        self.replication.held(session)
+
+    def _touch(self, session: Session, now: int) -> None:
+        self.index.touch(session, now)
+        for listener in self.listeners:
+            listener.session_touched(session)
+        self.replication.touched(session)
+
+    def end(self, session: Session, reason: EndReason) -> None:
+        """The session leaves the live index at once (a tracker's end, its grace run out here)."""
+        self._end(session, reason, local=True)
+
+    def _end(self, session: Session, reason: EndReason, local: bool) -> None:
+        if not self.is_live(session):
+            return
+        h = self._forget((session.projectKey, session.sessionID))
+        self.index.remove(session)
+        for listener in self.listeners:
+            listener.session_ended(session, reason)
+        if h is not None and h.here is not None:
+            # Ended here: say why. Ended by a peer: this node only lets go of its part.
+            self.replication.released(session, reason if local else None)
+
+    def detach(self, session: Session, now: int, reason: EndReason = EndReason.DISCONNECTED) -> None:
+        """A tracker connection holding ``session`` closed without ``end``."""
+        key = (session.projectKey, session.sessionID)
+        h = self._holdings.get(key)
+        if h is None or not self.is_live(session) or not session.connected:
+            return
+        # This node keeps 0 (its grace) only if the last tab anywhere closes here.
+        here = (h.here or 0) - 1
+        self._set_here(key, h, here if here > 0 else None)
+        tabs = h.tabs
+        if tabs > 0:
+            # A closing tab is no message from the session: lastActiveAt stays.
+            self._apply(session, {"tabs": tabs})
+            if h.here is None:
+                self.replication.released(session, None)  # its other tabs are on other nodes
+            else:
+                self.replication.held(session)
+            return
+        self._set_here(key, h, 0)
+        self._begin_grace(key, h, now + self.grace_ms, reason)
+        self._apply(session, {"connected": False, "tabs": 0})
+        self.replication.held(session)
+
+    def _apply(self, session: Session, changes: dict[str, Any]) -> None:
+        self.index.apply(session, changes)
+        for listener in self.listeners:
+            listener.session_changed(session, changes)
+
+    def sweep(self, now: int) -> int:
+        """End sessions whose grace has run out; returns how many."""
+        expired = [(k, h) for k, h in self._waiting.items() if h.deadline is not None and h.deadline <= now]
+        for key, h in expired:
+            self._end_grace(key, h)
+            session = self.index.get(*key)
+            if session is not None and not session.connected:
+                self._end(session, h.reason, local=True)
+        return len(expired)
+
+    @property
+    def waiting(self) -> int:
+        """Sessions in their reconnect grace."""
+        return len(self._waiting)
+
+    # -- cluster: this node's part and other nodes' sessions -------------------
+
+    def holds(self, key: SessionKey) -> bool:
+        """Whether this node's trackers hold the session (or it waits out its grace here)."""
+        return key in self._local
+
+    def local_tabs(self, key: SessionKey) -> int:
+        h = self._holdings.get(key)
+        return (h.here or 0) if h is not None else 0
+
+    def held(self) -> list[Session]:
+        """Sessions this node holds."""
+        found = (self.index.get(*key) for key in self._local)
+        return [s for s in found if s is not None]
+
+    def sessions_of(self, node: str) -> set[SessionKey]:
+        return set(self._by_node.get(node, ()))
+
+    def remote_upsert(self, node: str, record: Session, now: int) -> None:
+        """``node`` holds ``record`` with ``record.tabs`` tabs; ``record`` may be indexed as is."""
+        key = (record.projectKey, record.sessionID)
+        h = self._holdings.get(key)
+        session = self.index.get(*key)
+        if h is None or session is None:
+            h = self._holdings[key] = Holding()
+            self._set_remote(key, h, node, record.tabs)
+            record.tabs = h.tabs
+            record.connected = record.tabs > 0
+            if not record.connected:
+                self._begin_grace(key, h, now + self.grace_ms, EndReason.DISCONNECTED)
+            self.index.add(record)
+            for listener in self.listeners:
+                listener.session_started(record)
+            return
+        self._set_remote(key, h, node, record.tabs)
+        released = record.tabs > 0 and h.here == 0
+        if released:
+            # Resumed on that node: this node's grace for it is over.
+            self._set_here(key, h, None)
+        changes: dict[str, Any] = {}
+        for name in _MIRRORED:
+            value = getattr(record, name)
+            if value != getattr(session, name):
+                changes[name] = value
+        if record.timestamp != session.timestamp and (
+            record.timestamp < session.timestamp or (len(h.remote) == 1 and h.here is None)
+        ):
+            changes["timestamp"] = record.timestamp
+        self._derive(session, key, h, changes, now)
+        newer = record.lastActiveAt > session.lastActiveAt
+        if changes:
+            if newer:
+                changes["lastActiveAt"] = record.lastActiveAt
+            self._apply(session, changes)
+        elif newer:
+            self.index.touch(session, record.lastActiveAt)
+            for listener in self.listeners:
+                listener.session_touched(session)
+        if released:
+            self.replication.released(session, None)
+
+    def _derive(
+        self, session: Session, key: SessionKey, h: Holding, changes: dict[str, Any], now: int
+    ) -> None:
+        """Add tabs and connected, derived from every node's part, to ``changes``."""
+        tabs = h.tabs
+        if tabs != session.tabs:
+            changes["tabs"] = tabs
+        if (tabs > 0) != session.connected:
+            changes["connected"] = tabs > 0
+        if tabs > 0:
+            self._end_grace(key, h)
+        else:
+            self._begin_grace(key, h, now + self.grace_ms, EndReason.DISCONNECTED)
+
+    def _retab(self, session: Session, key: SessionKey, h: Holding, now: int) -> None:
+        changes: dict[str, Any] = {}
+        self._derive(session, key, h, changes, now)
+        if changes:
+            self._apply(session, changes)
+
+    def remote_touch(self, project_key: str, session_id: str, last_active: int) -> None:
+        session = self.index.get(project_key, session_id)
+        if session is not None and last_active > session.lastActiveAt:
+            self.index.touch(session, last_active)
+            for listener in self.listeners:
+                listener.session_touched(session)
+
+    def remote_remove(
+        self, node: str, project_key: str, session_id: str, reason: EndReason | None, now: int
+    ) -> None:
+        """``node`` ended the session (``reason``) or let it go to other nodes (None)."""
+        key = (project_key, session_id)
+        h = self._holdings.get(key)
+        session = self.index.get(*key)
+        if h is None or session is None:
+            return
+        self._set_remote(key, h, node, None)
+        if reason is EndReason.ENDED or (h.orphan and reason is None):
+            self._end(session, EndReason.ENDED, local=False)
+        elif reason is not None and (h.orphan or h.tabs == 0):
+            # Its grace ran out there; a tab that resumed elsewhere keeps it.
+            self._end(session, reason, local=False)
+        else:
+            self._retab(session, key, h, now)
+
+    def drop_node(
+        self, node: str, reason: EndReason, now: int, keys: Iterable[SessionKey] | None = None
+    ) -> int:
+        """Forget ``node``'s sessions (all, or ``keys``): those no other node holds end with ``reason``."""
+        dropped = 0
+        for key in list(self._by_node.get(node, ()) if keys is None else keys):
+            h = self._holdings.get(key)
+            session = self.index.get(*key)
+            if h is None or session is None:
+                continue
+            self._set_remote(key, h, node, None)
+            if h.orphan:
+                self._end(session, reason, local=False)
+                dropped += 1
+            else:
+                self._retab(session, key, h, now)
+        if keys is None:
+            self._by_node.pop(node, None)
+        return dropped
+
+    def move_node(self, node: str, now: int) -> None:
+        """``node`` is leaving: its sessions wait out their grace for their trackers to come back."""
+        for key in self._by_node.pop(node, set()):
+            h = self._holdings.get(key)
+            session = self.index.get(*key)
+            if h is None or session is None:
+                continue
+            self._set_remote(key, h, node, None)
+            self._retab(session, key, h, now)
+
+    def reconcile(self, node: str, records: list[Session], now: int) -> None:
+        """``node`` holds exactly ``records`` (its snapshot): add, change and end to match."""
+        keys = {(r.projectKey, r.sessionID) for r in records}
+        gone = [key for key in self._by_node.get(node, ()) if key not in keys]
+        for project_key, session_id in gone:
+            self.remote_remove(node, project_key, session_id, None, now)
+        for record in records:
+            self.remote_upsert(node, record, now)
