@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from enum import IntEnum
 from typing import Any, Final, Protocol
 
 import msgspec
@@ -62,7 +63,7 @@ class SessionsUpdate(Struct, tag_field="type", tag="sessions.update"):
 
 class SessionEnd(Struct, tag_field="type", tag="session.end"):
     sessionID: str
-    reason: str
+    reason: EndReason
 
 
 class Subscribe(Struct, tag_field="type", tag="subscribe"):
@@ -125,21 +126,81 @@ class Sink(Protocol):
     def close(self, code: int, reason: str) -> None: ...
 
 
-class _Entry:
-    """What an agent has not been sent yet about one session."""
+class Next(IntEnum):
+    """What an outbox entry sends after its end (if any)."""
 
-    __slots__ = ("changes", "ended", "session", "started", "touched")
+    NOTHING = 0
+    START = 1  # session.start with the record as it is at send time
+    UPDATE = 2  # session.update with the merged changes
+    UPDATE_TOUCH = 3  # the same, plus the record's current lastActiveAt
+    TOUCH = 4  # the current lastActiveAt alone (batched with other sessions')
+
+
+class _Entry:
+    """What an agent has not been sent yet about one session: a small state machine.
+
+    An entry sends ``end`` first when ``ended`` is set (the agent saw the
+    session, which ended), then what ``next`` says. Every transition is a
+    method below; ``(new)`` is an entry created for the event:
+
+    =============  ============  ===============  ==============  ==================
+    state          start         update(c)        touch           end(r)
+    =============  ============  ===============  ==============  ==================
+    (new)          START         UPDATE c         TOUCH           end r
+    START          START         START            START           dropped (unseen)
+    UPDATE c       START         UPDATE c+c'      UPDATE_TOUCH c  end r
+    UPDATE_TOUCH   START         UPDATE_TOUCH     UPDATE_TOUCH    end r
+    TOUCH          START         UPDATE_TOUCH c   TOUCH           end r
+    end r          end r, START  end r            end r           end r
+    end r, START   end r, START  end r, START     end r, START    end r
+    =============  ============  ===============  ==============  ==================
+
+    So an agent never gets an update before a start or after an end, and a
+    start then end it never saw costs it nothing.
+    """
+
+    __slots__ = ("changes", "ended", "next", "session")
 
     def __init__(self, session: Session) -> None:
         self.session = session
-        # Send end (this reason) first: the agent saw the session.
-        self.ended: str | None = None
-        # Send start with the record as it is at send time.
-        self.started = False
-        # Merged changes of an update; never mutated (shared between agents).
+        self.ended: EndReason | None = None
+        self.next = Next.NOTHING
+        # Merged changes of UPDATE*; never mutated (shared between agents).
         self.changes: dict[str, Any] | None = None
-        # Send the record's current lastActiveAt.
-        self.touched = False
+
+    def start(self, session: Session) -> None:
+        self.session = session
+        self.next = Next.START
+        self.changes = None
+
+    def update(self, changes: dict[str, Any]) -> None:
+        nxt = self.next
+        if nxt is Next.START or (self.ended is not None and nxt is Next.NOTHING):
+            return  # the start carries the latest record; nothing follows an end
+        if nxt is Next.NOTHING:
+            self.changes, self.next = changes, Next.UPDATE
+        elif nxt is Next.TOUCH:
+            self.changes, self.next = changes, Next.UPDATE_TOUCH
+        else:
+            assert self.changes is not None
+            self.changes = {**self.changes, **changes}
+
+    def touch(self) -> None:
+        if self.next is Next.UPDATE:
+            self.next = Next.UPDATE_TOUCH
+        elif self.next is Next.NOTHING and self.ended is None:
+            self.next = Next.TOUCH
+
+    def end(self, reason: EndReason) -> bool:
+        """False when the entry is to be dropped: the agent never saw the session."""
+        if self.next is Next.START:
+            if self.ended is None:
+                return False
+        else:
+            self.ended = reason
+        self.next = Next.NOTHING
+        self.changes = None
+        return True
 
 
 class Agent:
@@ -169,35 +230,17 @@ class Agent:
         return entry
 
     def start(self, session: Session) -> None:
-        entry = self._entry(session)
-        entry.session = session
-        entry.started = True
-        entry.changes = None
-        entry.touched = False
+        self._entry(session).start(session)
 
     def update(self, session: Session, changes: dict[str, Any]) -> None:
-        entry = self._entry(session)
-        if entry.started:
-            return  # the start will carry the latest record
-        entry.changes = changes if entry.changes is None else {**entry.changes, **changes}
+        self._entry(session).update(changes)
 
-    def end(self, session: Session, reason: str) -> None:
-        entry = self._entry(session)
-        if entry.started and entry.ended is None:
-            del self.entries[session.sessionID]  # never seen: nothing to say
-            return
-        if not entry.started:
-            entry.ended = reason
-        entry.started = False
-        entry.changes = None
-        entry.touched = False
+    def end(self, session: Session, reason: EndReason) -> None:
+        if not self._entry(session).end(reason):
+            del self.entries[session.sessionID]
 
     def touch(self, session: Session) -> None:
-        entry = self.entries.get(session.sessionID)
-        if entry is None:
-            self._entry(session).touched = True
-        elif not entry.started and entry.ended is None:
-            entry.touched = True
+        self._entry(session).touch()
 
     def fold_batch(self) -> None:
         """Turn the queued shared batch into entries (the agent is behind)."""
@@ -364,8 +407,10 @@ class FanOut:
 
     def session_changed(self, session: Session, changes: dict[str, Any]) -> None:
         touched = self._touched.get(session.projectKey)
-        if touched is not None:
-            touched.pop(session.sessionID, None)  # the update carries lastActiveAt
+        if touched is not None and "lastActiveAt" in changes:
+            # The update carries lastActiveAt; a change without it (a tab closing)
+            # must not swallow the heartbeat waiting for the next tick.
+            touched.pop(session.sessionID, None)
         groups = self._groups_of(session)
         if not groups:
             return
@@ -392,7 +437,7 @@ class FanOut:
         ):
             self._touched.setdefault(project, {})[session.sessionID] = session
 
-    def session_ended(self, session: Session, reason: str) -> None:
+    def session_ended(self, session: Session, reason: EndReason) -> None:
         touched = self._touched.get(session.projectKey)
         if touched is not None:
             touched.pop(session.sessionID, None)
@@ -511,18 +556,18 @@ class FanOut:
         touches: dict[str, int] = {}
         while entries and not sink.paused:
             sid, entry = entries.popitem(last=False)
-            session = entry.session
+            session, nxt = entry.session, entry.next
             if entry.ended is not None:
                 sink.send(_encode(SessionEnd(sid, entry.ended)))
-            if entry.started:
+            if nxt is Next.START:
                 sink.send(self._start_frame(session))
-            elif entry.changes is not None:
-                if entry.touched:
-                    changes = {**entry.changes, "lastActiveAt": session.lastActiveAt}
-                    sink.send(_encode(SessionUpdate(sid, changes)))
-                else:
-                    sink.send(self._update_frame(sid, entry.changes))
-            elif entry.touched:
+            elif nxt is Next.UPDATE:
+                assert entry.changes is not None
+                sink.send(self._update_frame(sid, entry.changes))
+            elif nxt is Next.UPDATE_TOUCH:
+                changes = {**(entry.changes or {}), "lastActiveAt": session.lastActiveAt}
+                sink.send(_encode(SessionUpdate(sid, changes)))
+            elif nxt is Next.TOUCH:
                 touches[sid] = session.lastActiveAt
         if touches:
             for frame in _touch_frames(touches, agent.group is not None and agent.group.sub.batch):
