@@ -1,4 +1,5 @@
-"""Shared test tools: free ports, an in-process hub, hub processes, a raw HTTP client."""
+"""Shared test tools: an in-process hub, hub processes, a raw HTTP client, and recorders for the
+I/O-free cores (the unit layer)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ from typing import Any
 
 from hub.app import Hub
 from hub.config import Settings
+from hub.index import LiveIndex
+from hub.record import Session
+from hub.registry import Registry
+from hub.replication import AddMetric
+from hub.wire import EndReason
 
 API_KEY = "test-key-7f3a"
 
@@ -183,3 +189,94 @@ class HubProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+
+# --- the unit layer: recorders for the I/O-free cores, driven with a fake clock ------------
+#
+# ``now`` is a plain int (Unix ms) the test chooses: no sleeps, no sockets.
+
+
+class Events:
+    """A Registry listener that records every event, in order."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[Any, ...]] = []
+
+    def session_started(self, session: Session) -> None:
+        self.log.append(("started", session.sessionID))
+
+    def session_changed(self, session: Session, changes: dict[str, Any]) -> None:
+        self.log.append(("changed", session.sessionID, dict(changes)))
+
+    def session_touched(self, session: Session) -> None:
+        self.log.append(("touched", session.sessionID, session.lastActiveAt))
+
+    def session_ended(self, session: Session, reason: str) -> None:
+        self.log.append(("ended", session.sessionID, reason))
+
+    def take(self) -> list[tuple[Any, ...]]:
+        """The events since the last take."""
+        taken, self.log = self.log, []
+        return taken
+
+
+class RecordingReplication:
+    """A ``hub.replication.Replication`` that records what the registry tells it."""
+
+    ready = True
+
+    def __init__(self) -> None:
+        self.log: list[tuple[Any, ...]] = []
+
+    def held(self, session: Session) -> None:
+        self.log.append(("held", session.sessionID, session.tabs, session.connected))
+
+    def touched(self, session: Session) -> None:
+        self.log.append(("touched", session.sessionID, session.lastActiveAt))
+
+    def released(self, session: Session, reason: EndReason | None) -> None:
+        self.log.append(("released", session.sessionID, reason))
+
+    async def run(self) -> None:
+        pass
+
+    async def leave(self) -> None:
+        pass
+
+    def add_metrics(self, gauge: AddMetric, counter: AddMetric) -> None:
+        pass
+
+    def take(self) -> list[tuple[Any, ...]]:
+        taken, self.log = self.log, []
+        return taken
+
+
+def recording_registry(
+    grace_ms: int = 30_000, max_sessions: int = 0
+) -> tuple[Registry, Events, RecordingReplication]:
+    """A real Registry over a real LiveIndex, with its listener and replication recorded."""
+    replication = RecordingReplication()
+    registry = Registry(LiveIndex(), grace_ms, max_sessions, replication=replication)
+    events = Events()
+    registry.listeners.append(events)
+    return registry, events, replication
+
+
+class RecordingSink:
+    """An agent's connection as ``FanOut`` sees it: frames sent, a paused flag, the close."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.frames: list[dict[str, Any]] = []
+        self.closed: tuple[int, str] | None = None
+
+    def send(self, frame: bytes) -> None:
+        assert self.closed is None, "a frame after the close"
+        self.frames.append(json.loads(frame))
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+
+    def take(self) -> list[dict[str, Any]]:
+        taken, self.frames = self.frames, []
+        return taken

@@ -1,0 +1,300 @@
+"""The registry's session lifecycle with a fake clock (``now`` is a plain int, in ms).
+
+Every transition of a ``Holding`` (README, "Trackers"; CONTRACT §2, §5): what
+the index holds after it, what the listeners hear, and what the registry
+tells its ``Replication`` (only changes that started on this node).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from hub.record import Session, Start
+from hub.registry import ProjectFull
+from hub.wire import EndReason, ErrorCode
+from tests.helpers import recording_registry
+
+GRACE = 30_000
+KEY = ("p1", "s")
+
+
+def start(sid: str = "s", **fields: Any) -> Start:
+    return Start(sessionID=sid, **fields)
+
+
+def record(sid: str = "s", tabs: int = 1, last: int = 1, **fields: Any) -> Session:
+    """A peer's record of a session, as it arrives from Redis."""
+    fields.setdefault("timestamp", 1)
+    return Session(sessionID=sid, projectKey="p1", projectId=0, lastActiveAt=last, tabs=tabs, **fields)
+
+
+# -- this node's trackers ----------------------------------------------------------
+
+
+def test_a_start_indexes_the_session_and_publishes_it() -> None:
+    registry, events, replication = recording_registry()
+    session, created = registry.start("p1", 7, start(userID="ann", timestamp=500), now=1000, attach=True)
+    assert created and registry.is_live(session) and registry.holds(KEY)
+    assert (session.projectId, session.timestamp, session.lastActiveAt) == (7, 500, 1000)
+    assert (session.tabs, session.connected, session.userID) == (1, True, "ann")
+    assert events.take() == [("started", "s")]
+    assert replication.take() == [("held", "s", 1, True)]
+
+
+def test_tabs_count_connections_and_closing_ones_keep_last_active() -> None:
+    registry, events, replication = recording_registry()
+    session, _ = registry.start("p1", 0, start(timestamp=500), now=1000, attach=True)
+    events.take(), replication.take()
+    joined, created = registry.start("p1", 0, start(pageTitle="B", timestamp=900), now=1100, attach=True)
+    assert joined is session and not created
+    assert session.timestamp == 500, "the first start's timestamp stays"
+    assert events.take() == [("changed", "s", {"pageTitle": "B", "tabs": 2, "lastActiveAt": 1100})]
+    assert replication.take() == [("held", "s", 2, True)]
+    # A repeated start on the same connection counts no tab; with nothing new it is a touch.
+    registry.start("p1", 0, start(pageTitle="B"), now=1200, attach=False)
+    assert session.tabs == 2
+    assert events.take() == [("touched", "s", 1200)]
+    assert replication.take() == [("touched", "s", 1200)]
+    # A closing tab is no message from the session: lastActiveAt stays.
+    registry.detach(session, now=5000)
+    assert (session.tabs, session.connected, session.lastActiveAt) == (1, True, 1200)
+    assert events.take() == [("changed", "s", {"tabs": 1})]
+    assert replication.take() == [("held", "s", 1, True)]
+    registry.detach(session, now=6000)
+    assert (session.tabs, session.connected, session.lastActiveAt) == (0, False, 1200)
+    assert events.take() == [("changed", "s", {"connected": False, "tabs": 0})]
+    assert replication.take() == [("held", "s", 0, False)]
+    assert registry.waiting == 1 and registry.holds(KEY), "its grace runs here"
+    # A second close of a session already waiting changes nothing.
+    registry.detach(session, now=7000)
+    assert events.take() == [] and replication.take() == [] and session.tabs == 0
+
+
+@pytest.mark.parametrize("reason", [EndReason.DISCONNECTED, EndReason.TIMEOUT])
+def test_the_grace_ends_the_session_at_its_deadline_not_a_ms_before(reason: EndReason) -> None:
+    registry, events, replication = recording_registry()
+    session, _ = registry.start("p1", 0, start(), now=1000, attach=True)
+    registry.detach(session, now=2000, reason=reason)
+    events.take(), replication.take()
+    deadline = 2000 + GRACE
+    assert registry.sweep(deadline - 1) == 0
+    assert registry.is_live(session) and events.take() == []
+    assert registry.sweep(deadline) == 1
+    assert not registry.is_live(session) and len(registry.index) == 0
+    assert registry.waiting == 0 and not registry.holds(KEY)
+    assert events.take() == [("ended", "s", reason)]
+    assert replication.take() == [("released", "s", reason)]
+    assert registry.sweep(deadline + GRACE) == 0
+
+
+@pytest.mark.parametrize("back_at", [2000, 2000 + GRACE - 1])
+def test_a_start_within_the_grace_resumes_the_same_session(back_at: int) -> None:
+    registry, events, replication = recording_registry()
+    session, _ = registry.start("p1", 0, start(pageTitle="P1", timestamp=500), now=1000, attach=True)
+    registry.detach(session, now=2000)
+    events.take(), replication.take()
+    resumed, created = registry.start("p1", 0, start(pageTitle="P2", timestamp=9), now=back_at, attach=True)
+    assert resumed is session and not created
+    assert (session.connected, session.tabs, session.timestamp, session.pageTitle) == (True, 1, 500, "P2")
+    assert events.take() == [
+        ("changed", "s", {"pageTitle": "P2", "tabs": 1, "connected": True, "lastActiveAt": back_at})
+    ]
+    assert replication.take() == [("held", "s", 1, True)]
+    assert registry.waiting == 0
+    assert registry.sweep(2000 + GRACE) == 0 and registry.is_live(session)
+    # A later close starts a new grace, from that close.
+    registry.detach(session, now=back_at + 10)
+    assert registry.sweep(back_at + 10 + GRACE - 1) == 0
+    assert registry.sweep(back_at + 10 + GRACE) == 1
+
+
+def test_a_grace_already_running_keeps_its_deadline_and_reason() -> None:
+    registry, events, _ = recording_registry()
+    session, _ = registry.start("p1", 0, start(), now=1000, attach=True)
+    registry.remote_upsert("b", record(tabs=1), now=1000)
+    registry.detach(session, now=2000, reason=EndReason.TIMEOUT)  # here: 0 tabs, b still holds one
+    assert session.connected and registry.waiting == 0
+    registry.remote_upsert("b", record(tabs=0), now=9000)  # b's tab closed too: no tab anywhere
+    assert not session.connected and registry.waiting == 1
+    events.take()
+    assert registry.sweep(9000 + GRACE - 1) == 0
+    assert registry.sweep(9000 + GRACE) == 1
+    assert events.take() == [("ended", "s", EndReason.DISCONNECTED)]
+
+
+def test_end_removes_the_session_at_once() -> None:
+    registry, events, replication = recording_registry()
+    session, _ = registry.start("p1", 0, start(), now=1000, attach=True)
+    registry.start("p1", 0, start(), now=1000, attach=True)
+    events.take(), replication.take()
+    registry.end(session, EndReason.ENDED)
+    assert not registry.is_live(session) and not registry.holds(KEY)
+    assert events.take() == [("ended", "s", EndReason.ENDED)]
+    assert replication.take() == [("released", "s", EndReason.ENDED)]
+    # Whatever still refers to it finds nothing to do.
+    registry.end(session, EndReason.ENDED)
+    registry.detach(session, now=2000)
+    assert events.take() == [] and replication.take() == [] and registry.waiting == 0
+
+
+def test_heartbeats_touch_and_an_active_flip_is_a_change() -> None:
+    registry, events, replication = recording_registry()
+    session, _ = registry.start("p1", 0, start(), now=1000, attach=True)
+    events.take(), replication.take()
+    registry.heartbeat(session, None, now=1500)
+    registry.heartbeat(session, True, now=1600)  # the same flag: only lastActiveAt
+    assert events.take() == [("touched", "s", 1500), ("touched", "s", 1600)]
+    assert replication.take() == [("touched", "s", 1500), ("touched", "s", 1600)]
+    registry.heartbeat(session, False, now=1700)
+    assert events.take() == [("changed", "s", {"active": False, "lastActiveAt": 1700})]
+    assert replication.take() == [("held", "s", 1, True)]
+
+
+def test_the_project_limit_refuses_new_sessions_only() -> None:
+    registry, _, _ = recording_registry(max_sessions=1)
+    first, _ = registry.start("p1", 0, start("a"), now=1, attach=True)
+    with pytest.raises(ProjectFull) as full:
+        registry.start("p1", 0, start("b"), now=2, attach=True)
+    assert full.value.code is ErrorCode.PROJECT_FULL
+    assert registry.start("p1", 0, start("a"), now=3, attach=True)[0] is first  # a tab joining
+    assert registry.start("p2", 0, start("b"), now=4, attach=True)[1], "the limit is per project"
+    registry.end(first, EndReason.ENDED)
+    assert registry.start("p1", 0, start("b"), now=5, attach=True)[1]
+
+
+# -- cluster: other nodes' parts ---------------------------------------------------
+
+
+def test_a_peer_s_session_is_mirrored_and_never_replicated_back() -> None:
+    registry, events, replication = recording_registry()
+    registry.remote_upsert("b", record(userID="ann", last=100), now=1000)
+    session = registry.index.get(*KEY)
+    assert session is not None and not registry.holds(KEY) and registry.sessions_of("b") == {KEY}
+    assert events.take() == [("started", "s")]
+    registry.remote_upsert("b", record(userID="bob", last=200), now=1000)
+    assert events.take() == [("changed", "s", {"userID": "bob", "lastActiveAt": 200})]
+    registry.remote_upsert("b", record(userID="bob", last=300), now=1000)
+    assert events.take() == [("touched", "s", 300)]
+    registry.remote_upsert("b", record(userID="bob", last=250), now=1000)  # older: nothing
+    registry.remote_touch("p1", "s", 250)
+    assert events.take() == []
+    registry.remote_touch("p1", "s", 400)
+    assert events.take() == [("touched", "s", 400)]
+    registry.remote_remove("b", "p1", "s", EndReason.ENDED, now=1000)
+    assert events.take() == [("ended", "s", EndReason.ENDED)]
+    assert replication.take() == [], "what peers did is theirs to publish"
+
+
+def test_the_same_session_on_two_nodes_is_one_session_with_tabs_summed() -> None:
+    registry, events, replication = recording_registry(grace_ms=1000)
+    local, _ = registry.start("p1", 0, start(timestamp=700), now=10, attach=True)
+    replication.take()
+    registry.remote_upsert("b", record(tabs=2, userID="ann", timestamp=900), now=11)
+    assert (local.tabs, local.userID, local.timestamp, len(registry.index)) == (3, "ann", 700, 1)
+    registry.remote_upsert("b", record(tabs=2, userID="ann", timestamp=600), now=11)
+    assert local.timestamp == 600, "the first start anywhere wins"
+    assert replication.take() == []
+    registry.detach(local, now=12)
+    assert local.tabs == 2 and local.connected and not registry.holds(KEY)
+    assert replication.take() == [("released", "s", None)], "its other tabs are on b"
+    registry.remote_upsert("b", record(tabs=0), now=13)
+    assert not local.connected and registry.waiting == 1
+    events.take()
+    assert registry.sweep(now=13 + 1000 - 1) == 0
+    assert registry.sweep(now=13 + 1000) == 1
+    assert len(registry.index) == 0 and events.take() == [("ended", "s", EndReason.DISCONNECTED)]
+    assert replication.take() == [], "b's grace ran out: b says why"
+
+
+def test_a_tab_resuming_on_another_node_ends_this_node_s_grace() -> None:
+    registry, events, replication = recording_registry()
+    session, _ = registry.start("p1", 0, start(), now=1000, attach=True)
+    registry.detach(session, now=2000)
+    events.take(), replication.take()
+    # b mirrored the session: its record carries the same start.
+    registry.remote_upsert("b", record(tabs=1, last=2500, timestamp=session.timestamp), now=2500)
+    assert session.connected and session.tabs == 1 and registry.waiting == 0
+    assert not registry.holds(KEY)
+    assert events.take() == [("changed", "s", {"tabs": 1, "connected": True, "lastActiveAt": 2500})]
+    assert replication.take() == [("released", "s", None)]
+    assert registry.sweep(2000 + GRACE) == 0 and registry.is_live(session)
+
+
+def test_a_peer_s_end_ends_the_session_here_too() -> None:
+    registry, events, replication = recording_registry()
+    session, _ = registry.start("p1", 0, start(), now=1000, attach=True)
+    registry.remote_upsert("b", record(tabs=1), now=1000)
+    events.take(), replication.take()
+    registry.remote_remove("b", "p1", "s", EndReason.ENDED, now=1100)
+    assert not registry.is_live(session)
+    assert events.take() == [("ended", "s", EndReason.ENDED)]
+    assert replication.take() == [("released", "s", None)], "this node lets go of its part"
+
+
+def test_a_peer_s_grace_running_out_spares_a_tab_that_resumed_here() -> None:
+    registry, events, replication = recording_registry()
+    registry.remote_upsert("b", record(tabs=0), now=1000)
+    session = registry.index.get(*KEY)
+    assert session is not None and not session.connected and registry.waiting == 1
+    registry.start("p1", 0, start(), now=2000, attach=True)
+    assert session.connected and session.tabs == 1 and registry.waiting == 0
+    events.take(), replication.take()
+    registry.remote_remove("b", "p1", "s", EndReason.DISCONNECTED, now=3000)
+    assert registry.is_live(session) and session.tabs == 1 and registry.sessions_of("b") == set()
+    assert events.take() == [] and replication.take() == []
+
+
+def test_a_lost_node_ends_only_the_sessions_no_other_node_holds() -> None:
+    registry, events, replication = recording_registry()
+    registry.remote_upsert("b", record("only-b"), now=1)
+    registry.remote_upsert("b", record("both"), now=1)
+    registry.remote_upsert("c", record("both"), now=1)
+    mine, _ = registry.start("p1", 0, start("mine"), now=1, attach=True)
+    registry.remote_upsert("b", record("mine"), now=1)
+    both = registry.index.get("p1", "both")
+    assert both is not None and both.tabs == 2 and mine.tabs == 2
+    events.take(), replication.take()
+    assert registry.drop_node("b", EndReason.NODE_LOST, now=2) == 1
+    # b's sessions come from a set: compare in a fixed order.
+    assert sorted(events.take()) == [
+        ("changed", "both", {"tabs": 1}),
+        ("changed", "mine", {"tabs": 1}),
+        ("ended", "only-b", EndReason.NODE_LOST),
+    ]
+    assert both.tabs == 1 and mine.tabs == 1 and registry.sessions_of("b") == set()
+    assert replication.take() == []
+
+
+def test_a_leaving_node_s_sessions_wait_out_their_grace_and_resume_here() -> None:
+    registry, events, replication = recording_registry(grace_ms=1000)
+    registry.remote_upsert("b", record("s"), now=1)
+    registry.remote_upsert("b", record("t"), now=1)
+    registry.move_node("b", now=2)
+    session = registry.index.get(*KEY)
+    assert session is not None and not session.connected and session.tabs == 0
+    assert registry.waiting == 2 and registry.sessions_of("b") == set()
+    resumed, created = registry.start("p1", 0, start("s"), now=3, attach=True)
+    assert resumed is session and not created and session.connected and session.tabs == 1
+    events.take()
+    assert registry.sweep(now=2 + 1000 - 1) == 0
+    assert registry.sweep(now=2 + 1000) == 1 and registry.is_live(session)
+    assert events.take() == [("ended", "t", EndReason.DISCONNECTED)]
+    assert replication.take() == [("held", "s", 1, True)], "only the resumed tab is this node's"
+
+
+def test_reconcile_makes_a_peer_s_part_equal_its_snapshot() -> None:
+    registry, events, replication = recording_registry()
+    registry.remote_upsert("b", record("gone"), now=1)
+    registry.remote_upsert("b", record("kept", userID="ann"), now=1)
+    events.take()
+    registry.reconcile("b", [record("kept", userID="bob"), record("new")], now=5)
+    assert sorted(events.take()) == [
+        ("changed", "kept", {"userID": "bob"}),
+        ("ended", "gone", EndReason.ENDED),
+        ("started", "new"),
+    ]
+    assert registry.sessions_of("b") == {("p1", "kept"), ("p1", "new")}
+    assert registry.index.get("p1", "gone") is None
+    assert replication.take() == []
