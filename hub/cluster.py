@@ -47,7 +47,7 @@ from msgspec import Raw, Struct
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
 from .config import Settings
@@ -69,6 +69,8 @@ RECORD: Final = 1
 BACKOFF_MIN: Final = 0.1
 BACKOFF_MAX: Final = 2.0
 HSET_CHUNK: Final = 1000
+# While Redis stays unreachable, one log line per interval (with the count), not one per retry.
+LOG_EVERY_S: Final = 30.0
 
 
 def default_node_id() -> str:
@@ -159,6 +161,8 @@ class Cluster:
         self._wake = anyio.Event()
         self._lock = anyio.Lock()
         self._last_publish = 0.0
+        # Failed connection attempts since the last bootstrap, logged at most every LOG_EVERY_S.
+        self._failures = _Throttle(LOG_EVERY_S)
 
     # -- Replication: mark what to publish (only this node's own changes) --------
 
@@ -222,15 +226,18 @@ class Cluster:
                     self._client = None
                     with anyio.CancelScope(shield=True), anyio.move_on_after(1):
                         await _close(client, pubsub)
-            except* (RedisError, OSError) as group:
-                log.warning(
-                    "cluster.redis_down",
-                    extra={"fields": {"error": _first_error(group), "retry_in_s": round(delay, 2)}},
-                )
+            except* (RedisError, RedisClusterException, OSError) as group:
+                if self._failures.due(time.monotonic()):
+                    fields = {"error": _first_error(group), "retry_in_s": round(delay, 2)}
+                    fields["failures"] = self._failures.take()
+                    log.warning("cluster.redis_down", extra={"fields": fields})
             except* Exception as group:
                 # Never let the mirror take the node down: log, reconnect, resync.
-                log.error("cluster.failed", exc_info=group)
+                if self._failures.due(time.monotonic()):
+                    fields = {"failures": self._failures.take()}
+                    log.error("cluster.failed", exc_info=group, extra={"fields": fields})
             if bootstrapped:
+                self._failures = _Throttle(LOG_EVERY_S)
                 delay = BACKOFF_MIN
             await anyio.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, BACKOFF_MAX)
@@ -491,6 +498,29 @@ class Cluster:
             else:
                 pipe.publish(CHANNEL, batch)
             await pipe.execute()
+
+
+class _Throttle:
+    """Counts events; ``due`` says when one may be logged (the first, then every ``interval``)."""
+
+    __slots__ = ("count", "interval", "next_at")
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.next_at = 0.0
+        self.count = 0
+
+    def due(self, now: float) -> bool:
+        self.count += 1
+        if now < self.next_at:
+            return False
+        self.next_at = now + self.interval
+        return True
+
+    def take(self) -> int:
+        """Events since the last logged one, that one included."""
+        count, self.count = self.count, 0
+        return count
 
 
 def _key_of(session: Session) -> SessionKey:

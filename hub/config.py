@@ -13,7 +13,9 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, NoReturn
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
+
+from redis.connection import parse_url
 
 
 class ConfigError(ValueError):
@@ -186,12 +188,31 @@ def _port(text: str) -> int:
     return port
 
 
+def redact_url(text: str) -> str:
+    """``text`` with any password replaced, for messages and logs."""
+    parts = urlsplit(text)
+    if parts.password is None:
+        return text
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:[redacted]@{host}"))
+
+
 def _redis_url(text: str) -> str:
+    # Checked here, in full, as redis-py will read it: a URL it cannot use must
+    # be one line and exit 2 at start, not an error logged on every retry.
+    shown = redact_url(text)
     scheme = urlsplit(text).scheme
     if scheme not in ("redis", "rediss", "redis+cluster", "rediss+cluster", "unix"):
         raise argparse.ArgumentTypeError(
-            f"redis url must start with redis://, rediss://, redis+cluster:// or unix://, got {text!r}"
+            f"redis url must start with redis://, rediss://, redis+cluster:// or unix://, got {shown!r}"
         )
+    try:
+        parsed = parse_url(text.replace("+cluster://", "://", 1))  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid redis url {shown!r}: {exc}") from None
+    if scheme != "unix" and not parsed.get("host"):
+        raise argparse.ArgumentTypeError(f"invalid redis url {shown!r}: it names no host")
     return text
 
 
