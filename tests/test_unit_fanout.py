@@ -343,7 +343,8 @@ class PausingSink(RecordingSink):
 
 def test_a_connection_that_pauses_mid_flush_gets_the_rest_when_writable() -> None:
     rig = Rig()
-    agent, sink = rig.agent(PausingSink(room=3))  # the snapshot, then two frames
+    sink = PausingSink(room=3)  # the snapshot, then two frames
+    agent, _ = rig.agent(sink)
     for i in range(5):
         rig.start(f"s{i}", 1000 + i)
     rig.fanout.flush()
