@@ -22,12 +22,16 @@ from itertools import accumulate, islice
 from operator import attrgetter, itemgetter
 from typing import Any, Final
 
-from .record import Session
-from .search import FILTERABLE, Criterion, Query
+import msgspec
 
-# Fields whose values are ints: indexed by the int itself (its text is str(int)).
-INT_FIELDS: Final = frozenset(f for f in FILTERABLE if Session.__annotations__.get(f) in (int, "int"))
-BOOL_FIELDS: Final = frozenset(f for f in FILTERABLE if Session.__annotations__.get(f) in (bool, "bool"))
+from .record import Session, scalar_text
+from .search import FILTERABLE, Criterion, Query, compare_text
+
+_KINDS: Final = {f.name: f.type for f in msgspec.structs.fields(Session)}
+# Fields whose values are ints: indexed by the int itself (its text,
+# scalar_text(int), is str(int)); bool fields by their text.
+INT_FIELDS: Final = frozenset(f for f in FILTERABLE if _KINDS[f] is int)
+BOOL_FIELDS: Final = frozenset(f for f in FILTERABLE if _KINDS[f] is bool)
 
 # Relative costs for the planner, in the time of one hash probe (~30 ns here):
 # checking one candidate with Criterion.matches, and scanning one distinct
@@ -42,7 +46,8 @@ WALK_PER_SORT: Final = 16
 # of high-cardinality fields (sessionID, userID, timestamps) are held by one
 # session, and a lone str costs nothing beyond the dict entry.
 Bucket = str | set[str]
-Key = str | int
+# What a field index is keyed by: an int field's int, any other field's text.
+FieldValue = str | int
 _EMPTY: Final[frozenset[str]] = frozenset()
 _SEP: Final = "\x00"
 
@@ -50,18 +55,18 @@ _SEP: Final = "\x00"
 def _text_key(value: str | None) -> str | None:
     if not value:
         return None
-    low = value.lower()
+    low = compare_text(value)
     # Reuse the record's own string when lowering changes nothing.
     return value if low == value else low
 
 
-def field_key(session: Session, field: str) -> Key | None:
+def field_key(session: Session, field: str) -> FieldValue | None:
     """What ``field`` of ``session`` is indexed under; None when a filter cannot match it."""
     value = getattr(session, field)
     if field in INT_FIELDS:
         return value  # type: ignore[no-any-return]
     if field in BOOL_FIELDS:
-        return "true" if value else "false"
+        return scalar_text(value)
     return _text_key(value)
 
 
@@ -79,13 +84,13 @@ class _Haystack:
 
     __slots__ = ("keys", "starts", "text")
 
-    def __init__(self, keys: list[Key]) -> None:
+    def __init__(self, keys: list[FieldValue]) -> None:
         self.keys = keys
         texts = [k if isinstance(k, str) else str(k) for k in keys]
         self.text = _SEP.join(texts)
         self.starts = [0, *accumulate(len(t) + 1 for t in texts)]
 
-    def containing(self, value: str) -> Iterator[Key]:
+    def containing(self, value: str) -> Iterator[FieldValue]:
         # A value without the separator never matches across two keys, so
         # each hit lies inside one key; skip to the next key after a hit.
         text, starts, keys = self.text, self.starts, self.keys
@@ -103,14 +108,14 @@ class FieldIndex:
 
     def __init__(self, numeric: bool) -> None:
         self.numeric = numeric
-        self.buckets: dict[Key, Bucket] = {}
+        self.buckets: dict[FieldValue, Bucket] = {}
         self.count = 0  # sessions indexed (holding a non-empty value)
         self._hay: _Haystack | None = None
         # Keys created or dropped since the haystack was built.
-        self._added: set[Key] = set()
+        self._added: set[FieldValue] = set()
         self._stale = 0
 
-    def add(self, key: Key, sid: str) -> None:
+    def add(self, key: FieldValue, sid: str) -> None:
         bucket = self.buckets.get(key)
         if bucket is None:
             self.buckets[key] = sid
@@ -123,7 +128,7 @@ class FieldIndex:
             bucket.add(sid)  # type: ignore[union-attr]
         self.count += 1
 
-    def discard(self, key: Key, sid: str) -> None:
+    def discard(self, key: FieldValue, sid: str) -> None:
         bucket = self.buckets[key]
         if type(bucket) is str:
             del self.buckets[key]
@@ -157,7 +162,7 @@ class FieldIndex:
         """Buckets of every distinct value containing one of ``values`` (a `contains`)."""
         if self._hay is None:
             self._hay = _Haystack(list(self.buckets))
-        found: set[Key] = set()
+        found: set[FieldValue] = set()
         for value in values:
             if _SEP in value:
                 found.update(k for k in self.buckets if value in _key_text(k))
@@ -168,7 +173,7 @@ class FieldIndex:
         return [b for k in found if (b := buckets.get(k)) is not None]
 
 
-def _key_text(key: Key) -> str:
+def _key_text(key: FieldValue) -> str:
     return key if isinstance(key, str) else str(key)
 
 

@@ -23,29 +23,6 @@ MAX_USER_PROPERTIES_BYTES: Final = 16 * 1024
 
 SESSION_ID_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
-# Descriptive string fields a tracker may set with start/update.
-DESCRIPTIVE_FIELDS: Final = (
-    "userID",
-    "userUUID",
-    "pageTitle",
-    "url",
-    "referrer",
-    "trackerVersion",
-    "userOs",
-    "userBrowser",
-    "userBrowserVersion",
-    "userDevice",
-    "userDeviceType",
-    "userCountry",
-    "userState",
-    "userCity",
-    "language",
-    "environment",
-    "appVersion",
-    "userAgent",
-)
-
-
 class Session(Struct, gc=False):
     """One live session, exactly as it goes on the wire (CONTRACT §1)."""
 
@@ -116,6 +93,11 @@ class _Fields(Struct):
     metadata: MetadataIn | UnsetType = UNSET
     userProperties: dict[str, Any] | UnsetType = UNSET
     active: bool | UnsetType = UNSET
+
+
+# The descriptive string fields a tracker may set with start/update: read
+# from _Fields, so that struct is the one list of them.
+DESCRIPTIVE_FIELDS: Final = tuple(f.name for f in msgspec.structs.fields(_Fields) if f.type == OptText)
 
 
 class Start(_Fields, tag_field="type", tag="start"):
@@ -191,10 +173,21 @@ def timestamp_or_now(value: object, now: int) -> int:
     return now
 
 
-def _meta_str(value: str | int | float | bool) -> str:
+def scalar_text(value: str | int | float | bool) -> str:
+    """The one text of a scalar: what metadata stores and what a filter compares.
+
+    Booleans are ``true``/``false``; an integral float is the integer it
+    holds (``5.0`` -> ``5``, as JavaScript prints it, below 1e21); other
+    numbers their shortest round-trip text (``2.5``, ``1e+21``). Search
+    compares the lower-cased text (``search.compare_text``).
+    """
+    if isinstance(value, str):
+        return value
     if isinstance(value, bool):
         return "true" if value else "false"
-    return str(value)
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e21:
+        return str(int(value))
+    return repr(value)
 
 
 def changes_of(msg: _Fields, session: Session | None) -> dict[str, Any]:
@@ -218,7 +211,12 @@ def changes_of(msg: _Fields, session: Session | None) -> dict[str, Any]:
             if raw is None:
                 merged.pop(key, None)
             else:
-                merged[key] = _meta_str(raw)
+                text = merged[key] = scalar_text(raw)
+                if len(text) > MAX_STRING:  # a number of more than 1024 digits
+                    raise InputError(
+                        ErrorCode.LIMIT_EXCEEDED,
+                        f"metadata[{key!r}] is {len(text)} characters, over the limit of {MAX_STRING}",
+                    )
         if len(merged) > MAX_METADATA_KEYS:
             raise InputError(
                 ErrorCode.LIMIT_EXCEEDED,

@@ -13,7 +13,7 @@ from typing import Any, Final, Literal
 import msgspec
 from msgspec import Struct
 
-from .record import DESCRIPTIVE_FIELDS, SCALAR_FIELDS, Session
+from .record import DESCRIPTIVE_FIELDS, SCALAR_FIELDS, Session, scalar_text
 
 DEFAULT_LIMIT: Final = 10
 MAX_LIMIT: Final = 1000
@@ -101,19 +101,12 @@ def text_of(session: Session, field: str, key: str | None) -> str | None:
         value: Any = session.metadata.get(key)
     else:
         value = getattr(session, field)
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value).lower()
+    return None if value is None else compare_text(value)
 
 
-def value_text(value: Scalar) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value).lower()
+def compare_text(value: Scalar) -> str:
+    """The text a filter compares, for a record's value and a filter's alike."""
+    return scalar_text(value).lower()
 
 
 def sort_key(field: str, descending: bool) -> Callable[[Session], tuple[bool, Any, str]]:
@@ -143,7 +136,7 @@ def parse_filter(f: FilterIn, where: str) -> Criterion:
         raise QueryError(f"{where}: unknown operator {f.operator!r} (use 'is' or 'contains')")
     raw = f.value
     items: list[Scalar | None] = [] if raw is None else raw if isinstance(raw, list) else [raw]
-    values = tuple(dict.fromkeys(value_text(v) for v in items if v is not None and v != ""))
+    values = tuple(dict.fromkeys(compare_text(v) for v in items if v is not None and v != ""))
     lowered = name.lower()
     if lowered == "metadata":
         if not f.source:

@@ -185,7 +185,12 @@ class WsClient:
 
 
 def _meta(value: object) -> str:
-    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+    """README, Trackers: metadata numbers and booleans become their text, as JavaScript prints them."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() and abs(value) < 1e21 else json.dumps(value)
+    return str(value)
 
 
 class Model:
@@ -274,7 +279,11 @@ valid_messages = st.fixed_dictionaries(
         **{name: scalars for name in DESCRIPTIVE_FIELDS if name not in ("userID", "pageTitle")},
         "active": scalars,
         "timestamp": scalars,
-        "metadata": st.dictionaries(st.sampled_from(["plan", "team", "", "k" * 130]), scalars, max_size=3)
+        "metadata": st.dictionaries(
+            st.sampled_from(["plan", "team", "", "k" * 130]),
+            scalars | st.floats(allow_nan=False, allow_infinity=False),
+            max_size=3,
+        )
         | st.dictionaries(texts, st.just("v"), min_size=20, max_size=30)
         | scalars,
         "userProperties": st.dictionaries(texts, scalars | st.lists(scalars, max_size=3), max_size=3),

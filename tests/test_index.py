@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from hub.index import LiveIndex
-from hub.record import SCALAR_FIELDS, Session
-from hub.search import FilterIn, Query, brute_force, parse_filter, resolve_sort
+from hub.record import SCALAR_FIELDS, Session, Start, decode_message
+from hub.registry import Registry
+from hub.search import FilterIn, Query, brute_force, parse_body, parse_filter, resolve_sort
 from tests.helpers import running_hub, wait_for
 
 PROJECTS = ("p1", "p2")
@@ -309,3 +310,24 @@ async def test_tracker_updates_are_searchable_over_http() -> None:
         assert [s["sessionID"] for s in data["sessions"]] == [f"s{i:02d}" for i in order[:5]]
         for ws in conns:
             await ws.close()
+
+
+def test_a_number_in_metadata_matches_the_same_number_in_a_filter() -> None:
+    """Metadata numbers are stored as the text a filter value of that number compares:
+    one conversion (record.scalar_text) on both sides, 5.0 and 5 alike."""
+    index = LiveIndex()
+    registry = Registry(index, grace_ms=1000)
+    meta = {"n": 5.0, "r": 2.5, "big": 1e21, "i": 7, "b": True, "neg": -0.0}
+    msg = decode_message(json.dumps({"type": "start", "sessionID": "s", "metadata": meta}))
+    assert isinstance(msg, Start)
+    session, _ = registry.start("p", 0, msg, 10, attach=True)
+    assert session.metadata == {"n": "5", "r": "2.5", "big": "1e+21", "i": "7", "b": "true", "neg": "0"}
+    matching = [(5.0, "n"), (5, "n"), ("5", "n"), (2.5, "r"), (1e21, "big"), (7.0, "i"), (True, "b")]
+    for value, name in [*matching, (0, "neg")]:
+        body = {"filters": [{"name": name, "operator": "is", "value": [value]}]}
+        q = parse_body(json.dumps(body).encode())
+        assert index.search("p", q)[0] == 1, body
+        assert brute_force([session], q)[0] == 1, body
+    for value, name in [("5.0", "n"), (2.50001, "r"), (False, "b")]:
+        q = parse_body(json.dumps({"filters": [{"name": name, "operator": "is", "value": [value]}]}).encode())
+        assert index.search("p", q)[0] == 0 == brute_force([session], q)[0], (name, value)

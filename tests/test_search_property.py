@@ -27,6 +27,8 @@ ALIASES = {
     "platform": "userDeviceType",
     "sessionid": "sessionID",
 }
+# Integral floats store and compare as the integer (2.0 is "2"), others as their shortest text.
+FLOATS = [0.0, 2.0, 2.5, -1.0, 1e21, 1e20]
 SORTABLE = [
     "timestamp",
     "lastActiveAt",
@@ -44,7 +46,8 @@ fields_st = st.fixed_dictionaries(
     optional={
         **{f: opt_word for f in TEXT_FIELDS},
         "metadata": st.dictionaries(
-            st.sampled_from(META_KEYS), st.one_of(st.sampled_from(WORDS), st.integers(0, 3))
+            st.sampled_from(META_KEYS),
+            st.one_of(st.sampled_from(WORDS), st.integers(0, 3), st.booleans(), st.sampled_from(FLOATS)),
         ),
         "active": st.booleans(),
     },
@@ -67,7 +70,11 @@ filter_st = st.builds(
     filter_name_st,
     st.sampled_from(["is", "contains", "IS", "Contains", None]),
     st.one_of(
-        st.lists(st.one_of(st.sampled_from(WORDS), st.booleans(), st.integers(0, 5)), min_size=1, max_size=3),
+        st.lists(
+            st.one_of(st.sampled_from(WORDS), st.booleans(), st.integers(0, 5), st.sampled_from(FLOATS)),
+            min_size=1,
+            max_size=3,
+        ),
         st.lists(st.sampled_from(WORDS), max_size=1),
         st.none(),
     ),
@@ -108,10 +115,17 @@ def ref_text(record: dict[str, Any], name: str, source: str | None) -> str | Non
     return str(value).lower()
 
 
-def ref_value(v: Any) -> str:
+def ref_stored(v: Any) -> str:
+    """A metadata value's text (README, Trackers): as JavaScript's String() prints it."""
     if isinstance(v, bool):
         return "true" if v else "false"
-    return str(v).lower()
+    if isinstance(v, float):
+        return str(int(v)) if v == round(v) and abs(v) < 1e21 else json.dumps(v)
+    return str(v)
+
+
+def ref_value(v: Any) -> str:
+    return ref_stored(v).lower()
 
 
 def ref_search(records: list[dict[str, Any]], q: dict[str, Any]) -> tuple[int, list[str]]:
@@ -173,6 +187,10 @@ def test_index_answers_as_brute_force(starts: list[tuple[str, Any]], ops: list[t
             msg = decode_message(json.dumps({"type": "start", "sessionID": sid, "timestamp": ts, **fields}))
             assert isinstance(msg, Start)
             registry.start("p", 0, msg, now, attach=True)
+            stored = index.get("p", sid)
+            assert stored is not None
+            for key, value in fields.get("metadata", {}).items():
+                assert stored.metadata[key] == ref_stored(value)
         elif session is None:
             continue
         elif kind == "update":
