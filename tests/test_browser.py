@@ -59,7 +59,7 @@ async def browser(tmp_path: Path) -> AsyncIterator[BrowserContext]:
 
 
 @contextmanager
-def shop_site(hub: RunningHub, heartbeat_ms: int = 200) -> Iterator[str]:
+def shop_site(hub: RunningHub, heartbeat_ms: int = 1000) -> Iterator[str]:
     """Serves tests/pages/shop.html (filled with the hub's address) at every path; yields its origin."""
     html = (
         (PAGES / "shop.html")
@@ -277,7 +277,7 @@ PEOPLE = [
 
 async def test_dashboard_follows_sessions_live(browser: BrowserContext) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
-    async with running_hub(agent_interval=0.05) as h, AsyncExitStack() as stack:
+    async with running_hub() as h, AsyncExitStack() as stack:
         trackers = Trackers(h, stack)
         page = await open_dashboard(browser, h)
         await expect(page.locator("#status")).to_contain_text("live")
@@ -335,7 +335,7 @@ async def test_dashboard_follows_sessions_live(browser: BrowserContext) -> None:
 
 
 async def test_dashboard_filters_like_the_api(browser: BrowserContext) -> None:
-    async with running_hub(agent_interval=0.05) as h, AsyncExitStack() as stack:
+    async with running_hub() as h, AsyncExitStack() as stack:
         trackers = Trackers(h, stack)
         await trackers.start("s1", userID="ann@example.com", userCountry="DE")
         await trackers.start("s2", userID="bob@example.com", userCountry="FR")
@@ -365,7 +365,7 @@ async def test_dashboard_filters_like_the_api(browser: BrowserContext) -> None:
 
 async def test_dashboard_renders_only_the_visible_rows(browser: BrowserContext) -> None:
     count = 400
-    async with running_hub(agent_interval=0.05) as h, AsyncExitStack() as stack:
+    async with running_hub() as h, AsyncExitStack() as stack:
         trackers = Trackers(h, stack)
         await asyncio.gather(
             *(trackers.start(f"s{i:04d}", userID=f"user{i}@example.com", timestamp=1_700_000_000_000 + i)

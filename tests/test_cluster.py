@@ -1,4 +1,6 @@
-"""Cluster mode over real Redis and real hub processes, killed for real (CONTRACT §5, §6)."""
+"""Cluster mode over real Redis and real hub processes, killed for real (CONTRACT §5, §6).
+
+The registry's bookkeeping of several nodes' parts, without I/O: test_unit_registry.py."""
 
 from __future__ import annotations
 
@@ -15,9 +17,6 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from hub.index import LiveIndex
-from hub.record import Session, Start
-from hub.registry import Registry
 from tests.helpers import API_KEY, HubProcess, free_port, http, wait_for
 from tests.redis_server import RedisCluster, RedisServer, have_redis
 
@@ -119,60 +118,6 @@ async def agent(port: int) -> AsyncIterator[AgentLog]:
             yield log
         finally:
             log.task.cancel()
-
-
-# -- the Registry's cluster bookkeeping, without I/O ----------------------------
-
-
-def record(sid: str, tabs: int = 1, **fields: Any) -> Session:
-    return Session(
-        sessionID=sid, projectKey="p1", projectId=0, timestamp=1, lastActiveAt=1, tabs=tabs, **fields
-    )
-
-
-def test_the_same_session_on_two_nodes_is_one_session_with_tabs_summed() -> None:
-    registry = Registry(LiveIndex(), grace_ms=1000)
-    local, _ = registry.start("p1", 0, Start(sessionID="s"), now=10, attach=True)
-    registry.remote_upsert("b", record("s", tabs=2, userID="ann"), now=11)
-    assert local.tabs == 3 and local.userID == "ann" and len(registry.index) == 1
-    registry.detach(local, now=12)
-    assert local.tabs == 2 and local.connected and not registry.holds(("p1", "s"))
-    registry.remote_upsert("b", record("s", tabs=0), now=13)
-    assert not local.connected and registry.waiting == 1
-    assert registry.sweep(now=13 + 1000) == 1
-    assert len(registry.index) == 0
-
-
-def test_a_lost_node_ends_only_the_sessions_no_other_node_holds() -> None:
-    registry = Registry(LiveIndex(), grace_ms=1000)
-    ended: list[tuple[str, str]] = []
-
-    class Ends:
-        def session_started(self, s: Session) -> None: ...
-        def session_changed(self, s: Session, c: dict[str, Any]) -> None: ...
-        def session_touched(self, s: Session) -> None: ...
-        def session_ended(self, s: Session, reason: str) -> None:
-            ended.append((s.sessionID, reason))
-
-    registry.listeners.append(Ends())
-    registry.remote_upsert("b", record("only-b"), now=1)
-    registry.remote_upsert("b", record("both"), now=1)
-    registry.remote_upsert("c", record("both"), now=1)
-    assert registry.index.get("p1", "both").tabs == 2  # type: ignore[union-attr]
-    assert registry.drop_node("b", "node_lost", now=2) == 1
-    assert ended == [("only-b", "node_lost")]
-    assert registry.index.get("p1", "both").tabs == 1  # type: ignore[union-attr]
-
-
-def test_a_leaving_node_s_sessions_wait_out_their_grace_and_resume_here() -> None:
-    registry = Registry(LiveIndex(), grace_ms=1000)
-    registry.remote_upsert("b", record("s"), now=1)
-    registry.move_node("b", now=2)
-    session = registry.index.get("p1", "s")
-    assert session is not None and not session.connected and session.tabs == 0
-    resumed, created = registry.start("p1", 0, Start(sessionID="s"), now=3, attach=True)
-    assert resumed is session and not created and session.connected and session.tabs == 1
-    assert registry.sweep(now=5000) == 0 and registry.is_live(session)
 
 
 # -- real nodes ----------------------------------------------------------------------
