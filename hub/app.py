@@ -12,30 +12,31 @@ import os
 import signal
 import socket
 import time
+from collections import Counter
 from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
 
-from . import static
-from .auth import bearer_token, origin_allowed
+from . import openapi, static
+from .auth import Auth, origin_allowed
+from .clock import now_ms
 from .cluster import Cluster
 from .config import Settings
 from .counts import AGENT, TRACKER
 from .endpoints import AgentEndpoint, TrackerEndpoint
 from .fanout import FanOut
-from .http_api import HttpApi, Request, Response, error, query_params
+from .http_api import HttpApi, Request, Response, error
 from .index import LiveIndex
 from .metrics import Metrics
 from .registry import Registry
 from .replication import LocalReplication, Replication
-from .server import Connection, Endpoint, Server, now_ms
+from .routes import RouteTable
+from .server import Server
+from .websocket import Endpoint, WebSocketConnection
 from .wire import CloseCode, ErrorCode
 
 log = logging.getLogger("hub")
-
-TRACKER_PREFIX = "/ws/tracker/"
-AGENT_PREFIX = "/ws/agent/"
 
 
 class Hub:
@@ -56,15 +57,17 @@ class Hub:
         self.draining = False
         self.metrics = Metrics(self.index, per_project=settings.metrics_per_project)
         self.registry.listeners.append(self.metrics.sessions)
+        # Times each hardening limit was reached, by name; counted by the transport and the API.
+        self.limits: Counter[str] = Counter()
         self.api = HttpApi(
             settings,
             self.index,
             ready=lambda: self.ready and not self.draining and self.replication.ready,
+            limits=self.limits,
             on_search=self.metrics.observe_search,
         )
-        self.api.routes.update(static.routes())
-        self.api.routes["/metrics"] = self.metrics.route
-        self.server = Server(settings, self.api, self.route_ws, self.metrics.connections)
+        self.routes = self._routes()
+        self.server = Server(settings, self.routes, self.metrics.connections, self.limits)
         self.fanout = FanOut(self.index, settings.agent_max_pending, wake=self._wake_agents)
         self.registry.listeners.append(self.fanout)
         self.server.endpoint_kinds.update({TrackerEndpoint: TRACKER, AgentEndpoint: AGENT})
@@ -75,50 +78,56 @@ class Hub:
         self.listening = anyio.Event()
         self.port = 0
 
-    def route_ws(self, request: Request, conn: Connection) -> Endpoint | Response:
-        if self.draining:
-            return error(503, "the hub is draining; reconnect elsewhere")
-        path = request.path
-        if path.startswith(TRACKER_PREFIX):
-            project_key = path[len(TRACKER_PREFIX) :]
-            project_id = self.settings.project_id(project_key)
-            if project_id is None:
-                return error(404, "project not found")
-            if not origin_allowed(self.settings, request.headers):
-                self.server.limits["tracker_origin"] += 1
-                return error(403, "origin not allowed")
-            if self.settings.tracker_rcvbuf:
-                # A small window: a flooding client fills it and waits, instead of the hub's memory.
-                conn.set_receive_buffer(self.settings.tracker_rcvbuf)
-            return TrackerEndpoint(
-                self.registry,
-                project_key,
-                project_id,
-                self.settings.heartbeat_timeout,
-                self.metrics.trackers,
-            )
-        if path.startswith(AGENT_PREFIX):
-            return self._route_agent(request, conn, path[len(AGENT_PREFIX) :])
-        return error(404, "not found")
+    def _routes(self) -> RouteTable:
+        """Every path this hub answers (README, "HTTP API", "Trackers", "Agents", "Operations")."""
+        routes = RouteTable(
+            self.settings,
+            Auth.from_settings(self.settings),
+            accepting_websockets=lambda: not self.draining,
+        )
+        api = self.api
+        routes.http("/public/{projectKey}/assist/sessions", get=api.list_sessions, post=api.search, auth=True)
+        routes.http("/public/{projectKey}/assist/sessions/{sessionID}", get=api.session, auth=True)
+        routes.http("/healthz", get=api.healthz)
+        routes.http("/readyz", get=api.readyz)
+        routes.http("/metrics", get=self.metrics.route)
+        routes.http(openapi.PATH, get=openapi.route(self.settings))
+        for path, serve in static.routes().items():
+            routes.http(path, get=serve)
+        routes.websocket("/ws/tracker/{projectKey}", self._route_tracker)
+        routes.websocket("/ws/agent/{projectKey}", self._route_agent, auth=True)
+        return routes
 
-    def _route_agent(self, request: Request, conn: Connection, project_key: str) -> Endpoint | Response:
-        # Browsers cannot set headers on a WebSocket: ?token= is the fallback.
-        token = bearer_token(request.headers) or query_params(request.query).get("token")
-        if not self.api.auth.may_read(token, project_key):
-            return error(401, "missing or invalid API key", [("WWW-Authenticate", "Bearer")])
-        if self.settings.project_id(project_key) is None:
-            return error(404, "project not found")
+    def _route_tracker(self, request: Request, conn: WebSocketConnection) -> Endpoint | Response:
+        project_key = request.params["projectKey"]
+        project_id = self.settings.project_id(project_key)
+        assert project_id is not None  # the route table checked the project exists
+        if not origin_allowed(self.settings, request.headers):
+            self.limits["tracker_origin"] += 1
+            return error(403, "origin not allowed")
+        if self.settings.tracker_rcvbuf:
+            # A small window: a flooding client fills it and waits, instead of the hub's memory.
+            conn.set_receive_buffer(self.settings.tracker_rcvbuf)
+        return TrackerEndpoint(
+            self.registry,
+            project_key,
+            project_id,
+            self.settings.heartbeat_timeout,
+            self.metrics.trackers,
+        )
+
+    def _route_agent(self, request: Request, conn: WebSocketConnection) -> Endpoint | Response:
         limit = self.settings.max_agents
         if limit and len(self.fanout.agents) >= limit:
-            self.server.limits["max_agents"] += 1
+            self.limits["max_agents"] += 1
             return error(503, f"the hub holds its limit of {limit} agent connections")
         return AgentEndpoint(
             self.fanout,
             conn,
-            project_key,
+            request.params["projectKey"],
             self.settings.max_filters,
             self.settings.agent_idle_timeout or None,
-            self.server.limits,
+            self.limits,
         )
 
     def _add_gauges(self) -> None:
@@ -158,7 +167,7 @@ class Hub:
         )
 
     def _limits_reached(self) -> dict[tuple[str, ...], float]:
-        reached: dict[tuple[str, ...], float] = {(n,): float(c) for n, c in self.server.limits.items()}
+        reached: dict[tuple[str, ...], float] = {(n,): float(c) for n, c in self.limits.items()}
         # The per-project session limit is refused by the registry, as a tracker error.
         reached[("max_sessions_per_project",)] = float(self.metrics.trackers.errors[ErrorCode.PROJECT_FULL])
         return reached

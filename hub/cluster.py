@@ -50,11 +50,11 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
+from .clock import now_ms
 from .config import Settings
 from .record import Session
 from .registry import Registry, SessionKey
 from .replication import AddMetric
-from .server import now_ms
 from .wire import BatchKind, EndReason
 
 log = logging.getLogger("hub.cluster")

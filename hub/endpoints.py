@@ -1,6 +1,6 @@
 """The WebSocket endpoints, side by side: what a connection's messages do.
 
-Each connects ``server.Connection`` (which sends, pauses and closes) to an
+Each connects ``websocket.WebSocketConnection`` (which sends, pauses and closes) to an
 I/O-free core:
 
 - ``TrackerEndpoint`` (``/ws/tracker/{projectKey}``): ``TrackerProtocol``,
@@ -18,8 +18,8 @@ from .counts import MessageCounts
 from .fanout import PONG, Agent, FanOut, parse_message
 from .record import encode_error
 from .registry import Registry
-from .server import Connection
 from .tracker import TrackerProtocol
+from .websocket import WebSocketConnection
 from .wire import ErrorCode, InputError
 
 
@@ -52,7 +52,7 @@ class AgentEndpoint:
     def __init__(
         self,
         fanout: FanOut,
-        conn: Connection,
+        conn: WebSocketConnection,
         project_key: str,
         max_filters: int,
         idle_timeout: float | None,

@@ -1,7 +1,7 @@
-"""The HTTP API (CONTRACT §4, §5), as a pure function of a parsed request.
+"""The HTTP API (CONTRACT §4, §5): handlers from a parsed request to a ``Response``.
 
-``HttpApi.handle`` maps a request to a ``Response``; the server layer only
-moves bytes. Every malformed request is a 400 saying what was wrong.
+The transport only moves bytes and ``routes.RouteTable`` picks the handler.
+Every malformed request is a 400 saying what was wrong.
 """
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl
 
 import msgspec
 from msgspec import Struct
 
-from .auth import Auth, bearer_token
 from .config import Settings
 from .index import LiveIndex
 from .record import Session
@@ -30,8 +29,13 @@ class Request:
     method: str
     path: str
     query: str
+    # Lowercase names; a repeated header keeps its last value.
     headers: dict[str, str]
     body: bytes = b""
+    # False when the client asked to close after the answer (or speaks HTTP/1.0 without keep-alive).
+    keep_alive: bool = True
+    # The path's parameters by name ({projectKey}, {sessionID}), set by the route table.
+    params: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -68,72 +72,52 @@ def query_params(query: str) -> dict[str, str]:
 
 
 class HttpApi:
+    """Handlers of the assist API and the health routes; ``routes.RouteTable`` maps paths to them
+    and has already checked the key and the project when one runs."""
+
     def __init__(
         self,
         settings: Settings,
         index: LiveIndex,
         ready: Callable[[], bool],
+        limits: Counter[str],
         on_search: Callable[[float], None] | None = None,
     ) -> None:
         self.settings = settings
         self.index = index
         self.ready = ready
         self.on_search = on_search
-        self.auth = Auth.from_settings(settings)
-        # Times a limit was reached here, by name; the server counts into the same one.
-        self.limits: Counter[str] = Counter()
-        self.routes: dict[str, Callable[[Request], Response]] = {
-            "/healthz": lambda _r: Response(200, b'{"status":"ok"}'),
-            "/readyz": self._readyz,
-        }
+        # Times a limit was reached, by name (/metrics); shared with the transport.
+        self.limits = limits
 
-    def _readyz(self, _request: Request) -> Response:
+    def healthz(self, _request: Request) -> Response:
+        return Response(200, b'{"status":"ok"}')
+
+    def readyz(self, _request: Request) -> Response:
         if self.ready():
             return Response(200, b'{"status":"ready"}')
         return Response(503, b'{"status":"starting"}')
 
-    def handle(self, request: Request) -> Response:
+    def list_sessions(self, request: Request) -> Response:
+        """``GET /public/{projectKey}/assist/sessions``: a search from the query string."""
         try:
-            return self._handle(request)
+            return self._search(request.params["projectKey"], parse_params(query_params(request.query)))
         except QueryError as exc:
             return error(400, str(exc))
 
-    def _handle(self, request: Request) -> Response:
-        path = request.path
-        route = self.routes.get(path)
-        if route is not None:
-            if request.method not in ("GET", "HEAD"):
-                return error(405, f"{request.method} is not allowed on {path}", [("Allow", "GET")])
-            return route(request)
-        if path.startswith("/public/"):
-            return self._public(request)
-        return error(404, "not found")
+    def search(self, request: Request) -> Response:
+        """``POST /public/{projectKey}/assist/sessions``: a search from the JSON body."""
+        try:
+            return self._search(request.params["projectKey"], parse_body(request.body))
+        except QueryError as exc:
+            return error(400, str(exc))
 
-    def _public(self, request: Request) -> Response:
-        parts = [unquote(p) for p in request.path.split("/")]
-        # ["", "public", pk, "assist", "sessions", (sid)]
-        if len(parts) not in (5, 6) or parts[3] != "assist" or parts[4] != "sessions":
-            return error(404, "not found")
-        project_key = parts[2]
-        # A project's own key does not open another project: 401, as a wrong key.
-        if not self.auth.may_read(bearer_token(request.headers), project_key):
-            return error(401, "missing or invalid API key", [("WWW-Authenticate", "Bearer")])
-        if self.settings.project_id(project_key) is None:
-            return error(404, "project not found")
-        if len(parts) == 6:
-            if request.method != "GET":
-                return error(405, f"{request.method} is not allowed here", [("Allow", "GET")])
-            session = self.index.get(project_key, parts[5])
-            if session is None:
-                return error(404, "session not found")
-            return Response(200, _encoder.encode(SessionAnswer(data=session)))
-        if request.method == "GET":
-            query = parse_params(query_params(request.query))
-        elif request.method == "POST":
-            query = parse_body(request.body)
-        else:
-            return error(405, f"{request.method} is not allowed here", [("Allow", "GET, POST")])
-        return self._search(project_key, query)
+    def session(self, request: Request) -> Response:
+        """``GET /public/{projectKey}/assist/sessions/{sessionID}``."""
+        session = self.index.get(request.params["projectKey"], request.params["sessionID"])
+        if session is None:
+            return error(404, "session not found")
+        return Response(200, _encoder.encode(SessionAnswer(data=session)))
 
     def _search(self, project_key: str, query: Query) -> Response:
         limit = self.settings.max_filters

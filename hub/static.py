@@ -80,5 +80,5 @@ def load(name: str) -> StaticFile:
 
 
 def routes() -> dict[str, Callable[[Request], Response]]:
-    """GET routes for ``HttpApi.routes``."""
+    """Path -> GET handler, for the route table (``app.Hub._routes``)."""
     return {path: load(name).serve for path, name in ROUTES.items()}

@@ -172,11 +172,11 @@ async def test_connections_per_ip_past_the_limit_get_429() -> None:
             await websockets.connect(h.tracker_url())
         assert refused.value.response.status_code == 429
         await a.close()
-        await wait_for(lambda: len(h.hub.server.per_ip) == 1 and sum(h.hub.server.per_ip.values()) == 1)
+        await wait_for(lambda: h.hub.server.per_ip.open == {"127.0.0.1": 1})
         c = await websockets.connect(h.tracker_url())
         await b.close()
         await c.close()
-        await wait_for(lambda: not h.hub.server.per_ip)
+        await wait_for(lambda: not h.hub.server.per_ip.open)
         assert await limit_count(h.port, "max_conns_per_ip") == 1
 
 

@@ -1,0 +1,362 @@
+"""The HTTP/1.1 phase of a connection: requests in, answers out, maybe a WebSocket upgrade.
+
+Two parts, readable and testable apart:
+
+- ``RequestReader`` (no I/O): bytes in, parsed by httptools, and out comes
+  what happened, in order: a complete ``Request``, ``CONTINUE`` (the client
+  waits for it before sending its body), an ``Upgrade`` (a WebSocket
+  handshake and the bytes after it) or a ``Refusal`` (answer, then close).
+  ``--max-header`` bounds one request's head (request line and headers),
+  never its body nor the requests pipelined after it; ``--max-http-body``
+  bounds the body.
+- ``HttpConnection``: the ``asyncio.Protocol`` of a new connection. It admits
+  it (per-IP limit), answers requests through the route table and, on an
+  upgrade, hands the socket to a ``WebSocketConnection``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Final
+
+import httptools
+from websockets.datastructures import Headers
+from websockets.http11 import Request as WsRequest
+from websockets.protocol import OPEN
+from websockets.server import ServerProtocol
+
+from .http_api import Request, Response, error
+from .websocket import WebSocketConnection
+
+if TYPE_CHECKING:
+    from .server import Server
+
+log = logging.getLogger("hub.server")
+
+
+class Continue:
+    """The client sent ``Expect: 100-continue``: it waits for ``100 Continue`` before its body."""
+
+
+CONTINUE: Final = Continue()
+CONTINUE_BYTES: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Upgrade:
+    """A request to switch protocols: the request, its raw target and headers, and what followed it."""
+
+    request: Request
+    target: str
+    headers: list[tuple[str, str]]
+    rest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A request refused before it reached a route: answer it and close."""
+
+    response: Response
+    # The limit reached (for hub_limits_reached_total), if that is why.
+    limit: str | None = None
+
+
+Event = Request | Continue | Upgrade | Refusal
+
+# A request line's fixed part ("GET " ... " HTTP/1.1\r\n") and a header line's (": ", "\r\n").
+_LINE_OVERHEAD: Final = 16
+_HEADER_OVERHEAD: Final = 4
+
+
+class _Stop(Exception):
+    """Raised in a parser callback to stop parsing; the reader's ``_refusal`` says why."""
+
+
+class RequestReader:
+    """Parses one connection's bytes into requests; after a refusal or an upgrade it reads no more."""
+
+    __slots__ = (
+        "_body",
+        "_events",
+        "_head",
+        "_headers",
+        "_refusal",
+        "_seq",
+        "_stalled",
+        "_url",
+        "max_body",
+        "max_head",
+        "parser",
+    )
+
+    def __init__(self, max_head: int, max_body: int) -> None:
+        self.max_head = max_head
+        self.max_body = max_body
+        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+        self._events: list[Event] = []
+        self._url = b""
+        self._headers: list[tuple[str, str]] = []
+        self._body = bytearray()
+        # Bytes of the head being read, as parsed so far; None between heads.
+        self._head: int | None = None
+        # Bytes of whole reads during which one head stayed incomplete: httptools holds an
+        # unfinished header line without telling, and this bounds it.
+        self._stalled = 0
+        # Heads begun so far: tells whether a read continued the same head.
+        self._seq = 0
+        self._refusal: Refusal | None = None
+
+    @property
+    def done(self) -> bool:
+        """Refused or upgraded: the connection reads no more HTTP."""
+        return self.parser is None
+
+    def feed(self, data: bytes) -> list[Event]:
+        """What ``data`` completed, in order (empty until something is complete)."""
+        parser = self.parser
+        if parser is None:
+            return []
+        events = self._events = []
+        head_before, seq_before = self._head, self._seq
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            request = events.pop()
+            assert isinstance(request, Request)
+            headers, self._headers = self._headers, []
+            target = self._url.decode("latin-1")
+            events.append(Upgrade(request, target, headers, data[upgrade.args[0] :]))
+            self.parser = None
+            return events
+        except httptools.HttpParserError:
+            events.append(self._refusal or Refusal(error(400, "malformed HTTP request")))
+            self.parser = None
+            return events
+        if self._head is not None and head_before is not None and self._seq == seq_before:
+            self._stalled += len(data)
+            if self._stalled > self.max_head:
+                events.append(_too_large_head())
+                self.parser = None
+        return events
+
+    def _refuse(self, refusal: Refusal) -> _Stop:
+        self._refusal = refusal
+        return _Stop()
+
+    # httptools callbacks ------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._body = bytearray()
+        self._head = _LINE_OVERHEAD
+        self._stalled = 0
+        self._seq += 1
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        assert self._head is not None
+        self._head += len(url)
+        if len(self._url) > self.max_head:
+            raise self._refuse(Refusal(error(414, "request URI too long"), "max_header"))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self._head is not None
+        self._head += len(name) + len(value) + _HEADER_OVERHEAD
+        if self._head > self.max_head:
+            raise self._refuse(_too_large_head())
+        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        self._head = None
+        expect = False
+        for name, value in self._headers:
+            lower = name.lower()
+            if lower == "content-length":
+                try:
+                    size = int(value)
+                except ValueError:
+                    raise self._refuse(Refusal(error(400, "invalid Content-Length"))) from None
+                if size > self.max_body:
+                    raise self._refuse(_too_large_body(self.max_body))
+            elif lower == "expect":
+                expect = value.strip().lower() == "100-continue"
+        if expect:
+            self._events.append(CONTINUE)
+
+    def on_body(self, body: bytes) -> None:
+        self._body += body
+        if len(self._body) > self.max_body:
+            raise self._refuse(_too_large_body(self.max_body))
+
+    def on_message_complete(self) -> None:
+        parser = self.parser
+        assert parser is not None
+        events = self._events
+        if events and events[-1] is CONTINUE:
+            events.pop()  # the body came with the head: no need to ask for it
+        parsed = httptools.parse_url(self._url)
+        events.append(
+            Request(
+                method=parser.get_method().decode("ascii", "replace"),
+                path=(parsed.path or b"/").decode("utf-8", "replace"),
+                query=(parsed.query or b"").decode("utf-8", "replace"),
+                headers={name.lower(): value for name, value in self._headers},
+                body=bytes(self._body),
+                keep_alive=parser.should_keep_alive(),
+            )
+        )
+        if not parser.should_upgrade():
+            self._headers = []
+        self._body = bytearray()
+
+
+def _too_large_head() -> Refusal:
+    return Refusal(error(431, "request header fields too large"), "max_header")
+
+
+def _too_large_body(limit: int) -> Refusal:
+    return Refusal(error(413, f"request body over the limit of {limit} bytes"), "max_http_body")
+
+
+def encode_response(response: Response, keep_alive: bool, head: bool = False) -> bytes:
+    """One response; ``head``: a HEAD request's, the GET's headers without the body."""
+    lines = [
+        f"HTTP/1.1 {response.status} {HTTPStatus(response.status).phrase}",
+        f"Content-Type: {response.content_type}",
+        f"Content-Length: {len(response.body)}",
+    ]
+    # API answers are never cached; a response that says otherwise (static files) wins.
+    if not any(name.lower() == "cache-control" for name, _ in response.headers):
+        lines.append("Cache-Control: no-store")
+    lines += [f"{name}: {value}" for name, value in response.headers]
+    if not keep_alive:
+        lines.append("Connection: close")
+    data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return data if head or response.status in (204, 304) else data + response.body
+
+
+class HttpConnection(asyncio.Protocol):
+    """A connection until it upgrades: admitted, then requests answered in order."""
+
+    __slots__ = ("admitted", "deadline", "peer", "reader", "server", "transport")
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        settings = server.settings
+        self.reader = RequestReader(settings.max_header, settings.max_http_body)
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        # Counted in the per-IP limit (released when the connection goes).
+        self.admitted = False
+        # Monotonic time by which the client must have sent a whole request (or its next one).
+        self.deadline = time.monotonic() + settings.handshake_timeout
+
+    # asyncio callbacks -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else ""
+        server = self.server
+        server.connections.add(self)
+        if server.per_ip.admit(self.peer):
+            self.admitted = True
+        else:
+            server.limits["max_conns_per_ip"] += 1
+            limit = server.per_ip.limit
+            self._respond(error(429, f"over {limit} connections from one address"), keep_alive=False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.forget(self)
+        if self.admitted:
+            self.admitted = False
+            self.server.per_ip.release(self.peer)
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.reader.feed(data):
+            if self.transport is None or self.transport.is_closing():
+                return
+            if isinstance(event, Request):
+                self._answer(event)
+            elif event is CONTINUE:
+                self.transport.write(CONTINUE_BYTES)
+            elif isinstance(event, Upgrade):
+                self._upgrade(event)
+            elif isinstance(event, Refusal):
+                if event.limit is not None:
+                    self.server.limits[event.limit] += 1
+                self._respond(event.response, keep_alive=False)
+
+    # For the server ------------------------------------------------------
+
+    def expire(self, now: float) -> None:
+        """A client that does not finish its request (or send the next) in time is dropped."""
+        if self.transport is not None and now >= self.deadline:
+            self.server.limits["handshake_timeout"] += 1
+            self.transport.abort()
+
+    def close(self, code: int, reason: str) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # Requests ------------------------------------------------------------
+
+    def _answer(self, request: Request) -> None:
+        response = self.server.routes.answer(request)
+        log_request(request, response, self.peer)
+        self._respond(response, keep_alive=request.keep_alive, head=request.method == "HEAD")
+        self.deadline = time.monotonic() + self.server.settings.handshake_timeout
+
+    def _respond(self, response: Response, keep_alive: bool, head: bool = False) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        self.server.counts.http_responses[response.status] += 1
+        transport.write(encode_response(response, keep_alive, head))
+        if not keep_alive:
+            self.reader.parser = None
+            transport.close()
+
+    def _upgrade(self, upgrade: Upgrade) -> None:
+        """Validate the WebSocket handshake, route it, and hand the socket over on success."""
+        transport = self.transport
+        assert transport is not None
+        server = self.server
+        protocol = ServerProtocol(state=OPEN, max_size=server.settings.max_frame)
+        handshake = protocol.accept(WsRequest(path=upgrade.target, headers=Headers(upgrade.headers)))
+        if handshake.status_code != 101:
+            transport.write(handshake.serialize())
+            transport.close()
+            return
+        conn = WebSocketConnection(server, transport, protocol, self.peer)
+        routed = server.routes.accept(upgrade.request, conn)
+        if isinstance(routed, Response):
+            log_request(upgrade.request, routed, self.peer)
+            self._respond(routed, keep_alive=False)
+            return
+        transport.write(handshake.serialize())
+        # From here on the WebSocket connection owns the socket and the per-IP count.
+        conn.admitted, self.admitted = self.admitted, False
+        server.connections.add(conn)
+        server.connections.discard(self)
+        transport.set_protocol(conn)
+        self.transport = None
+        conn.start(routed, upgrade.rest)
+
+
+def log_request(request: Request, response: Response, peer: str) -> None:
+    # The path only: a query string may carry ?token=.
+    if log.isEnabledFor(logging.DEBUG):
+        fields = {"method": request.method, "path": request.path, "status": response.status, "peer": peer}
+        log.debug("http.request", extra={"fields": fields})

@@ -1,0 +1,301 @@
+"""The WebSocket phase of a connection: frames in, whole messages to an endpoint, frames out.
+
+websockets' Sans-I/O ``ServerProtocol`` keeps the protocol's rules (masking,
+control frames, ping, close, fragment order, size limit). What it leaves to
+its caller is here:
+
+- ``Fragments`` (no I/O): a fragmented message joined.
+- ``WebSocketConnection``: the ``asyncio.Protocol`` after the upgrade. Each
+  read is charged to the connection's token bucket, handled at most
+  ``--read-batch`` messages at a time (reading pauses until the rest is
+  handled), and its deadlines (idle or heartbeat timeout, a ping at half
+  of it, the close handshake) are enforced by the server's sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import socket
+import time
+from typing import TYPE_CHECKING, Final
+from typing import Protocol as TypingProtocol
+
+from websockets.frames import Frame, Opcode
+from websockets.protocol import OPEN, Event
+from websockets.server import ServerProtocol
+
+from .admission import TokenBucket
+from .clock import now_ms
+from .wire import CLOSE_ABNORMAL, CloseCode
+
+if TYPE_CHECKING:
+    from .server import Server
+
+log = logging.getLogger("hub.server")
+
+# Seconds the peer has to answer our close frame before the socket is dropped.
+CLOSE_TIMEOUT_S: Final = 2.0
+
+_TEXT: Final = Opcode.TEXT
+_BINARY: Final = Opcode.BINARY
+_CONT: Final = Opcode.CONT
+
+
+class Endpoint(TypingProtocol):
+    """What a WebSocket path does with its connection's messages."""
+
+    # Seconds of silence before the hub closes the connection; None = never.
+    idle_timeout: float | None
+    # Ping a silent peer at half the idle timeout, so only a dead one times out
+    # (agents in browsers cannot ping). Trackers are not pinged: their silence
+    # is what the heartbeat timeout detects.
+    keepalive: bool
+
+    def receive(self, data: bytes, now: int) -> bytes | None:
+        """One whole message; returns a reply frame, if any."""
+
+    def closed(self, now: int, timed_out: bool) -> None: ...
+
+    def writable(self) -> None:
+        """The connection's send buffer drained: queued frames may go."""
+
+
+class Fragments:
+    """A fragmented message being received."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, first: bytes) -> None:
+        self.parts = [first]
+
+    def add(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def join(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def close_code(ws: ServerProtocol) -> int:
+    """The code a WebSocket closed with: the hub's own if it closed first, else the client's."""
+    frame = ws.close_sent or ws.close_rcvd
+    return CLOSE_ABNORMAL if frame is None else int(frame.code)
+
+
+class WebSocketConnection(asyncio.Protocol):
+    """One accepted WebSocket: its messages go to one endpoint."""
+
+    __slots__ = (
+        "admitted",
+        "backlog",
+        "bucket",
+        "deadline",
+        "endpoint",
+        "fragments",
+        "last_seen",
+        "paused",
+        "peer",
+        "pinged",
+        "server",
+        "timed_out",
+        "transport",
+        "ws",
+    )
+
+    def __init__(self, server: Server, transport: asyncio.Transport, ws: ServerProtocol, peer: str) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = transport
+        self.ws = ws
+        self.peer = peer
+        self.endpoint: Endpoint | None = None
+        # Counted in the per-IP limit (handed over by the HTTP phase).
+        self.admitted = False
+        self.fragments: Fragments | None = None
+        # Events of one read not handled yet: reading waits until they are.
+        self.backlog: list[Event] | None = None
+        now = time.monotonic()
+        self.last_seen = now
+        # Monotonic time by which a closing handshake must be done; none while open.
+        self.deadline = math.inf
+        self.paused = False
+        self.timed_out = False
+        self.pinged = False
+        self.bucket = TokenBucket(server.rate, server.burst, now) if server.rate else None
+
+    def start(self, endpoint: Endpoint, rest: bytes) -> None:
+        """The handshake is answered: messages go to ``endpoint``, beginning with ``rest``."""
+        self.endpoint = endpoint
+        self.server.count_open(endpoint, self)
+        self.last_seen = time.monotonic()
+        if rest:
+            self.data_received(rest)
+
+    # asyncio callbacks -------------------------------------------------
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        server = self.server
+        server.forget(self)
+        if self.admitted:
+            self.admitted = False
+            server.per_ip.release(self.peer)
+        close_sent = self.ws.close_sent
+        if close_sent is not None and close_sent.code == CloseCode.TOO_BIG:
+            server.limits["max_frame"] += 1
+        endpoint, self.endpoint = self.endpoint, None
+        if endpoint is not None:
+            server.count_close(endpoint, close_code(self.ws), self.peer)
+            try:
+                endpoint.closed(now_ms(), self.timed_out)
+            except Exception:
+                log.exception("endpoint close failed")
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.endpoint is not None:
+            self.endpoint.writable()
+
+    def data_received(self, data: bytes) -> None:
+        self.ws.receive_data(data)
+        self._received()
+
+    def eof_received(self) -> bool | None:
+        self.ws.receive_eof()
+        self._received()
+        return None
+
+    # Reading -------------------------------------------------------------
+
+    def _received(self) -> None:
+        events = self.ws.events_received()
+        if events:
+            now = time.monotonic()
+            bucket = self.bucket
+            if bucket is not None and not bucket.take(len(events), now):
+                self.server.limits["rate_limit"] += 1
+                self._refuse_flood()
+                return
+            self.last_seen = now
+            self.pinged = False
+        self._handle(events)
+
+    def _refuse_flood(self) -> None:
+        """Past the rate limit: close with 1008 and stop reading at once."""
+        self.close(CloseCode.POLICY, "rate limit exceeded")
+        if self.transport is not None:
+            self.transport.close()
+
+    def _handle(self, events: list[Event]) -> None:
+        batch = self.server.read_batch
+        if batch and len(events) > batch and self.transport is not None:
+            # Yield to other connections: handle the rest on the next loop turn.
+            self.backlog = events[batch:]
+            events = events[:batch]
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_soon(self._resume)
+        for event in events:
+            if not isinstance(event, Frame):
+                continue
+            opcode = event.opcode
+            if opcode is _TEXT or opcode is _BINARY:
+                if event.fin:
+                    self._message(bytes(event.data))
+                else:
+                    self.fragments = Fragments(bytes(event.data))
+            elif opcode is _CONT and self.fragments is not None:
+                fragments = self.fragments
+                fragments.add(bytes(event.data))
+                if event.fin:
+                    self.fragments = None
+                    self._message(fragments.join())
+        self._flush()
+
+    def _resume(self) -> None:
+        events, self.backlog = self.backlog, None
+        if events is None or self.transport is None:
+            return
+        self._handle(events)
+        if self.backlog is None and self.transport is not None:
+            self.transport.resume_reading()
+
+    def _message(self, data: bytes) -> None:
+        endpoint = self.endpoint
+        ws = self.ws
+        # Frames that arrived with the peer's close (e.g. a tracker's `end` right before it
+        # closes) still count; after a close the hub started, nothing does.
+        if endpoint is None or not (ws.state is OPEN or ws.close_rcvd_then_sent):
+            return
+        reply = endpoint.receive(data, now_ms())
+        if reply is not None and ws.state is OPEN:
+            ws.send_text(reply)
+
+    def _flush(self) -> None:
+        ws, transport = self.ws, self.transport
+        if transport is None:
+            return
+        for chunk in ws.data_to_send():
+            if chunk:
+                transport.write(chunk)
+            else:
+                transport.close()
+                return
+        if ws.close_expected():
+            self.deadline = min(self.deadline, time.monotonic() + CLOSE_TIMEOUT_S)
+
+    # For endpoints ------------------------------------------------------
+
+    @property
+    def open(self) -> bool:
+        return self.ws.state is OPEN and self.transport is not None
+
+    def send(self, frame: bytes) -> None:
+        """Queue one text frame to the client."""
+        if self.open:
+            self.ws.send_text(frame)
+            self._flush()
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake; the transport is dropped if it stalls."""
+        if self.open:
+            self.ws.send_close(code, reason)
+            self.deadline = time.monotonic() + CLOSE_TIMEOUT_S
+            self._flush()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def set_receive_buffer(self, size: int) -> None:
+        sock = self.transport.get_extra_info("socket") if self.transport else None
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+    # For the server ------------------------------------------------------
+
+    def expire(self, now: float) -> None:
+        """Enforce the idle (or heartbeat) timeout, the keepalive ping and the close deadline."""
+        transport = self.transport
+        if transport is None:
+            return
+        ws = self.ws
+        if ws.state is not OPEN:
+            if now >= self.deadline:
+                transport.abort()
+            return
+        endpoint = self.endpoint
+        timeout = endpoint.idle_timeout if endpoint is not None else None
+        if timeout is None or endpoint is None:
+            return
+        idle = now - self.last_seen
+        if idle > timeout:
+            self.server.limits["idle_timeout"] += 1
+            self.timed_out = True
+            self.close(CloseCode.IDLE_TIMEOUT, "idle timeout" if endpoint.keepalive else "heartbeat timeout")
+        elif endpoint.keepalive and not self.pinged and idle > timeout / 2:
+            self.pinged = True
+            ws.send_ping(b"")
+            self._flush()

@@ -1,0 +1,133 @@
+"""The transport's parts alone, without a socket: admission, the HTTP request reader, the route table.
+
+End-to-end behaviour over real sockets is in test_http_api.py, test_security.py and test_conformance.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from hub.admission import PerIpLimit, TokenBucket
+from hub.auth import Auth
+from hub.config import Settings
+from hub.http1 import Refusal, RequestReader, Upgrade
+from hub.http_api import Request, Response
+from hub.routes import RouteTable
+
+KEY = "org-key"
+
+# Admission -------------------------------------------------------------
+
+
+def test_per_ip_limit_admits_up_to_the_limit_and_forgets_an_address_when_its_last_closes() -> None:
+    limit = PerIpLimit(2)
+    assert limit.admit("a") and limit.admit("a")
+    assert not limit.admit("a"), "the third from one address"
+    assert limit.admit("b"), "other addresses are not affected"
+    limit.release("a")
+    assert limit.admit("a")
+    for _ in range(2):
+        limit.release("a")
+    limit.release("b")
+    assert limit.open == {}
+
+
+def test_per_ip_limit_zero_admits_everyone() -> None:
+    limit = PerIpLimit(0)
+    assert all(limit.admit("a") for _ in range(1000))
+    assert limit.open == {"a": 1000}
+
+
+def test_token_bucket_allows_the_burst_then_the_rate() -> None:
+    bucket = TokenBucket(rate=10.0, burst=5.0, now=0.0)
+    assert bucket.take(5, 0.0), "the whole burst at once"
+    assert not bucket.take(1, 0.0), "nothing left"
+    bucket = TokenBucket(rate=10.0, burst=5.0, now=0.0)
+    assert bucket.take(5, 0.0)
+    assert bucket.take(1, 0.1), "0.1 s refills one message at 10/s"
+    assert not bucket.take(2, 0.2)
+
+
+def test_token_bucket_never_refills_past_the_burst() -> None:
+    bucket = TokenBucket(rate=10.0, burst=5.0, now=0.0)
+    assert not bucket.take(6, 3600.0), "an hour of silence still allows only the burst"
+
+
+# The HTTP request reader -------------------------------------------------
+
+
+def reader(max_head: int = 16384, max_body: int = 1 << 20) -> RequestReader:
+    return RequestReader(max_head, max_body)
+
+
+def test_reader_parses_a_request_with_its_query_headers_and_body() -> None:
+    raw = b"POST /a/b?c=1 HTTP/1.1\r\nHost: x\r\nX-Key: V\r\nContent-Length: 2\r\n\r\n{}"
+    [request] = reader().feed(raw)
+    assert isinstance(request, Request)
+    assert (request.method, request.path, request.query, request.body) == ("POST", "/a/b", "c=1", b"{}")
+    assert request.headers["x-key"] == "V" and request.keep_alive
+
+
+def test_reader_hands_over_an_upgrade_with_the_bytes_after_it() -> None:
+    r = reader()
+    head = b"GET /ws/tracker/p1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    [upgrade] = r.feed(head + b"\x81\x80")
+    assert isinstance(upgrade, Upgrade)
+    assert upgrade.request.path == "/ws/tracker/p1" and upgrade.rest == b"\x81\x80"
+    assert ("Upgrade", "websocket") in upgrade.headers
+    assert r.done and r.feed(b"more") == []
+
+
+def test_reader_refuses_malformed_http_and_reads_no_more() -> None:
+    r = reader()
+    [refusal] = r.feed(b"GARBAGE\r\n\r\n")
+    assert isinstance(refusal, Refusal) and refusal.response.status == 400
+    assert r.done and r.feed(b"GET / HTTP/1.1\r\n\r\n") == []
+
+
+# The route table ---------------------------------------------------------
+
+
+def table(projects: dict[str, int] | None = None) -> RouteTable:
+    routes = RouteTable(Settings(projects=projects), Auth(KEY), accepting_websockets=lambda: True)
+
+    def echo(request: Request) -> Response:
+        return Response(200, repr(sorted(request.params.items())).encode())
+
+    routes.http("/public/{projectKey}/things/{id}", get=echo, post=echo, auth=True)
+    routes.http("/healthz", get=echo)
+    return routes
+
+
+def get(path: str, method: str = "GET", key: str | None = KEY) -> Request:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    return Request(method=method, path=path, query="", headers=headers)
+
+
+def test_routes_match_templates_and_unquote_parameters() -> None:
+    reply = table().answer(get("/public/p1/things/a%2Fb"))
+    assert reply.status == 200 and reply.body == b"[('id', 'a/b'), ('projectKey', 'p1')]"
+    assert table().answer(get("/public/p1/things")).status == 404
+    assert table().answer(get("/public/p1/others/x")).status == 404
+
+
+def test_routes_check_the_key_then_the_project() -> None:
+    routes = table({"p1": 1})
+    assert routes.answer(get("/public/p2/things/x", key="wrong")).status == 401, "the key first"
+    assert routes.answer(get("/public/p2/things/x")).status == 404, "then the project"
+    assert routes.answer(get("/public/p1/things/x")).status == 200
+    assert routes.answer(get("/healthz", key=None)).status == 200, "a route without auth"
+
+
+def test_routes_answer_head_with_the_get_handler_and_405_with_allow() -> None:
+    routes = table()
+    assert routes.answer(get("/public/p1/things/x", "HEAD")).status == 200
+    reply = routes.answer(get("/public/p1/things/x", "DELETE"))
+    assert reply.status == 405 and ("Allow", "GET, HEAD, POST") in reply.headers
+    assert routes.answer(get("/healthz", "POST", key=None)).status == 405
+
+
+def test_a_route_that_checks_a_key_must_name_a_project() -> None:
+    routes = table()
+    with pytest.raises(ValueError, match="project"):
+        routes.http("/secret", get=lambda r: Response(200), auth=True)
