@@ -1,0 +1,445 @@
+"""``GET /openapi.json``: an OpenAPI 3.1 document of every HTTP route (CONTRACT §4, §5).
+
+Built from the code it describes, so it cannot drift from it: the record's
+fields and types from ``record.Session``, sort keys and bounds from
+``search``, limits from the running hub's ``Settings``, static files from
+``static``. ``tests/test_openapi.py`` runs schemathesis against a hub
+serving it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Final
+
+import msgspec
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
+
+from . import __version__, static
+from .config import PROJECT_KEY_RE, Settings
+from .http_api import JSON, Request, Response
+from .record import (
+    DESCRIPTIVE_FIELDS,
+    MAX_METADATA_KEY,
+    MAX_METADATA_KEYS,
+    MAX_STRING,
+    SCALAR_FIELDS,
+    SESSION_ID_RE,
+    Session,
+)
+from .search import DEFAULT_LIMIT, FIELD_NAMES, MAX_LIMIT
+
+Schema = dict[str, Any]
+
+PATH: Final = "/openapi.json"
+# Examples the document gives its path parameters; the schemathesis test
+# starts live sessions under them so that answers carry real records.
+EXAMPLE_PROJECT: Final = "my-project"
+EXAMPLE_SESSION: Final = "s-1"
+
+# Accepted sort keys, as the README spells them; matching is case-insensitive
+# (search.FIELD_NAMES), so aliases are listed by their lower-case key.
+SORT_KEYS: Final = sorted(SCALAR_FIELDS | {k for k, f in FIELD_NAMES.items() if k != f.lower()})
+SORT_TEXT: Final = "A scalar record field, case-insensitive; empty or null means timestamp."
+ORDERS: Final = ["asc", "desc"]
+ORDER_TEXT: Final = "Case-insensitive; empty or null means desc."
+
+
+def ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(schema: Schema) -> Schema:
+    """``X | None`` as one ``type`` list: msgspec writes an ``anyOf``."""
+    options = schema.pop("anyOf", None)
+    if options is not None:
+        types = [o["type"] for o in options]
+        schema["type"] = types
+    return schema
+
+
+def session_schema() -> Schema:
+    """``record.Session`` as the encoder writes it: every field, always present."""
+    (_,), components = msgspec.json.schema_components([Session], ref_template="#/components/schemas/{name}")
+    schema: Schema = components["Session"]
+    props: dict[str, Schema] = schema["properties"]
+    for prop in props.values():
+        prop.pop("default", None)
+        _nullable(prop)
+    props["sessionID"]["pattern"] = f"^{SESSION_ID_RE.pattern}$"
+    props["projectKey"]["pattern"] = f"^{PROJECT_KEY_RE.pattern}$"
+    for name in ("timestamp", "lastActiveAt"):
+        props[name].update(minimum=0, description="Unix milliseconds")
+    for name in DESCRIPTIVE_FIELDS:
+        props[name]["maxLength"] = MAX_STRING
+    props["metadata"].update(
+        maxProperties=MAX_METADATA_KEYS,
+        propertyNames={"minLength": 1, "maxLength": MAX_METADATA_KEY},
+        additionalProperties={"type": "string", "maxLength": MAX_STRING},
+        description="Metadata by key; numbers and booleans were stored as their text.",
+    )
+    props["tabs"].update(minimum=0, description="Open tracker connections; 0 while the grace runs.")
+    props["connected"]["description"] = "false while the session waits out its reconnect grace"
+    props["live"] = {"const": True}
+    schema.update(required=list(props), additionalProperties=False)
+    del schema["title"]
+    return schema
+
+
+ERROR: Final[Schema] = {
+    "type": "object",
+    "properties": {"error": {"type": "string", "description": "What was wrong."}},
+    "required": ["error"],
+    "additionalProperties": False,
+}
+
+SCALAR: Final[Schema] = {"type": ["string", "number", "boolean"]}
+
+
+def search_body_schema(settings: Settings) -> Schema:
+    """The POST search body (CONTRACT §4); null or absent means the default."""
+    filters: Schema = {"type": ["array", "null"], "items": ref("Filter")}
+    if settings.max_filters:
+        filters["maxItems"] = settings.max_filters
+    return {
+        "type": "object",
+        "properties": {
+            "filters": filters,
+            "sort": {"enum": [*SORT_KEYS, "", None], "description": SORT_TEXT},
+            "order": {"enum": [*ORDERS, None], "description": ORDER_TEXT},
+            "page": {"type": ["integer", "null"], "minimum": 0, "description": "1-based; 0 means 1."},
+            "limit": {
+                "type": ["integer", "null"],
+                "minimum": 0,
+                "maximum": MAX_LIMIT,
+                "description": f"0 means {DEFAULT_LIMIT}.",
+            },
+        },
+        "description": "Unknown fields are ignored.",
+    }
+
+
+FILTER: Final[Schema] = {
+    "type": "object",
+    "properties": {
+        "name": {
+            "type": "string",
+            "pattern": r"\S",
+            "description": (
+                "A record field, case-insensitive (userId, userAnonymousId, platform and every scalar "
+                "field by its name), METADATA (reads metadata[source]) or any other name, read as a "
+                "metadata key. userProperties cannot be filtered (400)."
+            ),
+        },
+        "operator": {
+            "enum": ["contains", "is", None],
+            "description": "Case-insensitive; contains (the default) is a substring match, is equality.",
+        },
+        "value": {
+            "type": ["array", "null"],
+            "items": SCALAR,
+            "description": (
+                "OR'ed; compared case-insensitively by their text. Empty or absent: the attribute is set."
+            ),
+        },
+        "source": {"type": ["string", "null"], "description": "The metadata key of a METADATA filter."},
+    },
+    "required": ["name"],
+    "description": "Filters are AND'ed. Unknown fields are ignored.",
+}
+
+
+def _error(description: str, headers: Schema | None = None) -> Schema:
+    answer: Schema = {"description": description, "content": {JSON: {"schema": ref("Error")}}}
+    if headers:
+        answer["headers"] = headers
+    return answer
+
+
+def _json(description: str, schema: Schema) -> Schema:
+    return {"description": description, "content": {JSON: {"schema": schema}}}
+
+
+def _headless(responses: dict[str, Schema]) -> dict[str, Schema]:
+    """A HEAD operation's answers: the GET's statuses and headers, no body."""
+    return {status: {k: v for k, v in r.items() if k != "content"} for status, r in responses.items()}
+
+
+def transport_errors(settings: Settings) -> dict[str, Schema]:
+    """Answers the transport gives any request, before it reaches a route."""
+    errors = {
+        "400": _error("A malformed HTTP request."),
+        "414": _error(f"The request target is over --max-header ({settings.max_header} bytes)."),
+        "431": _error(f"The request head is over --max-header ({settings.max_header} bytes)."),
+    }
+    if settings.max_conns_per_ip:
+        errors["429"] = _error(f"Over --max-conns-per-ip ({settings.max_conns_per_ip}) open connections.")
+    return errors
+
+
+def _operation(
+    summary: str,
+    responses: dict[str, Schema],
+    settings: Settings,
+    *,
+    tags: list[str],
+    parameters: list[Schema] | None = None,
+    secured: bool = False,
+    body: Schema | None = None,
+) -> Schema:
+    op: Schema = {"summary": summary, "tags": tags}
+    if parameters:
+        op["parameters"] = parameters
+    if body is not None:
+        op["requestBody"] = body
+    op["responses"] = {**transport_errors(settings), **responses}
+    op["security"] = [{"bearer": []}] if secured else []
+    return op
+
+
+def _get_and_head(get: Schema, summary: str) -> Schema:
+    head = {**get, "summary": summary, "responses": _headless(get["responses"])}
+    return {"get": get, "head": head}
+
+
+def public_paths(settings: Settings) -> dict[str, Schema]:
+    unauthorized = _error(
+        "Missing or invalid API key; a project's own key for another project too.",
+        {"WWW-Authenticate": {"schema": {"const": "Bearer"}, "required": True}},
+    )
+    not_found = _error("Unknown project key (project not found) or path.")
+    search = {
+        "200": _json("One page of the live sessions that match.", ref("SearchAnswer")),
+        "400": _error("A malformed query, saying what was wrong."),
+        "401": unauthorized,
+        "404": not_found,
+    }
+    common = [{"$ref": "#/components/parameters/projectKey"}]
+    query = [
+        {"$ref": f"#/components/parameters/{name}"} for name in ("userId", "sort", "order", "page", "limit")
+    ]
+    get_search = _operation(
+        "Live sessions, newest first; userId filters with is.",
+        search,
+        settings,
+        tags=["assist"],
+        parameters=common + query,
+        secured=True,
+    )
+    post_search = _operation(
+        "Search live sessions by filters.",
+        {
+            **search,
+            "413": _error(f"A body over --max-http-body ({settings.max_http_body} bytes)."),
+        },
+        settings,
+        tags=["assist"],
+        parameters=common,
+        secured=True,
+        body={"required": True, "content": {JSON: {"schema": ref("SearchBody")}}},
+    )
+    get_one = _operation(
+        "One live session.",
+        {
+            "200": _json("The session.", ref("SessionAnswer")),
+            "401": unauthorized,
+            "404": _error("Unknown project key or no such live session."),
+        },
+        settings,
+        tags=["assist"],
+        parameters=[*common, {"$ref": "#/components/parameters/sessionID"}],
+        secured=True,
+    )
+    sessions = _get_and_head(get_search, "The GET's status and headers, without a body.")
+    sessions["post"] = post_search
+    return {
+        "/public/{projectKey}/assist/sessions": sessions,
+        "/public/{projectKey}/assist/sessions/{sessionID}": _get_and_head(
+            get_one, "The GET's status and headers, without a body."
+        ),
+    }
+
+
+def _status(value: str) -> Schema:
+    return {
+        "type": "object",
+        "properties": {"status": {"const": value}},
+        "required": ["status"],
+        "additionalProperties": False,
+    }
+
+
+def operations_paths(settings: Settings) -> dict[str, Schema]:
+    def plain(summary: str, responses: dict[str, Schema]) -> Schema:
+        get = _operation(summary, responses, settings, tags=["operations"])
+        return _get_and_head(get, f"{summary} Headers only.")
+
+    return {
+        "/healthz": plain("Liveness: 200 while the process is up.", {"200": _json("Up.", _status("ok"))}),
+        "/readyz": plain(
+            "Readiness: bootstrapped (from Redis in a cluster) and not draining.",
+            {
+                "200": _json("Ready to serve.", _status("ready")),
+                "503": _json("Starting or draining.", _status("starting")),
+            },
+        ),
+        "/metrics": plain(
+            "Prometheus text format; no authentication, it holds counts only.",
+            {
+                "200": {
+                    "description": "Metrics.",
+                    "content": {CONTENT_TYPE_PLAIN_0_0_4: {"schema": {"type": "string"}}},
+                }
+            },
+        ),
+        PATH: plain(
+            "This document.",
+            {"200": _json("An OpenAPI 3.1 document.", {"type": "object", "required": ["openapi", "paths"]})},
+        ),
+    }
+
+
+def static_paths(settings: Settings) -> dict[str, Schema]:
+    etag_header = {"ETag": {"schema": {"type": "string"}, "required": True}}
+    paths = {}
+    for path, name in static.ROUTES.items():
+        content_type = static.CONTENT_TYPES[name[name.rfind(".") :]]
+        get = _operation(
+            f"The browser file {name}.",
+            {
+                "200": {
+                    "description": name,
+                    "headers": etag_header,
+                    "content": {content_type: {"schema": {"type": "string"}}},
+                },
+                "304": {"description": "If-None-Match holds the file's ETag.", "headers": etag_header},
+            },
+            settings,
+            tags=["browser"],
+            parameters=[{"$ref": "#/components/parameters/ifNoneMatch"}],
+        )
+        paths[path] = _get_and_head(get, f"The headers of {name}.")
+    return paths
+
+
+def parameters() -> dict[str, Schema]:
+    # Numbers in a query are ASCII digits only (CONTRACT §4).
+    return {
+        "projectKey": {
+            "name": "projectKey",
+            "in": "path",
+            "required": True,
+            "schema": {"type": "string", "pattern": f"^{PROJECT_KEY_RE.pattern}$"},
+            "example": EXAMPLE_PROJECT,
+        },
+        "sessionID": {
+            "name": "sessionID",
+            "in": "path",
+            "required": True,
+            "schema": {"type": "string", "pattern": f"^{SESSION_ID_RE.pattern}$"},
+            "example": EXAMPLE_SESSION,
+        },
+        "userId": {
+            "name": "userId",
+            "in": "query",
+            "schema": {"type": "string"},
+            "description": "Only sessions of this user (case-insensitive equality).",
+        },
+        "sort": {
+            "name": "sort",
+            "in": "query",
+            "schema": {"enum": [*SORT_KEYS, ""]},
+            "description": SORT_TEXT,
+        },
+        "order": {
+            "name": "order",
+            "in": "query",
+            "schema": {"enum": [*ORDERS, ""]},
+            "description": ORDER_TEXT,
+        },
+        "page": {
+            "name": "page",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 0},
+            "description": "1-based, ASCII digits; 0 or empty means 1.",
+        },
+        "limit": {
+            "name": "limit",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 0, "maximum": MAX_LIMIT},
+            "description": f"ASCII digits; 0 or empty means {DEFAULT_LIMIT}.",
+        },
+        "ifNoneMatch": {
+            "name": "If-None-Match",
+            "in": "header",
+            "schema": {"type": "string"},
+            "description": "ETags of a cached copy; a match is a 304.",
+        },
+    }
+
+
+def document(settings: Settings) -> Schema:
+    """The OpenAPI 3.1 document of a hub running with ``settings``."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "hub",
+            "version": __version__,
+            "description": (
+                "A live-session hub: the OpenReplay-compatible assist API, health and metrics, and the "
+                "browser files it serves. Trackers and agents use WebSocket (/ws/tracker/{projectKey}, "
+                "/ws/agent/{projectKey}), described in the README. A method a route does not list is "
+                "a 405 with an Allow header; an unknown path is a 404."
+            ),
+        },
+        "tags": [
+            {"name": "assist", "description": "Search live sessions (Authorization: Bearer KEY)."},
+            {"name": "operations", "description": "Health, readiness, metrics, this document."},
+            {"name": "browser", "description": "tracker.js and the live dashboard."},
+        ],
+        "paths": {**public_paths(settings), **operations_paths(settings), **static_paths(settings)},
+        "components": {
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "The organization key (--api-key) or a project's own key.",
+                }
+            },
+            "parameters": parameters(),
+            "schemas": {
+                "Session": session_schema(),
+                "SearchAnswer": {
+                    "type": "object",
+                    "properties": {"data": ref("SearchData")},
+                    "required": ["data"],
+                    "additionalProperties": False,
+                },
+                "SearchData": {
+                    "type": "object",
+                    "properties": {
+                        "total": {"type": "integer", "minimum": 0, "description": "Matches before paging."},
+                        "sessions": {"type": "array", "items": ref("Session"), "maxItems": MAX_LIMIT},
+                        "live": {"const": True},
+                    },
+                    "required": ["total", "sessions", "live"],
+                    "additionalProperties": False,
+                },
+                "SessionAnswer": {
+                    "type": "object",
+                    "properties": {"data": ref("Session")},
+                    "required": ["data"],
+                    "additionalProperties": False,
+                },
+                "SearchBody": search_body_schema(settings),
+                "Filter": FILTER,
+                "Error": ERROR,
+            },
+        },
+    }
+
+
+def route(settings: Settings) -> Callable[[Request], Response]:
+    """The ``GET /openapi.json`` route; the document is encoded once."""
+    body = msgspec.json.encode(document(settings))
+    return lambda _request: Response(200, body)
