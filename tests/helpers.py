@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,12 +27,6 @@ from hub.replication import AddMetric
 from hub.wire import EndReason
 
 API_KEY = "test-key-7f3a"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -143,32 +139,95 @@ async def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.01)
         await asyncio.sleep(interval)
 
 
+LISTENING = re.compile(r"\bhub\.listening\b.*?\bport\W{1,3}(\d+)")
+
+
+def listening_port(line: str) -> int | None:
+    """The port of a hub's ``hub.listening`` log line (text or JSON format), else None."""
+    found = LISTENING.search(line)
+    return int(found.group(1)) if found else None
+
+
+class StderrLog:
+    """Reads a hub process's stderr in a thread: it never blocks on a full pipe, and the
+    port it bound (``--port 0``) is read from its ``hub.listening`` line."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self.port: int | None = None
+        self._found = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if self.port is None:
+                self.port = listening_port(line)
+                if self.port is not None:
+                    self._found.set()
+        self._found.set()  # the process is gone
+
+    def wait_port(self, timeout: float = 15.0) -> int:
+        if not self._found.wait(timeout) and self.port is None:
+            raise AssertionError(f"the hub reported no listening port within {timeout} s:\n{self.text()}")
+        if self.port is None:
+            raise AssertionError(f"the hub exited {self.proc.wait()} before listening:\n{self.text()}")
+        return self.port
+
+    def text(self) -> str:
+        """Everything logged so far; all of it once the process has exited."""
+        if self.proc.poll() is not None:
+            self._thread.join(5)
+        return "".join(self.lines)
+
+
 class HubProcess:
-    """``python -m hub serve`` in a child process, killed for real at the end."""
+    """``python -m hub serve`` in a child process, killed for real at the end.
+
+    Without ``port`` it listens on ``--port 0`` and ``port`` is the port it reports
+    in its ``hub.listening`` line (so keep ``--log-level`` at info or below): a port
+    picked and released before the hub binds it could be taken by another test.
+    """
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, port: int | None = None) -> None:
-        self.port = port or free_port()
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
         full_env.update(env or {})
-        self.args = [sys.executable, "-m", "hub", "serve", "--port", str(self.port), *args]
+        self.args = [sys.executable, "-m", "hub", "serve", "--port", str(port or 0), *args]
         self.proc = subprocess.Popen(
             self.args, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
+        self.stderr = StderrLog(self.proc)
+        self._port = port
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            self._port = self.stderr.wait_port()
+        return self._port
 
     def wait_ready(self, timeout: float = 10.0, path: str = "/healthz") -> None:
         deadline = time.monotonic() + timeout
+        port = self.port
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"hub exited {self.proc.returncode}: {self.proc.stderr.read()}")  # type: ignore[union-attr]
+                raise AssertionError(f"hub exited {self.proc.returncode}: {self.stderr.text()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
                     s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
                     if s.recv(64).startswith(b"HTTP/1.1 200"):
                         return
             except OSError:
                 pass
             time.sleep(0.05)
-        raise AssertionError(f"hub on port {self.port} not ready within {timeout} s")
+        raise AssertionError(f"hub on port {port} not ready ({path}) within {timeout} s")
+
+    def wait_exit(self, timeout: float = 15.0) -> tuple[int, str]:
+        """The exit code and everything it wrote to stderr, once it exited by itself."""
+        code = self.proc.wait(timeout)
+        return code, self.stderr.text()
 
     def terminate(self, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:

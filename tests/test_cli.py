@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import API_KEY, HubProcess, free_port, http
+from tests.helpers import API_KEY, HubProcess, http
 
 
 def run_hub(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -67,30 +67,29 @@ def test_help_lists_every_flag_with_its_variable() -> None:
 
 
 async def test_environment_configures_the_hub_and_a_flag_wins() -> None:
-    port = free_port()
     env = {"HUB_PORT": "1", "HUB_API_KEY": API_KEY, "HUB_PROJECTS": "shop:42"}
-    with HubProcess(env=env, port=port) as proc:  # --port is passed as a flag: it wins over HUB_PORT
+    with HubProcess(env=env) as proc:  # --port 0 is passed as a flag: it wins over HUB_PORT
         proc.wait_ready()
-        reply = await http(port, "GET", "/public/shop/assist/sessions")
+        reply = await http(proc.port, "GET", "/public/shop/assist/sessions")
         assert reply.status == 200
-        reply = await http(port, "GET", "/public/other/assist/sessions")
+        reply = await http(proc.port, "GET", "/public/other/assist/sessions")
         assert reply.status == 404
         assert proc.terminate() == 0
 
 
 async def test_generated_api_key_is_printed_once_and_works() -> None:
-    port = free_port()
-    with HubProcess(port=port) as proc:
+    with HubProcess() as proc:
         proc.wait_ready()
         assert proc.terminate() == 0
         out = proc.proc.stdout.read()  # type: ignore[union-attr]
+        err = proc.stderr.text()
     lines = [line for line in out.splitlines() if "API key" in line]
     assert len(lines) == 1, out
     key = lines[0].rsplit(" ", 1)[1]
-    assert len(key) >= 24
-    with HubProcess("--api-key", key, port=port) as proc:
+    assert len(key) >= 24 and key not in err, "printed once, never logged"
+    with HubProcess("--api-key", key) as proc:
         proc.wait_ready()
-        assert (await http(port, "GET", "/public/p/assist/sessions", key=key)).status == 200
+        assert (await http(proc.port, "GET", "/public/p/assist/sessions", key=key)).status == 200
 
 
 def test_console_script_is_installed() -> None:

@@ -17,7 +17,7 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from tests.helpers import API_KEY, HubProcess, free_port, http, wait_for
+from tests.helpers import API_KEY, HubProcess, http, wait_for
 from tests.redis_server import RedisCluster, RedisServer, have_redis
 
 pytestmark = pytest.mark.skipif(not have_redis(), reason="redis-server is not installed")
@@ -25,17 +25,14 @@ pytestmark = pytest.mark.skipif(not have_redis(), reason="redis-server is not in
 LEASE = 1.5
 
 
-def node(redis_url: str, name: str, *args: str, port: int | None = None) -> HubProcess:
+def node(redis_url: str, name: str, *args: str) -> HubProcess:
     return HubProcess(
         "--redis-url", redis_url,
         "--node-id", name,
         "--api-key", API_KEY,
         "--node-lease", str(LEASE),
         "--grace", "20",
-        "--sweep-interval", "0.05",
-        "--log-level", "warning",
         *args,
-        port=port,
     )  # fmt: skip
 
 
@@ -200,7 +197,7 @@ async def test_a_node_back_under_the_same_id_does_not_resurrect_its_old_sessions
         await tracker(first.port, "old")
         await wait_agreed(nodes, {"old"})
         first.kill()
-        with node(redis.url, "n0", port=first.port) as again:
+        with node(redis.url, "n0") as again:
             again.wait_ready(path="/readyz")
             # Well within the lease: the new epoch tells peers the old process is gone.
             started = time.monotonic()
@@ -266,11 +263,12 @@ async def _connected(port: int, sid: str) -> bool:
 
 
 async def test_readyz_is_503_until_the_node_bootstrapped_from_redis() -> None:
-    port = free_port()
-    with node(f"redis://127.0.0.1:{port}", "late") as hub:
-        hub.wait_ready(path="/healthz")
-        assert (await http(hub.port, "GET", "/readyz")).status == 503
-        with RedisServer(port):
+    with RedisServer() as redis:
+        redis.kill()  # a Redis that is down when the node starts, on a port known to be redis's
+        with node(redis.url, "late") as hub:
+            hub.wait_ready(path="/healthz")
+            assert (await http(hub.port, "GET", "/readyz")).status == 503
+            redis.start()
             hub.wait_ready(path="/readyz", timeout=10)
 
 

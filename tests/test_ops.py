@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection
 
 from hub import logs
-from tests.helpers import API_KEY, HubProcess, RunningHub, free_port, http, running_hub, wait_for
+from tests.helpers import API_KEY, HubProcess, RunningHub, StderrLog, http, running_hub, wait_for
 from tests.redis_server import RedisServer, have_redis
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -202,7 +202,7 @@ async def test_json_logs_parse_and_never_carry_a_key() -> None:
             pass
         await ws.close()
         assert await asyncio.to_thread(proc.terminate) == 0
-        _, err = proc.proc.communicate()
+        err = proc.stderr.text()
     lines = err.splitlines()
     records = [json.loads(line) for line in lines]  # every line is one JSON object
     for record in records:
@@ -304,9 +304,7 @@ def test_a_port_in_use_is_one_line_and_exit_2() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = HubProcess("--api-key", API_KEY, port=port)
-        code = proc.proc.wait(15)
-        _, err = proc.proc.communicate()
+        code, err = HubProcess("--api-key", API_KEY, port=port).wait_exit(15)
     assert code == 2
     expected = f"hub: error: cannot listen on 127.0.0.1:{port}: Address already in use"
     assert err.strip().splitlines() == [expected]
@@ -379,17 +377,18 @@ def test_dockerfile_steps_install_a_hub_that_serves(tmp_path: Path) -> None:
     assert len(skipped) == 1 and user.split(":")[0] not in ("", "0", "root")
     assert exposed == env["HUB_PORT"] == "9001"
     assert json.loads(cmd) == ["hub", "serve", "--host", "0.0.0.0"]
-    # The installed hub, not this checkout: run from the app dir's parent.
-    port = str(free_port())
-    env.update(HUB_PORT=port, HUB_API_KEY=API_KEY, HUB_HOST="127.0.0.1")
+    # The installed hub, not this checkout: run from the app dir's parent. HUB_PORT=0: it
+    # reports the port it bound, which the HEALTHCHECK then reads from HUB_PORT.
+    env.update(HUB_PORT="0", HUB_API_KEY=API_KEY, HUB_HOST="127.0.0.1")
     argv = [str(venv / "bin" / "hub"), *json.loads(cmd)[1:]]
     argv[argv.index("0.0.0.0")] = "127.0.0.1"  # loopback only on this machine
     proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     try:
+        env["HUB_PORT"] = str(StderrLog(proc).wait_port(20))
         probe = json.loads(healthcheck)
         deadline = time.monotonic() + 20
         while subprocess.run(probe, env=env, cwd=tmp_path, capture_output=True).returncode != 0:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert proc.poll() is None, "the hub exited"
             assert time.monotonic() < deadline, "HEALTHCHECK never passed"
             time.sleep(0.1)
         located = subprocess.run(
