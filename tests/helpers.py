@@ -4,6 +4,7 @@ I/O-free cores (the unit layer)."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import re
@@ -125,8 +126,11 @@ async def running_hub(**overrides: Any) -> AsyncIterator[RunningHub]:
         await asyncio.wait_for(task, 10)
 
 
-async def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.01) -> Any:
-    """Poll an (async or sync) predicate until it is truthy; its value is returned."""
+async def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.01, what: str = "") -> Any:
+    """Poll an (async or sync) predicate until it is truthy; its value is returned.
+
+    Past ``timeout`` it fails saying what was awaited: ``what``, else the predicate's source.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -135,8 +139,15 @@ async def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.01)
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
+            raise AssertionError(f"not met within {timeout} s: {what or _source(predicate)}")
         await asyncio.sleep(interval)
+
+
+def _source(predicate: Any) -> str:
+    try:
+        return inspect.getsource(predicate).strip()
+    except (OSError, TypeError):
+        return repr(predicate)
 
 
 LISTENING = re.compile(r"\bhub\.listening\b.*?\bport\W{1,3}(\d+)")

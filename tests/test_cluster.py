@@ -9,7 +9,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack, asynccontextmanager, contextmanager
 from typing import Any
 
@@ -51,22 +51,33 @@ async def sessions_of(port: int) -> dict[str, dict[str, Any]]:
     return {s["sessionID"]: s for s in reply.json()["data"]["sessions"]}
 
 
-async def agreed(nodes: list[HubProcess], expect: set[str] | None = None) -> dict[str, dict[str, Any]] | None:
-    """Every node's answer when they are all equal (and hold ``expect``), else None."""
+View = dict[str, dict[str, Any]]
+
+
+async def agreed(
+    nodes: list[HubProcess], expect: set[str] | None = None, until: Callable[[View], bool] | None = None
+) -> View | None:
+    """Every node's answer when they are all equal (and hold ``expect``, and it passes
+    ``until``), else None."""
     answers = [await sessions_of(n.port) for n in nodes]
     first = answers[0]
     if any(a != first for a in answers[1:]):
         return None
     if expect is not None and set(first) != expect:
         return None
+    if until is not None and not until(first):
+        return None
     return first
 
 
 async def wait_agreed(
-    nodes: list[HubProcess], expect: set[str] | None = None, timeout: float = 5.0
-) -> dict[str, dict[str, Any]]:
+    nodes: list[HubProcess],
+    expect: set[str] | None = None,
+    timeout: float = 5.0,
+    until: Callable[[View], bool] | None = None,
+) -> View:
     async def check() -> Any:
-        got = await agreed(nodes, expect)
+        got = await agreed(nodes, expect, until)
         return (got,) if got is not None else None
 
     (result,) = await wait_for(check, timeout=timeout, interval=0.02)
@@ -133,9 +144,7 @@ async def test_three_nodes_and_an_observer_agree_after_every_step() -> None:
             assert view["s4"]["userID"] == "u4"
 
             await ws["s1"].send(json.dumps({"type": "update", "metadata": {"a": "2"}, "pageTitle": "Cart"}))
-            view = await wait_agreed(nodes)
-            while view["s1"]["pageTitle"] != "Cart":
-                view = await wait_agreed(nodes)
+            view = await wait_agreed(nodes, until=lambda v: v["s1"]["pageTitle"] == "Cart")
             assert view["s1"]["metadata"] == {"a": "2"}
             search = {"filters": [{"name": "a", "operator": "is", "value": ["2"]}]}
             for n in nodes:
@@ -149,9 +158,11 @@ async def test_three_nodes_and_an_observer_agree_after_every_step() -> None:
             await ws["s2"].send(json.dumps({"type": "end"}))
             await ws["s3"].close()
             await second.close()
-            view = await wait_agreed(nodes, {f"s{i}" for i in range(6)} - {"s2"})
-            while view["s3"]["connected"] or view["s0"]["tabs"] != 1:
-                view = await wait_agreed(nodes, set(view))
+            view = await wait_agreed(
+                nodes,
+                {f"s{i}" for i in range(6)} - {"s2"},
+                until=lambda v: not v["s3"]["connected"] and v["s0"]["tabs"] == 1,
+            )
             assert view["s3"]["tabs"] == 0 and view["s0"]["connected"]
 
             await wait_for(lambda: "s2" in watch.ends())
