@@ -67,9 +67,11 @@ class Refusal:
 
 Event = Request | Continue | Upgrade | Refusal
 
-# A request line's fixed part ("GET " ... " HTTP/1.1\r\n") and a header line's (": ", "\r\n").
-_LINE_OVERHEAD: Final = 16
+# Bytes of a head besides what the callbacks give: the request line's " " and
+# " HTTP/1.1\r\n", a header line's ": " and "\r\n", the blank line's "\r\n".
+_LINE_OVERHEAD: Final = 12
 _HEADER_OVERHEAD: Final = 4
+_END_OVERHEAD: Final = 2
 
 
 class _Stop(Exception):
@@ -172,7 +174,11 @@ class RequestReader:
         self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
+        assert self._head is not None and self.parser is not None
+        size = self._head + len(self.parser.get_method()) + _END_OVERHEAD
         self._head = None
+        if size > self.max_head:
+            raise self._refuse(_too_large_head())
         expect = False
         for name, value in self._headers:
             lower = name.lower()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -303,8 +305,6 @@ async def test_malformed_http_and_oversized_bodies() -> None:
 
 
 async def test_keep_alive_serves_several_requests_on_one_connection() -> None:
-    import asyncio
-
     async with populated() as h:
         reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
         req = f"GET /public/p1/assist/sessions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\r\n"
@@ -316,3 +316,93 @@ async def test_keep_alive_serves_several_requests_on_one_connection() -> None:
             body = json.loads(await reader.readexactly(length))
             assert body["data"]["total"] == 5
         writer.close()
+
+
+# Framing: heads, bodies, pipelining, split reads (issue 15, defect 4) ------------
+
+
+async def read_reply(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One response off a keep-alive stream."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        if value:
+            headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0"))
+    body = await asyncio.wait_for(reader.readexactly(length), 5) if length else b""
+    return int(status_line.split()[1]), headers, body
+
+
+def get_request(path: str, *extra: str) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", "Host: x", f"Authorization: Bearer {API_KEY}", *extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def test_a_body_over_max_header_is_not_a_head_over_it() -> None:
+    # An `is` filter with 800 user ids: a 40 KiB body, over the 16 KiB head limit.
+    async with populated() as h:
+        users = [f"visitor-{i:05}-of-the-online-shop@mail.example.com" for i in range(799)]
+        users.append("bob@example.com")
+        body = json.dumps({"filters": [{"name": "userId", "operator": "is", "value": users}]})
+        assert len(body) > 40 * 1024 > h.hub.settings.max_header
+        reply = await post(h, body)
+        assert reply.status == 200, reply.body
+        assert ids(reply.json()["data"]) == ["b2"]
+
+
+async def test_200_pipelined_gets_in_one_write_get_200_answers_in_order() -> None:
+    async with populated() as h:
+        reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
+        limits = [1 + i % 5 for i in range(200)]
+        writer.write(b"".join(get_request(f"/public/p1/assist/sessions?limit={n}") for n in limits))
+        for n in limits:
+            status, _, body = await read_reply(reader)
+            assert status == 200, body
+            assert len(json.loads(body)["data"]["sessions"]) == n
+        writer.close()
+
+
+async def test_one_head_over_max_header_is_still_a_431() -> None:
+    async with running_hub(max_header=2048) as h:
+        reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
+        writer.write(get_request("/healthz") + get_request("/healthz", "X-Big: " + "y" * 3000))
+        assert (await read_reply(reader))[0] == 200, "the first request is answered"
+        status, headers, _ = await read_reply(reader)
+        assert status == 431 and headers["connection"] == "close"
+        writer.close()
+
+
+async def write_in_pieces(port: int, pieces: list[bytes]) -> tuple[int, bytes]:
+    """Each piece as its own segment (no Nagle, a pause between), then the one answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.002)
+        status, _, body = await read_reply(reader)
+        return status, body
+    finally:
+        writer.close()
+
+
+async def test_a_request_one_byte_at_a_time_gets_the_same_answer() -> None:
+    async with populated() as h:
+        raw = get_request("/public/p1/assist/sessions/b2")
+        whole = await write_in_pieces(h.port, [raw])
+        assert whole[0] == 200
+        assert await write_in_pieces(h.port, [raw[i : i + 1] for i in range(len(raw))]) == whole
+
+
+async def test_a_request_split_at_every_byte_boundary_gets_the_same_answer() -> None:
+    async with running_hub() as h:
+        raw = b"POST /public/p1/assist/sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\n"
+        raw += f"Authorization: Bearer {API_KEY}\r\n\r\n".encode() + b'{"limit": 1}'
+        whole = await write_in_pieces(h.port, [raw])
+        assert whole[0] == 200
+        for cut in range(1, len(raw)):
+            assert await write_in_pieces(h.port, [raw[:cut], raw[cut:]]) == whole, cut

@@ -10,7 +10,7 @@ import pytest
 from hub.admission import PerIpLimit, TokenBucket
 from hub.auth import Auth
 from hub.config import Settings
-from hub.http1 import Refusal, RequestReader, Upgrade
+from hub.http1 import Event, Refusal, RequestReader, Upgrade
 from hub.http_api import Request, Response
 from hub.routes import RouteTable
 
@@ -83,6 +83,77 @@ def test_reader_refuses_malformed_http_and_reads_no_more() -> None:
     [refusal] = r.feed(b"GARBAGE\r\n\r\n")
     assert isinstance(refusal, Refusal) and refusal.response.status == 400
     assert r.done and r.feed(b"GET / HTTP/1.1\r\n\r\n") == []
+
+
+def head_of(size: int, method: str = "GET") -> bytes:
+    """A request head of exactly ``size`` bytes, padded with one header."""
+    start = f"{method} /x HTTP/1.1\r\nHost: x\r\nX-Pad: ".encode()
+    return start + b"p" * (size - len(start) - 4) + b"\r\n\r\n"
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
+def test_reader_bounds_one_head_at_and_past_max_header(method: str) -> None:
+    assert len(head_of(4000, method)) == 4000
+    [request] = reader(max_head=4000).feed(head_of(4000, method))
+    assert isinstance(request, Request)
+    [refusal] = reader(max_head=4000).feed(head_of(4001, method))
+    assert isinstance(refusal, Refusal) and refusal.response.status == 431
+    assert refusal.limit == "max_header"
+
+
+def test_reader_refuses_a_too_long_uri_with_414() -> None:
+    [refusal] = reader(max_head=100).feed(b"GET /" + b"u" * 200 + b" HTTP/1.1\r\n\r\n")
+    assert isinstance(refusal, Refusal) and refusal.response.status == 414
+
+
+def test_reader_never_counts_a_body_or_the_requests_after_a_head() -> None:
+    body = b"b" * 50_000
+    raw = b"POST /x HTTP/1.1\r\nContent-Length: 50000\r\n\r\n" + body + head_of(900) * 300
+    events = reader(max_head=1000).feed(raw)
+    assert len(events) == 301 and all(isinstance(e, Request) for e in events)
+    assert isinstance(events[0], Request) and events[0].body == body
+
+
+def test_reader_bounds_a_header_line_that_never_ends() -> None:
+    # httptools holds an unfinished header line without a callback: whole reads count.
+    r = reader(max_head=4096)
+    assert r.feed(b"GET / HTTP/1.1\r\nX-Endless: ") == []
+    fed = 0
+    while not r.done:
+        events = r.feed(b"a" * 1000)
+        fed += 1000
+    [refusal] = events
+    assert isinstance(refusal, Refusal) and refusal.response.status == 431
+    assert fed <= 4096 + 1000
+
+
+def test_reader_bounds_the_body_by_length_and_as_it_arrives() -> None:
+    [refusal] = reader(max_body=10).feed(b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n")
+    assert isinstance(refusal, Refusal) and refusal.response.status == 413
+    assert refusal.limit == "max_http_body"
+    chunked = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nabcdef\r\n6\r\nghijkl\r\n0\r\n\r\n"
+    [refusal] = reader(max_body=10).feed(chunked)
+    assert isinstance(refusal, Refusal) and refusal.response.status == 413
+    [request] = reader(max_body=12).feed(chunked)
+    assert isinstance(request, Request) and request.body == b"abcdefghijkl"
+
+
+def parsed(events: list[Event]) -> list[tuple[str, str, str, bytes, bool]]:
+    return [(e.method, e.path, e.query, e.body, e.keep_alive) for e in events if isinstance(e, Request)]
+
+
+def test_reader_gives_the_same_requests_for_a_stream_split_at_every_byte() -> None:
+    raw = (
+        b"POST /public/p1/assist/sessions?x=%20y HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n[1,2]"
+        + b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n"
+    )
+    whole = parsed(reader().feed(raw))
+    assert len(whole) == 2 and whole[1][4] is False
+    for cut in range(1, len(raw)):
+        r = reader()
+        assert parsed(r.feed(raw[:cut]) + r.feed(raw[cut:])) == whole, cut
+    r = reader()
+    assert parsed([e for i in range(len(raw)) for e in r.feed(raw[i : i + 1])]) == whole
 
 
 # The route table ---------------------------------------------------------
