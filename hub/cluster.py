@@ -43,6 +43,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import msgspec
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from msgspec import Raw, Struct
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -69,6 +70,13 @@ RECORD: Final = 1
 BACKOFF_MIN: Final = 0.1
 BACKOFF_MAX: Final = 2.0
 HSET_CHUNK: Final = 1000
+# In a node's hash, "@project/session" holds a heartbeat's lastActiveAt beside
+# the record ("project/session"): a heartbeat never rewrites the record.
+TOUCHED: Final = "@"
+TOUCHED_B: Final = TOUCHED.encode()
+# Batches read from the subscription and not applied yet (while bootstrapping);
+# past it they are dropped and the peers re-read from their snapshots.
+BUFFER_BATCHES: Final = 100_000
 # While Redis stays unreachable, one log line per interval (with the count), not one per retry.
 LOG_EVERY_S: Final = 30.0
 
@@ -85,15 +93,24 @@ def _field(key: SessionKey) -> str:
     return f"{key[0]}/{key[1]}"
 
 
+# (projectKey, sessionID, lastActiveAt) refreshes; (projectKey, sessionID, reason) removals,
+# reason None: the sender let the session go to other nodes.
+Touches = list[tuple[str, str, int]]
+Records = list[tuple[SessionKey, Raw]]
+Gone = list[tuple[str, str, EndReason | None]]
+
+
 class _BatchOut(Struct, array_like=True):
     node: str
     epoch: str
     seq: int
     kind: BatchKind
     up: list[Raw]
-    touch: list[tuple[str, str, int]]
-    # (projectKey, sessionID, reason); reason None: the sender let it go to other nodes.
-    gone: list[tuple[str, str, EndReason | None]]
+    touch: Touches
+    gone: Gone
+    # RELOAD: the sender's last batch known to have reached Redis. A peer holding
+    # at least that one lacks nothing the RELOAD does not carry.
+    base: int = 0
 
 
 class Batch(Struct, array_like=True):
@@ -102,8 +119,9 @@ class Batch(Struct, array_like=True):
     seq: int
     kind: BatchKind
     up: list[Session]
-    touch: list[tuple[str, str, int]]
-    gone: list[tuple[str, str, EndReason | None]]
+    touch: Touches
+    gone: Gone
+    base: int = 0
 
 
 _encode: Final = msgspec.msgpack.Encoder().encode
@@ -158,9 +176,16 @@ class Cluster:
         # Sessions in this node's hash in Redis.
         self._in_redis: set[SessionKey] = set()
         self._seq = 0
+        # The last batch whose MULTI/EXEC Redis answered (a failed one may or may not have landed).
+        self._acked = 0
         self._wake = anyio.Event()
         self._lock = anyio.Lock()
         self._last_publish = 0.0
+        self.window = settings.publish_window
+        # Peers' missing leases are not believed until then (after a bootstrap).
+        self._lenient_until = 0.0
+        # The subscription buffer overflowed: re-read the peers that moved on.
+        self._resync = False
         # Failed connection attempts since the last bootstrap, logged at most every LOG_EVERY_S.
         self._failures = _Throttle(LOG_EVERY_S)
 
@@ -215,11 +240,15 @@ class Cluster:
                     if sharded:
                         await client.initialize()  # the slot map, before routing by channel
                     await self._subscribe(pubsub)
-                    await self._bootstrap(client)
-                    bootstrapped = True
-                    async with anyio.create_task_group() as tg:
+                    # Read the subscription from the start, buffered while the
+                    # snapshots are read: Redis drops a subscriber that lags.
+                    send, receive = anyio.create_memory_object_stream[Batch](BUFFER_BATCHES)
+                    async with send, receive, anyio.create_task_group() as tg:
+                        tg.start_soon(self._reader, pubsub, send)
+                        await self._bootstrap(client)
+                        bootstrapped = True
                         tg.start_soon(self._publisher, client)
-                        tg.start_soon(self._reader, client, pubsub)
+                        tg.start_soon(self._apply_batches, client, receive)
                         tg.start_soon(self._watch_leases, client)
                 finally:
                     self.connected = False
@@ -259,16 +288,13 @@ class Cluster:
         return await get(ignore_subscribe_messages=ignore_subscribe, timeout=timeout)
 
     async def _bootstrap(self, client: Any) -> None:
+        # Redis lost this node's registration: it restarted empty, and every
+        # peer's lease is gone until that peer, maybe still in its reconnect
+        # backoff, writes it again. Its sessions stay meanwhile.
+        lost = self.ready and await client.hget(NODES_KEY, self.node) is None
         await self._republish(client)
-        nodes = {k.decode(): v.decode() for k, v in (await client.hgetall(NODES_KEY)).items()}
-        others = [n for n in nodes if n != self.node]
-        alive = await client.mget([_key("lease", n) for n in others]) if others else []
-        for node, lease in zip(others, alive, strict=True):
-            if lease is None:
-                await self._forget_dead(client, node)
-            else:
-                await self._sync(client, node)
-        # Peers not (yet) back in Redis keep their sessions for one lease.
+        await self._sync_peers(client)
+        self._lenient_until = time.monotonic() + self.lease + BACKOFF_MAX * 1.5 if lost else 0.0
         heard = time.monotonic()
         for peer in self.peers.values():
             peer.heard = heard
@@ -279,19 +305,43 @@ class Cluster:
             extra={"fields": {"node": self.node, "peers": len(self.peers), "sessions": len(self.index)}},
         )
 
+    async def _sync_peers(self, client: Any) -> None:
+        """Read each live peer's snapshot that is newer than what this node holds of it."""
+        nodes = {k.decode(): v.decode() for k, v in (await client.hgetall(NODES_KEY)).items()}
+        others = [n for n in nodes if n != self.node]
+        pipe = client.pipeline(transaction=False)
+        for n in others:
+            pipe.get(_key("lease", n))
+            pipe.get(_key("seq", n))
+        found = await pipe.execute() if others else []
+        for i, node in enumerate(others):
+            lease, seq = found[2 * i], found[2 * i + 1]
+            peer = self.peers.get(node)
+            if lease is None:
+                await self._forget_dead(client, node)
+            elif peer is None or peer.epoch != nodes[node] or seq is None or int(seq) > peer.seq:
+                # Re-read a peer only when its snapshot is newer than what this node holds.
+                await self._sync(client, node)
+
     async def _republish(self, client: Any) -> None:
-        """Rewrite this node's records in Redis and tell peers to reload them."""
+        """Rewrite this node's records in Redis (Redis may have lost them).
+
+        The batch carries what changed since the last one, as an OPS batch
+        would: a peer that missed nothing applies it and reads nothing; one
+        that did (its sequence is behind) re-reads this node's snapshot.
+        """
         async with self._lock:
             pending, self._pending = self._pending, {}
             try:
                 held = self.registry.held()
-                gone: list[tuple[str, str, EndReason | None]] = [
-                    (k[0], k[1], m) for k, m in pending.items() if isinstance(m, str)
-                ]
+                up, touch, gone = self._changes(pending)
                 self._seq += 1
-                batch = _BatchOut(self.node, self.epoch, self._seq, BatchKind.RELOAD, [], [], gone)
+                records = [raw for _, raw in up]
+                batch = _BatchOut(
+                    self.node, self.epoch, self._seq, BatchKind.RELOAD, records, touch, gone, self._acked
+                )
                 pipe = client.pipeline(transaction=True)
-                pipe.delete(_key("sessions", self.node))
+                pipe.unlink(_key("sessions", self.node))
                 for i in range(0, len(held), HSET_CHUNK):
                     pipe.hset(
                         _key("sessions", self.node),
@@ -304,8 +354,25 @@ class Cluster:
                 self._restore(pending)
                 raise
             self._in_redis = {_key_of(s) for s in held}
+            self._acked = self._seq
             self._last_publish = time.monotonic()
             self.published += 1
+
+    def _changes(self, pending: dict[SessionKey, int | EndReason]) -> tuple[Records, Touches, Gone]:
+        """A batch's records, lastActiveAt refreshes and removals from pending marks."""
+        up: Records = []
+        touch: Touches = []
+        gone: Gone = []
+        for key, mark in pending.items():
+            session = self.index.get(*key)
+            if isinstance(mark, str) or session is None or not self.registry.holds(key):
+                if key in self._in_redis:
+                    gone.append((key[0], key[1], mark if isinstance(mark, str) else None))
+            elif mark == TOUCH and key in self._in_redis:
+                touch.append((key[0], key[1], session.lastActiveAt))
+            else:
+                up.append((key, Raw(self._record(session))))
+        return up, touch, gone
 
     def _write_tail(self, pipe: Any, batch: _BatchOut) -> None:
         pipe.set(_key("seq", self.node), batch.seq)
@@ -330,6 +397,9 @@ class Cluster:
         while not self.leaving:
             with anyio.move_on_after(ping):
                 await self._wake.wait()
+            if self._pending and self.window:
+                # Gather what else changes within the window into the same batch.
+                await anyio.sleep(self.window)
             if self._pending or time.monotonic() - self._last_publish >= ping:
                 await self.flush(client)
 
@@ -341,42 +411,37 @@ class Cluster:
             self._wake = anyio.Event()
             pending, self._pending = self._pending, {}
             try:
-                up: list[Raw] = []
-                touch: list[tuple[str, str, int]] = []
-                gone: list[tuple[str, str, EndReason | None]] = []
-                records: dict[str, bytes] = {}
-                removed: list[str] = []
-                for key, mark in pending.items():
-                    session = self.index.get(*key)
-                    if isinstance(mark, str) or session is None or not self.registry.holds(key):
-                        if key in self._in_redis:
-                            self._in_redis.discard(key)
-                            removed.append(_field(key))
-                            gone.append((key[0], key[1], mark if isinstance(mark, str) else None))
-                        continue
-                    data = self._record(session)
-                    records[_field(key)] = data
-                    if mark == TOUCH and key in self._in_redis:
-                        touch.append((key[0], key[1], session.lastActiveAt))
-                    else:
-                        up.append(Raw(data))
-                        self._in_redis.add(key)
+                up, touch, gone = self._changes(pending)
                 self._seq += 1
-                batch = _BatchOut(self.node, self.epoch, self._seq, BatchKind.OPS, up, touch, gone)
+                records = [raw for _, raw in up]
+                batch = _BatchOut(self.node, self.epoch, self._seq, BatchKind.OPS, records, touch, gone)
                 pipe = client.pipeline(transaction=True)
-                if records:
-                    pipe.hset(_key("sessions", self.node), mapping=records)
-                if removed:
+                if up:
+                    mapping = {_field(key): bytes(raw) for key, raw in up}
+                    pipe.hset(_key("sessions", self.node), mapping=mapping)
+                if touch:
+                    # A heartbeat stores its lastActiveAt alone, never the whole record.
+                    pipe.hset(
+                        _key("sessions", self.node),
+                        mapping={f"{TOUCHED}{p}/{sid}": t for p, sid, t in touch},
+                    )
+                if gone:
+                    removed = [f"{prefix}{p}/{sid}" for p, sid, _ in gone for prefix in ("", TOUCHED)]
                     pipe.hdel(_key("sessions", self.node), *removed)
                 self._write_tail(pipe, batch)
                 await pipe.execute()
             except BaseException:
                 self._restore(pending)
                 raise
+            for p, sid, _ in gone:
+                self._in_redis.discard((p, sid))
+            self._in_redis.update(key for key, _ in up)
+            self._acked = self._seq
             self._last_publish = time.monotonic()
             self.published += 1
 
-    async def _reader(self, client: Any, pubsub: Any) -> None:
+    async def _reader(self, pubsub: Any, send: MemoryObjectSendStream[Batch]) -> None:
+        """Read the subscription as fast as it comes; ``_apply_batches`` applies it."""
         while True:
             msg = await self._next(pubsub, 1.0)
             if msg is None:
@@ -386,11 +451,23 @@ class Cluster:
             except msgspec.DecodeError:
                 log.warning("cluster.bad_message", extra={"fields": {"bytes": len(msg["data"])}})
                 continue
-            if batch.node != self.node:
-                self.received += 1
-                await self._receive(client, batch)
-            elif batch.epoch != self.epoch:
-                log.error("cluster.duplicate_node_id", extra={"fields": {"node": self.node}})
+            if batch.node == self.node:
+                if batch.epoch != self.epoch:
+                    log.error("cluster.duplicate_node_id", extra={"fields": {"node": self.node}})
+                continue
+            self.received += 1
+            try:
+                send.send_nowait(batch)
+            except anyio.WouldBlock:
+                # Over the buffer: drop, and re-read the peers whose sequence moved on.
+                self._resync = True
+
+    async def _apply_batches(self, client: Any, receive: MemoryObjectReceiveStream[Batch]) -> None:
+        async for batch in receive:
+            if self._resync:
+                self._resync = False
+                await self._sync_peers(client)
+            await self._receive(client, batch)
 
     async def _receive(self, client: Any, batch: Batch) -> None:
         node = batch.node
@@ -405,16 +482,22 @@ class Cluster:
             self.registry.move_node(node, now)
             log.info("cluster.node_left", extra={"fields": {"node": node}})
             return
-        if batch.kind == BatchKind.RELOAD:
-            self._apply(node, Batch(node, batch.epoch, batch.seq, BatchKind.OPS, [], [], batch.gone), now)
-        elif peer is not None and batch.seq == peer.seq + 1:
+        if peer is not None and (
+            batch.seq == peer.seq + 1
+            or (batch.kind == BatchKind.RELOAD and batch.base <= peer.seq < batch.seq)
+        ):
+            # The next batch, or a RELOAD carrying everything since what this node holds.
             self._apply(node, batch, now)
             peer.seq = batch.seq
             peer.heard = time.monotonic()
             return
-        elif peer is not None and batch.seq <= peer.seq:
+        if peer is not None and batch.seq <= peer.seq:
             peer.heard = time.monotonic()
             return  # already in the snapshot read
+        # A gap, a new peer, or a rewrite after batches this node missed: read its snapshot.
+        if batch.gone:
+            # Ends first, so they keep their reasons (a missing record reads as "let go").
+            self._apply(node, Batch(node, batch.epoch, batch.seq, BatchKind.OPS, [], [], batch.gone), now)
         if not await self._sync(client, node):
             # Its records are not in Redis (yet): take the batch as it is.
             self._apply(node, batch, now)
@@ -442,7 +525,15 @@ class Cluster:
         peer = self.peers.get(node)
         if peer is not None and peer.epoch != epoch:
             self._drop(node, EndReason.NODE_LOST)
-        records = [_decode_session(v) for v in fields.values()]
+        records = []
+        for field, value in fields.items():
+            if field.startswith(TOUCHED_B):
+                continue
+            record = _decode_session(value)
+            touched = fields.get(TOUCHED_B + field)
+            if touched is not None:
+                record.lastActiveAt = max(record.lastActiveAt, int(touched))
+            records.append(record)
         self.registry.reconcile(node, records, now_ms())
         self.peers[node] = Peer(epoch, int(raw_seq), time.monotonic())
         return True
@@ -459,16 +550,21 @@ class Cluster:
         if not await client.exists(_key("lease", node)):
             pipe = client.pipeline(transaction=True)
             pipe.hdel(NODES_KEY, node)
-            pipe.delete(_key("sessions", node), _key("seq", node))
+            # UNLINK: a big hash is freed in the background, not in Redis's one thread.
+            pipe.unlink(_key("sessions", node), _key("seq", node))
             await pipe.execute()
 
     async def _watch_leases(self, client: Any) -> None:
+        """A peer is dead when its lease key in Redis is gone, whatever this node's reader does."""
         interval = min(self.lease / 10, 0.5)
         while True:
             await anyio.sleep(interval)
-            deadline = time.monotonic() - self.lease
-            for node, peer in list(self.peers.items()):
-                if peer.heard < deadline:
+            nodes = list(self.peers)
+            if not nodes or time.monotonic() < self._lenient_until:
+                continue
+            leases = await client.mget([_key("lease", n) for n in nodes])
+            for node, lease in zip(nodes, leases, strict=True):
+                if lease is None and node in self.peers:
                     await self._forget_dead(client, node)
 
     async def leave(self) -> None:
@@ -491,7 +587,7 @@ class Cluster:
             self._seq += 1
             pipe = client.pipeline(transaction=True)
             pipe.hdel(NODES_KEY, self.node)
-            pipe.delete(_key("sessions", self.node), _key("seq", self.node), _key("lease", self.node))
+            pipe.unlink(_key("sessions", self.node), _key("seq", self.node), _key("lease", self.node))
             batch = _encode(_BatchOut(self.node, self.epoch, self._seq, BatchKind.BYE, [], [], []))
             if self._sharded:
                 pipe.spublish(CHANNEL, batch)

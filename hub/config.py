@@ -43,6 +43,8 @@ class Settings:
     node_lease: float = 15.0
     # This node's name in the cluster; "" = hostname-pid (README, "Cluster").
     node_id: str = ""
+    # Seconds a node gathers its changes before publishing them as one batch (0 = at once).
+    publish_window: float = 0.005
     log_level: str = "info"
     log_format: str = "text"
     # Transport limits.
@@ -256,6 +258,11 @@ OPTIONS: Final[list[tuple[str, Any, str]]] = [
         "seconds before a silent node's sessions are dropped (default 15)",
     ),
     ("node-id", _node_id, "this node's name in a cluster (default: hostname-pid)"),
+    (
+        "publish-window",
+        _non_negative("publish-window", float),
+        "seconds a cluster node gathers changes into one Redis batch (default 0.005, 0 = at once)",
+    ),
     ("log-level", str.lower, "debug, info, warning or error (default info)"),
     ("log-format", str.lower, "text or json (default text)"),
     (
