@@ -2,31 +2,40 @@
 
 Each node publishes what changes in the sessions it holds and applies what
 the other nodes publish (``Registry.remote_*``), so any node answers any
-search or agent subscription with the whole picture (CONTRACT §5).
+search or agent subscription with the whole picture (CONTRACT §5). The
+registry tells it only about this node's own changes (``Replication``).
 
 In Redis (every key carries the ``{hub}`` hash tag, so a Redis Cluster keeps
 them, and the channel, in one slot and transactions stay possible):
 
 - ``{hub}:changes`` — the pub/sub channel (sharded pub/sub on a Redis
-  Cluster). A message is one ``Batch`` from one node: its full records that
-  changed, lastActiveAt refreshes, and sessions it ended or let go.
-- ``{hub}:sessions:<node>`` — a hash of the node's records, and
+  Cluster). A message is one ``Batch`` from one node, gathered over
+  ``--publish-window``: its records that changed, lastActiveAt refreshes,
+  and sessions it ended or let go.
+- ``{hub}:sessions:<node>`` — a hash of the node's records
+  (``project/session``) and of heartbeats since (``@project/session``: only
+  lastActiveAt, so a heartbeat never rewrites a record), and
   ``{hub}:seq:<node>`` the sequence number of the batch they reflect; both
   written in the same MULTI/EXEC as the batch's PUBLISH.
 - ``{hub}:lease:<node>`` — refreshed with every batch (a batch goes out at
   least every lease/4), expiring after the lease; ``{hub}:nodes`` maps each
   node to its epoch (a random id per process start).
 
-Bootstrap without a lost change: subscribe first, then read each node's
-(seq, records) atomically; buffered batches at or below that seq are
-already in the snapshot and skipped, later ones apply. A batch whose seq is
-not the next one (a gap) or a new epoch makes the reader resync that node
-from its snapshot. A peer silent for longer than the lease is dropped:
-its sessions end with reason ``node_lost``; a node that comes back under the
-same id has a new epoch, so its old sessions are dropped, not resurrected.
-While Redis is unreachable nothing is dropped: the node serves its own
-trackers and the last known state, retries with backoff and jitter, then
-rewrites its records and tells peers to reload them.
+Bootstrap without a lost change: subscribe first and keep reading into a
+bounded buffer (Redis drops a subscriber that lags), then read each peer's
+(seq, records) atomically, only for peers whose seq moved past what this
+node holds; buffered batches at or below that seq are already in the
+snapshot and skipped, later ones apply. A batch whose seq is not the next
+one (a gap) or a new epoch makes the reader resync that node from its
+snapshot. A peer whose lease key is gone is dead: its sessions end with
+reason ``node_lost``; a node that comes back under the same id has a new
+epoch, so its old sessions are dropped, not resurrected. While Redis is
+unreachable nothing is dropped: the node serves its own trackers and the
+last known state, retries with backoff and jitter, then rewrites its
+records and publishes a RELOAD carrying its changes since its last
+acknowledged batch, which peers that missed nothing apply without a read.
+After Redis restarts empty, peers' missing leases are not believed until
+they have had time to come back (lease + the longest backoff).
 """
 
 from __future__ import annotations
