@@ -191,7 +191,8 @@ class RequestReader:
                     raise self._refuse(_too_large_body(self.max_body))
             elif lower == "expect":
                 expect = value.strip().lower() == "100-continue"
-        if expect:
+        # An HTTP/1.0 client does not know 100 (RFC 9110 §10.1.1).
+        if expect and self.parser.get_http_version() != "1.0":
             self._events.append(CONTINUE)
 
     def on_body(self, body: bytes) -> None:

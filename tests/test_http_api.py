@@ -406,3 +406,53 @@ async def test_a_request_split_at_every_byte_boundary_gets_the_same_answer() -> 
         assert whole[0] == 200
         for cut in range(1, len(raw)):
             assert await write_in_pieces(h.port, [raw[:cut], raw[cut:]]) == whole, cut
+
+
+# Expect: 100-continue, HEAD (issue 15, defect 9) ------------------------------------
+
+
+async def test_expect_100_continue_is_answered_before_the_body_is_sent() -> None:
+    async with populated() as h:
+        reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
+        body = b'{"limit": 2}'
+        head = (
+            "POST /public/p1/assist/sessions HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
+        )
+        writer.write(head.encode())
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.5)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body)
+        status, _, answer = await read_reply(reader)
+        assert status == 200 and len(json.loads(answer)["data"]["sessions"]) == 2
+        writer.close()
+
+
+async def test_expect_100_continue_with_a_body_over_the_limit_is_a_413_without_100() -> None:
+    async with running_hub(max_http_body=100) as h:
+        reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
+        writer.write(
+            b"POST /public/p1/assist/sessions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Length: 101\r\nExpect: 100-continue\r\n\r\n"
+        )
+        status, headers, _ = await read_reply(reader)
+        assert status == 413 and headers["connection"] == "close"
+        writer.close()
+
+
+@pytest.mark.parametrize("path", ["/public/p1/assist/sessions?limit=2", "/public/p1/assist/sessions/a1"])
+async def test_head_on_public_routes_answers_like_get_without_a_body(path: str) -> None:
+    async with populated() as h:
+        reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
+        head_request = get_request(path).replace(b"GET ", b"HEAD ", 1)
+        writer.write(head_request + get_request(path))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        got = await read_reply(reader)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        assert got[0] == 200
+        # The GET's Content-Length, and the next answer follows the head at once: no body.
+        assert f"Content-Length: {len(got[2])}".encode() in head
+        writer.close()
+        missing = await http(h.port, "HEAD", "/public/p1/assist/sessions/nope")
+        assert missing.status == 404 and missing.body == b""
+        assert (await http(h.port, "HEAD", path, key=None)).status == 401

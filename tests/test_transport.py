@@ -10,7 +10,7 @@ import pytest
 from hub.admission import PerIpLimit, TokenBucket
 from hub.auth import Auth
 from hub.config import Settings
-from hub.http1 import Event, Refusal, RequestReader, Upgrade
+from hub.http1 import CONTINUE, Event, Refusal, RequestReader, Upgrade
 from hub.http_api import Request, Response
 from hub.routes import RouteTable
 
@@ -154,6 +154,19 @@ def test_reader_gives_the_same_requests_for_a_stream_split_at_every_byte() -> No
         assert parsed(r.feed(raw[:cut]) + r.feed(raw[cut:])) == whole, cut
     r = reader()
     assert parsed([e for i in range(len(raw)) for e in r.feed(raw[i : i + 1])]) == whole
+
+
+def test_reader_asks_for_an_expected_body_only_when_the_head_is_acceptable() -> None:
+    head = b"POST /x HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-Continue\r\n\r\n"
+    r = reader()
+    assert r.feed(head) == [CONTINUE]
+    [request] = r.feed(b"{}")
+    assert isinstance(request, Request) and request.body == b"{}"
+    [request] = reader().feed(head + b"{}")
+    assert isinstance(request, Request), "the body came with the head: nothing to ask for"
+    [refusal] = reader(max_body=1).feed(head)
+    assert isinstance(refusal, Refusal) and refusal.response.status == 413, "too large: a 413, not a 100"
+    assert reader().feed(head.replace(b"HTTP/1.1", b"HTTP/1.0")) == [], "HTTP/1.0 does not know 100"
 
 
 # The route table ---------------------------------------------------------
