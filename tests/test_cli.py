@@ -1,4 +1,6 @@
-"""`hub serve` as a user starts it: flags, HUB_* variables, clear errors."""
+"""`hub serve` as a user starts it: flags, HUB_* variables, clear errors.
+
+Every flag against the README's table, its variable and --help: test_contract.py."""
 
 from __future__ import annotations
 
@@ -44,26 +46,6 @@ def test_bad_flag_or_value_is_one_line_and_exit_2(args: list[str], env: dict[str
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert words.lower() in lines[0].lower()
-
-
-def test_help_lists_every_flag_with_its_variable() -> None:
-    result = run_hub("serve", "--help")
-    assert result.returncode == 0
-    for flag in (
-        "--host",
-        "--port",
-        "--api-key",
-        "--projects",
-        "--redis-url",
-        "--workers",
-        "--grace",
-        "--heartbeat-timeout",
-        "--node-lease",
-        "--log-level",
-        "--log-format",
-    ):
-        assert flag in result.stdout
-        assert "HUB_" + flag[2:].upper().replace("-", "_") in result.stdout
 
 
 async def test_environment_configures_the_hub_and_a_flag_wins() -> None:
