@@ -106,12 +106,14 @@ class RunningHub:
         return data
 
 
+# The sweep interval is only how often deadlines are checked: short, a test waits less past
+# one; no test has to act before it fires. Grace and timeouts keep a second or more.
 TEST_SETTINGS = Settings(port=0, api_key=API_KEY, sweep_interval=0.05, handshake_timeout=2.0)
 
 
 @asynccontextmanager
 async def running_hub(**overrides: Any) -> AsyncIterator[RunningHub]:
-    """A hub in this event loop on a free port, with short sweep intervals."""
+    """A hub in this event loop, on port 0 (``port`` is the one it bound)."""
     hub = Hub(replace(TEST_SETTINGS, **overrides))
     task = asyncio.create_task(hub.serve(handle_signals=False))
     waiter = asyncio.create_task(hub.listening.wait())
