@@ -7,6 +7,7 @@ wins). ``parse_settings`` raises ``ConfigError`` with one clear line.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 import secrets
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Final, NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
+import maxminddb
 from redis.connection import parse_url
 
 
@@ -73,6 +75,9 @@ class Settings:
     # Operations: seconds a SIGTERM drain may take before exiting; per-project metric labels.
     drain_timeout: float = 10.0
     metrics_per_project: bool = False
+    # Enrichment (hub/enrich.py): a MaxMind-format database; proxies whose X-Forwarded-For is believed.
+    geoip_db: str | None = None
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     # True when the API key was generated at start (printed once).
     api_key_generated: bool = field(default=False, compare=False)
 
@@ -218,6 +223,30 @@ def _redis_url(text: str) -> str:
     return text
 
 
+def _geoip_db(path: str) -> str:
+    # Opened once here so a wrong path is one line at start, not a traceback later.
+    try:
+        maxminddb.open_database(path).close()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read geoip database {path!r}: {exc.strerror}") from None
+    except maxminddb.InvalidDatabaseError:
+        raise argparse.ArgumentTypeError(f"{path!r} is not a MaxMind-format geoip database") from None
+    return path
+
+
+def _trusted_proxies(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for item in text.split(","):
+        if item.strip():
+            try:
+                networks.append(ipaddress.ip_network(item.strip()))
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(f"bad CIDR: {exc}") from None
+    if not networks:
+        raise argparse.ArgumentTypeError("give at least one CIDR, e.g. 10.0.0.0/8")
+    return tuple(networks)
+
+
 def _node_id(text: str) -> str:
     if not NODE_ID_RE.fullmatch(text):
         raise argparse.ArgumentTypeError(f"node id must be 1-64 of A-Za-z0-9._:-, got {text!r}")
@@ -353,6 +382,16 @@ OPTIONS: Final[list[tuple[str, Any, str]]] = [
         "tracker-origins",
         _origins,
         "Origins allowed to open tracker connections, comma-separated; others get 403 (default: any)",
+    ),
+    (
+        "geoip-db",
+        _geoip_db,
+        "MaxMind-format database: userCountry, userState, userCity from the client address (default: none)",
+    ),
+    (
+        "trusted-proxies",
+        _trusted_proxies,
+        "CIDRs of proxies whose X-Forwarded-For names the client, comma-separated (default: none)",
     ),
 ]
 
