@@ -161,6 +161,11 @@ def listening_port(line: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def _pairs(args: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Each argument with the one before it."""
+    return list(zip(("", *args), args, strict=False))
+
+
 class StderrLog:
     """Reads a hub process's stderr in a thread: it never blocks on a full pipe, and the
     port it bound (``--port 0``) is read from its ``hub.listening`` line."""
@@ -201,13 +206,18 @@ class HubProcess:
     """``python -m hub serve`` in a child process, killed for real at the end.
 
     Without ``port`` it listens on ``--port 0`` and ``port`` is the port it reports
-    in its ``hub.listening`` line (so keep ``--log-level`` at info or below): a port
-    picked and released before the hub binds it could be taken by another test.
+    in its ``hub.listening`` line: a port picked and released before the hub binds
+    it could be taken by another test. That line is logged at info, so a quieter
+    ``--log-level`` is raised to info then (stderr is read anyway: no pipe fills).
     """
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, port: int | None = None) -> None:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
         full_env.update(env or {})
+        if port is None:
+            args = tuple(
+                "info" if a in ("warning", "error") and b == "--log-level" else a for b, a in _pairs(args)
+            )
         self.args = [sys.executable, "-m", "hub", "serve", "--port", str(port or 0), *args]
         self.proc = subprocess.Popen(
             self.args, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
