@@ -141,6 +141,7 @@ async def test_an_agent_sees_a_reload_a_reconnect_and_a_second_tab_as_updates() 
         second = await tracker(h.port, "s")
         await wait_for(lambda: watch.view("s")["tabs"] == 2)  # type: ignore[index]
         await second.close()
+        await wait_for(lambda: watch.view("s")["tabs"] == 1)  # type: ignore[index]
         await wait_for(lambda: agent_agrees(watch, h.port, "s"))
         kinds = watch.kinds("s")
         assert kinds[0] == "session.start" and set(kinds[1:]) == {"session.update"}, kinds
