@@ -1,0 +1,321 @@
+"""Server-side enrichment of a tracker's record from its handshake (CONTRACT §1).
+
+``Enricher.fields(headers, peer)`` answers the record fields the hub can tell
+about a tracker connection without asking it: from the ``User-Agent`` header
+``userAgent``, ``userOs``, ``userBrowser``, ``userBrowserVersion``,
+``userDevice``, ``userDeviceType``; with a GeoIP database ``userCountry``,
+``userState``, ``userCity``. Only the fields found are in the answer (an
+unknown is absent, never ``"Other"``), so the record code can merge it under
+what the tracker sent: the tracker always wins. No I/O at call time: the
+database is opened (memory-mapped) once, the parser's rules are compiled once.
+
+User-Agent parser: ``ua-parser`` 1.0 (uap-core's rules from
+``ua-parser-builtins``, matched by its Rust accelerator ``ua-parser-rs``). The
+alternative, ``user-agents`` 2.2 (last release 2020), wraps the same rules
+through ua-parser's pure-Python legacy API and adds only the device-type
+guesses. On eight real strings (BENCHMARKS.md, "Record enrichment") both name
+the same browsers, systems and devices, but ``user-agents`` takes ~2.5 ms per
+uncached string and ~40 ms on a 2 KB garbage string, ``ua-parser-rs``
+~50-90 µs and ~0.5 ms: only the accelerated parser keeps a storm of new
+strings cheap. Its price is paid at start (~0.6 s to compile the rules, ~20 MB).
+Each distinct string is parsed once: a bounded LRU (``UA_CACHE_SIZE``) keyed by
+the header, which browsers repeat, so a connect storm parses each version of
+each browser once. The header is cut to the record's text limit first, which
+also bounds the cost of a hostile string.
+
+Field by field, as OpenReplay's assist server fills them (from ua-parser-js):
+``userBrowser`` the browser family ("Chrome", "Mobile Safari", "Samsung
+Internet"), ``userBrowserVersion`` its dotted version ("124.0.0.0"),
+``userOs`` the system family without version ("Windows", "iOS", "Mac OS X"),
+``userDevice`` the device ("iPhone", "Pixel 8", "Spider" for a crawler; the
+rules' placeholders "Other" and "Generic …" are left out) and
+``userDeviceType`` one of OpenReplay's values, decided in this order
+(uap-core names devices but not their kind):
+
+- "console": Xbox, PlayStation or Nintendo in the string;
+- "smarttv": a TV's token (SmartTV, SMART-TV, HbbTV, Android TV, GoogleTV,
+  Apple TV, CrKey, BRAVIA, Web0S, NetCast); a TV that names none is taken
+  for what its system says;
+- "tablet": an iPad, a Kindle, a tablet by uap-core's rules, or Android
+  without "Mobi" in the string (Google's rule for its tablets);
+- "mobile": "Mobi" in the string (MDN's advice), a phone, or a phone system;
+- "desktop": a desktop system (Windows, macOS, Linux, ChromeOS, the BSDs) or
+  its token ("Windows NT", "Macintosh", "X11");
+- otherwise (curl, a library, garbage) absent. A crawler gets the type of
+  the device it poses as, if it names one. OpenReplay says "desktop" for
+  anything it cannot place; the hub leaves it unknown, so a filter on
+  "desktop" finds desktops.
+
+GeoIP (optional, ``--geoip-db``): a MaxMind-format database (GeoIP2/GeoLite2
+City or Country, DB-IP's, or one of your own) read with ``maxminddb``;
+``userCountry`` is the ISO 3166-1 code (``country.iso_code``), ``userState``
+the English name of the first subdivision and ``userCity`` the English city
+name, as OpenReplay takes them. An address the database does not hold gives
+nothing.
+
+The client address is the socket's peer, unless the peer is a trusted proxy
+(``--trusted-proxies``): then ``X-Forwarded-For`` is read from the right,
+skipping trusted proxies, and the first address that is not one is the
+client; when every address is trusted the left-most is (the peer itself when
+it forwarded nothing). Entries the client
+wrote itself stand left of its own address and are never reached. An entry
+that is not an address (``unknown``, garbage) ends the walk with no address:
+a location is never guessed from a header that cannot be read. Ports
+(``1.2.3.4:80``, ``[2001:db8::1]:443``) are dropped; an IPv4-mapped IPv6
+address counts as its IPv4 address. Repeated ``X-Forwarded-For`` headers
+arrive as the last one, which is the one the nearest proxy wrote.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from collections.abc import Iterable, Mapping
+from socket import AF_INET, AF_INET6, inet_ntop, inet_pton
+from typing import Any, Final, NamedTuple
+
+import maxminddb
+from ua_parser import Domain, load_lazy_builtins
+from ua_parser.regex import Resolver
+
+from .record import MAX_STRING
+
+# Distinct User-Agent strings kept parsed (about 1 KB each).
+UA_CACHE_SIZE: Final = 4096
+
+UA_FIELDS: Final = (
+    "userAgent",
+    "userOs",
+    "userBrowser",
+    "userBrowserVersion",
+    "userDevice",
+    "userDeviceType",
+)
+GEO_FIELDS: Final = ("userCountry", "userState", "userCity")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_CONSOLE_TOKENS: Final = ("Xbox", "PlayStation", "Nintendo")
+_TV_TOKENS: Final = (
+    "SmartTV",
+    "SMART-TV",
+    "HbbTV",
+    "Android TV",
+    "GoogleTV",
+    "Apple TV",
+    "AppleTV",
+    "CrKey",
+    "BRAVIA",
+    "Web0S",
+    "NetCast",
+)
+_TABLETS: Final = frozenset({"iPad", "Kindle", "Generic Tablet"})
+_PHONES: Final = frozenset({"iPhone", "iPod", "Generic Smartphone", "Generic Feature Phone"})
+_PHONE_SYSTEMS: Final = frozenset(
+    {"iOS", "Android", "Windows Phone", "BlackBerry OS", "KaiOS", "Firefox OS", "Symbian OS"}
+)
+_DESKTOP_SYSTEMS: Final = frozenset(
+    {
+        "Windows",
+        "Mac OS X",
+        "Linux",
+        "Ubuntu",
+        "Debian",
+        "Fedora",
+        "Red Hat",
+        "SUSE",
+        "Mint",
+        "Chrome OS",
+        "FreeBSD",
+        "OpenBSD",
+        "NetBSD",
+        "Solaris",
+    }
+)
+_DESKTOP_TOKENS: Final = ("Windows NT", "Macintosh", "X11")
+
+
+class UserAgents:
+    """``User-Agent`` header -> record fields, each distinct string parsed once."""
+
+    def __init__(self, cache_size: int = UA_CACHE_SIZE) -> None:
+        self._resolver = Resolver(load_lazy_builtins())
+        self._cached = functools.lru_cache(maxsize=cache_size)(self._pairs)
+
+    def fields(self, header: str) -> dict[str, str]:
+        """The fields a header tells; ``{}`` for an empty one."""
+        return dict(self._cached(header.strip()[:MAX_STRING]))
+
+    def parse(self, header: str) -> dict[str, str]:
+        """``fields`` without the cache (for measuring)."""
+        return dict(self._pairs(header.strip()[:MAX_STRING]))
+
+    def cache_info(self) -> functools._CacheInfo:
+        return self._cached.cache_info()
+
+    def _pairs(self, ua: str) -> tuple[tuple[str, str], ...]:
+        # A tuple: the cached value is shared, so it must not be mutable.
+        if not ua:
+            return ()
+        result = self._resolver(ua, Domain.ALL)
+        found: dict[str, str] = {"userAgent": ua}
+        browser, system, device = result.user_agent, result.os, result.device
+        if browser is not None:
+            found["userBrowser"] = browser.family
+            parts = [p for p in (browser.major, browser.minor, browser.patch, browser.patch_minor) if p]
+            if parts:
+                found["userBrowserVersion"] = ".".join(parts)
+        system_family = system.family if system is not None else ""
+        if system_family:
+            found["userOs"] = system_family
+        family = device.family if device is not None else ""
+        if family and family != "Other" and not family.startswith("Generic"):
+            found["userDevice"] = family
+        kind = _device_type(ua, system_family, family, device.brand if device is not None else None)
+        if kind:
+            found["userDeviceType"] = kind
+        return tuple(found.items())
+
+
+def _device_type(ua: str, system: str, family: str, brand: str | None) -> str:
+    if any(token in ua for token in _CONSOLE_TOKENS):
+        return "console"
+    if any(token in ua for token in _TV_TOKENS):
+        return "smarttv"
+    if family in _TABLETS or brand == "Generic_Android_Tablet" or (system == "Android" and "Mobi" not in ua):
+        return "tablet"
+    if "Mobi" in ua or family in _PHONES or system in _PHONE_SYSTEMS:
+        return "mobile"
+    if system in _DESKTOP_SYSTEMS or any(token in ua for token in _DESKTOP_TOKENS):
+        return "desktop"
+    return ""
+
+
+class GeoIP:
+    """A MaxMind-format database, opened once (memory-mapped with the C reader when it is there)."""
+
+    def __init__(self, path: str) -> None:
+        self._reader = maxminddb.open_database(path, maxminddb.MODE_AUTO)
+
+    def fields(self, address: str) -> dict[str, str]:
+        """The location of an address (IPv4 or IPv6 text); ``{}`` when the database does not hold it."""
+        try:
+            record = self._reader.get(address)
+        except ValueError:  # not an address, or IPv6 in an IPv4-only database
+            return {}
+        if not isinstance(record, dict):
+            return {}
+        found: dict[str, str] = {}
+        country = _get(record, "country", "iso_code")
+        if country:
+            found["userCountry"] = country
+        subdivisions = record.get("subdivisions")
+        if isinstance(subdivisions, list) and subdivisions:
+            state = _get(subdivisions[0], "names", "en")
+            if state:
+                found["userState"] = state
+        city = _get(record, "city", "names", "en")
+        if city:
+            found["userCity"] = city
+        return found
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+def _get(value: Any, *path: str) -> str | None:
+    """A string at ``path`` in nested maps; None when any step is missing or of another kind."""
+    for key in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value if isinstance(value, str) and value else None
+
+
+class _Address(NamedTuple):
+    version: int
+    value: int
+    text: str
+
+
+_V4_MAPPED: Final = bytes(10) + b"\xff\xff"
+
+
+def _address(text: str) -> _Address | None:
+    """An IP address from text (a port and IPv6 brackets dropped); None for anything else."""
+    if text.startswith("["):  # [v6] or [v6]:port
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:  # v4:port
+        text = text.partition(":")[0]
+    try:
+        return _Address(4, int.from_bytes(inet_pton(AF_INET, text), "big"), text)
+    except (OSError, ValueError):
+        pass
+    try:
+        packed = inet_pton(AF_INET6, text)
+    except (OSError, ValueError):
+        return None
+    if packed[:12] == _V4_MAPPED:
+        return _Address(4, int.from_bytes(packed[12:], "big"), inet_ntop(AF_INET, packed[12:]))
+    return _Address(6, int.from_bytes(packed, "big"), text)
+
+
+class TrustedProxies:
+    """CIDRs whose ``X-Forwarded-For`` is believed; integer compares, no ipaddress objects per call."""
+
+    def __init__(self, networks: Iterable[Network]) -> None:
+        self._networks = tuple((n.version, int(n.network_address), int(n.netmask)) for n in networks)
+
+    def __bool__(self) -> bool:
+        return bool(self._networks)
+
+    def __contains__(self, address: _Address) -> bool:
+        return any(
+            version == address.version and address.value & mask == net
+            for version, net, mask in self._networks
+        )
+
+    def client(self, peer: str | None, forwarded_for: str | None) -> str | None:
+        """The client's address: the peer, or the right-most untrusted address it forwarded."""
+        address = _address(peer) if peer else None
+        if address is None:
+            return None
+        if address not in self:
+            return address.text
+        if forwarded_for:
+            for entry in reversed(forwarded_for.split(",")):
+                hop = _address(entry.strip())
+                if hop is None:
+                    return None
+                address = hop
+                if address not in self:
+                    break
+        return address.text
+
+
+class Enricher:
+    """The handshake's enrichment: User-Agent fields always, location with a database."""
+
+    def __init__(
+        self,
+        geoip_db: str | None = None,
+        trusted_proxies: Iterable[Network] = (),
+        ua_cache_size: int = UA_CACHE_SIZE,
+    ) -> None:
+        self.user_agents = UserAgents(ua_cache_size)
+        self.geoip = GeoIP(geoip_db) if geoip_db else None
+        self.trusted = TrustedProxies(trusted_proxies)
+
+    def fields(self, headers: Mapping[str, str], peer: str | None) -> dict[str, str]:
+        """The fields found for a connection: ``headers`` by lower-case name, ``peer`` the socket's host."""
+        ua = headers.get("user-agent")
+        found = self.user_agents.fields(ua) if ua else {}
+        if self.geoip is not None:
+            address = self.trusted.client(peer, headers.get("x-forwarded-for"))
+            if address is not None:
+                found.update(self.geoip.fields(address))
+        return found
+
+    def close(self) -> None:
+        if self.geoip is not None:
+            self.geoip.close()

@@ -1,0 +1,470 @@
+"""Enrichment from the handshake (hub/enrich.py): User-Agent fields, GeoIP, proxy trust, settings.
+
+The GeoIP database is one this file writes with mmdb-writer, never a downloaded one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mmdb_writer import MMDBWriter
+from netaddr import IPSet
+
+from hub.config import ConfigError, parse_settings
+from hub.enrich import GEO_FIELDS, UA_FIELDS, Enricher, GeoIP, TrustedProxies, UserAgents
+from hub.record import MAX_STRING
+
+CHROME_WINDOWS = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/124.0.0.0 Safari/537.36"
+)
+SAFARI_IPHONE = (
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+    "Version/17.4 Mobile/15E148 Safari/604.1"
+)
+FIREFOX_LINUX = "Mozilla/5.0 (X11; Linux x86_64; rv:125.0) Gecko/20100101 Firefox/125.0"
+EDGE = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/124.0.0.0 Safari/537.36 Edg/124.0.2478.51"
+)
+SAMSUNG_TABLET = (
+    "Mozilla/5.0 (Linux; Android 13; SM-X710) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "SamsungBrowser/24.0 Chrome/117.0.0.0 Safari/537.36"
+)
+GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
+GARBAGE = "".join(random.Random(18).choices([chr(c) for c in range(0x21, 0x7F)], k=2048))
+
+REAL = [
+    (
+        CHROME_WINDOWS,
+        {
+            "userBrowser": "Chrome",
+            "userBrowserVersion": "124.0.0.0",
+            "userOs": "Windows",
+            "userDeviceType": "desktop",
+        },
+    ),
+    (
+        SAFARI_IPHONE,
+        {
+            "userBrowser": "Mobile Safari",
+            "userBrowserVersion": "17.4",
+            "userOs": "iOS",
+            "userDevice": "iPhone",
+            "userDeviceType": "mobile",
+        },
+    ),
+    (
+        FIREFOX_LINUX,
+        {
+            "userBrowser": "Firefox",
+            "userBrowserVersion": "125.0",
+            "userOs": "Linux",
+            "userDeviceType": "desktop",
+        },
+    ),
+    (
+        EDGE,
+        {
+            "userBrowser": "Edge",
+            "userBrowserVersion": "124.0.2478.51",
+            "userOs": "Windows",
+            "userDeviceType": "desktop",
+        },
+    ),
+    (
+        SAMSUNG_TABLET,
+        {
+            "userBrowser": "Samsung Internet",
+            "userBrowserVersion": "24.0",
+            "userOs": "Android",
+            "userDevice": "SM-X710",
+            "userDeviceType": "tablet",
+        },
+    ),
+    # A crawler: its name, and "Spider" as uap-core's device; it poses as no device, so no type.
+    (GOOGLEBOT, {"userBrowser": "Googlebot", "userBrowserVersion": "2.1", "userDevice": "Spider"}),
+]
+
+
+@pytest.fixture(scope="module")
+def user_agents() -> UserAgents:
+    return UserAgents()
+
+
+@pytest.mark.parametrize(("header", "expected"), REAL, ids=[e[0][:40] for e in REAL])
+def test_a_real_user_agent_gives_its_fields(
+    user_agents: UserAgents, header: str, expected: dict[str, str]
+) -> None:
+    assert user_agents.fields(header) == {"userAgent": header, **expected}
+
+
+@pytest.mark.parametrize(
+    ("header", "kind"),
+    [
+        (
+            "Mozilla/5.0 (iPad; CPU OS 17_4 like Mac OS X) AppleWebKit/605.1.15 Mobile/15E148 Safari/604.1",
+            "tablet",
+        ),
+        ("Mozilla/5.0 (Android 14; Mobile; rv:125.0) Gecko/125.0 Firefox/125.0", "mobile"),
+        ("Mozilla/5.0 (Android 14; Tablet; rv:125.0) Gecko/125.0 Firefox/125.0", "tablet"),
+        (
+            "Mozilla/5.0 (Linux; Android 10; K) AppleWebKit/537.36 (KHTML, like Gecko) "
+            "Chrome/124.0.0.0 Mobile Safari/537.36",
+            "mobile",
+        ),
+        (
+            "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 "
+            "Version/17.4 Safari/605.1.15",
+            "desktop",
+        ),
+        (
+            "Mozilla/5.0 (X11; CrOS x86_64 14541.0.0) AppleWebKit/537.36 Chrome/124.0.0.0 Safari/537.36",
+            "desktop",
+        ),
+        (
+            "Mozilla/5.0 (PlayStation; PlayStation 5/2.26) AppleWebKit/605.1.15 Version/13.0 Safari/605.1.15",
+            "console",
+        ),
+        (
+            "Mozilla/5.0 (SMART-TV; Linux; Tizen 6.0) AppleWebKit/537.36 SamsungBrowser/4.0 TV Safari/537.36",
+            "smarttv",
+        ),
+        (
+            "Mozilla/5.0 (Linux; Android 6.0.1; Nexus 5X Build/MMB29P) AppleWebKit/537.36 "
+            "Chrome/124.0.6367.82 Mobile Safari/537.36 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+            "mobile",
+        ),
+        ("curl/8.5.0", None),
+    ],
+)
+def test_device_type_takes_openreplays_values(user_agents: UserAgents, header: str, kind: str | None) -> None:
+    assert user_agents.fields(header).get("userDeviceType") == kind
+
+
+def test_unknowns_are_absent_never_other(user_agents: UserAgents) -> None:
+    for header, _ in REAL:
+        found = user_agents.fields(header)
+        assert set(found) <= set(UA_FIELDS)
+        assert all(value and value != "Other" and not value.startswith("Generic") for value in found.values())
+    # A library names itself and nothing else: no system, device or type to guess.
+    assert user_agents.fields("python-requests/2.31.0") == {
+        "userAgent": "python-requests/2.31.0",
+        "userBrowser": "Python Requests",
+        "userBrowserVersion": "2.31",
+    }
+
+
+@pytest.mark.parametrize("header", ["", "   ", "\t"])
+def test_an_empty_user_agent_gives_nothing(user_agents: UserAgents, header: str) -> None:
+    assert user_agents.fields(header) == {}
+
+
+def test_garbage_is_kept_as_text_cut_to_the_record_limit(user_agents: UserAgents) -> None:
+    assert user_agents.fields(GARBAGE) == {"userAgent": GARBAGE[:MAX_STRING]}
+    # Header bytes arrive as latin-1: anything in 0x80-0xFF and long runs of one byte.
+    odd = "".join(chr(c) for c in range(0x80, 0x100)) * 4
+    assert user_agents.fields(odd) == {"userAgent": odd[:MAX_STRING]}
+    assert user_agents.fields("Mozilla/" * 4000)["userAgent"] == ("Mozilla/" * 4000)[:MAX_STRING]
+
+
+def test_each_distinct_string_is_parsed_once_and_the_cache_is_bounded() -> None:
+    agents = UserAgents(cache_size=3)
+    for _ in range(100):
+        agents.fields(CHROME_WINDOWS)
+    info = agents.cache_info()
+    assert (info.misses, info.hits) == (1, 99)
+    for header, _ in REAL:
+        agents.fields(header)
+    info = agents.cache_info()
+    assert info.currsize == info.maxsize == 3
+    assert info.misses == len(REAL)  # Chrome was still cached when the table came round to it
+    # The least recently used went first: Chrome is parsed again.
+    agents.fields(CHROME_WINDOWS)
+    assert agents.cache_info().misses == len(REAL) + 1
+
+
+def test_a_caller_changing_its_answer_does_not_change_the_cache(user_agents: UserAgents) -> None:
+    first = user_agents.fields(EDGE)
+    first["userBrowser"] = "mine"
+    first.pop("userOs")
+    assert user_agents.fields(EDGE) == {"userAgent": EDGE, **REAL[3][1]}
+
+
+def test_the_uncached_parse_answers_the_same(user_agents: UserAgents) -> None:
+    before = user_agents.cache_info()
+    for header, expected in REAL:
+        assert user_agents.parse(header) == {"userAgent": header, **expected}
+    assert user_agents.cache_info() == before
+
+
+# -- GeoIP ------------------------------------------------------------------------------------
+
+LONDON = {
+    "country": {"iso_code": "GB", "names": {"en": "United Kingdom"}},
+    "subdivisions": [{"iso_code": "ENG", "names": {"en": "England"}}, {"names": {"en": "Greater London"}}],
+    "city": {"names": {"en": "London", "de": "London"}},
+}
+TOKYO = {
+    "country": {"iso_code": "JP", "names": {"en": "Japan"}},
+    "subdivisions": [{"iso_code": "13", "names": {"en": "Tokyo"}}],
+    "city": {"names": {"en": "Tokyo"}},
+}
+COUNTRY_ONLY = {"country": {"iso_code": "SE", "names": {"en": "Sweden"}}}
+# A database of one's own may place private ranges (an office network).
+OFFICE = {"country": {"iso_code": "DE"}, "city": {"names": {"en": "Berlin office"}}}
+
+
+def write_db(path: Path, networks: dict[str, Any], ip_version: int = 6) -> str:
+    writer = MMDBWriter(
+        ip_version=ip_version,
+        ipv4_compatible=ip_version == 6,
+        database_type="GeoIP2-City",
+        languages=["en"],
+        description="hub tests",
+    )
+    for cidr, record in networks.items():
+        writer.insert_network(IPSet([cidr]), record)
+    writer.to_db_file(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def geo_db(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return write_db(
+        tmp_path_factory.mktemp("geo") / "city.mmdb",
+        {
+            "81.2.69.0/24": LONDON,
+            "2001:218::/32": TOKYO,
+            "89.160.20.0/24": COUNTRY_ONLY,
+            "10.20.0.0/16": OFFICE,
+            "192.0.2.0/24": "not a map",
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def geoip(geo_db: str) -> GeoIP:
+    return GeoIP(geo_db)
+
+
+def test_an_ipv4_address_gives_country_code_first_subdivision_and_city(geoip: GeoIP) -> None:
+    assert geoip.fields("81.2.69.160") == {"userCountry": "GB", "userState": "England", "userCity": "London"}
+
+
+def test_an_ipv6_address_gives_its_location(geoip: GeoIP) -> None:
+    assert geoip.fields("2001:218:1:2::3") == {"userCountry": "JP", "userState": "Tokyo", "userCity": "Tokyo"}
+
+
+def test_a_country_database_entry_gives_only_the_country(geoip: GeoIP) -> None:
+    assert geoip.fields("89.160.20.112") == {"userCountry": "SE"}
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "8.8.8.8",
+        "2606:4700::1111",
+        "192.168.1.5",
+        "10.1.2.3",
+        "127.0.0.1",
+        "::1",
+        "fe80::1",
+        "192.0.2.1",
+        "bogus",
+        "",
+    ],
+)
+def test_an_address_the_database_does_not_hold_gives_nothing(geoip: GeoIP, address: str) -> None:
+    # Private and loopback addresses are not special: real databases do not hold them.
+    assert geoip.fields(address) == {}
+
+
+def test_a_private_range_the_database_holds_is_placed(geoip: GeoIP) -> None:
+    assert geoip.fields("10.20.3.4") == {"userCountry": "DE", "userCity": "Berlin office"}
+
+
+def test_an_ipv4_only_database_answers_nothing_for_ipv6(tmp_path: Path) -> None:
+    v4 = GeoIP(write_db(tmp_path / "v4.mmdb", {"81.2.69.0/24": LONDON}, ip_version=4))
+    try:
+        assert v4.fields("81.2.69.1")["userCountry"] == "GB"
+        assert v4.fields("2001:218::1") == {}
+    finally:
+        v4.close()
+
+
+# -- the client address and proxy trust -------------------------------------------------------
+
+PROXIES = TrustedProxies(
+    parse_settings(["serve", "--trusted-proxies", "10.0.0.0/8,fd00::/8,127.0.0.1"]).trusted_proxies
+)
+
+
+def test_without_trusted_proxies_the_peer_is_the_client() -> None:
+    nobody = TrustedProxies(())
+    assert nobody.client("10.0.0.1", "81.2.69.160") == "10.0.0.1"
+    assert nobody.client("81.2.69.160", None) == "81.2.69.160"
+
+
+def test_an_untrusted_peers_forwarded_for_is_ignored() -> None:
+    assert PROXIES.client("81.2.69.160", "2001:218::1") == "81.2.69.160"
+    assert PROXIES.client("10.0.0.1", None) == "10.0.0.1"  # trusted, forwarded nothing: itself
+
+
+def test_a_trusted_peer_names_the_right_most_untrusted_address() -> None:
+    # The left entry is whatever the client wrote in its own header: never reached.
+    assert PROXIES.client("10.0.0.1", "2001:218::1, 81.2.69.160") == "81.2.69.160"
+    assert PROXIES.client("127.0.0.1", "81.2.69.160") == "81.2.69.160"
+
+
+def test_a_chain_of_trusted_proxies_is_walked() -> None:
+    assert (
+        PROXIES.client("10.0.0.2", "2001:218::1, 81.2.69.160, 10.9.9.9,fd00::7 , 10.0.0.3") == "81.2.69.160"
+    )
+    assert PROXIES.client("fd00::1", "2001:218::5,fd12::1") == "2001:218::5"
+    # Every hop trusted: the left-most is as far as anyone said.
+    assert PROXIES.client("10.0.0.2", "10.1.1.1, 10.2.2.2") == "10.1.1.1"
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "client"),
+    [
+        ("10.0.0.1", "81.2.69.160:51234", "81.2.69.160"),
+        ("10.0.0.1", "[2001:218::1]:443", "2001:218::1"),
+        ("10.0.0.1", "[2001:218::1]", "2001:218::1"),
+        ("10.0.0.1", "::ffff:81.2.69.160", "81.2.69.160"),
+        ("::ffff:10.0.0.1", "81.2.69.160", "81.2.69.160"),  # a dual-stack socket's peer
+        ("::ffff:81.2.69.160", "2001:218::1", "81.2.69.160"),
+        # Garbage the client wrote left of its own address is never read.
+        ("10.0.0.1", "<script>, unknown, 81.2.69.160", "81.2.69.160"),
+    ],
+)
+def test_ports_brackets_and_mapped_addresses(peer: str, forwarded: str, client: str) -> None:
+    assert PROXIES.client(peer, forwarded) == client
+
+
+@pytest.mark.parametrize(
+    "forwarded",
+    [
+        "unknown",
+        "81.2.69.160, unknown",
+        "81.2.69.160,",
+        "1.2.3",
+        "81.2.69.160, 300.1.1.1",
+        "fe80::1%eth0",
+        "\x00",
+        "é",
+    ],
+)
+def test_garbage_in_reach_gives_no_address(forwarded: str) -> None:
+    assert PROXIES.client("10.0.0.1", forwarded) is None
+
+
+@pytest.mark.parametrize("peer", [None, "", "not an address", "unix:/tmp/sock"])
+def test_a_peer_that_is_no_address_gives_none(peer: str | None) -> None:
+    assert PROXIES.client(peer, "81.2.69.160") is None
+
+
+# -- the handshake's fields -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def enricher(geo_db: str) -> Iterator[Enricher]:
+    settings = parse_settings(["serve", "--geoip-db", geo_db, "--trusted-proxies", "10.0.0.0/8"])
+    enricher = Enricher(settings.geoip_db, settings.trusted_proxies)
+    yield enricher
+    enricher.close()
+
+
+def test_the_handshake_gives_user_agent_and_location(enricher: Enricher) -> None:
+    headers = {"user-agent": SAFARI_IPHONE, "x-forwarded-for": "81.2.69.160"}
+    assert enricher.fields(headers, "10.0.0.1") == {
+        "userAgent": SAFARI_IPHONE,
+        **REAL[1][1],
+        "userCountry": "GB",
+        "userState": "England",
+        "userCity": "London",
+    }
+    # Straight from the client: its own header is not believed.
+    assert enricher.fields(headers, "2001:218::9") == {
+        "userAgent": SAFARI_IPHONE,
+        **REAL[1][1],
+        "userCountry": "JP",
+        "userState": "Tokyo",
+        "userCity": "Tokyo",
+    }
+
+
+def test_only_the_fields_found_are_answered(enricher: Enricher) -> None:
+    assert enricher.fields({}, "81.2.69.160") == {
+        "userCountry": "GB",
+        "userState": "England",
+        "userCity": "London",
+    }
+    assert enricher.fields({"user-agent": FIREFOX_LINUX}, "8.8.8.8") == {
+        "userAgent": FIREFOX_LINUX,
+        **REAL[2][1],
+    }
+    assert enricher.fields({"user-agent": ""}, None) == {}
+    assert set(enricher.fields({"user-agent": EDGE}, "89.160.20.1")) <= set(UA_FIELDS) | set(GEO_FIELDS)
+
+
+def test_without_a_database_there_is_no_location() -> None:
+    plain = Enricher()
+    headers = {"user-agent": CHROME_WINDOWS, "x-forwarded-for": "81.2.69.160"}
+    assert plain.fields(headers, "81.2.69.160") == {"userAgent": CHROME_WINDOWS, **REAL[0][1]}
+    plain.close()
+
+
+# -- settings ---------------------------------------------------------------------------------
+
+
+def run_hub(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "hub", *args], env=full_env, capture_output=True, text=True, timeout=20
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "words"),
+    [
+        (["--geoip-db", "/nonexistent/city.mmdb"], {}, "no such file"),
+        (["--geoip-db", "{readme}"], {}, "not a maxmind"),
+        (["--geoip-db", "{tmp}"], {}, "geoip"),
+        ([], {"HUB_GEOIP_DB": "/nonexistent/city.mmdb"}, "HUB_GEOIP_DB"),
+        (["--trusted-proxies", "10.0.0.1/8"], {}, "host bits"),
+        (["--trusted-proxies", "10.0.0.0/33"], {}, "trusted-proxies"),
+        (["--trusted-proxies", "proxy.example.com"], {}, "trusted-proxies"),
+        (["--trusted-proxies", " , "], {}, "at least one"),
+        ([], {"HUB_TRUSTED_PROXIES": "10.0.0.0/8,bogus"}, "HUB_TRUSTED_PROXIES"),
+    ],
+)
+def test_a_bad_database_or_cidr_is_one_line_and_exit_2(
+    tmp_path: Path, args: list[str], env: dict[str, str], words: str
+) -> None:
+    readme = str(Path(__file__).parent.parent / "README.md")
+    args = [a.format(readme=readme, tmp=tmp_path) for a in args]
+    result = run_hub("serve", *args, env=env)
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert words.lower() in lines[0].lower()
+
+
+def test_settings_read_from_variables(geo_db: str) -> None:
+    settings = parse_settings(["serve"], {"HUB_GEOIP_DB": geo_db, "HUB_TRUSTED_PROXIES": "10.0.0.0/8, ::1"})
+    assert settings.geoip_db == geo_db
+    assert [str(n) for n in settings.trusted_proxies] == ["10.0.0.0/8", "::1/128"]
+    default = parse_settings(["serve"], {})
+    assert (default.geoip_db, default.trusted_proxies) == (None, ())
+    with pytest.raises(ConfigError, match="HUB_TRUSTED_PROXIES"):
+        parse_settings(["serve"], {"HUB_TRUSTED_PROXIES": "::1/129"})
