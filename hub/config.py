@@ -78,6 +78,13 @@ class Settings:
     # Enrichment (hub/enrich.py): a MaxMind-format database; proxies whose X-Forwarded-For is believed.
     geoip_db: str | None = None
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # Webhooks (README, "Webhooks"): URLs for every project, (projectKey or "*", URL) pairs
+    # from --webhooks-file, the signing secret, seconds an event is retried, events queued per URL.
+    webhook_urls: tuple[str, ...] = ()
+    webhooks_file: tuple[tuple[str, str], ...] = ()
+    webhook_secret: str = ""
+    webhook_budget: float = 300.0
+    webhook_queue: int = 10_000
     # True when the API key was generated at start (printed once).
     api_key_generated: bool = field(default=False, compare=False)
 
@@ -142,6 +149,41 @@ def parse_keys_file(path: str) -> dict[str, tuple[str, ...]]:
             raise argparse.ArgumentTypeError(f"line {number} is not projectKey:apiKey")
         keys[project] = (*keys.get(project, ()), api_key)
     return keys
+
+
+def _webhook_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"webhook url must be http(s)://host/..., got {redact_url(text)!r}")
+    return text
+
+
+def _webhook_urls(text: str) -> tuple[str, ...]:
+    urls = tuple(_webhook_url(u.strip()) for u in text.split(",") if u.strip())
+    if not urls:
+        raise argparse.ArgumentTypeError("give at least one webhook url")
+    return urls
+
+
+def parse_webhooks_file(path: str) -> tuple[tuple[str, str], ...]:
+    """Webhook URLs by project: one ``projectKey URL`` (or ``* URL``: every project) a line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path!r}: {exc.strerror}") from None
+    pairs: list[tuple[str, str]] = []
+    for number, line in enumerate(lines, 1):
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        if len(words) != 2 or not (words[0] == "*" or PROJECT_KEY_RE.fullmatch(words[0])):
+            raise argparse.ArgumentTypeError(f"{path} line {number} is not 'projectKey url' or '* url'")
+        try:
+            pairs.append((words[0], _webhook_url(words[1])))
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(f"{path} line {number}: {exc}") from None
+    return tuple(pairs)
 
 
 def _origins(text: str) -> tuple[str, ...]:
@@ -393,6 +435,15 @@ OPTIONS: Final[list[tuple[str, Any, str]]] = [
         _trusted_proxies,
         "CIDRs of proxies whose X-Forwarded-For names the client, comma-separated (default: none)",
     ),
+    ("webhook-urls", _webhook_urls, "URLs that receive every project's session webhooks, comma-separated"),
+    ("webhooks-file", parse_webhooks_file, "file of webhook URLs, one 'projectKey url' or '* url' a line"),
+    ("webhook-secret", str, "secret that signs webhook bodies (X-Hub-Signature); needed with webhook URLs"),
+    (
+        "webhook-budget",
+        _positive("webhook-budget", float),
+        "seconds a webhook event is retried before it is dropped (default 300)",
+    ),
+    ("webhook-queue", _positive("webhook-queue", int), "webhook events queued per URL (default 10000)"),
 ]
 
 
@@ -439,6 +490,12 @@ def validate(settings: Settings) -> Settings:
         unknown = sorted(set(settings.keys_file) - set(settings.projects))
         if unknown:
             raise ConfigError(f"--keys-file names projects not in --projects: {', '.join(unknown)}")
+    if (settings.webhook_urls or settings.webhooks_file) and not settings.webhook_secret:
+        raise ConfigError("webhook URLs need --webhook-secret: every webhook is signed")
+    if settings.webhooks_file and settings.projects is not None:
+        unknown = sorted({p for p, _ in settings.webhooks_file if p != "*"} - set(settings.projects))
+        if unknown:
+            raise ConfigError(f"--webhooks-file names projects not in --projects: {', '.join(unknown)}")
     if settings.workers > 1 and not settings.redis_url:
         raise ConfigError("--workers above 1 needs --redis-url: each worker is a node of a Redis cluster")
     if settings.api_key == "":
