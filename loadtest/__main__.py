@@ -14,8 +14,10 @@ import asyncio
 import json
 import os
 import sys
-import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .options import Options
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     "trackers": {"trackers": 1000},
@@ -121,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def options(args: argparse.Namespace) -> Any:
-    from .scenarios import Options
+def options(args: argparse.Namespace) -> Options:
+    from .options import Options
 
     preset = dict(SCENARIOS[args.command])
     values: dict[str, Any] = {"scenario": args.command, **preset}
@@ -164,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         from .report import main as report_main
 
         return report_main(args.files, args.out, args.plots)
-    from .scenarios import UsageError, run
+    from .checks import failed
+    from .options import UsageError
+    from .orchestrator import run
+    from .result import write
 
     try:
         opts = options(args)
@@ -180,25 +185,16 @@ def main(argv: list[str] | None = None) -> int:
         result = uvloop.run(run(opts))
     except ImportError:
         result = asyncio.run(run(opts))
-    out = opts.out or os.path.join("results", f"{opts.scenario}-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+    out = write(result, opts)
     print(json.dumps({"result": out, **result["summary"]}, default=str)[:4000])
     checks = result.get("checks")
-    final = checks["final"] if checks else {}
-    if checks and (
-        checks["count_mismatches"]
-        or checks["sample_missing"]
-        or ("skipped" not in final and not final.get("ok"))
-    ):
+    if checks and failed(checks):
         print(
             "loadtest: the hub disagrees with the swarm or the final check failed (see checks in the result)",
             file=sys.stderr,
         )
         return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""Processes of a run: servers it starts (hub, baseline), swarm workers, and their CPU and memory."""
+"""Processes of a run: servers it starts (hub, baseline), and the CPU and memory of the hub it watches."""
 
 from __future__ import annotations
 
@@ -119,6 +119,61 @@ class Watched:
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                 total += proc.num_fds()
         return total
+
+
+class HubUsage:
+    """A watched hub's RSS and CPU: the baseline taken when made, per-second samples, the settled state."""
+
+    def __init__(self, watched: Watched) -> None:
+        self.watched = watched
+        self.rss0 = watched.rss()
+        self.cpu0 = watched.cpu_seconds()
+        self.samples = 0
+        self.settled_rss: int | None = None
+        self.cpu_used: float | None = None
+
+    async def sample(self, live: int) -> dict[str, float | int]:
+        """The hub's fields of a per-second point; open fds every 10th (listing them costs more)."""
+        # psutil reads /proc: in a thread, so searches timed by the caller's loop don't wait on it.
+        rss, cpu, fds = await asyncio.to_thread(self.watched.sample, self.samples % 10 == 0)
+        self.samples += 1
+        point: dict[str, float | int] = {"hub_rss_mib": round(rss / 2**20, 1), "hub_cpu_pct": round(cpu, 1)}
+        if fds is not None:
+            point["hub_fds"] = fds
+        if live:
+            point["kib_per_session"] = round((rss - self.rss0) / 1024 / live, 2)
+        return point
+
+    def settle(self) -> None:
+        """The swarm is settled: RSS now, and CPU used since the baseline."""
+        self.settled_rss = self.watched.rss()
+        self.cpu_used = self.watched.cpu_seconds() - self.cpu0
+
+    def cpu_seconds_used(self) -> float | None:
+        return round(self.cpu_used, 2) if self.cpu_used is not None else None
+
+    def memory(self, live: int) -> dict[str, float | int | None] | None:
+        if self.settled_rss is None:
+            return None
+        return {
+            "rss_before_mib": round(self.rss0 / 2**20, 1),
+            "rss_settled_mib": round(self.settled_rss / 2**20, 1),
+            "live": live,
+            "kib_per_session": round((self.settled_rss - self.rss0) / 1024 / live, 2) if live else None,
+        }
+
+
+async def start_servers(kind: str, n: int, api_key: str, extra: str, grace: float) -> list[Server]:
+    """``n`` servers on free ports, once each is ready; all stopped if one fails to start."""
+    servers = [Server(kind, api_key, extra, grace) for _ in range(n)]
+    try:
+        for server in servers:
+            await server.ready()
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers
 
 
 class Server:

@@ -1,0 +1,136 @@
+"""One run: the parts composed, and the once-a-second loop that drives them.
+
+One run = (maybe) servers it starts, a few worker processes holding the
+connections (``fleet``), a search load (``searches``), and checks as it goes
+(``checks``): the hub's ``total`` against the live count the swarm believes,
+sampled sessions by id, and at the end (churn stopped) every session the
+swarm holds, page by page. Each second adds a point to the time series and
+redraws the live view; the result file is assembled in ``result``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+from .checks import Checks
+from .fleet import Fleet
+from .ingest import run_ingest
+from .live_view import LiveView
+from .options import Options
+from .procs import HubUsage, Server, Watched, listen_overflows, pids_listening, start_servers
+from .result import swarm_result
+from .searches import HubSearch, SearchLoad
+from .stats import Latencies
+from .timeseries import Timeseries
+
+
+class Run:
+    """A swarm scenario against hubs that are up: ``opts.targets`` are theirs."""
+
+    def __init__(self, opts: Options, servers: list[Server], t0: float) -> None:
+        self.opts = opts
+        self.servers = servers
+        self.t0 = t0
+        pids = (
+            [server.proc.pid for server in servers]
+            or opts.hub_pids
+            or sorted({pid for url in opts.targets for pid in pids_listening(urlsplit(url).port or 80)})
+        )
+        # Made before the swarm starts: its RSS and CPU are the baseline.
+        self.usage = HubUsage(Watched(pids)) if pids else None
+        self.latencies = Latencies()
+        self.fleet = Fleet(self.latencies)
+        self.api = HubSearch(opts.targets, opts.projects, opts.api_key)
+        self.searches = SearchLoad(self.api, opts, self.latencies)
+        self.checks = Checks(opts, self.api, self.fleet, t0)
+        self.timeseries = Timeseries(t0)
+        self.live_at: float | None = None  # wall clock when the swarm first reported every tracker live
+        self.registered_at: float | None = None  # storm: when the hub's total first held them all
+
+    async def watch_registered(self) -> None:
+        """Storm: poll the hub's total until it holds every tracker."""
+        while self.registered_at is None:
+            try:
+                totals = await self.api.totals()
+            except Exception:
+                await asyncio.sleep(0.05)
+                continue
+            total = sum(totals) if self.opts.sharded else min(totals)
+            if total >= self.opts.trackers:
+                self.registered_at = time.time()
+            await asyncio.sleep(0.02)
+
+    async def execute(self, load_before: tuple[float, float, float], overflows_before: int) -> dict[str, Any]:
+        opts = self.opts
+        searchable = opts.spawn != "baseline"
+        await self.fleet.start(opts)
+        loop = asyncio.get_running_loop()
+        watcher = loop.create_task(self.watch_registered()) if opts.scenario == "storm" else None
+        hold_until: float | None = None
+        last_tick = time.monotonic()
+        last_check = 0.0
+        hard_stop = time.monotonic() + opts.ramp_time + opts.duration + 90
+        view = LiveView(f"loadtest {opts.scenario} — {', '.join(opts.targets)}", opts.quiet)
+        with view:
+            while True:
+                await asyncio.sleep(1.0)
+                now = time.monotonic()
+                agg = self.fleet.totals()
+                if self.live_at is None and agg.live >= opts.trackers:
+                    self.live_at = time.time()
+                hub_total = None
+                if now - last_check >= opts.check_interval and searchable:
+                    last_check = now
+                    hub_total = await self.checks.count()
+                    await self.checks.sample()
+                hub = await self.usage.sample(agg.live) if self.usage is not None else None
+                point = self.timeseries.add(now - last_tick, agg, self.latencies.take_tick(), hub_total, hub)
+                last_tick = now
+                view.show(point, agg.errors, (self.checks.count_mismatches, self.checks.sample_missing))
+                if hold_until is None and agg.ramped:
+                    hold_until = now + opts.duration
+                    if opts.qps > 0 and searchable:
+                        self.searches.start()
+                if (hold_until is not None and now >= hold_until) or now >= hard_stop:
+                    break
+                if self.fleet.exited():
+                    view.warn("a swarm worker exited early")
+                    break
+        await self.searches.stop()
+        if watcher is not None:
+            watcher.cancel()
+        final = await self.checks.final() if searchable else {"skipped": "baseline has no search"}
+        agg = self.fleet.totals()
+        if self.usage is not None:
+            self.usage.settle()
+        await self.fleet.stop()
+        return swarm_result(self, agg, final, load_before, overflows_before)
+
+
+async def run(opts: Options) -> dict[str, Any]:
+    """The scenario ``opts`` names, start to end; servers it started are stopped whatever happens."""
+    if opts.scenario == "ingest":
+        return await run_ingest(opts)
+    t0 = time.monotonic()
+    load_before = os.getloadavg()
+    overflows_before = listen_overflows()
+    servers: list[Server] = []
+    if opts.spawn in ("hub", "baseline"):
+        opts.api_key = opts.api_key or "loadtest-key"
+        servers = await start_servers(opts.spawn, opts.hubs, opts.api_key, opts.hub_args, opts.grace)
+        opts.targets = [server.url for server in servers]
+        opts.sharded = opts.sharded or opts.hubs > 1
+    try:
+        r = Run(opts, servers, t0)
+        try:
+            return await r.execute(load_before, overflows_before)
+        finally:
+            r.fleet.kill()
+            r.api.close()
+    finally:
+        for server in servers:
+            server.stop()
