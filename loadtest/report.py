@@ -10,7 +10,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 
 def _ms(p: dict[str, Any] | None, key: str) -> str:
@@ -97,6 +101,44 @@ def markdown(results: list[tuple[str, dict[str, Any]]]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+Runs = list[tuple[str, list[dict[str, Any]]]]  # (name, time series)
+
+
+def _latency(ax: Axes, runs: Runs) -> None:
+    from matplotlib import colormaps
+
+    tab20 = colormaps["tab20"]
+    ax.set_prop_cycle(color=[tab20(i) for i in range(tab20.N)])
+    for name, ts in runs:
+        for key, style in (("search_p99", "-"), ("connect_p99", ":")):
+            points = [(p["t"], p[key]) for p in ts if p.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), style, label=f"{name} {key.replace('_', ' ')}")
+    ax.set_yscale("log")
+
+
+def _memory(ax: Axes, runs: Runs) -> None:
+    for name, ts in runs:
+        points = [(p["live"], p["kib_per_session"]) for p in ts if p.get("kib_per_session")]
+        points = [pt for pt in points if pt[0] >= 100]
+        if points:
+            ax.plot(*zip(*points, strict=True), ".-", label=name)
+    ax.axhline(16, color="red", linestyle="--", linewidth=1, label="target 16 KiB")
+
+
+# file name, title, x label, y label, what draws the lines
+PLOTS: list[tuple[str, str, str, str, Callable[[Axes, Runs], None]]] = [
+    ("latency", "Latency over time", "seconds into the run", "ms (p99 per second)", _latency),
+    (
+        "memory",
+        "Hub memory per live session",
+        "live tracker sessions",
+        "hub RSS growth per session (KiB)",
+        _memory,
+    ),
+]
+
+
 def plots(results: list[tuple[str, dict[str, Any]]], directory: str) -> list[str]:
     import matplotlib
 
@@ -104,47 +146,26 @@ def plots(results: list[tuple[str, dict[str, Any]]], directory: str) -> list[str
     import matplotlib.pyplot as plt
 
     os.makedirs(directory, exist_ok=True)
-    written = []
-    runs = [(p, r) for p, r in results if r.get("timeseries")]
+    runs = [
+        (os.path.splitext(os.path.basename(path))[0], r["timeseries"])
+        for path, r in results
+        if r.get("timeseries")
+    ]
     if not runs:
-        return written
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
-    for path, r in runs:
-        ts = r["timeseries"]
-        name = os.path.splitext(os.path.basename(path))[0]
-        for key, style in (("search_p99", "-"), ("connect_p99", ":")):
-            points = [(p["t"], p[key]) for p in ts if p.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points, strict=True), style, label=f"{name} {key.replace('_', ' ')}")
-    ax.set_xlabel("seconds into the run")
-    ax.set_ylabel("ms (p99 per second)")
-    ax.set_yscale("log")
-    ax.set_title("Latency over time")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    out = os.path.join(directory, "latency.png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    written.append(out)
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for path, r in runs:
-        points = [(p["live"], p["kib_per_session"]) for p in r["timeseries"] if p.get("kib_per_session")]
-        points = [pt for pt in points if pt[0] >= 100]
-        if points:
-            name = os.path.splitext(os.path.basename(path))[0]
-            ax.plot(*zip(*points, strict=True), ".-", label=name)
-    ax.axhline(16, color="red", linestyle="--", linewidth=1, label="target 16 KiB")
-    ax.set_xlabel("live tracker sessions")
-    ax.set_ylabel("hub RSS growth per session (KiB)")
-    ax.set_title("Hub memory per live session")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    out = os.path.join(directory, "memory.png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    written.append(out)
+        return []
+    written = []
+    for name, title, xlabel, ylabel, draw in PLOTS:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        draw(ax, runs)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        out = os.path.join(directory, f"{name}.png")
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+        written.append(out)
     return written
 
 
