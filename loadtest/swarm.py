@@ -15,7 +15,7 @@ import random
 import sys
 import time
 from collections import Counter
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import msgspec
 
@@ -98,6 +98,8 @@ class AgentMessage(msgspec.Struct):
     session: dict[str, Any] | None = None
     changes: dict[str, Any] | None = None
 
+
+T = TypeVar("T")
 
 _reply = msgspec.json.Decoder(Reply)
 _agent_msg = msgspec.json.Decoder(AgentMessage)
@@ -186,11 +188,8 @@ class Tracker:
 
     def on_message(self, conn: WsConn, data: bytes) -> None:
         w = self.w
-        w.received += 1
-        try:
-            reply = _reply.decode(data)
-        except msgspec.DecodeError:
-            w.errors["bad_frame"] += 1
+        reply = w.receive(_reply, data, "bad_frame")
+        if reply is None:
             return
         if reply.type == "started":
             if self.state == STARTING:
@@ -291,8 +290,8 @@ class Tab:
         self.tracker.w.sent["tab"] += 1
 
     def on_message(self, conn: WsConn, data: bytes) -> None:
-        self.tracker.w.received += 1
-        if _reply.decode(data).type == "started":
+        reply = self.tracker.w.receive(_reply, data, "tab_bad_frame")
+        if reply is not None and reply.type == "started":
             self.tracker.w.loop.call_later(random.uniform(1.0, 5.0), conn.close, 1001)
 
     def on_close(self, conn: WsConn, code: int | None, opened: bool) -> None:
@@ -321,11 +320,8 @@ class Agent:
 
     def on_message(self, conn: WsConn, data: bytes) -> None:
         w = self.w
-        w.received += 1
-        try:
-            msg = _agent_msg.decode(data)
-        except msgspec.ValidationError:
-            w.errors["agent_bad_frame"] += 1
+        msg = w.receive(_agent_msg, data, "agent_bad_frame")
+        if msg is None:
             return
         w.agent_events[msg.type] += 1
         now = time.time() * 1000
@@ -385,6 +381,15 @@ class Worker:
         self.hb = frame(b'{"type":"heartbeat"}')
         self.done = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
+
+    def receive(self, decoder: msgspec.json.Decoder[T], data: bytes, bad: str) -> T | None:
+        """A frame from the hub, counted and decoded; one that does not decode is counted as ``bad``."""
+        self.received += 1
+        try:
+            return decoder.decode(data)
+        except msgspec.DecodeError:  # ValidationError too
+            self.errors[bad] += 1
+            return None
 
     # Connections -----------------------------------------------------------
 
