@@ -117,6 +117,7 @@ async def run_size(n: int, seconds: float, rate: float, chromium: str) -> dict[s
             while not stop.is_set():
                 tick += 1
                 for ws in random.sample(conns, min(per_tick, len(conns))):
+                    msg: dict[str, Any]
                     if tick % 2:
                         msg = {"type": "update", "pageTitle": f"Page {tick}", "url": f"https://x/{tick}"}
                     else:

@@ -19,8 +19,9 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter
 
+from hub.counts import tracker_counts
 from hub.index import LiveIndex
-from hub.metrics import Metrics, tracker_counts
+from hub.metrics import Metrics
 from hub.record import Start
 from hub.registry import Registry
 from hub.tracker import TrackerProtocol

@@ -15,6 +15,7 @@ import socket
 import struct
 import time
 from typing import Protocol as TypingProtocol
+from typing import cast
 from urllib.parse import urlsplit
 
 # Lets many connections share a source address: the kernel picks the port at
@@ -88,8 +89,8 @@ class WsConn(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = waiter
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.transport.write(self.request)
+        self.transport = tcp = cast(asyncio.Transport, transport)
+        tcp.write(self.request)
         self.request = b""
 
     def connection_lost(self, exc: Exception | None) -> None:
