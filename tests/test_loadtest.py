@@ -1,16 +1,88 @@
-"""Small, fast runs of every loadtest scenario against real hub processes, checking the JSON result."""
+"""Small, fast runs of every loadtest scenario against real hub processes, checking the JSON result.
+
+First, the orchestrator's I/O-free parts driven directly: the count check's
+band, a per-second point, latencies, what fails a run, a worker's decoding.
+"""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
+from loadtest.checks import band, failed
+from loadtest.fleet import Totals
+from loadtest.stats import Latencies, pct
+from loadtest.swarm import AgentMessage, Reply, Worker, WorkerConfig
+from loadtest.timeseries import Timeseries
 from tests.helpers import API_KEY, HubProcess, http
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def totals(live: int, starting: int = 0, ramped: bool = True, **sent: int) -> Totals:
+    return Totals(
+        connected=live + starting, live=live, starting=starting, ramped=ramped, sent=Counter(sent),
+        received=0, errors=Counter(), agents_open=0, agent_events=Counter(), backlog=0,
+    )  # fmt: skip
+
+
+def test_count_band_holds_starts_in_flight_and_reports_landing_meanwhile() -> None:
+    assert band(totals(100, 5), totals(100, 5), 1000) == (100, 105)
+    # Reports landed while the hub answered: the band covers both reads.
+    assert band(totals(100, 5), totals(103), 1000) == (100, 105)
+    assert band(totals(100), totals(90, 2), 1000) == (90, 100)
+    # While the swarm ramps up, its reports trail the hub: anything up to every tracker.
+    assert band(totals(100, 5, ramped=False), totals(150, 5), 1000) == (100, 1000)
+
+
+def test_a_point_counts_frames_per_second_not_churn_events() -> None:
+    series = Timeseries(t0=time.monotonic())
+    first = series.add(1.0, totals(10, start=10, churn_reload=3, reload_skipped=1), {}, 10, None)
+    assert first["sent_total"] == 10 and first["msgs_per_s"] == 10.0 and first["hub_total"] == 10
+    second = series.add(
+        2.0, totals(10, start=12, heartbeat=8, churn_reload=5), {"connect": [4.0, 2.0]}, None, {"hub_fds": 7}
+    )
+    assert second["sent_total"] == 20 and second["msgs_per_s"] == 5.0
+    assert second["connect_p50"] == 2.0 and second["connect_p99"] == 4.0 and second["search_p99"] is None
+    assert "hub_total" not in second and second["hub_fds"] == 7
+    assert series.peak("hub_fds", None) == 7 and series.peak("live", 0) == 10
+
+
+def test_latencies_keep_the_run_and_hand_out_each_second() -> None:
+    latencies = Latencies()
+    latencies.add("connect", [1.0, 3.0])
+    assert latencies.take_tick()["connect"] == [1.0, 3.0]
+    latencies.add("connect", [2.0])
+    assert latencies.take_tick()["connect"] == [2.0] and latencies.take_tick()["connect"] == []
+    assert latencies.whole["connect"] == [1.0, 3.0, 2.0]
+    assert pct([float(i) for i in range(1, 101)], 99) == 99.0 and pct([], 50) is None
+
+
+def test_any_mismatch_fails_a_run_but_a_skipped_final_check_does_not() -> None:
+    ok = {"count_mismatches": 0, "sample_missing": 0, "final": {"ok": True}}
+    assert not failed(ok)
+    assert not failed({**ok, "final": {"skipped": "baseline has no search"}})
+    assert failed({**ok, "count_mismatches": 1})
+    assert failed({**ok, "sample_missing": 1})
+    assert failed({**ok, "final": {"ok": False, "missing": 1}})
+    assert failed({**ok, "final": {"error": "RuntimeError: HTTP 500"}})
+
+
+async def test_a_worker_counts_frames_it_cannot_decode() -> None:
+    worker = Worker(WorkerConfig(worker=0, seed=1, targets=[], projects=[], api_key="", first=0, trackers=0))
+    replies, agent_messages = msgspec.json.Decoder(Reply), msgspec.json.Decoder(AgentMessage)
+    reply = worker.receive(replies, b'{"type":"started"}', "bad_frame")
+    assert reply is not None and reply.type == "started"
+    assert worker.receive(replies, b"not json", "bad_frame") is None
+    assert worker.receive(agent_messages, b'{"type":5}', "agent_bad_frame") is None
+    assert worker.received == 3 and worker.errors == {"bad_frame": 1, "agent_bad_frame": 1}
 
 
 def loadtest(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
