@@ -32,7 +32,7 @@ import msgspec
 from msgspec import Struct
 
 from .index import LiveIndex
-from .record import Session, valid_session_id
+from .record import Session, check_depth, valid_session_id
 from .search import Criterion, Query, QueryError, convert_filters, sort_key, text_of
 from .wire import CloseCode, EndReason, ErrorCode, InputError, validation_code
 
@@ -94,6 +94,7 @@ class Subscription(Struct, frozen=True):
 
 def parse_message(frame: bytes, project_key: str, max_filters: int) -> Subscription | None:
     """An agent's frame: a subscription, None for a ping, or InputError (code + message)."""
+    check_depth(frame)
     try:
         msg = _decoder.decode(frame)
     except msgspec.ValidationError as exc:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from itertools import accumulate
 from typing import Annotated, Any, Final
 
 import msgspec
@@ -20,8 +21,23 @@ MAX_STRING: Final = 1024
 MAX_METADATA_KEYS: Final = 50
 MAX_METADATA_KEY: Final = 128
 MAX_USER_PROPERTIES_BYTES: Final = 16 * 1024
+# userProperties is the object at level 1; a value in it nests at most 15 more.
+MAX_USER_PROPERTIES_DEPTH: Final = 16
+# Any JSON the hub parses (tracker and agent frames, search bodies): deeper
+# frames are refused unparsed, far below the depth where the decoder (and
+# any encoder of an answer) would run out of stack.
+MAX_JSON_DEPTH: Final = 32
+# Integers every encoder of a record can carry (JSON answers, the cluster's msgpack).
+MIN_INT: Final = -(2**63)
+MAX_INT: Final = 2**64 - 1
+# A start timestamp a JavaScript Date can hold (ms since 1970, up to 8.64e15).
+MAX_TIMESTAMP: Final = 8_640_000_000_000_000
 
 SESSION_ID_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+# A JSON string, escapes included: brackets inside one do not nest.
+_JSON_STRING: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
+_NESTING_STEP: Final = [1 if b in b"[{" else -1 if b in b"]}" else 0 for b in range(256)]
 
 class Session(Struct, gc=False):
     """One live session, exactly as it goes on the wire (CONTRACT §1)."""
@@ -134,8 +150,30 @@ class ErrorFrame(Struct, tag_field="type", tag="error"):
 _decoder: Final = msgspec.json.Decoder(TrackerMessage)
 
 
+def too_deep(data: bytes | str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether JSON ``data`` nests arrays and objects deeper than ``limit``, read without parsing.
+
+    Two C-level counts settle a usual frame: with at most ``limit`` brackets
+    it cannot nest deeper. Only a frame with more is scanned, its strings
+    cut out first. A decoder stops at the first error, so the depth it would
+    reach is never more than the scan's.
+    """
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    return max(accumulate(map(_NESTING_STEP.__getitem__, brackets)), default=0) > limit
+
+
+def check_depth(frame: bytes | str) -> None:
+    """Refuse a frame nested deeper than MAX_JSON_DEPTH before a decoder sees it."""
+    if too_deep(frame):
+        raise InputError(ErrorCode.INVALID_JSON, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+
+
 def decode_message(frame: bytes | str) -> TrackerMessage:
     """Decode one tracker frame or raise InputError with a stable code."""
+    check_depth(frame)
     try:
         msg: TrackerMessage = _decoder.decode(frame)
     except msgspec.ValidationError as exc:
@@ -148,14 +186,32 @@ def decode_message(frame: bytes | str) -> TrackerMessage:
 
 
 def check_limits(msg: _Fields) -> None:
-    """Limits msgspec's schema cannot express."""
-    if msg.userProperties is not UNSET:
-        size = len(msgspec.json.encode(msg.userProperties))
-        if size > MAX_USER_PROPERTIES_BYTES:
-            raise InputError(
-                ErrorCode.LIMIT_EXCEEDED,
-                f"userProperties is {size} bytes encoded, over the limit of {MAX_USER_PROPERTIES_BYTES}",
-            )
+    """Limits msgspec's schema cannot express.
+
+    Whatever passes them encodes in every answer and every replication of
+    the record: merging two userProperties that pass keeps them passing,
+    but for the size, which ``changes_of`` checks again.
+    """
+    if msg.userProperties is UNSET:
+        return
+    encoded = msgspec.json.encode(msg.userProperties)
+    if len(encoded) > MAX_USER_PROPERTIES_BYTES:
+        raise InputError(
+            ErrorCode.LIMIT_EXCEEDED,
+            f"userProperties is {len(encoded)} bytes encoded, over the limit of {MAX_USER_PROPERTIES_BYTES}",
+        )
+    if too_deep(encoded, MAX_USER_PROPERTIES_DEPTH):
+        raise InputError(
+            ErrorCode.LIMIT_EXCEEDED,
+            f"userProperties nests deeper than {MAX_USER_PROPERTIES_DEPTH} levels",
+        )
+    try:
+        msgspec.msgpack.encode(msg.userProperties)
+    except OverflowError:
+        raise InputError(
+            ErrorCode.INVALID_FIELD,
+            f"userProperties holds an integer outside {MIN_INT}..{MAX_INT} - at `$.userProperties`",
+        ) from None
 
 
 def valid_session_id(value: object) -> bool:
@@ -167,8 +223,9 @@ def session_id_or_new(value: object) -> str:
 
 
 def timestamp_or_now(value: object, now: int) -> int:
+    """A start's timestamp, or ``now`` for anything but a number a Date can hold (-5, 1e300, "x")."""
     # bool is an int subclass but not a number a tracker means.
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 2**53:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= MAX_TIMESTAMP:
         return int(value)
     return now
 

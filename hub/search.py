@@ -13,7 +13,7 @@ from typing import Any, Final, Literal
 import msgspec
 from msgspec import Struct
 
-from .record import DESCRIPTIVE_FIELDS, SCALAR_FIELDS, Session, scalar_text
+from .record import DESCRIPTIVE_FIELDS, MAX_JSON_DEPTH, SCALAR_FIELDS, Session, scalar_text, too_deep
 
 DEFAULT_LIMIT: Final = 10
 MAX_LIMIT: Final = 1000
@@ -185,7 +185,6 @@ def resolve_limit(limit: int | None) -> int:
 
 
 _body_decoder: Final = msgspec.json.Decoder(SearchBody)
-_filters_decoder: Final = msgspec.json.Decoder(list[FilterIn])
 
 
 def parse_filters(filters: list[FilterIn] | None) -> tuple[Criterion, ...]:
@@ -209,6 +208,8 @@ def parse_body(body: bytes) -> Query:
     """A POST search body; an empty body means the defaults."""
     if not body.strip():
         return Query()
+    if too_deep(body):
+        raise QueryError(f"invalid JSON: nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         parsed = _body_decoder.decode(body)
     except msgspec.ValidationError as exc:

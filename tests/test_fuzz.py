@@ -66,9 +66,14 @@ class _Failures(logging.Handler):
 
 
 class HubThread:
-    """One in-process hub on its own event loop thread, shared by a module's tests."""
+    """One in-process hub on its own event loop thread, shared by a module's tests.
+
+    ``failures`` holds what the hub logged as an error or with a traceback.
+    """
 
     def __init__(self) -> None:
+        self.failures = _Failures()
+        logging.getLogger("hub").addHandler(self.failures)
         self.port = 0
         self.ready = threading.Event()
         self.loop = asyncio.new_event_loop()
@@ -89,24 +94,21 @@ class HubThread:
         assert self.stop is not None
         self.loop.call_soon_threadsafe(self.stop.set)
         self.thread.join(15)
+        logging.getLogger("hub").removeHandler(self.failures)
 
 
 @pytest.fixture(scope="module")
 def hub() -> Iterator[HubThread]:
-    failures = _Failures()
-    logging.getLogger("hub").addHandler(failures)
     h = HubThread()
-    h.failures = failures  # type: ignore[attr-defined]
     yield h
     h.close()
-    logging.getLogger("hub").removeHandler(failures)
     print("fuzz inputs:", json.dumps(INPUTS))
 
 
 def assert_healthy(h: HubThread) -> None:
     status, _ = http_raw(h.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert status == 200
-    records = h.failures.records  # type: ignore[attr-defined]
+    records = h.failures.records
     assert not records, [r.getMessage() for r in records]
 
 
