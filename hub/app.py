@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from . import openapi, static
+from . import openapi, static, webhooks
 from .auth import Auth, origin_allowed
 from .clock import now_ms
 from .cluster import Cluster
@@ -73,6 +73,11 @@ class Hub:
         self.server.endpoint_kinds.update({TrackerEndpoint: TRACKER, AgentEndpoint: AGENT})
         self._add_gauges()
         self.replication.add_metrics(self.metrics.gauge, self.metrics.counter)
+        # Lifecycle webhooks (README, "Webhooks"); None without a webhook URL.
+        self.webhooks = webhooks.build(settings, self.registry, self.replication, lambda: self.draining)
+        if self.webhooks is not None:
+            self.registry.listeners.append(self.webhooks)
+            self.webhooks.add_metrics(self.metrics)
         self._stop = anyio.Event()
         # Set once the hub listens; ``port`` is then the bound port.
         self.listening = anyio.Event()
@@ -194,6 +199,8 @@ class Hub:
             tg.start_soon(self._sweeper)
             tg.start_soon(self._agent_ticker)
             tg.start_soon(self.replication.run)
+            if self.webhooks is not None:
+                tg.start_soon(self.webhooks.run)
             if handle_signals:
                 tg.start_soon(self._signals)
             self.ready = True
@@ -230,6 +237,8 @@ class Hub:
         self.server.close_all(CloseCode.RESTART, "hub restarting")
         # What is still open by the deadline is aborted.
         await self.server.wait_closed(timeout=deadline - anyio.current_time())
+        if self.webhooks is not None:
+            await self.webhooks.drain(deadline - anyio.current_time())
         log.log(
             logging.WARNING if before.cancelled_caught else logging.INFO,
             "drain.done",
