@@ -291,6 +291,22 @@ def test_a_private_range_the_database_holds_is_placed(geoip: GeoIP) -> None:
     assert geoip.fields("10.20.3.4") == {"userCountry": "DE", "userCity": "Berlin office"}
 
 
+def test_each_address_is_looked_up_once_and_the_cache_is_bounded(geo_db: str) -> None:
+    geo = GeoIP(geo_db, cache_size=2)
+    try:
+        for _ in range(10):
+            assert geo.fields("81.2.69.160")["userCity"] == "London"
+        assert (geo.cache_info().misses, geo.cache_info().hits) == (1, 9)
+        for address in ("2001:218::1", "89.160.20.1", "8.8.8.8"):
+            geo.fields(address)
+        assert geo.cache_info().currsize == 2
+        changed = geo.fields("8.8.8.8")
+        changed["userCountry"] = "XX"
+        assert geo.fields("8.8.8.8") == {} == geo.lookup("8.8.8.8")
+    finally:
+        geo.close()
+
+
 def test_an_ipv4_only_database_answers_nothing_for_ipv6(tmp_path: Path) -> None:
     v4 = GeoIP(write_db(tmp_path / "v4.mmdb", {"81.2.69.0/24": LONDON}, ip_version=4))
     try:
