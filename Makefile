@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?= -n 2
 
-.PHONY: serve test lint clean redis-server chromium
+.PHONY: serve test lint clean redis-server chromium conformance
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,19 @@ serve: $(VENV)/.installed
 
 test: $(VENV)/.dev redis-server chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# WebSocket conformance (BENCHMARKS.md): Autobahn|Testsuite's fuzzingclient against the hub's
+# transport. It runs on Python 2.7 only (pyenv's, or PYTHON2=...), installed once into the venv;
+# not part of `make test`.
+PYTHON2 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/2.7*/bin/python2.7) python2.7)
+AUTOBAHN := $(VENV)/autobahn
+
+$(AUTOBAHN)/.installed:
+	$(PYTHON2) -m pip install -q --target $(AUTOBAHN) autobahntestsuite==25.10.1
+	touch $@
+
+conformance: $(VENV)/.dev $(AUTOBAHN)/.installed
+	$(PY) -m tests.autobahn --python2 $(PYTHON2) --autobahn $(AUTOBAHN)
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check hub tests loadtest

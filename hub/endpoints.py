@@ -13,6 +13,7 @@ I/O-free core:
 from __future__ import annotations
 
 from collections import Counter
+from typing import Final
 
 from .counts import MessageCounts
 from .fanout import PONG, Agent, FanOut, parse_message
@@ -21,6 +22,9 @@ from .registry import Registry
 from .tracker import TrackerProtocol
 from .websocket import WebSocketConnection
 from .wire import ErrorCode, InputError
+
+# Until the relay gives binary frames a meaning (CONTRACT §7), they are refused, never parsed.
+BINARY_REFUSED: Final = "binary frames are not supported here; send JSON text frames"
 
 
 class TrackerEndpoint(TrackerProtocol):
@@ -40,6 +44,11 @@ class TrackerEndpoint(TrackerProtocol):
     ) -> None:
         super().__init__(registry, project_key, project_id, counts)
         self.idle_timeout: float | None = idle_timeout
+
+    def receive_binary(self, data: bytes, now: int) -> bytes | None:
+        self.counts.error(ErrorCode.UNSUPPORTED_BINARY, BINARY_REFUSED)
+        self.counts.sent["error"] += 1
+        return encode_error(ErrorCode.UNSUPPORTED_BINARY, BINARY_REFUSED)
 
     def writable(self) -> None:
         """Trackers only get replies; nothing is queued."""
@@ -78,6 +87,9 @@ class AgentEndpoint:
             return PONG
         self.fanout.subscribe(self.agent, sub)
         return None
+
+    def receive_binary(self, data: bytes, now: int) -> bytes | None:
+        return encode_error(ErrorCode.UNSUPPORTED_BINARY, BINARY_REFUSED)
 
     def closed(self, now: int, timed_out: bool) -> None:
         self.fanout.remove(self.agent)

@@ -21,16 +21,15 @@ import logging
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 from websockets.datastructures import Headers
 from websockets.http11 import Request as WsRequest
 from websockets.protocol import OPEN
-from websockets.server import ServerProtocol
 
 from .http_api import Request, Response, error
-from .websocket import WebSocketConnection
+from .websocket import HubServerProtocol, WebSocketConnection
 
 if TYPE_CHECKING:
     from .server import Server
@@ -266,8 +265,8 @@ class HttpConnection(asyncio.Protocol):
     # asyncio callbacks -------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (uvloop's is not an asyncio.Transport subclass: no isinstance).
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
         server = self.server
@@ -340,7 +339,7 @@ class HttpConnection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         server = self.server
-        protocol = ServerProtocol(state=OPEN, max_size=server.settings.max_frame)
+        protocol = HubServerProtocol(state=OPEN, max_size=server.settings.max_frame)
         handshake = protocol.accept(WsRequest(path=upgrade.target, headers=Headers(upgrade.headers)))
         if handshake.status_code != 101:
             transport.write(handshake.serialize())

@@ -4,17 +4,23 @@ websockets' Sans-I/O ``ServerProtocol`` keeps the protocol's rules (masking,
 control frames, ping, close, fragment order, size limit). What it leaves to
 its caller is here:
 
-- ``Fragments`` (no I/O): a fragmented message joined.
+- ``Fragments`` and ``is_utf8`` (no I/O): a fragmented message joined, and
+  text checked to be UTF-8, failing fast (RFC 6455 §8.1: close 1007) at the
+  first fragment that cannot be, even with a code point split across two.
 - ``WebSocketConnection``: the ``asyncio.Protocol`` after the upgrade. Each
   read is charged to the connection's token bucket, handled at most
   ``--read-batch`` messages at a time (reading pauses until the rest is
   handled), and its deadlines (idle or heartbeat timeout, a ping at half
   of it, the close handshake) are enforced by the server's sweep.
+
+Text messages go to ``Endpoint.receive``, binary ones to
+``Endpoint.receive_binary``: binary frames are never parsed as JSON.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
 import math
 import socket
@@ -41,6 +47,8 @@ CLOSE_TIMEOUT_S: Final = 2.0
 _TEXT: Final = Opcode.TEXT
 _BINARY: Final = Opcode.BINARY
 _CONT: Final = Opcode.CONT
+_CLOSE: Final = Opcode.CLOSE
+_utf8_decoder: Final = codecs.getincrementaldecoder("utf-8")
 
 
 class Endpoint(TypingProtocol):
@@ -54,7 +62,10 @@ class Endpoint(TypingProtocol):
     keepalive: bool
 
     def receive(self, data: bytes, now: int) -> bytes | None:
-        """One whole message; returns a reply frame, if any."""
+        """One whole text message (valid UTF-8); returns a reply text frame, if any."""
+
+    def receive_binary(self, data: bytes, now: int) -> bytes | None:
+        """One whole binary message; returns a reply text frame, if any."""
 
     def closed(self, now: int, timed_out: bool) -> None: ...
 
@@ -62,19 +73,49 @@ class Endpoint(TypingProtocol):
         """The connection's send buffer drained: queued frames may go."""
 
 
+def is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 class Fragments:
-    """A fragmented message being received."""
+    """A fragmented message being received: its parts, and for text a decoder that fails fast."""
 
-    __slots__ = ("parts",)
+    __slots__ = ("binary", "decoder", "parts")
 
-    def __init__(self, first: bytes) -> None:
+    def __init__(self, first: bytes, binary: bool) -> None:
+        self.binary = binary
         self.parts = [first]
+        self.decoder = None if binary else _utf8_decoder()
+        if self.decoder is not None:
+            self.decoder.decode(first, False)
 
-    def add(self, data: bytes) -> None:
+    def add(self, data: bytes, fin: bool) -> None:
+        """One more fragment; raises ``UnicodeDecodeError`` as soon as text cannot be UTF-8."""
         self.parts.append(data)
+        if self.decoder is not None:
+            # Only validating: the decoded text is dropped (endpoints parse bytes).
+            self.decoder.decode(data, fin)
 
     def join(self) -> bytes:
         return b"".join(self.parts)
+
+
+class HubServerProtocol(ServerProtocol):
+    """websockets' server protocol, but a close may interrupt a fragmented message.
+
+    RFC 6455 lets control frames come between fragments; websockets fails such a close
+    with 1002 ("incomplete fragmented message") where the peer expects its close echoed
+    (Autobahn case 7.1.5). The unfinished message is dropped and the close answered.
+    """
+
+    def recv_frame(self, frame: Frame) -> None:
+        if frame.opcode is _CLOSE:
+            self.current_size = None
+        super().recv_frame(frame)
 
 
 def close_code(ws: ServerProtocol) -> int:
@@ -201,17 +242,37 @@ class WebSocketConnection(asyncio.Protocol):
             if not isinstance(event, Frame):
                 continue
             opcode = event.opcode
-            if opcode is _TEXT or opcode is _BINARY:
+            data = bytes(event.data)
+            if opcode is _TEXT:
                 if event.fin:
-                    self._message(bytes(event.data))
+                    if not (data.isascii() or is_utf8(data)):
+                        self._invalid_text()
+                        break
+                    self._message(data)
                 else:
-                    self.fragments = Fragments(bytes(event.data))
+                    try:
+                        self.fragments = Fragments(data, binary=False)
+                    except UnicodeDecodeError:
+                        self._invalid_text()
+                        break
+            elif opcode is _BINARY:
+                if event.fin:
+                    self._binary_message(data)
+                else:
+                    self.fragments = Fragments(data, binary=True)
             elif opcode is _CONT and self.fragments is not None:
                 fragments = self.fragments
-                fragments.add(bytes(event.data))
+                try:
+                    fragments.add(data, event.fin)
+                except UnicodeDecodeError:
+                    self._invalid_text()
+                    break
                 if event.fin:
                     self.fragments = None
-                    self._message(fragments.join())
+                    if fragments.binary:
+                        self._binary_message(fragments.join())
+                    else:
+                        self._message(fragments.join())
         self._flush()
 
     def _resume(self) -> None:
@@ -222,6 +283,13 @@ class WebSocketConnection(asyncio.Protocol):
         if self.backlog is None and self.transport is not None:
             self.transport.resume_reading()
 
+    def _invalid_text(self) -> None:
+        """A text message that is not UTF-8: fail the connection with 1007 (RFC 6455 §8.1)."""
+        self.fragments = None
+        self.backlog = None
+        if self.ws.state is OPEN:
+            self.ws.fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
+
     def _message(self, data: bytes) -> None:
         endpoint = self.endpoint
         ws = self.ws
@@ -230,6 +298,15 @@ class WebSocketConnection(asyncio.Protocol):
         if endpoint is None or not (ws.state is OPEN or ws.close_rcvd_then_sent):
             return
         reply = endpoint.receive(data, now_ms())
+        if reply is not None and ws.state is OPEN:
+            ws.send_text(reply)
+
+    def _binary_message(self, data: bytes) -> None:
+        endpoint = self.endpoint
+        ws = self.ws
+        if endpoint is None or not (ws.state is OPEN or ws.close_rcvd_then_sent):
+            return
+        reply = endpoint.receive_binary(data, now_ms())
         if reply is not None and ws.state is OPEN:
             ws.send_text(reply)
 
@@ -256,6 +333,12 @@ class WebSocketConnection(asyncio.Protocol):
         """Queue one text frame to the client."""
         if self.open:
             self.ws.send_text(frame)
+            self._flush()
+
+    def send_binary(self, data: bytes) -> None:
+        """Queue one binary frame to the client."""
+        if self.open:
+            self.ws.send_binary(data)
             self._flush()
 
     def close(self, code: int, reason: str) -> None:

@@ -41,6 +41,8 @@ class ErrorCode(StrEnum):
     LIMIT_EXCEEDED = "limit_exceeded"
     PROJECT_FULL = "project_full"
     INVALID_FILTERS = "invalid_filters"
+    # A binary frame: binary carries relay payloads (CONTRACT §7), never a JSON message.
+    UNSUPPORTED_BINARY = "unsupported_binary"
 
 
 class EndReason(StrEnum):

@@ -339,7 +339,8 @@ async def test_garbage_tracker_beside_a_good_one() -> None:
         assert data["total"] == 1, "the bad tracker's 'end' ended its own session only"
 
 
-async def test_binary_frames_carry_json_too() -> None:
+async def test_binary_frames_are_not_parsed_as_json() -> None:
+    # CONTRACT §2: binary frames are relay payloads (tests/test_conformance.py has the rest).
     async with running_hub() as h, websockets.connect(h.tracker_url()) as ws:
         await ws.send(json.dumps({"type": "start", "sessionID": "bin"}).encode())
-        assert (await recv(ws))["type"] == "started"
+        assert (await recv(ws))["code"] == "unsupported_binary"

@@ -13,6 +13,7 @@ from hub.config import Settings
 from hub.http1 import CONTINUE, Event, Refusal, RequestReader, Upgrade
 from hub.http_api import Request, Response
 from hub.routes import RouteTable
+from hub.websocket import Fragments, is_utf8
 
 KEY = "org-key"
 
@@ -51,6 +52,40 @@ def test_token_bucket_allows_the_burst_then_the_rate() -> None:
 def test_token_bucket_never_refills_past_the_burst() -> None:
     bucket = TokenBucket(rate=10.0, burst=5.0, now=0.0)
     assert not bucket.take(6, 3600.0), "an hour of silence still allows only the burst"
+
+
+# WebSocket messages ---------------------------------------------------------
+
+
+def test_is_utf8() -> None:
+    assert is_utf8("Grüße 🎉".encode()) and is_utf8(b"")
+    for bad in (b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xe2\x82", b"\xc0\xaf"):
+        assert not is_utf8(bad), bad
+
+
+def test_fragments_join_and_accept_a_code_point_split_across_them() -> None:
+    euro = "€".encode()
+    fragments = Fragments(b"a" + euro[:1], binary=False)
+    fragments.add(euro[1:2], fin=False)
+    fragments.add(euro[2:] + b"b", fin=True)
+    assert fragments.join() == b"a" + euro + b"b"
+
+
+def test_fragments_of_text_fail_at_the_first_fragment_that_cannot_be_utf8() -> None:
+    with pytest.raises(UnicodeDecodeError):
+        Fragments(b"ok \xff", binary=False)
+    fragments = Fragments(b"ok", binary=False)
+    with pytest.raises(UnicodeDecodeError):
+        fragments.add(b"\xf4\x90", fin=False)  # past U+10FFFF: no continuation can save it
+    fragments = Fragments(b"ok \xe2\x82", binary=False)
+    with pytest.raises(UnicodeDecodeError):
+        fragments.add(b"", fin=True)  # the message ends inside a code point
+
+
+def test_fragments_of_binary_are_never_decoded() -> None:
+    fragments = Fragments(b"\xff", binary=True)
+    fragments.add(b"\xfe", fin=True)
+    assert fragments.join() == b"\xff\xfe"
 
 
 # The HTTP request reader -------------------------------------------------
