@@ -209,11 +209,13 @@ class UrlQueue:
             self._leave(event)
             return
         self.failed += 1
-        self.failures += 1
         self.last_error = error
-        backoff = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** (self.failures - 1))
-        self.paused_until = max(self.paused_until, now + int(backoff * 1000 * self._rng.uniform(0.5, 1.5)))
         self._ready.appendleft(event)  # retried first: it is the oldest
+        if now >= self.paused_until:
+            # Requests that were in flight together fail together: one step of backoff, not many.
+            self.failures += 1
+            backoff = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** (self.failures - 1))
+            self.paused_until = now + int(backoff * 1000 * self._rng.uniform(0.5, 1.5))
         self.expire(now)
 
     def expire(self, now: int) -> None:
