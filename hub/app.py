@@ -91,12 +91,18 @@ class Hub:
             accepting_websockets=lambda: not self.draining,
         )
         api = self.api
-        routes.http("/public/{projectKey}/assist/sessions", get=api.list_sessions, post=api.search, auth=True)
-        routes.http("/public/{projectKey}/assist/sessions/{sessionID}", get=api.session, auth=True)
+        routes.http(
+            "/public/{projectKey}/assist/sessions",
+            get=api.list_sessions,
+            post=api.search,
+            auth=True,
+            cors=True,
+        )
+        routes.http("/public/{projectKey}/assist/sessions/{sessionID}", get=api.session, auth=True, cors=True)
         routes.http("/healthz", get=api.healthz)
         routes.http("/readyz", get=api.readyz)
         routes.http("/metrics", get=self.metrics.route)
-        routes.http(openapi.PATH, get=openapi.route(self.settings))
+        routes.http(openapi.PATH, get=openapi.route(self.settings), cors=True)
         for path, serve in static.routes().items():
             routes.http(path, get=serve)
         routes.websocket("/ws/tracker/{projectKey}", self._route_tracker)

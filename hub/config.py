@@ -70,6 +70,8 @@ class Settings:
     agent_idle_timeout: float = 300.0
     # Origins allowed to open tracker connections; None allows any.
     tracker_origins: tuple[str, ...] | None = None
+    # Origins whose pages may read the HTTP API (CORS); "*" is any; None: no CORS.
+    cors_origins: tuple[str, ...] | None = None
     # How often timers (heartbeat timeout, grace) are checked.
     sweep_interval: float = 1.0
     # Operations: seconds a SIGTERM drain may take before exiting; per-project metric labels.
@@ -190,6 +192,28 @@ def _origins(text: str) -> tuple[str, ...]:
     origins = tuple(o.strip().rstrip("/").lower() for o in text.split(",") if o.strip())
     if not origins:
         raise argparse.ArgumentTypeError("give at least one origin, e.g. https://example.com")
+    return origins
+
+
+def _origin(text: str) -> str:
+    """``scheme://host[:port]`` as a browser sends it in ``Origin`` (lowercase, no path)."""
+    parts = urlsplit(text)
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:  # not a number, or out of range
+        port_ok = False
+    path_ok = parts.path in ("", "/") and not parts.query and not parts.fragment
+    if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
+        port_ok = False
+    if not (port_ok and path_ok):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an origin (scheme://host[:port]) nor *")
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def _cors_origins(text: str) -> tuple[str, ...]:
+    origins = tuple(o if o == "*" else _origin(o) for o in (o.strip() for o in text.split(",")) if o)
+    if not origins:
+        raise argparse.ArgumentTypeError("give at least one origin, e.g. https://dashboard.example.com, or *")
     return origins
 
 
@@ -424,6 +448,11 @@ OPTIONS: Final[list[tuple[str, Any, str]]] = [
         "tracker-origins",
         _origins,
         "Origins allowed to open tracker connections, comma-separated; others get 403 (default: any)",
+    ),
+    (
+        "cors-origins",
+        _cors_origins,
+        "Origins whose pages may call the HTTP API (CORS), comma-separated, or * (default: none)",
     ),
     (
         "geoip-db",

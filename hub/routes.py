@@ -10,8 +10,9 @@ handler runs, the table checks, once for HTTP and WebSocket alike:
    on one). A project's own key does not open another project.
 2. a path naming a ``{projectKey}``: the project exists (404 otherwise).
 
-While the hub drains, every WebSocket handshake is a 503. Handlers find the
-path's parameters in ``request.params``.
+While the hub drains, every WebSocket handshake is a 503. ``cors`` routes
+answer preflights without a key and carry CORS headers (``cors.py``).
+Handlers find the path's parameters in ``request.params``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from urllib.parse import unquote
 
 from .auth import Auth, bearer_token
 from .config import Settings
+from .cors import Cors
 from .http_api import Request, Response, error, query_params
 from .websocket import Endpoint, WebSocketConnection
 
@@ -42,11 +44,12 @@ class Route:
     methods: dict[str, HttpHandler]
     websocket: WsHandler | None
     auth: bool
+    cors: bool
 
     @property
     def allow(self) -> str:
         """The ``Allow`` header: the methods this path answers."""
-        return ", ".join(self.methods)
+        return ", ".join([*self.methods, *(["OPTIONS"] if self.cors else [])])
 
     def match(self, parts: list[str]) -> dict[str, str] | None:
         params: dict[str, str] = {}
@@ -66,6 +69,7 @@ class RouteTable:
     def __init__(self, settings: Settings, auth: Auth, accepting_websockets: Callable[[], bool]) -> None:
         self.settings = settings
         self.auth = auth
+        self.cors = Cors(settings.cors_origins)
         self.accepting_websockets = accepting_websockets
         # By number of path segments: a request is matched against routes of its length only.
         self._http: dict[int, list[Route]] = {}
@@ -78,16 +82,17 @@ class RouteTable:
         get: HttpHandler | None = None,
         post: HttpHandler | None = None,
         auth: bool = False,
+        cors: bool = False,
     ) -> None:
         methods: dict[str, HttpHandler] = {}
         if get is not None:
             methods |= {"GET": get, "HEAD": get}
         if post is not None:
             methods["POST"] = post
-        self._add(self._http, Route(_segments(template), methods, None, auth))
+        self._add(self._http, Route(_segments(template), methods, None, auth, cors))
 
     def websocket(self, template: str, handler: WsHandler, *, auth: bool = False) -> None:
-        self._add(self._ws, Route(_segments(template), {}, handler, auth))
+        self._add(self._ws, Route(_segments(template), {}, handler, auth, cors=False))
 
     @staticmethod
     def _add(table: dict[int, list[Route]], route: Route) -> None:
@@ -122,6 +127,12 @@ class RouteTable:
         route = self._match(self._http, request)
         if route is None:
             return error(404, "not found")
+        response = self._answer(route, request)
+        return self.cors.decorate(request, response) if route.cors else response
+
+    def _answer(self, route: Route, request: Request) -> Response:
+        if request.method == "OPTIONS" and route.cors:
+            return self.cors.preflight(request, route.allow)
         handler = route.methods.get(request.method)
         if handler is None:
             return error(405, f"{request.method} is not allowed on {request.path}", [("Allow", route.allow)])

@@ -34,6 +34,8 @@ def run_hub(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         (["serve", "--workers", "2"], {}, "redis"),
         (["serve", "--projects", "bad key!"], {}, "projects"),
         (["serve", "--redis-url", "http://x"], {}, "redis"),
+        (["serve", "--cors-origins", "dash.example"], {}, "cors-origins"),
+        (["serve"], {"HUB_CORS_ORIGINS": "https://x/path"}, "HUB_CORS_ORIGINS"),
         (["serve"], {"HUB_PORT": "nope"}, "HUB_PORT"),
         (["serve"], {"HUB_LOG_LEVEL": "loud"}, "log-level"),
         ([], {}, "command"),

@@ -258,6 +258,7 @@ WORDED_DEFAULTS = {
     "keys-file": "none",
     "redis-url": "unset: single node",
     "tracker-origins": "any",
+    "cors-origins": "none",
 }
 
 

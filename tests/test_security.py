@@ -268,3 +268,90 @@ async def test_tracker_origin_allow_list() -> None:
         async with agent(h, "p1", API_KEY):
             pass
         assert await limit_count(h.port, "tracker_origin") == 2
+
+
+# CORS (issue 15, defect 8) ------------------------------------------------
+
+DASHBOARD = "https://dash.example"
+PREFLIGHT = {
+    "Origin": DASHBOARD,
+    "Access-Control-Request-Method": "POST",
+    "Access-Control-Request-Headers": "authorization,content-type",
+}
+
+
+def access_control(headers: dict[str, str]) -> dict[str, str]:
+    return {name: value for name, value in headers.items() if name.startswith("access-control-")}
+
+
+@pytest.mark.parametrize(
+    "path", ["/public/p1/assist/sessions", "/public/p1/assist/sessions/s1", "/openapi.json"]
+)
+async def test_a_preflight_from_an_allowed_origin_is_a_204_without_a_key(path: str) -> None:
+    async with running_hub(cors_origins=(DASHBOARD, "http://localhost:3000")) as h:
+        reply = await http(h.port, "OPTIONS", path, key=None, headers=PREFLIGHT)
+        assert reply.status == 204 and reply.body == b""
+        granted = access_control(reply.headers)
+        assert granted["access-control-allow-origin"] == DASHBOARD
+        methods = {m.strip() for m in granted["access-control-allow-methods"].split(",")}
+        assert {"GET", "POST", "HEAD", "OPTIONS"} <= methods
+        allowed = {m.strip().lower() for m in granted["access-control-allow-headers"].split(",")}
+        assert {"authorization", "content-type"} <= allowed
+        assert int(granted["access-control-max-age"]) > 0
+        assert reply.headers["vary"] == "Origin"
+
+
+async def test_answers_to_an_allowed_origin_carry_allow_origin_errors_included() -> None:
+    async with running_hub(cors_origins=(DASHBOARD,), projects={"p1": 1}) as h:
+        origin = {"Origin": DASHBOARD}
+        answers = [
+            await http(h.port, "GET", "/public/p1/assist/sessions", headers=origin),
+            await http(h.port, "POST", "/public/p1/assist/sessions", {"limit": 1}, headers=origin),
+            await http(h.port, "HEAD", "/public/p1/assist/sessions", headers=origin),
+            await http(h.port, "GET", "/public/p1/assist/sessions", headers=origin, key=None),
+            await http(h.port, "GET", "/public/nope/assist/sessions", headers=origin),
+            await http(h.port, "GET", "/public/p1/assist/sessions/missing", headers=origin),
+            await http(h.port, "GET", "/public/p1/assist/sessions?limit=x", headers=origin),
+            await http(h.port, "DELETE", "/public/p1/assist/sessions", headers=origin),
+            await http(h.port, "GET", "/openapi.json", headers=origin, key=None),
+        ]
+        assert [a.status for a in answers] == [200, 200, 200, 401, 404, 404, 400, 405, 200]
+        for answer in answers:
+            assert answer.headers["access-control-allow-origin"] == DASHBOARD
+            assert answer.headers["vary"] == "Origin"
+
+
+async def test_other_origins_and_no_configuration_get_no_access_control_headers() -> None:
+    async with running_hub(cors_origins=(DASHBOARD,)) as h:
+        other = {**PREFLIGHT, "Origin": "https://evil.example"}
+        reply = await http(h.port, "OPTIONS", "/public/p1/assist/sessions", key=None, headers=other)
+        assert reply.status == 204 and access_control(reply.headers) == {}
+        reply = await http(
+            h.port, "GET", "/public/p1/assist/sessions", headers={"Origin": "https://evil.example"}
+        )
+        assert reply.status == 200 and access_control(reply.headers) == {}
+        assert (await http(h.port, "OPTIONS", "/healthz", key=None, headers=PREFLIGHT)).status == 405
+    async with running_hub() as h:
+        reply = await http(h.port, "OPTIONS", "/public/p1/assist/sessions", key=None, headers=PREFLIGHT)
+        assert reply.status == 204 and access_control(reply.headers) == {}
+        assert "OPTIONS" in reply.headers["allow"]
+        reply = await http(h.port, "GET", "/public/p1/assist/sessions", headers={"Origin": DASHBOARD})
+        assert reply.status == 200 and access_control(reply.headers) == {} and "vary" not in reply.headers
+
+
+async def test_cors_star_allows_any_origin() -> None:
+    async with running_hub(cors_origins=("*",)) as h:
+        reply = await http(h.port, "OPTIONS", "/public/p1/assist/sessions", key=None, headers=PREFLIGHT)
+        assert reply.headers["access-control-allow-origin"] == DASHBOARD
+        reply = await http(h.port, "GET", "/public/p1/assist/sessions", headers={"Origin": "null"})
+        assert reply.headers["access-control-allow-origin"] == "null"
+
+
+def test_cors_origins_setting() -> None:
+    settings = parse_settings(["serve", "--cors-origins", "https://Dash.example/, http://localhost:3000"], {})
+    assert settings.cors_origins == ("https://dash.example", "http://localhost:3000")
+    assert parse_settings(["serve"], {"HUB_CORS_ORIGINS": "*"}).cors_origins == ("*",)
+    assert parse_settings(["serve"], {}).cors_origins is None
+    for bad in ("dash.example", "https://dash.example/app", "ftp://x", "https://x:99999", ","):
+        with pytest.raises(ConfigError, match="cors-origins"):
+            parse_settings(["serve", "--cors-origins", bad], {})
