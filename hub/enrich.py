@@ -12,16 +12,16 @@ database is opened (memory-mapped) once, the parser's rules are compiled once.
 User-Agent parser: ``ua-parser`` 1.0 (uap-core's rules from
 ``ua-parser-builtins``, matched by its Rust accelerator ``ua-parser-rs``). The
 alternative, ``user-agents`` 2.2 (last release 2020), wraps the same rules
-through ua-parser's pure-Python legacy API and adds only the device-type
-guesses. On eight real strings (BENCHMARKS.md, "Record enrichment") both name
-the same browsers, systems and devices, but ``user-agents`` takes ~2.5 ms per
-uncached string and ~40 ms on a 2 KB garbage string, ``ua-parser-rs``
-~50-90 µs and ~0.5 ms: only the accelerated parser keeps a storm of new
-strings cheap. Its price is paid at start (~0.6 s to compile the rules, ~20 MB).
-Each distinct string is parsed once: a bounded LRU (``UA_CACHE_SIZE``) keyed by
-the header, which browsers repeat, so a connect storm parses each version of
-each browser once. The header is cut to the record's text limit first, which
-also bounds the cost of a hostile string.
+through ua-parser's pure-Python legacy API and adds only device-type guesses.
+On eight real strings (BENCHMARKS.md, "Record enrichment") both name the same
+browsers, systems and devices, but ``user-agents`` takes 2-5 ms per uncached
+string and 20-40 ms on a 2 KB garbage string, ``ua-parser-rs`` 50-150 µs and
+~0.1 ms (cut to 1 KB): only the accelerated parser keeps a storm of new
+strings cheap. Its price is paid once, at start (~0.2-0.6 s CPU to compile
+the rules, ~20 MB). Each distinct string is parsed once: a bounded LRU
+(``UA_CACHE_SIZE``) keyed by the header, which browsers repeat, so a connect
+storm parses each version of each browser once. The header is cut to the
+record's text limit first, which also bounds the cost of a hostile string.
 
 Field by field, as OpenReplay's assist server fills them (from ua-parser-js):
 ``userBrowser`` the browser family ("Chrome", "Mobile Safari", "Samsung
@@ -51,19 +51,24 @@ City or Country, DB-IP's, or one of your own) read with ``maxminddb``;
 ``userCountry`` is the ISO 3166-1 code (``country.iso_code``), ``userState``
 the English name of the first subdivision and ``userCity`` the English city
 name, as OpenReplay takes them. An address the database does not hold gives
-nothing.
+nothing; private addresses are not special (a database of one's own may
+place an office network). Each address's answer is kept (bounded LRU,
+``GEO_CACHE_SIZE``) for the tabs and reloads that follow; a new address
+decodes its whole record, the costliest step here (~10-25 µs for a
+GeoLite2-City record; maxminddb-rust's ``get_path`` reads the three values in
+a tenth of that, should it ever matter).
 
 The client address is the socket's peer, unless the peer is a trusted proxy
 (``--trusted-proxies``): then ``X-Forwarded-For`` is read from the right,
 skipping trusted proxies, and the first address that is not one is the
 client; when every address is trusted the left-most is (the peer itself when
-it forwarded nothing). Entries the client
-wrote itself stand left of its own address and are never reached. An entry
-that is not an address (``unknown``, garbage) ends the walk with no address:
-a location is never guessed from a header that cannot be read. Ports
-(``1.2.3.4:80``, ``[2001:db8::1]:443``) are dropped; an IPv4-mapped IPv6
-address counts as its IPv4 address. Repeated ``X-Forwarded-For`` headers
-arrive as the last one, which is the one the nearest proxy wrote.
+it forwarded nothing). Entries the client wrote itself stand left of its own
+address and are never reached (OpenReplay takes the left-most entry, which a
+client can forge). An entry that is not an address (``unknown``, garbage)
+ends the walk with no address: a location is never guessed from a header that
+cannot be read. Ports (``1.2.3.4:80``, ``[2001:db8::1]:443``) are dropped; an
+IPv4-mapped IPv6 address counts as its IPv4 address. Of repeated
+``X-Forwarded-For`` headers give the last: the nearest proxy wrote it.
 """
 
 from __future__ import annotations

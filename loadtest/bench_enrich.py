@@ -1,25 +1,32 @@
 """Record enrichment benchmark: what hub/enrich.py adds to a tracker's connect, in one run.
 
-    python -m loadtest.bench_enrich [--storm 5000 --distinct 300] [--compare]
+    python -m loadtest.bench_enrich [--storm 5000 --distinct 300 --connects 2000] [--compare]
 
 In this process, no sockets. Per User-Agent string (real browsers, a crawler,
 an empty and a 2 KB garbage string): the parse without the cache and the
 cached lookup. Then one enrichment (headers -> fields, cache warm) without a
 GeoIP database, with one (written here by mmdb-writer), and with a trusted
 proxy's X-Forwarded-For, against decoding one 16-field tracker ``start``
-(``hub.record.decode_message``) as the baseline; and a connect storm on a
-cold cache: ``--storm`` connections whose User-Agents are drawn (Zipf-like,
-as browsers' versions are) from ``--distinct`` strings. The cost per connect
-is set against the ~240 µs of server CPU a connect + start takes (FACTS.md).
+(``hub.record.decode_message``) as the baseline; and a connect storm on cold
+caches: ``--storm`` connections whose User-Agents are drawn (Zipf-like, as
+browsers' versions are) from ``--distinct`` strings. The cost per connect is
+set against the server CPU of a real connect + start measured in the same run
+(``--connects`` trackers against a hub process, its CPU from
+/proc/PID/schedstat; FACTS.md has ~240 µs on a quiet machine): the hub does
+not call the enrichment yet, so with-enrichment is that figure plus the
+enrichment's own cost.
 
-``--compare`` also parses the same strings with ``user-agents`` 2.2 (not a
-dependency: ``pip install user-agents``) and prints what each parser names.
+``--compare`` also parses the same strings with ``user-agents`` 2.2 and prints
+what each parser names, and looks the address up with ``maxminddb-rust``'s
+``get_path`` (neither is a dependency: ``pip install user-agents
+maxminddb-rust``).
 Figures are the best of 5 repeats (the machine is shared).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import random
 import string
@@ -37,7 +44,10 @@ from netaddr import IPSet
 from hub.enrich import Enricher, UserAgents
 from hub.record import decode_message
 
-CONNECT_START_US = 240.0  # FACTS.md: server CPU per tracker connect + start (asyncio)
+from .bench_fanout import cpu_seconds
+from .client import WsConn, ws_connect
+from .procs import free_port, start_hub
+
 DB_NETWORKS = 2000
 
 STRINGS = {
@@ -55,26 +65,25 @@ STRINGS = {
     "2 KB garbage": "".join(random.Random(18).choices(string.printable[:94], k=2048)),
 }
 
-START = msgspec.json.encode(
-    {
-        "type": "start",
-        "sessionID": "0b1f6d2e-3c4a-4b5c-9d6e-7f8091a2b3c4",
-        "userID": "ann@example.com",
-        "userUUID": "uuid-12345",
-        "metadata": {"plan": "pro", "tenant": "t42"},
-        "userProperties": {"visits": 3},
-        "pageTitle": "Checkout",
-        "url": "https://shop.example.com/checkout",
-        "referrer": "https://www.google.com/",
-        "trackerVersion": "16.0.0",
-        "userOs": "Windows",
-        "userBrowser": "Chrome",
-        "userBrowserVersion": "124.0",
-        "userDeviceType": "desktop",
-        "userCountry": "FR",
-        "language": "en-US",
-    }
-)
+START_FIELDS = {
+    "type": "start",
+    "sessionID": "0b1f6d2e-3c4a-4b5c-9d6e-7f8091a2b3c4",
+    "userID": "ann@example.com",
+    "userUUID": "uuid-12345",
+    "metadata": {"plan": "pro", "tenant": "t42"},
+    "userProperties": {"visits": 3},
+    "pageTitle": "Checkout",
+    "url": "https://shop.example.com/checkout",
+    "referrer": "https://www.google.com/",
+    "trackerVersion": "16.0.0",
+    "userOs": "Windows",
+    "userBrowser": "Chrome",
+    "userBrowserVersion": "124.0",
+    "userDeviceType": "desktop",
+    "userCountry": "FR",
+    "language": "en-US",
+}
+START = msgspec.json.encode(START_FIELDS)
 
 PLATFORMS = [
     "Windows NT 10.0; Win64; x64",
@@ -152,6 +161,54 @@ def write_db(path: Path) -> str:
     return str(path)
 
 
+class _Started:
+    """Counts the hub's answers (one ``started`` per tracker)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_open(self, conn: WsConn) -> None:
+        pass
+
+    def on_message(self, conn: WsConn, data: bytes) -> None:
+        self.count += 1
+
+    def on_close(self, conn: WsConn, code: int | None, opened: bool) -> None:
+        pass
+
+
+async def _connect_and_start(port: int, n: int) -> None:
+    started = _Started()
+    limit = asyncio.Semaphore(200)
+    headers = [("User-Agent", STRINGS["Chrome/Windows"])]
+
+    async def one(i: int) -> WsConn:
+        async with limit:
+            conn = await ws_connect(f"ws://127.0.0.1:{port}", "/ws/tracker/bench", started, headers=headers)
+            conn.send(msgspec.json.encode({**START_FIELDS, "sessionID": f"enrich-{i}"}))
+            return conn
+
+    conns = await asyncio.gather(*(one(i) for i in range(n)))
+    deadline = time.monotonic() + 60
+    while started.count < n and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    for conn in conns:
+        conn.abort()
+
+
+def connect_cost(n: int) -> float:
+    """Server CPU per tracker connect + start, µs, measured now on this machine."""
+    port = free_port()
+    hub = start_hub(port, "bench-enrich", [])
+    try:
+        c0 = cpu_seconds(hub.pid)
+        asyncio.run(_connect_and_start(port, n))
+        return (cpu_seconds(hub.pid) - c0) / n * 1e6
+    finally:
+        hub.kill()
+        hub.wait()
+
+
 def parsers(n: int) -> None:
     agents = UserAgents()
     print("User-Agent parse, µs per call (ua-parser 1.0 + ua-parser-rs):")
@@ -195,7 +252,28 @@ def compare(n: int) -> None:
         print(f"  {'':26} {'':9}  ua-parser:   {ours}")
 
 
-def enrichment(n: int, db: str) -> None:
+def compare_readers(n: int, db: str) -> None:
+    """The GeoIP lookup of a new address: maxminddb's whole record against maxminddb-rust's three paths."""
+    try:
+        import maxminddb
+        import maxminddb_rust
+    except ImportError:
+        print("--compare needs maxminddb-rust for the reader row: pip install maxminddb-rust")
+        return
+    full = maxminddb.open_database(db)
+    paths = maxminddb_rust.open_database(db)
+    wanted = (("country", "iso_code"), ("subdivisions", 0, "names", "en"), ("city", "names", "en"))
+    address = "81.2.69.160"
+    print("\nGeoIP lookup of one address, µs per call:")
+    whole = per_call_us(lambda: full.get(address), n)
+    three = per_call_us(lambda: [paths.get_path(address, path) for path in wanted], n)
+    print(f"  {f'maxminddb {maxminddb.__version__}, whole record':42} {whole:7.2f}")
+    print(f"  {'maxminddb-rust, get_path x3':42} {three:7.2f}")
+    full.close()
+    paths.close()
+
+
+def enrichment(n: int, db: str, connect_us: float) -> None:
     headers = {"user-agent": STRINGS["Chrome/Windows"], "host": "hub.example.com"}
     proxied = {**headers, "x-forwarded-for": "203.0.113.9, 81.2.69.160, 10.0.0.7"}
     plain = Enricher()
@@ -215,12 +293,12 @@ def enrichment(n: int, db: str) -> None:
     ]
     print("\nOne connection's enrichment, µs per call:")
     for label, us in rows:
-        share = f"{us / base:5.2f}x the decode, +{us / CONNECT_START_US * 100:4.1f}% of a connect + start"
+        share = f"{us / base:5.2f}x the decode, {1 + us / connect_us:5.3f}x a connect + start"
         print(f"  {label:42} {us:7.2f}  {share if us is not base else ''}")
     geo.close()
 
 
-def storm(connections: int, distinct: int, db: str) -> None:
+def storm(connections: int, distinct: int, db: str, connect_us: float) -> None:
     pool = distinct_agents(distinct)
     rng = random.Random(18)
     weights = [1 / (rank + 1) for rank in range(len(pool))]
@@ -242,8 +320,7 @@ def storm(connections: int, distinct: int, db: str) -> None:
             best = min(best, time.process_time() - t0)
             enricher.close()
         us = best / connections * 1e6
-        share = us / CONNECT_START_US * 100
-        print(f"  {label:20} {us:7.1f} µs per connect = +{share:4.1f}% of a connect + start")
+        print(f"  {label:20} {us:7.1f} µs per connect: {1 + us / connect_us:5.3f}x a connect + start")
 
 
 def footprint() -> None:
@@ -271,15 +348,21 @@ def main() -> None:
     parser.add_argument(
         "--distinct", type=int, default=300, help="distinct User-Agents drawn from (default 300)"
     )
+    parser.add_argument(
+        "--connects", type=int, default=2000, help="trackers for the connect + start figure (default 2000)"
+    )
     parser.add_argument("--compare", action="store_true", help="also parse with user-agents 2.2")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         db = write_db(Path(tmp) / "city.mmdb")
+        connect_us = connect_cost(args.connects)
+        print(f"Server CPU per connect + start, this run: {connect_us:.0f} µs ({args.connects} trackers)")
         parsers(args.calls)
         if args.compare:
             compare(args.calls)
-        enrichment(args.calls, db)
-        storm(args.storm, args.distinct, db)
+            compare_readers(args.calls // 4, db)
+        enrichment(args.calls, db, connect_us)
+        storm(args.storm, args.distinct, db, connect_us)
         footprint()
 
 
