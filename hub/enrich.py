@@ -17,8 +17,8 @@ On eight real strings (BENCHMARKS.md, "Record enrichment") both name the same
 browsers, systems and devices, but ``user-agents`` takes 2-5 ms per uncached
 string and 20-40 ms on a 2 KB garbage string, ``ua-parser-rs`` 50-150 µs and
 ~0.1 ms (cut to 1 KB): only the accelerated parser keeps a storm of new
-strings cheap. Its price is paid once, at start (~0.2-0.6 s CPU to compile
-the rules, ~20 MB). Each distinct string is parsed once: a bounded LRU
+strings cheap. Its price is paid once per process, at start (~0.4 s CPU to
+import and compile the rules, ~30 MB of RSS). Each distinct string is parsed once: a bounded LRU
 (``UA_CACHE_SIZE``) keyed by the header, which browsers repeat, so a connect
 storm parses each version of each browser once. The header is cut to the
 record's text limit first, which also bounds the cost of a hostile string.
