@@ -545,6 +545,10 @@ class LiveIndex:
             return 0, []
         matched = project.match(query.criteria)
         total = len(project.sessions) if matched is None else len(matched)
+        if query.offset >= total:
+            # Past the last page, whatever its number (2^64 too): the pagers
+            # below then only see offsets within the project's size.
+            return total, []
         return total, project.page(matched, query)
 
     def matching(self, project_key: str, criteria: tuple[Criterion, ...]) -> list[Session]:

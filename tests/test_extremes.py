@@ -284,3 +284,36 @@ def test_user_properties_integers_outside_64_bits_are_refused(hub: HubThread) ->
     t.refused('{"type":"start","sessionID":"s","userProperties":{"a":1e400}}', "invalid_field")
     assert_usable(hub, p, 0)
     t.close()
+
+
+# Numbers (issue 15, defect 3) ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "query", "body"),
+    [
+        ("GET", "?sort=lastActiveAt&page=10000000000000000000", ""),
+        ("GET", "?sort=tabs&page=9223372036854775807", ""),
+        ("GET", "?page=18446744073709551617&limit=1000", ""),
+        ("GET", "?sort=userID&page=" + "9" * 400, ""),
+        ("POST", "", '{"page":4611686018427387904,"sort":"lastActiveAt"}'),
+        ("POST", "", '{"page":18446744073709551616,"sort":"timestamp","order":"asc"}'),
+        ("POST", "", '{"page":9223372036854775808,"limit":1000,"sort":"userID","filters":[{"name":"u"}]}'),
+        ("POST", "", '{"page":9223372036854775807,"filters":[{"name":"plan"}],"sort":"tabs"}'),
+    ],
+)
+def test_a_page_past_the_end_is_empty_whatever_its_number(
+    hub: HubThread, method: str, query: str, body: str
+) -> None:
+    """Defect 3: a 500 (ValueError in the int-order pager)."""
+    p = project()
+    trackers = [Tracker(hub, p) for _ in range(3)]
+    for i, t in enumerate(trackers):
+        start = {"type": "start", "sessionID": f"s{i}", "metadata": {"plan": "pro", "u": str(i)}}
+        assert t.ask(json.dumps(start))["type"] == "started"
+    status, answer = request(hub, method, f"/public/{p}/assist/sessions{query}", body.encode())
+    assert status == 200, answer
+    assert answer == {"data": {"total": 3, "sessions": [], "live": True}}
+    assert_usable(hub, p, 3)
+    for t in trackers:
+        t.close()

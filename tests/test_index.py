@@ -104,7 +104,7 @@ def queries(draw: st.DrawFn) -> Query:
         criteria=tuple(criteria),
         sort=resolve_sort(draw(st.sampled_from(SORTS))),
         descending=draw(st.booleans()),
-        page=draw(st.integers(1, 4)),
+        page=draw(st.integers(1, 4) | st.sampled_from((2**63 - 1, 2**64 + 1, 10**30))),
         limit=draw(st.integers(1, 7)),
     )
 
