@@ -130,7 +130,7 @@ _DESKTOP_SYSTEMS: Final = frozenset(
         "Fedora",
         "Red Hat",
         "SUSE",
-        "Mint",
+        "Linux Mint",
         "Chrome OS",
         "FreeBSD",
         "OpenBSD",
@@ -166,12 +166,12 @@ class UserAgents:
         result = self._resolver(ua, Domain.ALL)
         found: dict[str, str] = {"userAgent": ua}
         browser, system, device = result.user_agent, result.os, result.device
-        if browser is not None:
+        if browser is not None and browser.family != "Other":
             found["userBrowser"] = browser.family
             parts = [p for p in (browser.major, browser.minor, browser.patch, browser.patch_minor) if p]
             if parts:
                 found["userBrowserVersion"] = ".".join(parts)
-        system_family = system.family if system is not None else ""
+        system_family = system.family if system is not None and system.family != "Other" else ""
         if system_family:
             found["userOs"] = system_family
         family = device.family if device is not None else ""
