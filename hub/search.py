@@ -43,7 +43,8 @@ class QueryError(ValueError):
 class FilterIn(Struct, forbid_unknown_fields=False):
     name: str
     operator: str | None = None
-    value: list[Scalar | None] | Scalar | None = None
+    # CONTRACT §4: a list of strings, numbers or booleans; null or missing: "set".
+    value: list[Scalar] | None = None
     source: str | None = None
 
 
@@ -134,9 +135,7 @@ def parse_filter(f: FilterIn, where: str) -> Criterion:
     op = (f.operator or "contains").lower()
     if op not in ("is", "contains"):
         raise QueryError(f"{where}: unknown operator {f.operator!r} (use 'is' or 'contains')")
-    raw = f.value
-    items: list[Scalar | None] = [] if raw is None else raw if isinstance(raw, list) else [raw]
-    values = tuple(dict.fromkeys(compare_text(v) for v in items if v is not None and v != ""))
+    values = tuple(dict.fromkeys(compare_text(v) for v in f.value or () if v != ""))
     lowered = name.lower()
     if lowered == "metadata":
         if not f.source:
@@ -205,9 +204,9 @@ def _where(exc: msgspec.ValidationError, root: str) -> str:
 
 
 def parse_body(body: bytes) -> Query:
-    """A POST search body; an empty body means the defaults."""
+    """A POST search body (required: ``{}`` asks for the defaults)."""
     if not body.strip():
-        return Query()
+        raise QueryError("a search body is required: send {} for the defaults")
     if too_deep(body):
         raise QueryError(f"invalid JSON: nested deeper than {MAX_JSON_DEPTH} levels")
     try:
@@ -229,10 +228,13 @@ def _int_param(params: dict[str, str], name: str) -> int | None:
     raw = params.get(name)
     if raw is None or raw == "":
         return None
+    # ASCII digits only: int() would also take "+5", "1_0", " 5" and other scripts' digits.
+    if not (raw.isascii() and raw.isdigit()):
+        raise QueryError(f"{name} must be a whole number in ASCII digits (0-9), got {raw[:40]!r}")
     try:
         return int(raw)
-    except ValueError:
-        raise QueryError(f"{name} must be an integer, got {raw!r}") from None
+    except ValueError:  # past Python's 4300 digits
+        raise QueryError(f"{name} has too many digits ({len(raw)})") from None
 
 
 def parse_params(params: dict[str, str]) -> Query:

@@ -13,6 +13,7 @@ import itertools
 import json
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import msgspec
 import pytest
@@ -317,3 +318,50 @@ def test_a_page_past_the_end_is_empty_whatever_its_number(
     assert_usable(hub, p, 3)
     for t in trackers:
         t.close()
+
+
+# Search input (issue 15, defect 9) ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ("", "body is required"),
+        ("  \r\n", "body is required"),
+        ('{"filters":[{"name":"userId","value":5}]}', "filters[0].value"),
+        ('{"filters":[{"name":"userId","value":"ann"}]}', "filters[0].value"),
+        ('{"filters":[{"name":"userId","value":true}]}', "filters[0].value"),
+        ('{"filters":[{"name":"userId","value":{"a":1}}]}', "filters[0].value"),
+        ('{"filters":[{"name":"userId","value":["a",null]}]}', "filters[0].value[1]"),
+    ],
+)
+def test_a_malformed_search_body_is_a_400(hub: HubThread, body: str, words: str) -> None:
+    """Defect 9: a value that is not a list was taken as a one-item list, an empty body as {}."""
+    p = project()
+    t = Tracker(hub, p)
+    assert t.ask('{"type":"start","sessionID":"s","userID":"5"}')["type"] == "started"
+    status, answer = search(hub, p, body.encode())
+    assert status == 400, answer
+    assert words in answer["error"], answer
+    # The same filters from an agent: an error frame, its subscription unchanged.
+    if body.strip():
+        ws = agent(hub, p)
+        sub = json.dumps({"type": "subscribe", "filters": json.loads(body)["filters"]}).encode()
+        answer = agent_answer(ws, sub)
+        assert (answer["type"], answer["code"]) == ("error", "invalid_filters"), answer
+        assert words in answer["message"], answer
+        ws.close()
+    assert_usable(hub, p, 1)
+    t.close()
+
+
+@pytest.mark.parametrize("name", ["page", "limit"])
+@pytest.mark.parametrize("value", ["٣", "1_0", "+5", "-1", " 5", "5 ", "0x5", "²", "5.0", "1e2", "9" * 5000])
+def test_numbers_in_a_get_query_are_ascii_digits(hub: HubThread, name: str, value: str) -> None:
+    """Defect 9: int() took "٣" (Arabic-Indic three), "1_0" and "+5"."""
+    p = project()
+    status, answer = request(hub, "GET", f"/public/{p}/assist/sessions?{name}={quote(value)}")
+    assert status == 400, answer
+    assert name in answer["error"], answer
+    status, answer = request(hub, "GET", f"/public/{p}/assist/sessions?{name}=5")
+    assert status == 200, answer

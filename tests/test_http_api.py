@@ -206,10 +206,10 @@ async def test_default_limit_is_10() -> None:
         assert ids(reply.json()["data"]) == ["s01", "s00"]
 
 
-async def test_empty_body_means_defaults() -> None:
+async def test_empty_body_is_a_400() -> None:
     async with populated() as h:
         reply = await post(h, b"")
-        assert reply.status == 200 and reply.json()["data"]["total"] == 5
+        assert reply.status == 400 and "body is required" in reply.json()["error"]
 
 
 BAD_BODIES: list[tuple[Any, str]] = [
