@@ -71,6 +71,16 @@ def query_params(query: str) -> dict[str, str]:
     return dict(parse_qsl(query, keep_blank_values=True))
 
 
+def search_params(query: str) -> dict[str, str]:
+    """A GET search's parameters; one given twice is ambiguous, a 400 (not the last one silently)."""
+    params: dict[str, str] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name in params:
+            raise QueryError(f"query parameter {name!r} given more than once")
+        params[name] = value
+    return params
+
+
 class HttpApi:
     """Handlers of the assist API and the health routes; ``routes.RouteTable`` maps paths to them
     and has already checked the key and the project when one runs."""
@@ -101,7 +111,7 @@ class HttpApi:
     def list_sessions(self, request: Request) -> Response:
         """``GET /public/{projectKey}/assist/sessions``: a search from the query string."""
         try:
-            return self._search(request.params["projectKey"], parse_params(query_params(request.query)))
+            return self._search(request.params["projectKey"], parse_params(search_params(request.query)))
         except QueryError as exc:
             return error(400, str(exc))
 

@@ -20,9 +20,11 @@ from .config import PROJECT_KEY_RE, Settings
 from .http_api import JSON, Request, Response
 from .record import (
     DESCRIPTIVE_FIELDS,
+    MAX_JSON_DEPTH,
     MAX_METADATA_KEY,
     MAX_METADATA_KEYS,
     MAX_STRING,
+    MAX_USER_PROPERTIES_BYTES,
     SCALAR_FIELDS,
     SESSION_ID_RE,
     Session,
@@ -77,6 +79,9 @@ def session_schema() -> Schema:
         propertyNames={"minLength": 1, "maxLength": MAX_METADATA_KEY},
         additionalProperties={"type": "string", "maxLength": MAX_STRING},
         description="Metadata by key; numbers and booleans were stored as their text.",
+    )
+    props["userProperties"]["description"] = (
+        f"Any JSON object a tracker sent, at most {MAX_USER_PROPERTIES_BYTES} bytes encoded."
     )
     props["tabs"].update(minimum=0, description="Open tracker connections; 0 while the grace runs.")
     props["connected"]["description"] = "false while the session waits out its reconnect grace"
@@ -169,6 +174,7 @@ def transport_errors(settings: Settings) -> dict[str, Schema]:
     """Answers the transport gives any request, before it reaches a route."""
     errors = {
         "400": _error("A malformed HTTP request."),
+        "413": _error(f"A body over --max-http-body ({settings.max_http_body} bytes)."),
         "414": _error(f"The request target is over --max-header ({settings.max_header} bytes)."),
         "431": _error(f"The request head is over --max-header ({settings.max_header} bytes)."),
     }
@@ -192,7 +198,9 @@ def _operation(
         op["parameters"] = parameters
     if body is not None:
         op["requestBody"] = body
-    op["responses"] = {**transport_errors(settings), **responses}
+    # A route's own description of a status (its 400) wins over the transport's.
+    merged = {**transport_errors(settings), **responses}
+    op["responses"] = dict(sorted(merged.items()))
     op["security"] = [{"bearer": []}] if secured else []
     return op
 
@@ -228,15 +236,18 @@ def public_paths(settings: Settings) -> dict[str, Schema]:
     )
     post_search = _operation(
         "Search live sessions by filters.",
-        {
-            **search,
-            "413": _error(f"A body over --max-http-body ({settings.max_http_body} bytes)."),
-        },
+        search,
         settings,
         tags=["assist"],
         parameters=common,
         secured=True,
-        body={"required": True, "content": {JSON: {"schema": ref("SearchBody")}}},
+        body={
+            "required": True,
+            "description": (
+                f"Read as JSON whatever its Content-Type; nesting past {MAX_JSON_DEPTH} levels is a 400."
+            ),
+            "content": {JSON: {"schema": ref("SearchBody")}},
+        },
     )
     get_one = _operation(
         "One live session.",
