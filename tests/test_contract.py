@@ -266,7 +266,6 @@ WORDED_DEFAULTS = {
 
 # Flags the README's table does not document yet: each an xfail until it does.
 UNDOCUMENTED = {
-    "publish-window": "README's configuration table lacks --publish-window (added in 2c199af, issue 16)",
     **{
         name: f"README's configuration table lacks --{name} (issue 18)"
         for name in ("geoip-db", "trusted-proxies")
