@@ -15,6 +15,7 @@ import json
 import logging
 import random
 import time
+import uuid
 from collections import Counter
 from dataclasses import replace
 from typing import Any
@@ -24,7 +25,7 @@ import websockets
 
 from hub.cluster import Cluster, Peer
 from hub.config import ConfigError, Settings, parse_settings
-from hub.record import Session, Start
+from hub.record import Session, Start, Update
 from hub.registry import Registry
 from hub.webhooks import (
     BACKOFF_MAX,
@@ -32,6 +33,7 @@ from hub.webhooks import (
     DONE,
     IN_FLIGHT,
     LOG_EVERY_S,
+    NAMESPACE,
     Event,
     UrlQueue,
     Webhooks,
@@ -71,7 +73,10 @@ def hooks(
 
 
 def event(sid: str, kind: WebhookType = WebhookType.STARTED, created: int = T0) -> Event:
-    return Event(kind, ("p1", sid), f"{kind}-{sid}", b"{}", "", created)
+    session = Session(sessionID=sid, projectKey="p1", projectId=0, timestamp=T0, lastActiveAt=T0)
+    e = Event(kind, session, None, created)
+    e.id = f"{kind}-{sid}"
+    return e
 
 
 def queue(limit: int = 1000, budget_ms: int = 300_000) -> tuple[UrlQueue, list[str]]:
@@ -91,6 +96,7 @@ def drain_ready(q: UrlQueue, now: int) -> list[Event]:
 
 def test_event_ids_are_derived_from_the_session_and_type_alone() -> None:
     a = event_id(WebhookType.STARTED, "p1", "s", 5)
+    assert a == str(uuid.uuid5(NAMESPACE, "session.started\x00p1\x00s\x005"))  # a UUIDv5
     assert a == event_id(WebhookType.STARTED, "p1", "s", 5)  # on any node, at any time
     others = {
         event_id(WebhookType.ENDED, "p1", "s", 5),
@@ -104,18 +110,22 @@ def test_event_ids_are_derived_from_the_session_and_type_alone() -> None:
 def test_a_start_and_an_end_are_signed_bodies_with_the_record() -> None:
     webhooks, registry, clock = hooks()
     session, _ = registry.start("p1", 3, Start(sessionID="s", userID="ann", timestamp=T0 - 5), T0, True)
+    registry.update(session, Update(userID="bob"), T0 + 1)
     (started,) = drain_ready(webhooks.queues[0], T0)
     clock.now = T0 + 10
     registry.end(session, EndReason.ENDED)
     webhooks.queues[0].done(started, True, T0 + 10)
     (ended,) = drain_ready(webhooks.queues[0], T0 + 10)
+    for e in (started, ended):  # the sender makes the body, after the registry moved on
+        e.prepare(SECRET.encode(), cluster=False)
 
     body = json.loads(started.body)
     assert body["id"] == started.id == event_id(WebhookType.STARTED, "p1", "s", T0 - 5)
     assert (body["type"], body["time"], "reason" in body) == ("session.started", T0, False)
-    assert body["session"]["userID"] == "ann" and body["session"]["live"] is True
+    assert body["session"]["userID"] == "ann" and body["session"]["live"] is True  # as it started
     body = json.loads(ended.body)
     assert (body["type"], body["time"], body["reason"]) == ("session.ended", T0 + 10, "ended")
+    assert body["session"]["userID"] == "bob"  # as it ended
     assert body["session"]["live"] is False and session.live  # a copy: the record is not changed
     for e in (started, ended):
         assert e.signature == "sha256=" + hmac.new(SECRET.encode(), e.body, hashlib.sha256).hexdigest()
@@ -156,7 +166,7 @@ def test_grace_run_out_ends_the_session_once_with_its_reason() -> None:
     assert started is not None and q.take(T0) is None  # the end waits for its start
     q.done(started, True, T0 + 2000)
     ended = q.take(T0 + 2000)
-    assert ended is not None and json.loads(ended.body)["reason"] == "disconnected"
+    assert ended is not None and ended.reason is EndReason.DISCONNECTED
 
 
 def test_a_draining_node_takes_on_nothing() -> None:
@@ -308,6 +318,8 @@ def test_in_a_cluster_events_wait_for_their_claim() -> None:
     registry.remote_upsert("n2", peer, T0)
     registry.drop_node("n2", EndReason.NODE_LOST, T0)
     assert webhooks.queues[0].size == 0
+    for e, _ in webhooks.intake:
+        e.prepare(SECRET.encode(), cluster=True)
     kinds = [(e.kind, e.key[1], e.after) for e, _ in webhooks.intake]
     assert kinds == [
         (WebhookType.STARTED, "s", None),
