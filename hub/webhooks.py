@@ -53,7 +53,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import anyio
 import msgspec
-from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from msgspec import Struct
 from redis.exceptions import RedisClusterException, RedisError
 
@@ -503,22 +503,28 @@ class Webhooks:
             anyio.create_task_group() as tg,
         ):
             for q in self.queues:
-                tg.start_soon(self._dispatch, http, q, tg)
+                # A worker per request slot, each handed one event at a time (a task per
+                # request would cost its creation; workers waiting on one event would all wake).
+                send, receive = anyio.create_memory_object_stream[Event](IN_FLIGHT)
+                tg.start_soon(self._dispatch, q, send)
+                for _ in range(IN_FLIGHT):
+                    tg.start_soon(self._worker, http, q, receive.clone())
+                receive.close()
             if self.cluster is not None:
                 tg.start_soon(self._claimer)
             while True:
                 await anyio.sleep(1.0)
                 self.report(time.monotonic())
 
-    async def _dispatch(self, http: aiohttp.ClientSession, q: UrlQueue, tg: TaskGroup) -> None:
-        """Start a request for each event ``q`` lets go; one waiter per URL, woken by a push or a
-        request's end (a pool of workers on one event would all wake for each)."""
+    async def _dispatch(self, q: UrlQueue, send: MemoryObjectSendStream[Event]) -> None:
+        """Hand each event ``q`` lets go to a free worker; woken by a push or a request's end."""
         while True:
             now = self.clock()
             event = q.take(now)
             if event is not None:
                 event.prepare(self.secret, False)
-                tg.start_soon(self._send, http, q, event)
+                # take() keeps at most IN_FLIGHT out: the buffer has room.
+                send.send_nowait(event)
                 continue
             wait = q.wait_ms(now)
             # Nothing can change q between take() and here (no await): no wake-up is lost.
@@ -526,11 +532,14 @@ class Webhooks:
             with anyio.move_on_after(wait / 1000 if wait is not None else math.inf):
                 await wake.wait()
 
-    async def _send(self, http: aiohttp.ClientSession, q: UrlQueue, event: Event) -> None:
-        error = await self._post(http, q.url, event)
-        q.done(event, not error, self.clock(), error)
-        self._wake[q].set()  # a slot is free, or the backoff changed
-        self._progress.set()
+    async def _worker(
+        self, http: aiohttp.ClientSession, q: UrlQueue, receive: MemoryObjectReceiveStream[Event]
+    ) -> None:
+        async for event in receive:
+            error = await self._post(http, q.url, event)
+            q.done(event, not error, self.clock(), error)
+            self._wake[q].set()  # a slot is free, or the backoff changed
+            self._progress.set()
 
     async def _post(self, http: aiohttp.ClientSession, url: str, event: Event) -> str:
         """One attempt: "" when the receiver answered 2xx, else what went wrong."""
