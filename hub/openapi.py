@@ -9,6 +9,7 @@ serving it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -49,6 +50,10 @@ ORDER_TEXT: Final = "Case-insensitive; empty or null means desc."
 
 def ref(name: str) -> Schema:
     return {"$ref": f"#/components/schemas/{name}"}
+
+
+def ref_parameter(name: str) -> Schema:
+    return {"$ref": f"#/components/parameters/{name}"}
 
 
 def _nullable(schema: Schema) -> Schema:
@@ -222,10 +227,8 @@ def public_paths(settings: Settings) -> dict[str, Schema]:
         "401": unauthorized,
         "404": not_found,
     }
-    common = [{"$ref": "#/components/parameters/projectKey"}]
-    query = [
-        {"$ref": f"#/components/parameters/{name}"} for name in ("userId", "sort", "order", "page", "limit")
-    ]
+    common = [ref_parameter("projectKey")]
+    query = [ref_parameter(name) for name in ("userId", "sort", "order", "page", "limit")]
     get_search = _operation(
         "Live sessions, newest first; userId filters with is.",
         search,
@@ -258,7 +261,7 @@ def public_paths(settings: Settings) -> dict[str, Schema]:
         },
         settings,
         tags=["assist"],
-        parameters=[*common, {"$ref": "#/components/parameters/sessionID"}],
+        parameters=[*common, ref_parameter("sessionID")],
         secured=True,
     )
     sessions = _get_and_head(get_search, "The GET's status and headers, without a body.")
@@ -327,7 +330,7 @@ def static_paths(settings: Settings) -> dict[str, Schema]:
             },
             settings,
             tags=["browser"],
-            parameters=[{"$ref": "#/components/parameters/ifNoneMatch"}],
+            parameters=[ref_parameter("ifNoneMatch")],
         )
         paths[path] = _get_and_head(get, f"The headers of {name}.")
     return paths
@@ -380,6 +383,12 @@ def parameters() -> dict[str, Schema]:
             "schema": {"type": "integer", "minimum": 0, "maximum": MAX_LIMIT},
             "description": f"ASCII digits; 0 or empty means {DEFAULT_LIMIT}.",
         },
+        "origin": {
+            "name": "Origin",
+            "in": "header",
+            "schema": {"type": "string"},
+            "description": "The page's origin; a browser sends it.",
+        },
         "ifNoneMatch": {
             "name": "If-None-Match",
             "in": "header",
@@ -389,8 +398,47 @@ def parameters() -> dict[str, Schema]:
     }
 
 
+# Paths whose routes are registered with ``cors=True`` (app.Hub._routes): they answer preflights.
+CORS_PATHS: Final = (
+    "/public/{projectKey}/assist/sessions",
+    "/public/{projectKey}/assist/sessions/{sessionID}",
+    PATH,
+)
+CORS_GRANT: Final = (
+    "Access-Control-Allow-Origin",
+    "Access-Control-Allow-Methods",
+    "Access-Control-Allow-Headers",
+    "Access-Control-Max-Age",
+)
+
+
+def add_preflights(paths: dict[str, Schema], settings: Settings) -> None:
+    """``OPTIONS`` on the CORS paths: a 204 without a key, ``Allow`` listing the path's methods."""
+    for path in CORS_PATHS:
+        operations = paths[path]
+        allow = ", ".join(method.upper() for method in [*operations, "options"])
+        headers: Schema = {"Allow": {"schema": {"const": allow}, "required": True}}
+        if settings.cors_origins:
+            grant = {"schema": {"type": "string"}, "description": "When the request's Origin is allowed."}
+            headers.update(dict.fromkeys(CORS_GRANT, grant))
+        # A preflight is answered whatever the path's parameters hold (no project is looked up).
+        path_parameters = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in re.findall(r"{(\w+)}", path)
+        ]
+        operations["options"] = _operation(
+            "CORS preflight: no key asked; the grant only for an origin in --cors-origins.",
+            {"204": {"description": "The methods this path answers.", "headers": headers}},
+            settings,
+            tags=[str(operations["get"]["tags"][0])],
+            parameters=[*path_parameters, ref_parameter("origin")],
+        )
+
+
 def document(settings: Settings) -> Schema:
     """The OpenAPI 3.1 document of a hub running with ``settings``."""
+    paths = {**public_paths(settings), **operations_paths(settings), **static_paths(settings)}
+    add_preflights(paths, settings)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -408,7 +456,7 @@ def document(settings: Settings) -> Schema:
             {"name": "operations", "description": "Health, readiness, metrics, this document."},
             {"name": "browser", "description": "tracker.js and the live dashboard."},
         ],
-        "paths": {**public_paths(settings), **operations_paths(settings), **static_paths(settings)},
+        "paths": paths,
         "components": {
             "securitySchemes": {
                 "bearer": {
