@@ -373,7 +373,7 @@ async def test_dashboard_renders_only_the_visible_rows(browser: BrowserContext) 
         )
         page = await open_dashboard(browser, h)
         # The dashboard's CSP forbids eval, which wait_for_function needs: poll instead.
-        await wait_for(lambda: page.evaluate(f"window.hubDashboard.count() === {count}"))
+        await wait_for(lambda: page.evaluate(f"window.hubDashboard.count() === {count}"), timeout=15)
         # Newest first, like the API; the oldest is reached by scrolling.
         await expect(row(page, f"s{count - 1:04d}")).to_have_count(1)
         rendered = await page.locator("#rows .row").count()
