@@ -415,7 +415,6 @@ class _Project:
                 break
         return ids[q.offset : stop]
 
-
     def _int_matched_page(self, field: str, matched: set[str] | frozenset[str], q: Query) -> list[str] | None:
         """A page of ``matched`` by an int field, from the field's index; None when
         the matches are too sparse for it (sorting them is then cheaper).

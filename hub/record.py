@@ -39,6 +39,7 @@ _JSON_STRING: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
 _NESTING_STEP: Final = [1 if b in b"[{" else -1 if b in b"]}" else 0 for b in range(256)]
 
+
 class Session(Struct, gc=False):
     """One live session, exactly as it goes on the wire (CONTRACT §1)."""
 

@@ -9,18 +9,23 @@ changed test.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import time
+import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from loadtest.client import frame
 from tests.helpers import API_KEY
-from tests.test_fuzz import HubThread, WsClient, assert_healthy, http_raw
+from tests.test_fuzz import FUZZ, MARKER, HubThread, WsClient, assert_healthy, http_raw, meta_text
 
 # README, "Limits and error codes".
 USER_PROPERTIES_DEPTH = 16  # userProperties is level 1
@@ -39,6 +44,10 @@ def hub() -> Iterator[HubThread]:
 
 def project() -> str:
     return f"x{next(_projects)}"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def nested(levels: int, leaf: str = "0") -> str:
@@ -68,6 +77,20 @@ class Tracker(WsClient):
         assert opcode == 0x1, (opcode, data)
         reply: dict[str, Any] = json.loads(data)
         return reply
+
+    def replies(self) -> tuple[list[dict[str, Any]], int | None]:
+        """Replies to the frames sent so far (up to a marker's), and the close code if the hub closed."""
+        with contextlib.suppress(OSError):  # closed already: its close frame is still to read
+            self.send_text(MARKER)
+        out: list[dict[str, Any]] = []
+        while True:
+            opcode, data = self.recv()
+            if opcode == 0x8:
+                return out, int.from_bytes(data[:2], "big")
+            reply: dict[str, Any] = json.loads(data)
+            if reply.get("type") == "error" and "fuzz-sync" in reply.get("message", ""):
+                return out, None
+            out.append(reply)
 
     def refused(self, payload: bytes | str, code: str | tuple[str, ...]) -> dict[str, Any]:
         reply = self.ask(payload)
@@ -365,3 +388,322 @@ def test_numbers_in_a_get_query_are_ascii_digits(hub: HubThread, name: str, valu
     assert name in answer["error"], answer
     status, answer = request(hub, "GET", f"/public/{p}/assist/sessions?{name}=5")
     assert status == 200, answer
+
+
+# Property: every extreme at every door -----------------------------------------
+#
+# Each case carries the outcome the README promises, computed here from the
+# documented limits: refused with one of some codes (and nothing changed), or
+# accepted with the stored values it names.
+
+
+class Refused(NamedTuple):
+    codes: tuple[str, ...]
+
+
+class Accepted(NamedTuple):
+    fields: dict[str, Any]
+
+
+NOW = object()  # the hub's clock at the time of the message (a timestamp's fallback)
+GENERATED = object()  # a sessionID the hub made (a UUIDv4)
+BAD_UTF8 = Refused(("invalid_json",))  # or the connection closed with 1007 (RFC 6455 §8.1)
+Case = tuple[str, bytes, Refused | Accepted]  # (start | update, frame, outcome)
+
+# A session every update case starts from.
+BASE_START = '{"type":"start","sessionID":"s","metadata":{"keep":"1"},"userProperties":{"keep":1}}'
+BASE_META = {"keep": "1"}
+BASE_PROPS = {"keep": 1}
+
+INT_EDGES = [0, 1, -5, 2**53 - 1, 2**53, 2**53 + 1, 2**63 - 1, 2**63, 2**64 - 1, 2**64, 2**64 + 1]
+INT_EDGES += [-(2**63), -(2**63) - 1, 10**30, -(10**30), 8_640_000_000_000_000, 8_640_000_000_000_001]
+FLOAT_EDGES = [1e300, -1e300, 1.7976931348623157e308, 5e-324, 2.5, 5.0, 1e21, -0.0, 1e16]
+# Numbers no JSON decoder of the hub holds: past a double, past 4300 digits.
+UNDECODABLE = ["1e309", "-1e309", "1" + "0" * 4400]
+number_literals = (
+    st.sampled_from(INT_EDGES) | st.integers(-(2**66), 2**66) | st.sampled_from(FLOAT_EDGES)
+).map(json.dumps) | st.sampled_from(UNDECODABLE)
+edge_depths = st.sampled_from([0, 1, 14, 15, 16, 17, 30, 31, 32, 33, 989, 990, 999, 1000, 1001, 3000])
+depths = edge_depths | st.integers(0, 1100)
+
+
+def number_of(literal: str) -> int | float | None:
+    return None if literal in UNDECODABLE else json.loads(literal)  # type: ignore[no-any-return]
+
+
+def nested_in(levels: int, kind: str, leaf: str = "0") -> str:
+    return nested(levels, leaf) if kind == "[" else '{"k":' * levels + leaf + "}" * levels
+
+
+def update(fields: str) -> bytes:
+    return ('{"type":"update",' + fields + "}").encode()
+
+
+@st.composite
+def depth_cases(draw: st.DrawFn) -> Case:
+    levels, kind = draw(depths), draw(st.sampled_from("[{"))
+    where = draw(st.sampled_from(["userProperties", "unknown", "metadata", "unclosed"]))
+    value = nested_in(levels, kind)
+    if where == "userProperties":
+        frame_depth, props_depth = levels + 2, levels + 1
+        outcome: Refused | Accepted = (
+            Refused(("invalid_json",))
+            if frame_depth > JSON_DEPTH
+            else Refused(("limit_exceeded",))
+            if props_depth > USER_PROPERTIES_DEPTH
+            else Accepted({"userProperties": BASE_PROPS | {"a": json.loads(value)}})
+        )
+        return "update", update(f'"userProperties":{{"a":{value}}}'), outcome
+    if where == "unknown":
+        ok = levels + 1 <= JSON_DEPTH
+        return "update", update(f'"zz":{value}'), Accepted({}) if ok else Refused(("invalid_json",))
+    if where == "metadata":
+        outcome = (
+            Refused(("invalid_json",))
+            if levels + 2 > JSON_DEPTH
+            else Refused(("invalid_field",))
+            if levels
+            else Accepted({"metadata": BASE_META | {"k": "0"}})
+        )
+        return "update", update(f'"metadata":{{"k":{value}}}'), outcome
+    return (
+        "update",
+        update(f'"userProperties":{{"a":{value[: len(value) // 2 + 1]}'),
+        Refused(("invalid_json",)),
+    )
+
+
+@st.composite
+def number_cases(draw: st.DrawFn) -> Case:
+    literal = draw(number_literals)
+    v = number_of(literal)
+    where = draw(st.sampled_from(["timestamp", "sessionID", "metadata", "userProperties"]))
+    if v is None:
+        kind = "start" if where in ("timestamp", "sessionID") else "update"
+        body = f'"{where}":{literal}' if kind == "start" else f'"{where}":{{"n":{literal}}}'
+        return kind, ('{"type":"' + kind + '",' + body + "}").encode(), Refused(("invalid_field",))
+    if where == "timestamp":
+        ts = int(v) if 0 <= v <= 8_640_000_000_000_000 else NOW
+        return (
+            "start",
+            f'{{"type":"start","sessionID":"t","timestamp":{literal}}}'.encode(),
+            Accepted({"timestamp": ts}),
+        )
+    if where == "sessionID":
+        return (
+            "start",
+            f'{{"type":"start","sessionID":{literal}}}'.encode(),
+            Accepted({"sessionID": GENERATED}),
+        )
+    if where == "metadata":
+        return (
+            "update",
+            update(f'"metadata":{{"n":{literal}}}'),
+            Accepted({"metadata": BASE_META | {"n": meta_text(v)}}),
+        )
+    if isinstance(v, int) and not -(2**63) <= v <= 2**64 - 1:
+        return "update", update(f'"userProperties":{{"n":[{literal}]}}'), Refused(("invalid_field",))
+    return (
+        "update",
+        update(f'"userProperties":{{"n":[{literal}]}}'),
+        Accepted({"userProperties": BASE_PROPS | {"n": [v]}}),
+    )
+
+
+@st.composite
+def size_cases(draw: st.DrawFn) -> Case:
+    where = draw(st.sampled_from(["field", "metaKey", "metaValue", "metaKeys", "sessionID", "props"]))
+    if where == "field":
+        name = draw(st.sampled_from(["pageTitle", "userID", "url", "userAgent"]))
+        n, char = draw(st.sampled_from([0, 1, 1023, 1024, 1025, 3000])), draw(st.sampled_from("xé🎉"))
+        outcome: Refused | Accepted = (
+            Accepted({name: char * n}) if n <= 1024 else Refused(("limit_exceeded",))
+        )
+        return "update", update(f'"{name}":{json.dumps(char * n)}'), outcome
+    if where == "metaKey":
+        n = draw(st.sampled_from([0, 1, 127, 128, 129, 500]))
+        key = "k" * n
+        outcome = (
+            Refused(("invalid_field",))
+            if n == 0
+            else Accepted({"metadata": BASE_META | {key: "v"}})
+            if n <= 128
+            else Refused(("limit_exceeded",))
+        )
+        return "update", update(f'"metadata":{{"{key}":"v"}}'), outcome
+    if where == "metaValue":
+        n = draw(st.sampled_from([1023, 1024, 1025]))
+        outcome = (
+            Accepted({"metadata": BASE_META | {"v": "é" * n}}) if n <= 1024 else Refused(("limit_exceeded",))
+        )
+        return "update", update(f'"metadata":{{"v":"{"é" * n}"}}'), outcome
+    if where == "metaKeys":
+        n = draw(st.sampled_from([48, 49, 50, 51, 60]))  # and "keep": 50 at most in all
+        added = {f"m{i}": "v" for i in range(n)}
+        outcome = Accepted({"metadata": BASE_META | added}) if n + 1 <= 50 else Refused(("limit_exceeded",))
+        return "update", update(f'"metadata":{json.dumps(added)}'), outcome
+    if where == "sessionID":
+        n = draw(st.sampled_from([1, 63, 64, 65, 300]))
+        sid = "S" * n
+        return (
+            "start",
+            f'{{"type":"start","sessionID":"{sid}"}}'.encode(),
+            Accepted({"sessionID": sid if n <= 64 else GENERATED}),
+        )
+    size = draw(st.sampled_from([16 * 1024 - 1, 16 * 1024, 16 * 1024 + 1, 40_000]))
+    # Merged with BASE_PROPS it encodes as {"keep":1,"z":"xx…"}: 17 bytes and the filler.
+    filler = "x" * (size - 17)
+    outcome = (
+        Accepted({"userProperties": BASE_PROPS | {"z": filler}})
+        if size <= 16 * 1024
+        else Refused(("limit_exceeded",))
+    )
+    return "update", update(f'"userProperties":{{"z":"{filler}"}}'), outcome
+
+
+@st.composite
+def utf8_cases(draw: st.DrawFn) -> Case:
+    bad = draw(
+        st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xc0\xaf", b"\x80"])
+    )
+    field = draw(
+        st.sampled_from([b'"pageTitle":"a%sb"', b'"metadata":{"a%sb":"v"}', b'"userProperties":{"k":["%s"]}'])
+    )
+    return "update", b'{"type":"update",' + field.replace(b"%s", bad) + b"}", BAD_UTF8
+
+
+tracker_cases = depth_cases() | number_cases() | size_cases() | utf8_cases()
+
+
+def records(hub: HubThread, project_key: str) -> dict[str, dict[str, Any]]:
+    return {s.sessionID: msgspec.to_builtins(s) for s in hub.hub.index.sessions(project_key)}
+
+
+@FUZZ
+@given(case=tracker_cases)
+def test_tracker_extremes_are_refused_or_fall_back_and_change_nothing(hub: HubThread, case: Case) -> None:
+    kind, payload, outcome = case
+    p = project()
+    t = Tracker(hub, p)
+    if kind == "update":
+        assert t.ask(BASE_START)["type"] == "started"
+    before = records(hub, p)
+    sent_at = now_ms()
+    t.send_text(payload)
+    replies, close = t.replies()
+    after = records(hub, p)
+    if isinstance(outcome, Refused):
+        if close is not None:  # the transport's answer to bad UTF-8 in a text frame
+            assert outcome is BAD_UTF8 and close == 1007, close
+            for record in (*before.values(), *after.values()):
+                del record["connected"], record["tabs"]
+        else:
+            assert len(replies) == 1 and replies[0]["type"] == "error", replies
+            assert replies[0]["code"] in outcome.codes, (replies, outcome)
+        assert after == before  # lastActiveAt too: a refused message is no activity
+    else:
+        assert close is None
+        assert [r["type"] for r in replies] == (["started"] if kind == "start" else []), replies
+        (record,) = after.values()
+        for name, want in outcome.fields.items():
+            if want is NOW:
+                assert sent_at <= record[name] <= now_ms(), (name, record[name])
+            elif want is GENERATED:
+                assert uuid.UUID(record[name]).version == 4
+            else:
+                assert record[name] == want, name
+    t.close()
+    assert_usable(hub, p, len(after))
+
+
+@st.composite
+def search_cases(draw: st.DrawFn) -> tuple[str, str, bytes, bool]:
+    """(method, query, body, whether a 200 is due: else a 400)."""
+    where = draw(st.sampled_from(["page", "limit", "value", "depth", "utf8", "getPage", "getLimit"]))
+    if where in ("page", "limit", "value"):
+        literal = draw(number_literals)
+        v = number_of(literal)
+        if where == "value":
+            return "POST", "", f'{{"filters":[{{"name":"n","value":[{literal}]}}]}}'.encode(), v is not None
+        ok = isinstance(v, int) and (v >= 0 if where == "page" else 0 <= v <= 1000)
+        return "POST", "", f'{{"{where}":{literal}}}'.encode(), ok
+    if where == "depth":
+        levels, kind = draw(depths), draw(st.sampled_from("[{"))
+        # body (1), filters (2), a filter (3), then the unknown field's levels
+        body = f'{{"filters":[{{"name":"x","zz":{nested_in(levels, kind)}}}]}}'
+        return "POST", "", body.encode(), levels + 3 <= JSON_DEPTH
+    if where == "utf8":
+        bad = draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\xc0\xaf"]))
+        body = draw(st.sampled_from([b'{"sort":"a%sb"}', b'{"filters":[{"name":"x","value":["%s"]}]}']))
+        return "POST", "", body.replace(b"%s", bad), False
+    digits = str(draw(st.sampled_from([0, 1, 1000, 1001, 2**63, 2**64 + 1, 10**30]) | st.integers(0, 2**70)))
+    digits = draw(st.just(digits) | st.just("9" * 4400))
+    ok = len(digits) <= 4300 and (where == "getPage" or int(digits) <= 1000)
+    return "GET", f"?{'page' if where == 'getPage' else 'limit'}={digits}", b"", ok
+
+
+@FUZZ
+@given(case=search_cases())
+def test_search_extremes_are_a_400_or_an_answer(hub: HubThread, case: tuple[str, str, bytes, bool]) -> None:
+    method, query, body, ok = case
+    p = project()
+    trackers = [Tracker(hub, p) for _ in range(2)]
+    for i, t in enumerate(trackers):
+        assert t.ask(f'{{"type":"start","sessionID":"s{i}","metadata":{{"n":"{i}"}}}}')["type"] == "started"
+    before = records(hub, p)
+    status, answer = request(hub, method, f"/public/{p}/assist/sessions{query}", body)
+    if ok:
+        assert status == 200, answer
+        assert answer["data"]["total"] <= 2 and answer["data"]["live"] is True
+    else:
+        assert status == 400, answer
+        assert answer["error"]
+    assert records(hub, p) == before
+    for t in trackers:
+        t.close()
+    assert_usable(hub, p, 2)
+
+
+@st.composite
+def agent_cases(draw: st.DrawFn) -> tuple[bytes, str | None]:
+    """(a frame, the error code it gets: None for a snapshot)."""
+    where = draw(st.sampled_from(["depth", "sessionID", "value", "utf8"]))
+    if where == "depth":
+        levels, kind = draw(depths), draw(st.sampled_from("[{"))
+        frame_ = f'{{"type":"subscribe","filters":[{{"name":"x","zz":{nested_in(levels, kind)}}}]}}'
+        return frame_.encode(), None if levels + 3 <= JSON_DEPTH else "invalid_json"
+    if where in ("sessionID", "value"):
+        literal = draw(number_literals)
+        if where == "sessionID":
+            return f'{{"type":"subscribe","sessionID":{literal}}}'.encode(), "invalid_field"
+        frame_ = f'{{"type":"subscribe","filters":[{{"name":"n","value":[{literal}]}}]}}'
+        return frame_.encode(), None if number_of(literal) is not None else "invalid_field"
+    bad = draw(st.sampled_from([b"\xff", b"\xed\xa0\x80", b"\xc0\xaf"]))
+    return b'{"type":"subscribe","filters":[{"name":"a%sb"}]}'.replace(b"%s", bad), "invalid_json"
+
+
+@FUZZ
+@given(case=agent_cases())
+def test_agent_extremes_get_an_error_frame_and_keep_the_subscription(
+    hub: HubThread, case: tuple[bytes, str | None]
+) -> None:
+    payload, code = case
+    p = project()
+    t = Tracker(hub, p)
+    assert t.ask('{"type":"start","sessionID":"s","metadata":{"n":"1"}}')["type"] == "started"
+    ws = agent(hub, p)
+    ws.sock.sendall(frame(payload, 0x1))
+    opcode, data = ws.recv()
+    if opcode == 0x8:  # bad UTF-8 in a text frame: the transport closes with 1007
+        assert code == "invalid_json" and int.from_bytes(data[:2], "big") == 1007, data
+    else:
+        answer = json.loads(data)
+        if code is None:
+            assert answer["type"] == "snapshot", answer
+        else:
+            assert (answer["type"], answer["code"]) == ("error", code), answer
+            # The connection still subscribes.
+            assert agent_answer(ws, b'{"type":"subscribe"}')["type"] == "snapshot"
+    ws.close()
+    t.close()
+    assert_usable(hub, p, 1)

@@ -186,7 +186,7 @@ class WsClient:
 # The tracker model -------------------------------------------------------
 
 
-def _meta(value: object) -> str:
+def meta_text(value: object) -> str:
     """README, Trackers: metadata numbers and booleans become their text, as JavaScript prints them."""
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -250,7 +250,7 @@ class Model:
                 if v is None:
                     meta.pop(k, None)
                 else:
-                    meta[k] = _meta(v)
+                    meta[k] = meta_text(v)
             if len(meta) > MAX_METADATA_KEYS:
                 raise InputError("limit_exceeded", "")
             new["metadata"] = meta
