@@ -1,4 +1,5 @@
-"""Extremes of depth, size and number at every door (CONTRACT §2 and §4), over real sockets.
+"""Extremes of depth, size and number at every door (CONTRACT §2 and §4), over real sockets
+(and, for two decisions the contract leaves open, the tracker protocol with a fake clock).
 
 Each extreme gets an error frame (the connection stays open) or a 400, or a
 documented fallback, and changes nothing; the hub stays fully usable after:
@@ -23,6 +24,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from hub.index import LiveIndex
+from hub.registry import Registry
+from hub.tracker import TrackerProtocol
 from loadtest.client import frame
 from tests.helpers import API_KEY
 from tests.test_fuzz import FUZZ, MARKER, HubThread, WsClient, assert_healthy, http_raw, meta_text
@@ -707,3 +711,80 @@ def test_agent_extremes_get_an_error_frame_and_keep_the_subscription(
     ws.close()
     t.close()
     assert_usable(hub, p, 1)
+
+
+# Two points the contract leaves open, decided in the README (Trackers) --------
+# Driven without a socket, with a fake clock: the times are exact.
+
+
+def tracker_tab(index: LiveIndex) -> TrackerProtocol:
+    return TrackerProtocol(Registry(index, grace_ms=30_000), "p", 0)
+
+
+def test_a_refused_message_does_not_refresh_last_active_at() -> None:
+    """A refused message changes nothing, lastActiveAt included: it is no activity of the session."""
+    index = LiveIndex()
+    t = tracker_tab(index)
+    assert (
+        json.loads(t.receive(b'{"type":"start","sessionID":"s","metadata":{"a":"1"}}', 1000) or b"")["type"]
+        == "started"
+    )
+    seen = msgspec.to_builtins(index.get("p", "s"))
+    refused = [
+        b"{not json",
+        ("[" * 40 + "]" * 40).encode(),
+        b'{"type":"nope"}',
+        b'{"type":"update","pageTitle":5}',
+        b'{"type":"update","pageTitle":"' + b"x" * 1025 + b'"}',
+        json.dumps({"type": "update", "metadata": {f"k{i}": "v" for i in range(50)}}).encode(),
+        b'{"type":"update","userProperties":{"a":' + nested(16).encode() + b"}}",
+        b'{"type":"update","userProperties":{"a":18446744073709551616}}',
+        b'{"type":"start","sessionID":"other"}',
+        b'{"type":"heartbeat","active":"yes"}',
+    ]
+    for now, frame_ in enumerate(refused, start=5000):
+        reply = json.loads(t.receive(frame_, now) or b"")
+        assert reply["type"] == "error", (frame_, reply)
+        assert msgspec.to_builtins(index.get("p", "s")) == seen, frame_
+    assert t.receive(b'{"type":"update","userID":"u"}', 9000) is None
+    session = index.get("p", "s")
+    assert session is not None and session.lastActiveAt == 9000
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "stored"),
+    [
+        ("-5", None),
+        ("-0.5", None),
+        ("1e300", None),
+        ("-1e300", None),
+        ("8640000000000001", None),  # past what a JavaScript Date holds
+        ("9007199254740993", None),
+        ("18446744073709551616", None),
+        ('"NaN"', None),
+        ('"1715000000000"', None),
+        ("true", None),
+        ("null", None),
+        ("[]", None),
+        ("{}", None),
+        ("0", 0),
+        ("1715000000000.9", 1715000000000),
+        ("8640000000000000", 8_640_000_000_000_000),
+    ],
+)
+def test_an_absurd_timestamp_falls_back_to_now(timestamp: str, stored: int | None) -> None:
+    index = LiveIndex()
+    t = tracker_tab(index)
+    frame_ = f'{{"type":"start","sessionID":"s","timestamp":{timestamp}}}'.encode()
+    reply = json.loads(t.receive(frame_, 1234) or b"")
+    assert reply["type"] == "started", reply
+    assert reply["session"]["timestamp"] == (1234 if stored is None else stored)
+
+
+@pytest.mark.parametrize("timestamp", ["1e309", "-1e309", "1" + "0" * 4400])
+def test_a_timestamp_no_decoder_holds_refuses_the_start(timestamp: str) -> None:
+    index = LiveIndex()
+    t = tracker_tab(index)
+    reply = json.loads(t.receive(f'{{"type":"start","timestamp":{timestamp}}}'.encode(), 1234) or b"")
+    assert (reply["type"], reply["code"]) == ("error", "invalid_field"), reply
+    assert len(index) == 0
