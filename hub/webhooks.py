@@ -307,6 +307,15 @@ class Webhooks:
             if url not in queues:
                 queues[url] = UrlQueue(url, self.limit, self.budget_ms, self._settled, rng)
         self.queues = list(queues.values())
+        labels: set[str] = set()
+        for q in self.queues:
+            # URLs that differ only in their query or credentials still get one series each.
+            label, n = q.label, 1
+            while label in labels:
+                n += 1
+                label = f"{q.label}#{n}"
+            q.label = label
+            labels.add(label)
         every = tuple(queues[u] for u in settings.webhook_urls) + tuple(
             queues[u] for p, u in settings.webhooks_file if p == "*"
         )
