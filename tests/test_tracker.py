@@ -199,17 +199,9 @@ async def test_disconnect_waits_out_grace_then_resume_keeps_the_session() -> Non
             assert (await h.search())["total"] == 1
 
 
-async def test_session_ends_after_the_grace() -> None:
-    # The sweeper end to end, with a 1 s grace; its deadline to the ms: test_unit_registry.
-    async with running_hub(grace=1.0) as h:
-        async with websockets.connect(h.tracker_url()) as ws:
-            await start(ws, sessionID="g2")
-        await wait_for(lambda: _field_is(h, "g2", "connected", False))
-        await wait_for(lambda: _gone(h, "g2"), timeout=5)
-
-
 async def test_heartbeats_keep_a_tracker_past_the_timeout() -> None:
-    # The timeout closing a silent tracker, and its grace: test_contract.
+    # The timeout closing a silent tracker, and its grace: test_contract. The grace to the
+    # ms: test_unit_registry; the sweeper ending one end to end: test_contract, test_browser.
     async with running_hub(heartbeat_timeout=1.5) as h, websockets.connect(h.tracker_url()) as ws:
         await start(ws, sessionID="busy")
         for _ in range(6):  # 1.8 s in all, never 1.5 s silent
