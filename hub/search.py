@@ -106,8 +106,9 @@ def text_of(session: Session, field: str, key: str | None) -> str | None:
 
 
 def compare_text(value: Scalar) -> str:
-    """The text a filter compares, for a record's value and a filter's alike."""
-    return scalar_text(value).lower()
+    """The text a filter compares, for a record's value and a filter's alike:
+    ``scalar_text``, lower-cased (its text of a non-string is lower-case already)."""
+    return value.lower() if type(value) is str else scalar_text(value)
 
 
 def sort_key(field: str, descending: bool) -> Callable[[Session], tuple[bool, Any, str]]:
