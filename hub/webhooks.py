@@ -315,7 +315,6 @@ class Webhooks:
             if project != "*":
                 by_project[project] = (*by_project.get(project, self._every), queues[url])
         self._by_project = {p: tuple(dict.fromkeys(qs)) for p, qs in by_project.items()}
-        self._targets: dict[str, tuple[UrlQueue, ...]] = {}
         # Cluster: events waiting for their claim, and claimed ends waiting for their start.
         self.intake: deque[tuple[Event, tuple[UrlQueue, ...]]] = deque()
         self.held: list[tuple[Event, tuple[UrlQueue, ...]]] = []
