@@ -109,7 +109,7 @@ async def test_after_a_redis_restart_each_node_reads_a_peer_at_most_once() -> No
         # HGETALL of the nodes' registry (one per bootstrap) plus snapshot
         # reads: at most one for each pair of nodes. (Before: every node
         # re-read each peer at its bootstrap or at the peer's RELOAD, or both:
-        # N·(N−1) to 2·N·(N−1) snapshot reads.)
+        # N·(N-1) to 2·N·(N-1) snapshot reads.)
         snapshot_reads = reads - count
         assert snapshot_reads <= count * (count - 1) // 2, reads
         for ws in live:

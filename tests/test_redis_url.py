@@ -38,10 +38,7 @@ def run_hub(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 )
 @pytest.mark.parametrize("via", ["flag", "env"])
 def test_a_bad_redis_url_is_one_line_exit_2_without_the_password(url: str, via: str) -> None:
-    if via == "flag":
-        result = run_hub("--redis-url", url)
-    else:
-        result = run_hub(env={"HUB_REDIS_URL": url})
+    result = run_hub("--redis-url", url) if via == "flag" else run_hub(env={"HUB_REDIS_URL": url})
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "redis" in lines[0], lines
