@@ -45,7 +45,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
-from enum import StrEnum
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
@@ -63,7 +62,7 @@ from .metrics import Metrics
 from .record import Session
 from .registry import Registry, SessionKey
 from .replication import Replication
-from .wire import EndReason
+from .wire import EndReason, WebhookType
 
 log = logging.getLogger("hub.webhooks")
 
@@ -84,11 +83,6 @@ CLAIM_MARGIN_MS: Final = 60_000
 DONE: Final = b"+"
 # Event ids are UUIDv5 in this namespace: the same event gets the same id on every node.
 NAMESPACE: Final = uuid.UUID("6f1c1e52-3f0e-4d55-9a43-2c1d8e0b7a19")
-
-
-class WebhookType(StrEnum):
-    STARTED = "session.started"
-    ENDED = "session.ended"
 
 
 class Payload(Struct, omit_defaults=True):

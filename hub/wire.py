@@ -81,3 +81,10 @@ class BatchKind(IntEnum):
     OPS = 0  # changes of the sender's sessions
     RELOAD = 1  # the sender rewrote its records: read them
     BYE = 2  # the sender drains: its sessions wait out their grace for their trackers
+
+
+class WebhookType(StrEnum):
+    """The ``type`` of a webhook's body (README, "Webhooks")."""
+
+    STARTED = "session.started"
+    ENDED = "session.ended"
