@@ -154,11 +154,15 @@ _decoder: Final = msgspec.json.Decoder(TrackerMessage)
 def too_deep(data: bytes | str, limit: int = MAX_JSON_DEPTH) -> bool:
     """Whether JSON ``data`` nests arrays and objects deeper than ``limit``, read without parsing.
 
-    Two C-level counts settle a usual frame: with at most ``limit`` brackets
-    it cannot nest deeper. Only a frame with more is scanned, its strings
-    cut out first. A decoder stops at the first error, so the depth it would
-    reach is never more than the scan's.
+    Cheap for a usual frame: valid JSON shorter than ``2 * (limit + 1)``
+    bytes cannot nest deeper (a heartbeat is settled by its length; shorter
+    invalid JSON is the decoder's to refuse), nor can a frame with at most
+    ``limit`` brackets (two C-level counts). Only a frame with more is
+    scanned, its strings cut out first. A decoder stops at the first error,
+    so the depth it would reach is never more than the scan's.
     """
+    if len(data) < 2 * (limit + 1):
+        return False
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
     if raw.count(b"[") + raw.count(b"{") <= limit:
         return False
