@@ -209,7 +209,7 @@ def parse_body(body: bytes) -> Query:
     if not body.strip():
         raise QueryError("a search body is required: send {} for the defaults")
     if too_deep(body):
-        raise QueryError(f"invalid JSON: nested deeper than {MAX_JSON_DEPTH} levels")
+        raise QueryError(f"invalid JSON: nested deeper than {MAX_JSON_DEPTH} levels, or malformed")
     try:
         parsed = _body_decoder.decode(body)
     except msgspec.ValidationError as exc:

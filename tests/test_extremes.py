@@ -21,10 +21,11 @@ from urllib.parse import quote
 
 import msgspec
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hub.index import LiveIndex
+from hub.record import too_deep
 from hub.registry import Registry
 from hub.tracker import TrackerProtocol
 from loadtest.client import frame
@@ -392,6 +393,42 @@ def test_numbers_in_a_get_query_are_ascii_digits(hub: HubThread, name: str, valu
     assert name in answer["error"], answer
     status, answer = request(hub, "GET", f"/public/{p}/assist/sessions?{name}=5")
     assert status == 200, answer
+
+
+# The depth scan against the depth itself ----------------------------------------
+
+# Strings full of what a scan could take for structure: brackets, quotes, backslashes.
+tricky_text = st.text(alphabet='[]{}"\\\x00a/é🎉', max_size=6)
+json_trees = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | tricky_text,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(tricky_text, inner, max_size=3),
+    max_leaves=30,
+)
+
+
+def depth_of(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + max(map(depth_of, value), default=0)
+    if isinstance(value, dict):
+        return 1 + max(map(depth_of, value.values()), default=0)
+    return 0
+
+
+@settings(max_examples=500, deadline=None)
+@given(tree=json_trees, wraps=st.lists(st.sampled_from("[{"), max_size=45), limit=st.integers(0, 40))
+def test_the_depth_scan_is_exact_on_valid_json(tree: Any, wraps: list[str], limit: int) -> None:
+    for kind in wraps:
+        tree = [tree] if kind == "[" else {"[k": tree}
+    for data in (
+        json.dumps(tree).encode(),
+        json.dumps(tree, ensure_ascii=False).encode(),
+        msgspec.json.encode(tree),
+    ):
+        assert too_deep(data, limit) == (depth_of(tree) > limit), data
 
 
 # Property: every extreme at every door -----------------------------------------
