@@ -115,7 +115,12 @@ class HubServerProtocol(ServerProtocol):
     def recv_frame(self, frame: Frame) -> None:
         if frame.opcode is _CLOSE:
             self.current_size = None
-        super().recv_frame(frame)
+        _recv_frame(self, frame)
+
+
+# Called directly, not through super(): this runs for every frame, and super()'s
+# lookup cost ~0.4 µs a frame where this costs nothing measurable.
+_recv_frame: Final = ServerProtocol.recv_frame
 
 
 def close_code(ws: ServerProtocol) -> int:
