@@ -135,3 +135,18 @@ async def test_a_close_between_fragments_is_echoed_and_the_message_dropped() -> 
         ws.writer.write(part(Opcode.CONT, b' finished"}', fin=True))
         assert await close_code(ws) == 1000
         assert (await h.search())["total"] == 0, "the unfinished start was dropped"
+
+
+async def test_a_bad_handshake_is_refused_before_an_endpoint_exists() -> None:
+    # The handshake is checked before it is routed: an agent refused with 400 is never in the fan-out.
+    async with running_hub() as h:
+        reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
+        writer.write(
+            b"GET /ws/agent/p1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: not-a-key\r\nSec-WebSocket-Version: 13\r\n"
+            + f"Authorization: Bearer {API_KEY}\r\n\r\n".encode()
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 400"), head
+        writer.close()
+        assert not h.hub.fanout.agents, "the refused agent left nothing behind"
