@@ -71,6 +71,8 @@ Event = Request | Continue | Upgrade | Refusal
 _LINE_OVERHEAD: Final = 12
 _HEADER_OVERHEAD: Final = 4
 _END_OVERHEAD: Final = 2
+# Statuses that never carry a body.
+_NO_BODY: Final = (204, 304)
 
 
 class _Stop(Exception):
@@ -113,8 +115,12 @@ class RequestReader:
 
     @property
     def done(self) -> bool:
-        """Refused or upgraded: the connection reads no more HTTP."""
+        """Refused, upgraded or stopped: the connection reads no more HTTP."""
         return self.parser is None
+
+    def stop(self) -> None:
+        """Read no more: the connection closes after its answer."""
+        self.parser = None
 
     def feed(self, data: bytes) -> list[Event]:
         """What ``data`` completed, in order (empty until something is complete)."""
@@ -231,11 +237,11 @@ def _too_large_body(limit: int) -> Refusal:
 
 def encode_response(response: Response, keep_alive: bool, head: bool = False) -> bytes:
     """One response; ``head``: a HEAD request's, the GET's headers without the body."""
-    lines = [
-        f"HTTP/1.1 {response.status} {HTTPStatus(response.status).phrase}",
-        f"Content-Type: {response.content_type}",
-        f"Content-Length: {len(response.body)}",
-    ]
+    status = response.status
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"]
+    # 204 and 304 have no body; their Content-Length would have to be the GET's (RFC 9110 §8.6).
+    if status not in _NO_BODY:
+        lines += [f"Content-Type: {response.content_type}", f"Content-Length: {len(response.body)}"]
     # API answers are never cached; a response that says otherwise (static files) wins.
     if not any(name.lower() == "cache-control" for name, _ in response.headers):
         lines.append("Cache-Control: no-store")
@@ -243,7 +249,7 @@ def encode_response(response: Response, keep_alive: bool, head: bool = False) ->
     if not keep_alive:
         lines.append("Connection: close")
     data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return data if head or response.status in (204, 304) else data + response.body
+    return data if head or status in _NO_BODY else data + response.body
 
 
 class HttpConnection(asyncio.Protocol):
@@ -331,7 +337,7 @@ class HttpConnection(asyncio.Protocol):
         self.server.counts.http_responses[response.status] += 1
         transport.write(encode_response(response, keep_alive, head))
         if not keep_alive:
-            self.reader.parser = None
+            self.reader.stop()
             transport.close()
 
     def _upgrade(self, upgrade: Upgrade) -> None:

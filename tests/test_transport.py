@@ -10,7 +10,7 @@ import pytest
 from hub.admission import PerIpLimit, TokenBucket
 from hub.auth import Auth
 from hub.config import Settings
-from hub.http1 import CONTINUE, Event, Refusal, RequestReader, Upgrade
+from hub.http1 import CONTINUE, Event, Refusal, RequestReader, Upgrade, encode_response
 from hub.http_api import Request, Response
 from hub.routes import RouteTable
 from hub.websocket import Fragments, is_utf8
@@ -202,6 +202,19 @@ def test_reader_asks_for_an_expected_body_only_when_the_head_is_acceptable() -> 
     [refusal] = reader(max_body=1).feed(head)
     assert isinstance(refusal, Refusal) and refusal.response.status == 413, "too large: a 413, not a 100"
     assert reader().feed(head.replace(b"HTTP/1.1", b"HTTP/1.0")) == [], "HTTP/1.0 does not know 100"
+
+
+def test_encode_response_head_204_and_304() -> None:
+    answer = Response(200, b'{"a":1}', headers=[("X-A", "b")])
+    full = encode_response(answer, keep_alive=True)
+    assert full.endswith(b'\r\n\r\n{"a":1}') and b"Content-Length: 7\r\n" in full
+    assert b"Connection: close" not in full and b"Cache-Control: no-store" in full
+    head = encode_response(answer, keep_alive=False, head=True)
+    assert head == full[: -len(answer.body)].replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+    for status in (204, 304):
+        empty = encode_response(Response(status, headers=[("ETag", '"x"')]), keep_alive=True)
+        assert b"Content-Length" not in empty and b"Content-Type" not in empty, "no body, no length"
+        assert empty.startswith(f"HTTP/1.1 {status} ".encode()) and empty.endswith(b'ETag: "x"\r\n\r\n')
 
 
 # The route table ---------------------------------------------------------
