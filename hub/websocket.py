@@ -74,6 +74,7 @@ class Endpoint(TypingProtocol):
 
 
 def is_utf8(data: bytes) -> bool:
+    """Is ``data`` UTF-8 text (RFC 3629: no surrogates, nothing past U+10FFFF)?"""
     try:
         data.decode("utf-8")
     except UnicodeDecodeError:

@@ -15,7 +15,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from hub.auth import Auth
 from hub.config import ConfigError, parse_projects, parse_settings
-from loadtest.wsraw import RawWs, frame
+from loadtest.client import frame
+from loadtest.wsraw import RawWs
 from tests.helpers import API_KEY, RunningHub, http, running_hub, wait_for
 
 P1_KEY = "p1-secret-9c1d"
@@ -223,9 +224,9 @@ async def test_too_many_filters_are_refused_in_searches_and_subscriptions() -> N
 
 async def test_idle_agent_is_closed_with_4000() -> None:
     """A client that never answers the hub's keepalive ping (a raw socket) is idle."""
-    async with running_hub(agent_idle_timeout=0.2) as h:
+    async with running_hub(agent_idle_timeout=1.0) as h:
         ws = await RawWs.connect(h.port, "/ws/agent/p1", headers={"Authorization": f"Bearer {API_KEY}"})
-        opcodes = []
+        opcodes: list[tuple[int, bytes]] = []
         while not opcodes or opcodes[-1][0] != 0x8:
             opcodes.append(await asyncio.wait_for(ws.recv(), 5))
         assert int.from_bytes(opcodes[-1][1][:2], "big") == 4000
@@ -234,7 +235,7 @@ async def test_idle_agent_is_closed_with_4000() -> None:
 
 
 async def test_frame_body_header_and_handshake_limits_are_counted() -> None:
-    async with running_hub(max_frame=1024, max_http_body=100, max_header=2048, handshake_timeout=0.2) as h:
+    async with running_hub(max_frame=1024, max_http_body=100, max_header=2048, handshake_timeout=1.0) as h:
         async with websockets.connect(h.tracker_url()) as ws:
             await ws.send("x" * 2000)
             with pytest.raises(ConnectionClosed):
