@@ -100,7 +100,7 @@ async def test_after_a_redis_restart_each_node_reads_a_peer_at_most_once() -> No
         live = [await tracker(nodes[i % count].port, f"s{i}") for i in range(6)]
         await wait_agreed(nodes, {f"s{i}" for i in range(6)})
         redis.kill()
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1)
         redis.start()  # empty: every node republishes and tells its peers (RELOAD)
         await wait_agreed(nodes, {f"s{i}" for i in range(6)}, timeout=10)
         # Give every node time to bootstrap and apply its peers' RELOADs.
