@@ -88,3 +88,25 @@ class WebhookType(StrEnum):
 
     STARTED = "session.started"
     ENDED = "session.ended"
+
+
+class RelayError(StrEnum):
+    """Error codes of the live relay (CONTRACT §7), in ``{"type":"error","code":…}``."""
+
+    NOT_FOUND = "not_found"  # join: no live session with that sessionID in the agent's project
+    NOT_JOINED = "not_joined"  # send: the agent is not joined to that session
+    TOO_MANY_JOINS = "too_many_joins"  # join: over --relay-max-joins sessions at once
+
+
+class RelayType(StrEnum):
+    """The ``type`` of relay frames (CONTRACT §7)."""
+
+    JOIN = "join"
+    JOINED = "joined"
+    LEAVE = "leave"
+    SEND = "send"
+    EMIT = "emit"
+    AGENTS = "agents"
+    AGENT_EVENT = "agent.event"
+    SESSION_EVENT = "session.event"
+    SESSION_GAP = "session.gap"
