@@ -525,17 +525,25 @@ class LiveIndex:
         for name, value in changes.items():
             project.set_field(session, name, value)
 
-    def touch(self, session: Session, now: int) -> None:
-        """Refresh lastActiveAt only: no other field is re-indexed."""
+    def touch(self, session: Session, now: int, active_time: int | None = None) -> None:
+        """Refresh lastActiveAt, and activeTime when given: no other field is re-indexed."""
         project = self._indexed(session)
         if project is None:
             session.lastActiveAt = now
+            if active_time is not None:
+                session.activeTime = active_time
             return
-        fi = project.fields["lastActiveAt"]
+        fields = project.fields
         sid = session.sessionID
+        fi = fields["lastActiveAt"]
         fi.discard(session.lastActiveAt, sid)
         session.lastActiveAt = now
         fi.add(now, sid)
+        if active_time is not None and active_time != session.activeTime:
+            fi = fields["activeTime"]
+            fi.discard(session.activeTime, sid)
+            session.activeTime = active_time
+            fi.add(active_time, sid)
 
     def search(self, project_key: str, query: Query) -> tuple[int, list[Session]]:
         """``(total before paging, the page)`` of a project's matching sessions."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import re
 import uuid
+from collections.abc import Mapping
 from typing import Annotated, Any, Final
 
 import msgspec
@@ -71,6 +72,10 @@ class Session(Struct, gc=False):
     appVersion: str | None = None
     userAgent: str | None = None
     live: bool = True
+    # Pages seen: 1 at start, +1 for each change of url to another page (``changes_of``).
+    pageViews: int = 1
+    # Ms the session was active, up to lastActiveAt (``registry.active_time``).
+    activeTime: int = 0
 
 
 # Fields a search may sort by: every scalar field of the record.
@@ -278,13 +283,17 @@ def changes_of(msg: _Fields, session: Session | None) -> dict[str, Any]:
 
     ``metadata`` and ``userProperties`` merge by key (null removes a key);
     other fields carried replace stored ones. Fields equal to the stored
-    value are left out, so an empty result means nothing changed.
+    value are left out, so an empty result means nothing changed. A ``url``
+    changed to another page (not to null) counts one more ``pageViews``,
+    whichever tab or reload sends it.
     """
     changes: dict[str, Any] = {}
     for name in DESCRIPTIVE_FIELDS:
         value = getattr(msg, name)
         if value is not UNSET and (session is None or getattr(session, name) != value):
             changes[name] = value
+    if session is not None and changes.get("url") is not None:
+        changes["pageViews"] = session.pageViews + 1
     if msg.active is not UNSET and (session is None or session.active != msg.active):
         changes["active"] = msg.active
     if msg.metadata is not UNSET:
@@ -325,6 +334,30 @@ def changes_of(msg: _Fields, session: Session | None) -> dict[str, Any]:
                 )
             changes["userProperties"] = merged_up
     return changes
+
+
+def enrich(msg: _Fields, found: Mapping[str, str], session: Session | None) -> None:
+    """Fill ``msg``'s fields from the connection's enrichment (``enrich.Enricher.fields``)
+    under what trackers send: only a field ``msg`` does not carry and the record does
+    not hold yet, so a tracker's own value (this tab's or another's) always wins."""
+    for name, value in found.items():
+        if getattr(msg, name) is UNSET and (session is None or getattr(session, name) is None):
+            setattr(msg, name, value)
+
+
+def active_time(session: Session, now: int) -> int:
+    """``activeTime`` once ``lastActiveAt`` moves to ``now``.
+
+    The time from the session's last message to this one counts when the
+    session was ``active`` and ``connected`` after the last one: the record's
+    ``active`` is whatever its tabs last reported (any tab's heartbeat or
+    update), so with several tabs the session's flag follows the latest
+    report, and time in a reconnect grace never counts. Exact for any
+    sequence of messages: it only depends on the record at each message.
+    """
+    if session.active and session.connected and now > session.lastActiveAt:
+        return session.activeTime + now - session.lastActiveAt
+    return session.activeTime
 
 
 def new_session(msg: Start, session_id: str, project_key: str, project_id: int, now: int) -> Session:

@@ -25,7 +25,7 @@ over holdings, kept by those same methods:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Final, Protocol
 
 import msgspec
@@ -35,7 +35,9 @@ from .record import (
     Session,
     Start,
     Update,
+    active_time,
     changes_of,
+    enrich,
     new_session,
     session_id_or_new,
 )
@@ -44,6 +46,8 @@ from .wire import EndReason, ErrorCode, InputError
 
 # A session's identity across the hub: (projectKey, sessionID).
 SessionKey = tuple[str, str]
+
+_NOTHING: Final[Mapping[str, str]] = {}
 
 # Fields a remote record may change as they are; tabs and connected are
 # derived from every node's contribution, timestamp keeps the first start.
@@ -165,12 +169,25 @@ class Registry:
     # -- this node's trackers -------------------------------------------------
 
     def start(
-        self, project_key: str, project_id: int, msg: Start, now: int, attach: bool
+        self,
+        project_key: str,
+        project_id: int,
+        msg: Start,
+        now: int,
+        attach: bool,
+        enrichment: Mapping[str, str] = _NOTHING,
     ) -> tuple[Session, bool]:
-        """Start or join a session; ``attach`` counts a new tab. Returns (session, created)."""
+        """Start or join a session; ``attach`` counts a new tab. Returns (session, created).
+
+        ``enrichment``: what the hub found about the tracker's connection
+        (``enrich.Enricher.fields``), taken where neither this start nor the
+        record has a value.
+        """
         session_id = session_id_or_new(msg.sessionID)
         key = (project_key, session_id)
         session = self.index.get(project_key, session_id)
+        if enrichment:
+            enrich(msg, enrichment, session)
         if session is None:
             limit = self.max_sessions_per_project
             if limit and self.index.count(project_key) >= limit:
@@ -207,14 +224,23 @@ class Registry:
         if not changes:
             self._touch(session, now)
             return
+        # activeTime moves with lastActiveAt while active, a rule listeners apply
+        # themselves (README, "The session record"): it is in the changes only
+        # when that rule would be wrong, on a resume (a grace never counts).
+        spent = active_time(session, now)
+        if session.active and not session.connected:
+            changes["activeTime"] = spent
         changes["lastActiveAt"] = now
         self.index.apply(session, changes)
+        if spent != session.activeTime:
+            self.index.apply(session, {"activeTime": spent})
         for listener in self.listeners:
             listener.session_changed(session, changes)
         self.replication.held(session)
 
     def _touch(self, session: Session, now: int) -> None:
-        self.index.touch(session, now)
+        # activeTime moves with lastActiveAt; peers and agents derive it from a touch alike.
+        self.index.touch(session, now, active_time(session, now))
         for listener in self.listeners:
             listener.session_touched(session)
         self.replication.touched(session)
@@ -332,7 +358,8 @@ class Registry:
                 changes["lastActiveAt"] = record.lastActiveAt
             self._apply(session, changes)
         elif newer:
-            self.index.touch(session, record.lastActiveAt)
+            # No mirrored field differs: activeTime is already the record's, as of its lastActiveAt.
+            self.index.touch(session, record.lastActiveAt, record.activeTime)
             for listener in self.listeners:
                 listener.session_touched(session)
         if released:
@@ -361,7 +388,8 @@ class Registry:
     def remote_touch(self, project_key: str, session_id: str, last_active: int) -> None:
         session = self.index.get(project_key, session_id)
         if session is not None and last_active > session.lastActiveAt:
-            self.index.touch(session, last_active)
+            # The publisher moved activeTime by the same rule, without publishing it.
+            self.index.touch(session, last_active, active_time(session, last_active))
             for listener in self.listeners:
                 listener.session_touched(session)
 

@@ -44,16 +44,24 @@ class View:
                 self.sessions[sid] = f["session"]
             elif kind == "session.update":
                 assert f["sessionID"] in self.sessions, f"update before start: {f}"
-                self.sessions[f["sessionID"]].update(f["changes"])
+                _update(self.sessions[f["sessionID"]], f["changes"])
             elif kind == "sessions.update":
                 for sid, changes in f["changes"].items():
                     assert sid in self.sessions, f"batched update before start: {sid}"
-                    self.sessions[sid].update(changes)
+                    _update(self.sessions[sid], changes)
             elif kind == "session.end":
                 assert self.sessions.pop(f["sessionID"], None) is not None, f"end of unknown: {f}"
             else:
                 raise AssertionError(f)
         return self
+
+
+def _update(session: dict[str, Any], changes: dict[str, Any]) -> None:
+    """Apply an update as README tells clients: activeTime moves with lastActiveAt
+    while the session was active, unless the update carries it."""
+    if "lastActiveAt" in changes and "activeTime" not in changes and session["active"]:
+        session["activeTime"] += max(0, changes["lastActiveAt"] - session["lastActiveAt"])
+    session.update(changes)
 
 
 class Rig:
