@@ -25,6 +25,7 @@ from .cluster import Cluster
 from .config import Settings
 from .counts import AGENT, TRACKER
 from .endpoints import AgentEndpoint, TrackerEndpoint
+from .enrich import Enricher
 from .fanout import FanOut
 from .http_api import HttpApi, Request, Response, error
 from .index import LiveIndex
@@ -43,6 +44,8 @@ class Hub:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.index = LiveIndex()
+        # Built once per process: the User-Agent rules compile and the GeoIP database opens here.
+        self.enricher = Enricher(settings.geoip_db, settings.trusted_proxies)
         self.registry = Registry(
             self.index,
             grace_ms=int(settings.grace * 1000),
@@ -125,6 +128,8 @@ class Hub:
             project_id,
             self.settings.heartbeat_timeout,
             self.metrics.trackers,
+            # Once per connection: every start it sends takes what its handshake tells.
+            self.enricher.fields(request.headers, conn.peer or None),
         )
 
     def _route_agent(self, request: Request, conn: WebSocketConnection) -> Endpoint | Response:
@@ -216,6 +221,7 @@ class Hub:
             await self._stop.wait()
             await self._drain()
             tg.cancel_scope.cancel()
+        self.enricher.close()
 
     def stop(self) -> None:
         self._stop.set()

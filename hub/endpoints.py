@@ -13,6 +13,7 @@ I/O-free core:
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from typing import Final
 
 from .counts import MessageCounts
@@ -41,8 +42,9 @@ class TrackerEndpoint(TrackerProtocol):
         project_id: int,
         idle_timeout: float,
         counts: MessageCounts | None = None,
+        enrichment: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(registry, project_key, project_id, counts)
+        super().__init__(registry, project_key, project_id, counts, enrichment)
         self.idle_timeout: float | None = idle_timeout
 
     def receive_binary(self, data: bytes, now: int) -> bytes | None:

@@ -6,6 +6,7 @@ send, if any. Bad input gets an ``error`` frame and changes nothing.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Final
 
 from msgspec import UNSET
@@ -36,12 +37,19 @@ _TYPE_NAMES: Final[dict[type[TrackerMessage], str]] = {
 
 
 class TrackerProtocol:
-    __slots__ = ("counts", "project_id", "project_key", "registry", "session")
+    __slots__ = ("counts", "enrichment", "project_id", "project_key", "registry", "session")
 
     def __init__(
-        self, registry: Registry, project_key: str, project_id: int, counts: MessageCounts | None = None
+        self,
+        registry: Registry,
+        project_key: str,
+        project_id: int,
+        counts: MessageCounts | None = None,
+        enrichment: Mapping[str, str] | None = None,
     ) -> None:
         self.registry = registry
+        # What the hub found about this connection (enrich.Enricher.fields), under the tracker's fields.
+        self.enrichment: Mapping[str, str] = enrichment or {}
         # Shared by every tracker of a hub (metrics); a throwaway one when not given.
         self.counts = counts if counts is not None else tracker_counts()
         self.project_key = project_key
@@ -77,7 +85,9 @@ class TrackerProtocol:
                     f"this connection holds session {session.sessionID}; send end before starting another",
                 )
             attach = session is None
-            session, _ = self.registry.start(self.project_key, self.project_id, msg, now, attach)
+            session, _ = self.registry.start(
+                self.project_key, self.project_id, msg, now, attach, self.enrichment
+            )
             self.session = session
             self.counts.sent["started"] += 1
             return encode_started(session)
