@@ -102,6 +102,7 @@ class Hub:
             cors=True,
         )
         routes.http("/public/{projectKey}/assist/sessions/{sessionID}", get=api.session, auth=True, cors=True)
+        routes.http("/public/{projectKey}/assist/autocomplete", get=api.autocomplete, auth=True, cors=True)
         routes.http("/healthz", get=api.healthz)
         routes.http("/readyz", get=api.readyz)
         routes.http("/metrics", get=self.metrics.route)

@@ -19,7 +19,7 @@ from msgspec import Struct
 from .config import Settings
 from .index import LiveIndex
 from .record import Session
-from .search import Query, QueryError, parse_body, parse_params
+from .search import FIELD_NAMES, Query, QueryError, compare_text, parse_body, parse_params
 
 JSON: Final = "application/json"
 
@@ -58,6 +58,20 @@ class SearchAnswer(Struct):
 
 class SessionAnswer(Struct):
     data: Session
+
+
+class Suggestion(Struct):
+    value: str
+    count: int
+
+
+class AutocompleteAnswer(Struct):
+    data: list[Suggestion]
+
+
+# Autocomplete answers (README, "Autocomplete").
+AUTOCOMPLETE_LIMIT: Final = 10
+AUTOCOMPLETE_MAX: Final = 100
 
 
 _encoder: Final = msgspec.json.Encoder()
@@ -129,6 +143,25 @@ class HttpApi:
             return error(404, "session not found")
         return Response(200, _encoder.encode(SessionAnswer(data=session)))
 
+    def autocomplete(self, request: Request) -> Response:
+        """``GET /public/{projectKey}/assist/autocomplete?key=userBrowser&q=chr``: live values.
+
+        ``key`` names a field as a filter does (any case, the same aliases), or
+        ``metadata`` with ``source`` the metadata key; ``q`` (optional) is
+        matched as a `contains` filter matches; ``limit`` 1-100, default 10.
+        """
+        try:
+            params = search_params(request.query)
+            field, key = _suggested(params.get("key", ""), params.get("source", ""))
+            limit = _suggestions_limit(params.get("limit", ""))
+        except QueryError as exc:
+            return error(400, str(exc))
+        found = self.index.values(
+            request.params["projectKey"], field, key, compare_text(params.get("q", "")), limit
+        )
+        answer = AutocompleteAnswer([Suggestion(value, count) for value, count in found])
+        return Response(200, _encoder.encode(answer))
+
     def _search(self, project_key: str, query: Query) -> Response:
         limit = self.settings.max_filters
         if limit and len(query.criteria) > limit:
@@ -139,3 +172,27 @@ class HttpApi:
         if self.on_search is not None:
             self.on_search(time.perf_counter() - started)
         return Response(200, _encoder.encode(SearchAnswer(SearchData(total=total, sessions=page))))
+
+
+def _suggested(name: str, source: str) -> tuple[str, str | None]:
+    """The (field, metadata key) an autocomplete's ``key`` and ``source`` name."""
+    lowered = name.strip().lower()
+    if not lowered:
+        raise QueryError("key is required: a session field (e.g. userBrowser) or metadata with source")
+    if lowered == "metadata":
+        if not source:
+            raise QueryError("key=metadata needs source, the metadata key")
+        return "metadata", source
+    field = FIELD_NAMES.get(lowered)
+    if field is None:
+        raise QueryError(f"unknown key {name!r}: use a session field, or metadata with source")
+    return field, None
+
+
+def _suggestions_limit(raw: str) -> int:
+    if raw == "":
+        return AUTOCOMPLETE_LIMIT
+    # ASCII digits only, as the search's paging parameters.
+    if not (len(raw) <= 3 and raw.isascii() and raw.isdigit() and 1 <= int(raw) <= AUTOCOMPLETE_MAX):
+        raise QueryError(f"limit must be a whole number between 1 and {AUTOCOMPLETE_MAX}, got {raw[:40]!r}")
+    return int(raw)

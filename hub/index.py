@@ -16,6 +16,7 @@ answers must equal (tests/test_index.py checks it on random data).
 
 from __future__ import annotations
 
+import heapq
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterable, Iterator
 from itertools import accumulate, islice
@@ -160,6 +161,11 @@ class FieldIndex:
 
     def containing(self, values: Iterable[str]) -> list[Bucket]:
         """Buckets of every distinct value containing one of ``values`` (a `contains`)."""
+        buckets = self.buckets
+        return [buckets[k] for k in self.keys_containing(values)]
+
+    def keys_containing(self, values: Iterable[str]) -> set[FieldValue]:
+        """Every distinct value (key) containing one of ``values``."""
         if self._hay is None:
             self._hay = _Haystack(list(self.buckets))
         found: set[FieldValue] = set()
@@ -169,8 +175,8 @@ class FieldIndex:
                 continue
             found.update(self._hay.containing(value))
             found.update(k for k in self._added if value in _key_text(k))
-        buckets = self.buckets
-        return [b for k in found if (b := buckets.get(k)) is not None]
+        # The haystack may still hold keys dropped since it was built.
+        return {k for k in found if k in self.buckets}
 
 
 def _key_text(key: FieldValue) -> str:
@@ -544,6 +550,40 @@ class LiveIndex:
             fi.discard(session.activeTime, sid)
             session.activeTime = active_time
             fi.add(active_time, sid)
+
+    def values(
+        self, project_key: str, field: str, key: str | None, text: str, limit: int
+    ) -> list[tuple[str, int]]:
+        """Autocomplete: ``(value, sessions holding it)`` of the distinct values of ``field``
+        (of metadata ``key`` when given) whose text contains ``text`` (lower-cased, as
+        ``search.compare_text`` gives it), most held first, then by text; at most ``limit``.
+
+        A lookup over the field's index: its distinct values are scanned (the
+        haystack a `contains` filter uses), never its sessions. The index keeps
+        values lower-cased; each is answered as one of the sessions holding it
+        spells it (an int as its digits).
+        """
+        project = self._projects.get(project_key)
+        if project is None:
+            return []
+        fi = project.meta.get(key) if key is not None else project.fields[field]
+        if fi is None:
+            return []
+        buckets = fi.buckets
+        keys: Iterable[FieldValue] = fi.keys_containing((text,)) if text else buckets
+        sizes = ((1 if type(b := buckets[k]) is str else len(b), k) for k in keys)
+        top = heapq.nsmallest(limit, sizes, key=lambda item: (-item[0], _key_text(item[1])))
+        sessions = project.sessions
+        answer: list[tuple[str, int]] = []
+        for size, k in top:
+            if isinstance(k, int) or field in BOOL_FIELDS:
+                answer.append((_key_text(k), size))
+                continue
+            bucket = buckets[k]
+            holder = sessions[bucket if type(bucket) is str else next(iter(bucket))]
+            shown = holder.metadata[key] if key is not None else getattr(holder, field)
+            answer.append((shown, size))
+        return answer
 
     def search(self, project_key: str, query: Query) -> tuple[int, list[Session]]:
         """``(total before paging, the page)`` of a project's matching sessions."""
