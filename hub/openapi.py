@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 
 from . import __version__, static
 from .config import PROJECT_KEY_RE, Settings
-from .http_api import JSON, Request, Response
+from .http_api import AUTOCOMPLETE_LIMIT, AUTOCOMPLETE_MAX, JSON, Request, Response
 from .record import (
     DESCRIPTIVE_FIELDS,
     MAX_JSON_DEPTH,
@@ -90,6 +90,16 @@ def session_schema() -> Schema:
     )
     props["tabs"].update(minimum=0, description="Open tracker connections; 0 while the grace runs.")
     props["connected"]["description"] = "false while the session waits out its reconnect grace"
+    props["pageViews"].update(
+        minimum=1, description="Pages seen: 1 at start, +1 each time url changes to another page."
+    )
+    props["activeTime"].update(
+        minimum=0,
+        description=(
+            "Ms the session was active, up to lastActiveAt: the time between two of its messages "
+            "counts when it was active after the first, a reconnect grace never."
+        ),
+    )
     props["live"] = {"const": True}
     schema.update(required=list(props), additionalProperties=False)
     del schema["title"]
@@ -264,12 +274,30 @@ def public_paths(settings: Settings) -> dict[str, Schema]:
         parameters=[*common, ref_parameter("sessionID")],
         secured=True,
     )
+    get_values = _operation(
+        "Autocomplete: the distinct live values of a field or metadata key, most held first.",
+        {
+            "200": _json(
+                "Values containing q, with the number of live sessions holding each.", ref("Values")
+            ),
+            "400": _error("A missing or unknown key, metadata without source, or a bad limit."),
+            "401": unauthorized,
+            "404": not_found,
+        },
+        settings,
+        tags=["assist"],
+        parameters=common + [ref_parameter(name) for name in ("key", "source", "q", "valuesLimit")],
+        secured=True,
+    )
     sessions = _get_and_head(get_search, "The GET's status and headers, without a body.")
     sessions["post"] = post_search
     return {
         "/public/{projectKey}/assist/sessions": sessions,
         "/public/{projectKey}/assist/sessions/{sessionID}": _get_and_head(
             get_one, "The GET's status and headers, without a body."
+        ),
+        "/public/{projectKey}/assist/autocomplete": _get_and_head(
+            get_values, "The GET's status and headers, without a body."
         ),
     }
 
@@ -383,6 +411,31 @@ def parameters() -> dict[str, Schema]:
             "schema": {"type": "integer", "minimum": 0, "maximum": MAX_LIMIT},
             "description": f"ASCII digits; 0 or empty means {DEFAULT_LIMIT}.",
         },
+        "key": {
+            "name": "key",
+            "in": "query",
+            "required": True,
+            "schema": {"enum": [*SORT_KEYS, "metadata"]},
+            "description": "A session field as a filter names it (case-insensitive), or metadata.",
+        },
+        "source": {
+            "name": "source",
+            "in": "query",
+            "schema": {"type": "string"},
+            "description": "With key=metadata: the metadata key.",
+        },
+        "q": {
+            "name": "q",
+            "in": "query",
+            "schema": {"type": "string"},
+            "description": "Only values containing it, case-insensitively; empty or absent: all.",
+        },
+        "valuesLimit": {
+            "name": "limit",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 1, "maximum": AUTOCOMPLETE_MAX},
+            "description": f"ASCII digits; empty or absent means {AUTOCOMPLETE_LIMIT}.",
+        },
         "origin": {
             "name": "Origin",
             "in": "header",
@@ -402,6 +455,7 @@ def parameters() -> dict[str, Schema]:
 CORS_PATHS: Final = (
     "/public/{projectKey}/assist/sessions",
     "/public/{projectKey}/assist/sessions/{sessionID}",
+    "/public/{projectKey}/assist/autocomplete",
     PATH,
 )
 CORS_GRANT: Final = (
@@ -487,6 +541,29 @@ def document(settings: Settings) -> Schema:
                 "SessionAnswer": {
                     "type": "object",
                     "properties": {"data": ref("Session")},
+                    "required": ["data"],
+                    "additionalProperties": False,
+                },
+                "Values": {
+                    "type": "object",
+                    "properties": {
+                        "data": {
+                            "type": "array",
+                            "maxItems": AUTOCOMPLETE_MAX,
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "value": {
+                                        "type": "string",
+                                        "description": "As a session holding it spells it; an int as digits.",
+                                    },
+                                    "count": {"type": "integer", "minimum": 1},
+                                },
+                                "required": ["value", "count"],
+                                "additionalProperties": False,
+                            },
+                        }
+                    },
                     "required": ["data"],
                     "additionalProperties": False,
                 },
