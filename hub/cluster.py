@@ -62,7 +62,7 @@ from redis.retry import Retry
 
 from .clock import now_ms
 from .config import Settings
-from .record import Session
+from .record import Session, active_time
 from .registry import Registry, SessionKey
 from .replication import AddMetric
 from .wire import BatchKind, EndReason
@@ -541,6 +541,8 @@ class Cluster:
             record = _decode_session(value)
             touched = fields.get(TOUCHED_B + field)
             if touched is not None:
+                # activeTime moved with the heartbeats, by the rule peers apply to a touch.
+                record.activeTime = active_time(record, int(touched))
                 record.lastActiveAt = max(record.lastActiveAt, int(touched))
             records.append(record)
         self.registry.reconcile(node, records, now_ms())
