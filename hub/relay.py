@@ -205,10 +205,12 @@ class Counts:
 
 
 class Tab:
-    __slots__ = ("closed", "header", "id", "key", "sink", "stamp", "tokens")
+    __slots__ = ("closed", "header", "id", "key", "room", "sink", "stamp", "tokens")
 
-    def __init__(self, key: SessionKey, tab_id: str, sink: Sink, tokens: float, now: float) -> None:
-        self.key = key
+    def __init__(self, room: Room, tab_id: str, sink: Sink, tokens: float, now: float) -> None:
+        key = self.key = room.key
+        # Its room lives as long as it does: an emit needs no lookup.
+        self.room = room
         self.id = tab_id
         self.sink = sink
         self.header = binary_header(key[1], tab_id)
@@ -247,12 +249,12 @@ class Room:
         self.remote_agents: dict[str, tuple[str, dict[str, Any]]] = {}
         # Its tabs on other nodes, as they announced them (known while agents here are joined).
         self.remote_tabs: dict[str, list[str]] = {}
-        # Joins waiting for the tabs' nodes to answer: (agent, deadline).
+        # Joins waiting for the tabs' nodes to answer: (agent, deadline); the agents are in ``agents``.
         self.pending: list[tuple[Watcher, float]] = []
 
     @property
     def empty(self) -> bool:
-        return not (self.tabs or self.agents or self.pending)
+        return not (self.tabs or self.agents)
 
     def tab_ids(self) -> list[str]:
         ids = list(self.tabs)
@@ -270,8 +272,9 @@ class Relay:
         self.bus: RelayBus = bus if bus is not None else LocalBus()
         self.counts = Counts()
         self.rooms: dict[SessionKey, Room] = {}
-        # Agents over their buffer: the only ones ``tick`` looks at.
+        # Agents over their buffer and rooms with joins waiting: what ``tick`` looks at.
         self._over: set[Watcher] = set()
+        self._waiting: set[Room] = set()
         self.bus.attach(self)
 
     # -- tabs --------------------------------------------------------------------
@@ -282,7 +285,7 @@ class Relay:
         room = self._room(key)
         if tab_id in room.tabs:
             raise InputError(ErrorCode.INVALID_FIELD, f"tabId {tab_id!r} is already open in this session")
-        tab = room.tabs[tab_id] = Tab(key, tab_id, sink, float(self.limits.burst), now)
+        tab = room.tabs[tab_id] = Tab(room, tab_id, sink, float(self.limits.burst), now)
         if room.agents or room.remote_agents:
             sink.send_text(self._agents_frame(room))
         self._tabs_changed(room)
@@ -292,8 +295,8 @@ class Relay:
         if tab.closed:
             return
         tab.closed = True
-        room = self.rooms.get(tab.key)
-        if room is None or room.tabs.get(tab.id) is not tab:
+        room = tab.room
+        if room.tabs.get(tab.id) is not tab:
             return
         del room.tabs[tab.id]
         self._tabs_changed(room)
@@ -307,7 +310,7 @@ class Relay:
         """A tracker's ``emit`` (``size``: its frame's bytes)."""
         if not self._admit(tab, size, now):
             return
-        room = self.rooms[tab.key]
+        room = tab.room
         if not (room.agents or room.remote_agents):
             return
         frame = _encode(SessionEvent(tab.key[1], tab.id, msg.event, msg.data))
@@ -320,7 +323,7 @@ class Relay:
         """A tracker's binary frame, relayed as it is behind the tab's header."""
         if not self._admit(tab, len(payload), now):
             return
-        room = self.rooms[tab.key]
+        room = tab.room
         if not (room.agents or room.remote_agents):
             return
         frame = tab.header + payload
@@ -364,10 +367,6 @@ class Relay:
         self._over.discard(agent)
         for key in list(agent.joins):
             self._unjoin(agent, key)
-        for room in list(self.rooms.values()):
-            if room.pending:
-                room.pending = [p for p in room.pending if p[0] is not agent]
-                self._gc(room)
 
     def join(self, agent: Watcher, msg: Join, now: float) -> None:
         key = (agent.project, msg.sessionID)
@@ -392,6 +391,7 @@ class Relay:
         if self.bus.remote and not room.tabs and not room.remote_tabs:
             # The tabs are on other nodes, which answer the join with them.
             room.pending.append((agent, now + self.limits.join_wait))
+            self._waiting.add(room)
         else:
             agent.sink.send_text(_encode(Joined(msg.sessionID, room.tab_ids())))
 
@@ -422,11 +422,10 @@ class Relay:
         stall = self.limits.agent_stall
         for agent in [a for a in self._over if a.over_since is not None and now - a.over_since >= stall]:
             self._close_slow(agent)
-        for room in [r for r in self.rooms.values() if r.pending]:
+        for room in [r for r in self._waiting if any(p[1] <= now for p in r.pending)]:
             due = [p for p in room.pending if p[1] <= now]
-            if due:
-                room.pending = [p for p in room.pending if p[1] > now]
-                self._answer(room, due)
+            room.pending = [p for p in room.pending if p[1] > now]
+            self._answer(room, due)
 
     def _unjoin(self, agent: Watcher, key: SessionKey) -> None:
         agent.joins.discard(key)
@@ -434,7 +433,10 @@ class Relay:
         room = self.rooms.get(key)
         if room is None or room.agents.pop(agent.id, None) is None:
             return
-        room.pending = [p for p in room.pending if p[0] is not agent]
+        if room.pending:
+            room.pending = [p for p in room.pending if p[0] is not agent]
+            if not room.pending:
+                self._waiting.discard(room)
         self.bus.left(key, agent.id)
         if not room.agents:
             self.bus.unwatch(key)
@@ -535,11 +537,12 @@ class Relay:
             self.bus.tabs(room.key, list(room.tabs))
 
     def _answer(self, room: Room, joins: Iterable[tuple[Watcher, float]]) -> None:
+        if not room.pending:
+            self._waiting.discard(room)
         tabs = room.tab_ids()
         for agent, _ in joins:
             if not agent.closed and room.key in agent.joins:
                 agent.sink.send_text(_encode(Joined(room.key[1], tabs)))
-        self._gc(room)
 
     # -- what the bus brings from other nodes --------------------------------------
 
