@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import anyio
 import msgspec
+from anyio.abc import TaskGroup
 from msgspec import Struct
 from redis.exceptions import RedisClusterException, RedisError
 
@@ -240,6 +241,8 @@ class RedisBus:
         self._confirmed: dict[str, anyio.Event] = {}
         self._sharded = False
         self._client: Any = None
+        # While connected: the shards (or "" for one Redis) with a reader.
+        self._readers: set[str] = set()
 
     def attach(self, relay: Relay) -> None:
         self._relay = relay
@@ -303,15 +306,15 @@ class RedisBus:
                     self._confirmed.clear()
                     for channel in (CTL, *self._channels):
                         self._queue.append((_SUB, channel, b""))
-                    await self._command(pubsub, _SUB, CTL)
-                    self._queue.popleft()
                     async with anyio.create_task_group() as tg:
-                        tg.start_soon(self._reader, pubsub)
+                        self._readers = set()
+                        await self._command(tg, pubsub, _SUB, CTL)
+                        self._queue.popleft()
                         self.connected = True
                         delay = BACKOFF_MIN
                         if self._relay is not None:
                             self._relay.resync()
-                        await self._writer(client, pubsub)
+                        await self._writer(tg, client, pubsub)
                 finally:
                     self.connected = False
                     self._client = None
@@ -337,23 +340,33 @@ class RedisBus:
             await client.publish(channel, payload)
         self.published += 1
 
-    async def _command(self, pubsub: Any, op: int, channel: str) -> None:
+    async def _command(self, tg: TaskGroup, pubsub: Any, op: int, channel: str) -> None:
         if op == _SUB:
             confirmed = self._confirmed[channel] = anyio.Event()
-            await (pubsub.ssubscribe if self._sharded else pubsub.subscribe)(channel)
-            if channel == CTL:
-                # No reader yet: read the confirmation here.
-                with anyio.fail_after(CONFIRM_S):
-                    while not confirmed.is_set():
-                        self._handle(await self._next(pubsub, ignore_subscribe=False))
+            if self._sharded:
+                await pubsub.ssubscribe(channel)
+                # One reader per shard: redis-py's round robin over shards would
+                # wait out a quiet shard's timeout before reading a busy one.
+                node = self._client.get_node_from_key(channel)
+                if node.name not in self._readers:
+                    self._readers.add(node.name)
+                    tg.start_soon(self._shard_reader, pubsub, node)
             else:
-                # The subscription must be live before this node publishes a join or tabs.
+                await pubsub.subscribe(channel)
+                if not self._readers:
+                    self._readers.add("")
+                    tg.start_soon(self._reader, pubsub)
+            # The subscription must be live before this node publishes a join or tabs.
+            if channel == CTL:
+                with anyio.fail_after(CONFIRM_S):
+                    await confirmed.wait()
+            else:
                 with anyio.move_on_after(CONFIRM_S):
                     await confirmed.wait()
         else:
             await (pubsub.sunsubscribe if self._sharded else pubsub.unsubscribe)(channel)
 
-    async def _writer(self, client: Any, pubsub: Any) -> None:
+    async def _writer(self, tg: TaskGroup, client: Any, pubsub: Any) -> None:
         queue = self._queue
         while True:
             if not queue:
@@ -362,7 +375,7 @@ class RedisBus:
                 continue
             op, channel, payload = queue[0]
             if op != _PUB:
-                await self._command(pubsub, op, channel)
+                await self._command(tg, pubsub, op, channel)
                 queue.popleft()
                 continue
             pipe = client.pipeline(transaction=False)
@@ -375,13 +388,18 @@ class RedisBus:
             await pipe.execute()
             self.published += n
 
-    async def _next(self, pubsub: Any, ignore_subscribe: bool = True) -> Any:
-        get = pubsub.get_sharded_message if self._sharded else pubsub.get_message
-        return await get(ignore_subscribe_messages=ignore_subscribe, timeout=1.0)
-
     async def _reader(self, pubsub: Any) -> None:
         while True:
-            self._handle(await self._next(pubsub, ignore_subscribe=False))
+            self._handle(await pubsub.get_message(ignore_subscribe_messages=False, timeout=1.0))
+
+    async def _shard_reader(self, pubsub: Any, node: Any) -> None:
+        """Read one shard's subscriptions while it has some (redis-py drops a shard's without)."""
+        try:
+            while node.name in pubsub.node_pubsub_mapping:
+                get = pubsub.get_sharded_message
+                self._handle(await get(ignore_subscribe_messages=False, timeout=1.0, target_node=node))
+        finally:
+            self._readers.discard(node.name)
 
     def _handle(self, msg: Any) -> None:
         if msg is None:

@@ -18,11 +18,12 @@ import anyio
 import msgspec
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 from hub.record import Session
 from hub.relay import Emit, Join, Leave, Limits, Relay, Send, binary_header
 from hub.relay_bus import RedisBus, up_channel
-from tests.redis_server import RedisServer, have_redis
+from tests.redis_server import RedisCluster, RedisServer, have_redis
 
 pytestmark = pytest.mark.skipif(not have_redis(), reason="redis-server is not installed")
 
@@ -69,12 +70,12 @@ def session(sid: str, tabs: int) -> Session:
 
 
 @asynccontextmanager
-async def nodes(url: str, *names: str) -> AsyncIterator[list[Relay]]:
+async def nodes(url: str, *names: str, join_wait: float = 5.0) -> AsyncIterator[list[Relay]]:
     relays = []
     async with anyio.create_task_group() as tg:
         for name in names:
             bus = RedisBus(url, name)
-            relays.append(Relay(Limits(join_wait=5.0), lambda p, s: True, bus))
+            relays.append(Relay(Limits(join_wait=join_wait), lambda p, s: True, bus))
             tg.start_soon(bus.run)
         buses = [r.bus for r in relays]
         await until(lambda: all(isinstance(b, RedisBus) and b.connected for b in buses), "buses connected")
@@ -189,3 +190,58 @@ async def test_a_tab_moving_to_another_node_keeps_its_joined_agent() -> None:
             b.send(agent, Send("s1", "message", msgspec.Raw(b'"back"')), time.monotonic())
             await until(lambda: bool(new.of("agent.event")), "the agent's event on C")
             assert old.of("agent.event") == []
+
+
+async def test_a_join_of_a_session_with_no_tab_anywhere_is_answered_after_the_wait() -> None:
+    with RedisServer() as server:
+        async with nodes(server.url, "A", "B", join_wait=0.3) as (_, b):
+            agent_sink = Sink()
+            started = time.monotonic()
+            b.join(b.add_agent(P, agent_sink), Join("s1"), started)
+            await anyio.sleep(0.1)
+            b.tick(time.monotonic())
+            assert agent_sink.text == []  # the tabs' nodes may still answer
+            await anyio.sleep(0.25)
+            b.tick(time.monotonic())
+            assert agent_sink.text == [{"type": "joined", "sessionID": "s1", "tabs": []}]
+
+
+async def test_on_a_redis_cluster_the_relay_uses_sharded_pub_sub_only_while_joined() -> None:
+    with RedisCluster() as cluster:
+        redis = ClusterClient.from_url(cluster.url.replace("redis+cluster", "redis"))
+        await redis.initialize()
+        async with nodes(cluster.url, "A", "B") as (a, b):
+            tab_sink = Sink()
+            tab = a.add_tab(P, "s1", "t1", tab_sink, time.monotonic())
+            agent_sink = Sink()
+            agent = b.add_agent(P, agent_sink)
+            b.join(agent, Join("s1"), time.monotonic())
+            await until(lambda: bool(agent_sink.of("joined")), "joined")
+            assert agent_sink.of("joined")[0]["tabs"] == ["t1"]
+            for i in range(100):
+                a.emit(tab, *emit("click", i), time.monotonic())
+            payload = b"\x00\xff" * 5000
+            a.emit_binary(tab, payload, time.monotonic())
+            await until(lambda: len(agent_sink.binary) == 1, "the binary frame")
+            assert [e["data"] for e in agent_sink.of("session.event")] == list(range(100))
+            assert agent_sink.binary == [binary_header("s1", "t1") + payload]
+            b.send(agent, Send("s1", "message", msgspec.Raw(b"1")), time.monotonic())
+            await until(lambda: bool(tab_sink.of("agent.event")), "the agent event")
+
+            b.leave(agent, Leave("s1"))
+            await until(lambda: tab_sink.of("agents")[-1]["count"] == 0, "the agents notice after leave")
+            await until(lambda: not a.rooms[KEY].remote_agents, "A forgot the join")
+            shard = redis.get_node_from_key(up_channel(KEY))
+            numsub = await redis.execute_command("PUBSUB SHARDNUMSUB", up_channel(KEY), target_nodes=shard)
+            assert numsub == [(up_channel(KEY).encode(), 0)]
+            before = await spublishes(redis)
+            for i in range(20):
+                a.emit(tab, *emit("click", i), time.monotonic())
+            await anyio.sleep(0.2)
+            assert await spublishes(redis) == before
+        await redis.aclose()
+
+
+async def spublishes(redis: ClusterClient) -> int:
+    stats = await redis.info("commandstats", target_nodes="all")
+    return sum(int(s.get("cmdstat_spublish", {}).get("calls", 0)) for s in stats.values())
