@@ -22,6 +22,11 @@ resumes. An agent over the bound for ``agent_stall`` seconds is closed with
 ``max_event`` bytes in one event or its token bucket (``rate`` bytes/s,
 ``burst`` bytes) is closed with ``CloseCode.POLICY``.
 
+Across nodes (``relay_bus``): a join of a session with no tab on this node
+is answered once the nodes of its tabs list them, or after ``join_wait``
+(a session in its grace has no tab anywhere); a join of a session with a
+tab here is answered at once, with the tabs known so far.
+
 Authorization: an agent joins only sessions of its own project (the join is
 looked up under the agent's project key, so another project's session is
 ``not_found``); agent events reach only the tabs of the session they name.

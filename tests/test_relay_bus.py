@@ -191,6 +191,12 @@ async def test_a_tab_moving_to_another_node_keeps_its_joined_agent() -> None:
             await until(lambda: bool(new.of("agent.event")), "the agent's event on C")
             assert old.of("agent.event") == []
 
+            # B drains: C forgets its agents and stops publishing.
+            assert isinstance(b.bus, RedisBus)
+            await b.bus.leave()
+            await until(lambda: new.of("agents")[-1]["count"] == 0, "C's tab told B's agents left")
+            assert not c.rooms[KEY].remote_agents
+
 
 async def test_a_join_of_a_session_with_no_tab_anywhere_is_answered_after_the_wait() -> None:
     with RedisServer() as server:

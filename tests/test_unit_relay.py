@@ -13,8 +13,9 @@ from typing import Any
 import msgspec
 import pytest
 
+from hub.record import Session
 from hub.relay import Emit, Join, Leave, Limits, Relay, Send, parse_agent_message, tab_id_or_new
-from hub.wire import CloseCode, ErrorCode, InputError
+from hub.wire import CloseCode, EndReason, ErrorCode, InputError
 
 P, Q = "proj-a", "proj-b"
 
@@ -345,9 +346,6 @@ def test_agent_frames_parse_and_refuse_with_stable_codes() -> None:
 
 
 def test_an_ended_session_lets_its_joins_go() -> None:
-    from hub.record import Session
-    from hub.wire import EndReason
-
     relay = make()
     agent = relay.add_agent(P, Sink())
     relay.join(agent, join("s1"), 0.0)
