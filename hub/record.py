@@ -360,6 +360,15 @@ def active_time(session: Session, now: int) -> int:
     return session.activeTime
 
 
+def derived_active_time(session: Session, now: int) -> int:
+    """``activeTime`` as a copy of the record derives it when ``lastActiveAt`` moves to
+    ``now`` without saying more: the step counts while ``active`` (README, "The session
+    record"). Where ``active_time`` differs (a resume), the hub sends activeTime itself."""
+    if session.active and now > session.lastActiveAt:
+        return session.activeTime + now - session.lastActiveAt
+    return session.activeTime
+
+
 def new_session(msg: Start, session_id: str, project_key: str, project_id: int, now: int) -> Session:
     """A fresh record from a first ``start``."""
     ts = timestamp_or_now(msg.timestamp, now)

@@ -37,6 +37,7 @@ from .record import (
     Update,
     active_time,
     changes_of,
+    derived_active_time,
     enrich,
     new_session,
     session_id_or_new,
@@ -50,11 +51,13 @@ SessionKey = tuple[str, str]
 _NOTHING: Final[Mapping[str, str]] = {}
 
 # Fields a remote record may change as they are; tabs and connected are
-# derived from every node's contribution, timestamp keeps the first start.
+# derived from every node's contribution, timestamp keeps the first start,
+# activeTime is told only where listeners cannot derive it (remote_upsert).
 _MIRRORED: Final = tuple(
     f.name
     for f in msgspec.structs.fields(Session)
-    if f.name not in ("sessionID", "projectKey", "tabs", "connected", "timestamp", "lastActiveAt", "live")
+    if f.name
+    not in ("sessionID", "projectKey", "tabs", "connected", "timestamp", "lastActiveAt", "activeTime", "live")
 )
 
 
@@ -228,7 +231,7 @@ class Registry:
         # themselves (README, "The session record"): it is in the changes only
         # when that rule would be wrong, on a resume (a grace never counts).
         spent = active_time(session, now)
-        if session.active and not session.connected:
+        if spent != derived_active_time(session, now):
             changes["activeTime"] = spent
         changes["lastActiveAt"] = now
         self.index.apply(session, changes)
@@ -353,12 +356,18 @@ class Registry:
             changes["timestamp"] = record.timestamp
         self._derive(session, key, h, changes, now)
         newer = record.lastActiveAt > session.lastActiveAt
+        # activeTime as for local changes: told only where listeners would derive another
+        # value; an older record's is older than ours.
+        derived = newer and record.activeTime == derived_active_time(session, record.lastActiveAt)
+        if newer and not derived:
+            changes["activeTime"] = record.activeTime
         if changes:
             if newer:
                 changes["lastActiveAt"] = record.lastActiveAt
             self._apply(session, changes)
+            if derived and record.activeTime != session.activeTime:
+                self.index.apply(session, {"activeTime": record.activeTime})
         elif newer:
-            # No mirrored field differs: activeTime is already the record's, as of its lastActiveAt.
             self.index.touch(session, record.lastActiveAt, record.activeTime)
             for listener in self.listeners:
                 listener.session_touched(session)

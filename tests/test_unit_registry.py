@@ -178,11 +178,12 @@ def test_a_peer_s_session_is_mirrored_and_never_replicated_back() -> None:
     session = registry.index.get(*KEY)
     assert session is not None and not registry.holds(KEY) and registry.sessions_of("b") == {KEY}
     assert events.take() == [("started", "s")]
-    registry.remote_upsert("b", record(userID="bob", last=200), now=1000)
+    # activeTime as b computes it: moved with lastActiveAt, so listeners can derive it.
+    registry.remote_upsert("b", record(userID="bob", last=200, activeTime=100), now=1000)
     assert events.take() == [("changed", "s", {"userID": "bob", "lastActiveAt": 200})]
-    registry.remote_upsert("b", record(userID="bob", last=300), now=1000)
+    registry.remote_upsert("b", record(userID="bob", last=300, activeTime=200), now=1000)
     assert events.take() == [("touched", "s", 300)]
-    registry.remote_upsert("b", record(userID="bob", last=250), now=1000)  # older: nothing
+    registry.remote_upsert("b", record(userID="bob", last=250, activeTime=150), now=1000)  # older: nothing
     registry.remote_touch("p1", "s", 250)
     assert events.take() == []
     registry.remote_touch("p1", "s", 400)
@@ -222,7 +223,9 @@ def test_a_tab_resuming_on_another_node_ends_this_node_s_grace() -> None:
     registry.remote_upsert("b", record(tabs=1, last=2500, timestamp=session.timestamp), now=2500)
     assert session.connected and session.tabs == 1 and registry.waiting == 0
     assert not registry.holds(KEY)
-    assert events.take() == [("changed", "s", {"tabs": 1, "connected": True, "lastActiveAt": 2500})]
+    # The resume carries activeTime: listeners would count the grace.
+    resumed = {"tabs": 1, "connected": True, "activeTime": 0, "lastActiveAt": 2500}
+    assert events.take() == [("changed", "s", resumed)]
     assert replication.take() == [("released", "s", None)]
     assert registry.sweep(2000 + GRACE) == 0 and registry.is_live(session)
 
