@@ -388,3 +388,27 @@ async def test_dashboard_says_when_the_key_is_refused(browser: BrowserContext) -
     async with running_hub() as h:
         page = await open_dashboard(browser, h, key="wrong-key")
         await expect(page.locator("#status")).to_contain_text("could not connect")
+
+
+async def test_dashboard_suggests_live_values_as_you_type(browser: BrowserContext) -> None:
+    async with running_hub() as h, AsyncExitStack() as stack:
+        trackers = Trackers(h, stack)
+        await trackers.start("s1", userBrowser="Chrome")
+        await trackers.start("s2", userBrowser="Chrome")
+        await trackers.start("s3", userBrowser="Firefox")
+        page = await open_dashboard(browser, h)
+        await expect(page.locator("#rows .row")).to_have_count(3)
+        await page.fill(".filter .f-name", "userBrowser")
+        await page.locator(".filter .f-value").press_sequentially("chr")
+        # The value box's datalist: what Chromium offers under it.
+        options = page.locator(".filter datalist option")
+        await expect(options).to_have_count(1)
+        assert await options.first.get_attribute("value") == "Chrome"
+        assert await options.first.get_attribute("label") == "2 sessions"
+        # An earlier value of the box is kept; the last one is completed.
+        await page.fill(".filter .f-value", "")
+        await page.locator(".filter .f-value").press_sequentially("Firefox, chr")
+        await expect(options.first).to_have_attribute("value", "Firefox, Chrome")
+        # The name box suggests the record's fields, the new ones too.
+        names = await page.eval_on_selector_all("#filter-names option", "os => os.map(o => o.value)")
+        assert {"userBrowser", "pageViews", "activeTime", "userDeviceType"} <= set(names)

@@ -35,6 +35,14 @@
     if (i >= 0) order.splice(i, 1);
   }
 
+  // activeTime moves with lastActiveAt while active, unless the update says it (README).
+  function apply(rec, changes) {
+    if ("lastActiveAt" in changes && !("activeTime" in changes) && rec.active) {
+      rec.activeTime += Math.max(0, changes.lastActiveAt - rec.lastActiveAt);
+    }
+    Object.assign(rec, changes);
+  }
+
   function onMessage(msg) {
     updates++;
     switch (msg.type) {
@@ -56,14 +64,14 @@
         if (!rec) break;
         var moved = "timestamp" in msg.changes && msg.changes.timestamp !== rec.timestamp;
         if (moved) remove(msg.sessionID);
-        Object.assign(rec, msg.changes);
+        apply(rec, msg.changes);
         if (moved) { sessions.set(rec.sessionID, rec); insert(rec); }
         if (msg.sessionID === selected) logChange("update", msg.changes);
         break;
       case "sessions.update":  // lastActiveAt of many sessions in one frame
         for (var id in msg.changes) {
           var r = sessions.get(id);
-          if (r) Object.assign(r, msg.changes[id]);
+          if (r) apply(r, msg.changes[id]);
         }
         break;
       case "session.end":
@@ -274,8 +282,61 @@
     del.type = "button"; del.textContent = "×"; del.setAttribute("aria-label", "remove filter");
     del.addEventListener("click", function () { wrap.remove(); });
     [name, source, op, value, del].forEach(function (el) { wrap.appendChild(el); });
+    suggestValues(wrap, name, source, value);
     $("filter-rows").appendChild(wrap);
     return wrap;
+  }
+
+  // Suggestions as you type: field names from the page's datalist (and the
+  // record's fields added below), values from the project's live sessions
+  // (GET /public/{projectKey}/assist/autocomplete). The value box holds
+  // comma-separated values: the last one is completed, the others kept.
+  var EXTRA_NAMES = ["userBrowserVersion", "userDevice", "userDeviceType", "userState", "userAgent",
+    "language", "appVersion", "trackerVersion", "referrer", "pageViews", "activeTime", "tabs"];
+  var valueLists = 0;
+
+  function addNames() {
+    var list = $("filter-names");
+    var known = new Set(Array.prototype.map.call(list.options, function (o) { return o.value; }));
+    EXTRA_NAMES.forEach(function (n) { if (!known.has(n)) list.appendChild(new Option(n)); });
+  }
+
+  function suggestValues(wrap, name, source, value) {
+    var list = document.createElement("datalist");
+    list.id = "filter-values-" + (++valueLists);
+    value.setAttribute("list", list.id);
+    value.setAttribute("autocomplete", "off");
+    wrap.appendChild(list);
+    var timer = 0, asked = 0;
+    function ask() {
+      var project = $("project").value.trim(), key = $("key").value;
+      var field = name.value.trim(), meta = field.toLowerCase() === "metadata";
+      if (!project || !key || !field || (meta && !source.value.trim())) return;
+      var parts = value.value.split(",");
+      var q = parts.pop().trim();
+      var kept = parts.map(function (v) { return v.trim(); }).filter(Boolean);
+      var prefix = kept.length ? kept.join(", ") + ", " : "";
+      var query = "?key=" + encodeURIComponent(field) + "&q=" + encodeURIComponent(q) +
+        (meta ? "&source=" + encodeURIComponent(source.value.trim()) : "");
+      var mine = ++asked;
+      fetch("/public/" + encodeURIComponent(project) + "/assist/autocomplete" + query,
+            {headers: {Authorization: "Bearer " + key}})
+        .then(function (r) { return r.ok ? r.json() : {data: []}; })
+        .then(function (answer) {
+          if (mine !== asked) return;  // a later keystroke asked again
+          list.replaceChildren.apply(list, answer.data.map(function (d) {
+            var o = document.createElement("option");
+            o.value = prefix + d.value;
+            o.label = d.count + (d.count === 1 ? " session" : " sessions");
+            return o;
+          }));
+        })
+        .catch(function () { /* suggestions are a convenience: the filter still works */ });
+    }
+    function later() { clearTimeout(timer); timer = setTimeout(ask, 150); }
+    value.addEventListener("input", later);
+    value.addEventListener("focus", later);
+    name.addEventListener("change", function () { list.replaceChildren(); });
   }
 
   function readFilters() {
@@ -323,6 +384,7 @@
   var params = new URLSearchParams(location.search);
   $("project").value = params.get("project") || store.getItem("hubDashboard.project") || "";
   $("key").value = store.getItem("hubDashboard.key") || "";
+  addNames();
   try { filters = JSON.parse(store.getItem("hubDashboard.filters") || "[]"); } catch (e) { filters = []; }
   filters.forEach(addFilter);
   if (!filters.length) addFilter();
