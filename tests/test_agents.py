@@ -40,6 +40,13 @@ async def subscribe(ws: ClientConnection, **body: Any) -> list[dict[str, Any]]:
     return sessions
 
 
+def apply_update(session: dict[str, Any], changes: dict[str, Any]) -> None:
+    """An update as README tells agents: activeTime moves with lastActiveAt while active."""
+    if "lastActiveAt" in changes and "activeTime" not in changes and session["active"]:
+        session["activeTime"] += max(0, changes["lastActiveAt"] - session["lastActiveAt"])
+    session.update(changes)
+
+
 @asynccontextmanager
 async def tracker(h: RunningHub, **start: Any) -> AsyncIterator[ClientConnection]:
     async with websockets.connect(h.tracker_url()) as ws:
@@ -412,19 +419,20 @@ async def test_order_per_session_and_snapshot_plus_stream_under_concurrency() ->
             last_title: dict[str, tuple[int, int]] = {}
             for f in frames:
                 kind = f["type"]
+                # Copies: rebuild runs again on the same frames until it agrees.
                 if kind == "snapshot":
-                    state = {s["sessionID"]: s for s in f["sessions"]}
+                    state = {s["sessionID"]: dict(s) for s in f["sessions"]}
                 elif kind == "session.start":
                     sid = f["session"]["sessionID"]
                     assert sid not in state, f"start of {sid} while it is live"
-                    state[sid] = f["session"]
+                    state[sid] = dict(f["session"])
                 elif kind == "session.update":
                     assert f["sessionID"] in state, f"update before start: {f}"
-                    state[f["sessionID"]].update(f["changes"])
+                    apply_update(state[f["sessionID"]], f["changes"])
                 elif kind == "sessions.update":
                     for sid, changes in f["changes"].items():
                         assert sid in state, f"batched update before start: {sid}"
-                        state[sid].update(changes)
+                        apply_update(state[sid], changes)
                 elif kind == "session.end":
                     assert state.pop(f["sessionID"], None) is not None, f"end of unknown: {f}"
                 else:
