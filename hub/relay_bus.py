@@ -45,9 +45,16 @@ the session's ``tabs`` change (``Relay.session_changed``, a registry
 listener: the new node's tab reaches every index through the cluster's
 replication). The new node then keeps them, and its tab is told ``agents``
 (so it starts streaming) once it knows. The old node forgets them with its
-last tab. After a Redis outage the node re-subscribes and re-sends its
-joins (``Relay.resync``); events published meanwhile are lost, as a relay's
-are (a player asks the page for a fresh snapshot).
+last tab. After a Redis outage the node re-subscribes, re-sends its joins
+(``Relay.resync``) and says hello on ``{relay}:ctl``, on which every other
+node re-sends its own (whichever of two nodes reconnects first, each hears
+the other's); events published meanwhile are dropped, not
+queued, as are publishes past ``QUEUE_MAX_BYTES`` waiting for a slow Redis
+(a player that misses events asks the page for a fresh snapshot).
+
+With a Redis Cluster, each shard holding a subscription has its own reader
+task: redis-py's ``get_sharded_message`` visits shards in turn and waits
+out each quiet one's timeout before reading the next.
 """
 
 from __future__ import annotations
@@ -81,6 +88,9 @@ BACKOFF_MAX: Final = 2.0
 CONFIRM_S: Final = 2.0
 # Publishes sent in one pipeline at most.
 PIPELINE_MAX: Final = 256
+# Bytes of publishes waiting for Redis at most; past it they are dropped (and counted),
+# as an agent's relay buffer drops: a slow Redis must not grow the node's memory without end.
+QUEUE_MAX_BYTES: Final = 64 << 20
 
 
 def up_channel(key: SessionKey) -> str:
@@ -195,6 +205,12 @@ class _Bye(Struct, array_like=True, tag=3):
     node: str
 
 
+class _Hello(Struct, array_like=True, tag=7):
+    """A node (re)connected: the others re-send their joins, which it may have missed."""
+
+    node: str
+
+
 class _Tabs(Struct, array_like=True, tag=4):
     node: str
     tabs: list[str]
@@ -212,7 +228,7 @@ class _Down(Struct, array_like=True, tag=6):
     frame: bytes
 
 
-_Message = _Join | _Leave | _Bye | _Tabs | _Up | _Down
+_Message = _Join | _Leave | _Bye | _Hello | _Tabs | _Up | _Down
 _decode: Final = msgspec.msgpack.Decoder(_Message).decode
 _encode: Final = msgspec.msgpack.Encoder().encode
 
@@ -233,8 +249,10 @@ class RedisBus:
         self.connected = False
         self.published = 0  # messages
         self.received = 0
+        self.dropped = 0  # publishes dropped: Redis down, or over QUEUE_MAX_BYTES behind
         self._relay: Relay | None = None
         self._queue: deque[tuple[int, str, bytes]] = deque()
+        self._queued = 0  # bytes of the queued publishes
         self._wake = anyio.Event()
         # Channels subscribed besides CTL, each with its session.
         self._channels: dict[str, SessionKey] = {}
@@ -250,6 +268,12 @@ class RedisBus:
     # -- what the core asks (queued, in order) ----------------------------------
 
     def _put(self, op: int, channel: str, payload: bytes = b"") -> None:
+        if op == _PUB:
+            # While disconnected nothing is kept: the reconnection re-sends the joins.
+            if not self.connected or self._queued > QUEUE_MAX_BYTES:
+                self.dropped += 1
+                return
+            self._queued += len(payload)
         self._queue.append((op, channel, payload))
         self._wake.set()
 
@@ -303,6 +327,7 @@ class RedisBus:
                         await client.initialize()
                     # What was queued is replaced by a fresh subscription of every channel.
                     self._queue.clear()
+                    self._queued = 0
                     self._confirmed.clear()
                     for channel in (CTL, *self._channels):
                         self._queue.append((_SUB, channel, b""))
@@ -312,6 +337,7 @@ class RedisBus:
                         self._queue.popleft()
                         self.connected = True
                         delay = BACKOFF_MIN
+                        self._put(_PUB, CTL, _encode(_Hello(self.node)))
                         if self._relay is not None:
                             self._relay.resync()
                         await self._writer(tg, client, pubsub)
@@ -383,6 +409,7 @@ class RedisBus:
             n = 0
             while queue and queue[0][0] == _PUB and n < PIPELINE_MAX:
                 _, channel, payload = queue.popleft()
+                self._queued -= len(payload)
                 publish(channel, payload)
                 n += 1
             await pipe.execute()
@@ -440,6 +467,8 @@ class RedisBus:
             relay.remote_joined(message.node, (message.project, message.sid), message.agents)
         elif isinstance(message, _Leave):
             relay.remote_left(message.node, (message.project, message.sid), message.agent)
+        elif isinstance(message, _Hello):
+            relay.resync()
         else:
             relay.node_gone(message.node)
 

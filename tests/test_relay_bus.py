@@ -78,7 +78,8 @@ async def nodes(url: str, *names: str, join_wait: float = 5.0) -> AsyncIterator[
             relays.append(Relay(Limits(join_wait=join_wait), lambda p, s: True, bus))
             tg.start_soon(bus.run)
         buses = [r.bus for r in relays]
-        await until(lambda: all(isinstance(b, RedisBus) and b.connected for b in buses), "buses connected")
+        # Connected, and said hello (so that publish is not counted as an event's).
+        await until(lambda: all(isinstance(b, RedisBus) and b.published for b in buses), "buses connected")
         yield relays
         tg.cancel_scope.cancel()
 
@@ -251,3 +252,31 @@ async def test_on_a_redis_cluster_the_relay_uses_sharded_pub_sub_only_while_join
 async def spublishes(redis: ClusterClient) -> int:
     stats = await redis.info("commandstats", target_nodes="all")
     return sum(int(s.get("cmdstat_spublish", {}).get("calls", 0)) for s in stats.values())
+
+
+async def test_after_a_redis_restart_the_nodes_resubscribe_and_the_join_holds() -> None:
+    with RedisServer() as server:
+        async with nodes(server.url, "A", "B") as (a, b):
+            tab = a.add_tab(P, "s1", "t1", Sink(), time.monotonic())
+            agent_sink = Sink()
+            b.join(b.add_agent(P, agent_sink), Join("s1"), time.monotonic())
+            await until(lambda: bool(agent_sink.of("joined")), "joined")
+            assert isinstance(a.bus, RedisBus) and isinstance(b.bus, RedisBus)
+            buses = (a.bus, b.bus)
+
+            heard = a.bus.received
+            server.kill()
+            await until(lambda: not any(bus.connected for bus in buses), "both saw Redis go")
+            a.emit(tab, *emit("lost", 0), time.monotonic())  # dropped, not queued
+            assert a.bus.dropped >= 1
+            server.start()  # empty, as after a restart: no subscription survives
+            await until(lambda: all(bus.connected for bus in buses), "both back", timeout=10.0)
+            # B subscribed again and re-sent its join (A hears it).
+            async with Redis.from_url(server.url) as redis:
+                with anyio.fail_after(5):
+                    while await redis.pubsub_numsub(up_channel(KEY)) != [(up_channel(KEY).encode(), 1)]:
+                        await anyio.sleep(0.01)
+            await until(lambda: a.bus.received > heard, "B's join re-sent")
+            a.emit(tab, *emit("back", 1), time.monotonic())
+            await until(lambda: bool(agent_sink.of("session.event")), "an event after the restart")
+            assert [e["event"] for e in agent_sink.of("session.event")] == ["back"]
