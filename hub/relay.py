@@ -44,7 +44,7 @@ from msgspec import Meta, Raw, Struct
 
 from .record import Session, check_depth, valid_session_id
 from .relay_bus import LocalBus, RelayBus
-from .wire import CloseCode, EndReason, ErrorCode, InputError, RelayError, validation_code
+from .wire import CloseCode, EndReason, ErrorCode, InputError, RelayError, RelayType, validation_code
 
 SessionKey = tuple[str, str]
 
@@ -55,26 +55,26 @@ Id = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._:-]{1,64}$")]
 HEADER_LEN_BYTES: Final = 2
 
 
-# -- frames ------------------------------------------------------------------
+# -- frames (tags are ``RelayType`` values: msgspec takes a str, not a StrEnum) --
 
 
-class Join(Struct, tag_field="type", tag="join"):
+class Join(Struct, tag_field="type", tag=RelayType.JOIN.value):
     sessionID: Id
     agent: dict[str, Any] = {}
 
 
-class Leave(Struct, tag_field="type", tag="leave"):
+class Leave(Struct, tag_field="type", tag=RelayType.LEAVE.value):
     sessionID: Id
 
 
-class Send(Struct, tag_field="type", tag="send"):
+class Send(Struct, tag_field="type", tag=RelayType.SEND.value):
     sessionID: Id
     event: EventName
     data: Raw = Raw(b"null")
     tab: Id | None = None
 
 
-class Emit(Struct, tag_field="type", tag="emit"):
+class Emit(Struct, tag_field="type", tag=RelayType.EMIT.value):
     """A tracker's event (the tracker protocol's decoder includes it)."""
 
     event: EventName
@@ -84,7 +84,7 @@ class Emit(Struct, tag_field="type", tag="emit"):
 AgentMessage = Join | Leave | Send
 
 
-class Joined(Struct, tag_field="type", tag="joined"):
+class Joined(Struct, tag_field="type", tag=RelayType.JOINED.value):
     sessionID: str
     tabs: list[str]
 
@@ -94,25 +94,25 @@ class AgentEntry(Struct):
     agent: dict[str, Any]
 
 
-class Agents(Struct, tag_field="type", tag="agents"):
+class Agents(Struct, tag_field="type", tag=RelayType.AGENTS.value):
     count: int
     agents: list[AgentEntry]
 
 
-class AgentEvent(Struct, tag_field="type", tag="agent.event"):
+class AgentEvent(Struct, tag_field="type", tag=RelayType.AGENT_EVENT.value):
     agent: str
     event: str
     data: Raw
 
 
-class SessionEvent(Struct, tag_field="type", tag="session.event"):
+class SessionEvent(Struct, tag_field="type", tag=RelayType.SESSION_EVENT.value):
     sessionID: str
     tab: str
     event: str
     data: Raw
 
 
-class SessionGap(Struct, tag_field="type", tag="session.gap"):
+class SessionGap(Struct, tag_field="type", tag=RelayType.SESSION_GAP.value):
     sessionID: str
     dropped: int
 
