@@ -457,7 +457,7 @@ class Cluster:
                 continue
             try:
                 batch = _decode_batch(msg["data"])
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, RecursionError):  # msgpack nested past the interpreter's limit
                 log.warning("cluster.bad_message", extra={"fields": {"bytes": len(msg["data"])}})
                 continue
             if batch.node == self.node:
@@ -538,7 +538,12 @@ class Cluster:
         for field, value in fields.items():
             if field.startswith(TOUCHED_B):
                 continue
-            record = _decode_session(value)
+            try:
+                record = _decode_session(value)
+            except (msgspec.DecodeError, RecursionError):
+                # Not a record any node writes: whoever else writes to Redis cannot stop the mirror.
+                log.warning("cluster.bad_record", extra={"fields": {"node": node, "bytes": len(value)}})
+                continue
             touched = fields.get(TOUCHED_B + field)
             if touched is not None:
                 # activeTime moved with the heartbeats, by the rule peers apply to a touch.
