@@ -402,13 +402,14 @@ def parameters() -> dict[str, Schema]:
         "page": {
             "name": "page",
             "in": "query",
-            "schema": {"type": "integer", "minimum": 0},
+            # An empty value is the default, as the hub reads it.
+            "schema": {"anyOf": [{"type": "integer", "minimum": 0}, {"const": ""}]},
             "description": "1-based, ASCII digits; 0 or empty means 1.",
         },
         "limit": {
             "name": "limit",
             "in": "query",
-            "schema": {"type": "integer", "minimum": 0, "maximum": MAX_LIMIT},
+            "schema": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": MAX_LIMIT}, {"const": ""}]},
             "description": f"ASCII digits; 0 or empty means {DEFAULT_LIMIT}.",
         },
         "key": {
@@ -433,7 +434,9 @@ def parameters() -> dict[str, Schema]:
         "valuesLimit": {
             "name": "limit",
             "in": "query",
-            "schema": {"type": "integer", "minimum": 1, "maximum": AUTOCOMPLETE_MAX},
+            "schema": {
+                "anyOf": [{"type": "integer", "minimum": 1, "maximum": AUTOCOMPLETE_MAX}, {"const": ""}]
+            },
             "description": f"ASCII digits; empty or absent means {AUTOCOMPLETE_LIMIT}.",
         },
         "origin": {
