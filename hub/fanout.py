@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from enum import IntEnum
 from typing import Any, Final, Protocol
 
 import msgspec
@@ -127,14 +126,14 @@ class Sink(Protocol):
     def close(self, code: int, reason: str) -> None: ...
 
 
-class Next(IntEnum):
-    """What an outbox entry sends after its end (if any)."""
-
-    NOTHING = 0
-    START = 1  # session.start with the record as it is at send time
-    UPDATE = 2  # session.update with the merged changes
-    UPDATE_TOUCH = 3  # the same, plus the record's current lastActiveAt
-    TOUCH = 4  # the current lastActiveAt alone (batched with other sessions')
+# What an outbox entry sends after its end (if any). Plain ints, not an enum:
+# they are read for every agent of every change (an enum member lookup cost
+# ~50% more per change, measured with callgrind).
+NOTHING: Final = 0
+START: Final = 1  # session.start with the record as it is at send time
+UPDATE: Final = 2  # session.update with the merged changes
+UPDATE_TOUCH: Final = 3  # the same, plus the record's current lastActiveAt
+TOUCH: Final = 4  # the current lastActiveAt alone (batched with other sessions')
 
 
 class _Entry:
@@ -165,41 +164,41 @@ class _Entry:
     def __init__(self, session: Session) -> None:
         self.session = session
         self.ended: EndReason | None = None
-        self.next = Next.NOTHING
+        self.next = NOTHING
         # Merged changes of UPDATE*; never mutated (shared between agents).
         self.changes: dict[str, Any] | None = None
 
     def start(self, session: Session) -> None:
         self.session = session
-        self.next = Next.START
+        self.next = START
         self.changes = None
 
     def update(self, changes: dict[str, Any]) -> None:
         nxt = self.next
-        if nxt is Next.START or (self.ended is not None and nxt is Next.NOTHING):
+        if nxt == START or (self.ended is not None and nxt == NOTHING):
             return  # the start carries the latest record; nothing follows an end
-        if nxt is Next.NOTHING:
-            self.changes, self.next = changes, Next.UPDATE
-        elif nxt is Next.TOUCH:
-            self.changes, self.next = changes, Next.UPDATE_TOUCH
+        if nxt == NOTHING:
+            self.changes, self.next = changes, UPDATE
+        elif nxt == TOUCH:
+            self.changes, self.next = changes, UPDATE_TOUCH
         else:
             assert self.changes is not None
             self.changes = {**self.changes, **changes}
 
     def touch(self) -> None:
-        if self.next is Next.UPDATE:
-            self.next = Next.UPDATE_TOUCH
-        elif self.next is Next.NOTHING and self.ended is None:
-            self.next = Next.TOUCH
+        if self.next == UPDATE:
+            self.next = UPDATE_TOUCH
+        elif self.next == NOTHING and self.ended is None:
+            self.next = TOUCH
 
     def end(self, reason: EndReason) -> bool:
         """False when the entry is to be dropped: the agent never saw the session."""
-        if self.next is Next.START:
+        if self.next == START:
             if self.ended is None:
                 return False
         else:
             self.ended = reason
-        self.next = Next.NOTHING
+        self.next = NOTHING
         self.changes = None
         return True
 
@@ -560,15 +559,15 @@ class FanOut:
             session, nxt = entry.session, entry.next
             if entry.ended is not None:
                 sink.send(_encode(SessionEnd(sid, entry.ended)))
-            if nxt is Next.START:
+            if nxt == START:
                 sink.send(self._start_frame(session))
-            elif nxt is Next.UPDATE:
+            elif nxt == UPDATE:
                 assert entry.changes is not None
                 sink.send(self._update_frame(sid, entry.changes))
-            elif nxt is Next.UPDATE_TOUCH:
+            elif nxt == UPDATE_TOUCH:
                 changes = {**(entry.changes or {}), "lastActiveAt": session.lastActiveAt}
                 sink.send(_encode(SessionUpdate(sid, changes)))
-            elif nxt is Next.TOUCH:
+            elif nxt == TOUCH:
                 touches[sid] = session.lastActiveAt
         if touches:
             for frame in _touch_frames(touches, agent.group is not None and agent.group.sub.batch):
