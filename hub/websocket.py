@@ -263,7 +263,7 @@ class WebSocketConnection(asyncio.Protocol):
                         break
             elif opcode is _BINARY:
                 if event.fin:
-                    self._binary_message(data)
+                    self._message(data, binary=True)
                 else:
                     self.fragments = Fragments(data, binary=True)
             elif opcode is _CONT and self.fragments is not None:
@@ -276,7 +276,7 @@ class WebSocketConnection(asyncio.Protocol):
                 if event.fin:
                     self.fragments = None
                     if fragments.binary:
-                        self._binary_message(fragments.join())
+                        self._message(fragments.join(), binary=True)
                     else:
                         self._message(fragments.join())
         self._flush()
@@ -296,23 +296,15 @@ class WebSocketConnection(asyncio.Protocol):
         if self.ws.state is OPEN:
             self.ws.fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
 
-    def _message(self, data: bytes) -> None:
+    def _message(self, data: bytes, binary: bool = False) -> None:
         endpoint = self.endpoint
         ws = self.ws
         # Frames that arrived with the peer's close (e.g. a tracker's `end` right before it
         # closes) still count; after a close the hub started, nothing does.
         if endpoint is None or not (ws.state is OPEN or ws.close_rcvd_then_sent):
             return
-        reply = endpoint.receive(data, now_ms())
-        if reply is not None and ws.state is OPEN:
-            ws.send_text(reply)
-
-    def _binary_message(self, data: bytes) -> None:
-        endpoint = self.endpoint
-        ws = self.ws
-        if endpoint is None or not (ws.state is OPEN or ws.close_rcvd_then_sent):
-            return
-        reply = endpoint.receive_binary(data, now_ms())
+        receive = endpoint.receive_binary if binary else endpoint.receive
+        reply = receive(data, now_ms())
         if reply is not None and ws.state is OPEN:
             ws.send_text(reply)
 

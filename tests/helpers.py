@@ -362,3 +362,25 @@ class RecordingSink:
     def take(self) -> list[dict[str, Any]]:
         taken, self.frames = self.frames, []
         return taken
+
+
+def run_hub(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m hub ARGS`` to its end, with no ``HUB_*`` variable but ``env``'s."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "hub", *args], env=full_env, capture_output=True, text=True, timeout=20
+    )
+
+
+class FrameLog:
+    """A WebSocket whose JSON frames are collected in the background, as they come."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.frames: list[dict[str, Any]] = []
+        self.task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for raw in self.ws:
+            self.frames.append(json.loads(raw))

@@ -4,7 +4,6 @@ Every flag against the README's table, its variable and --help: test_contract.py
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -12,15 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import API_KEY, HubProcess, http
-
-
-def run_hub(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "hub", *args], env=full_env, capture_output=True, text=True, timeout=20
-    )
+from tests.helpers import API_KEY, HubProcess, http, run_hub
 
 
 @pytest.mark.parametrize(

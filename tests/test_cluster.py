@@ -17,7 +17,7 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from tests.helpers import API_KEY, HubProcess, http, wait_for
+from tests.helpers import API_KEY, FrameLog, HubProcess, http, wait_for
 from tests.redis_server import RedisCluster, RedisServer, have_redis
 
 pytestmark = pytest.mark.skipif(not have_redis(), reason="redis-server is not installed")
@@ -92,17 +92,8 @@ async def tracker(port: int, sid: str, **fields: Any) -> ClientConnection:
     return ws
 
 
-class AgentLog:
+class AgentLog(FrameLog):
     """An agent connection whose frames are collected in the background."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        self.frames: list[dict[str, Any]] = []
-        self.task = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        async for raw in self.ws:
-            self.frames.append(json.loads(raw))
 
     def ends(self) -> dict[str, str]:
         return {f["sessionID"]: f["reason"] for f in self.frames if f["type"] == "session.end"}

@@ -36,7 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection
 
 from hub.config import OPTIONS, Settings, parse_settings
-from tests.helpers import API_KEY, http, running_hub, wait_for
+from tests.helpers import API_KEY, FrameLog, http, running_hub, wait_for
 from tests.redis_server import RedisServer, have_redis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,17 +54,8 @@ async def tracker(port: int, sid: str, **fields: Any) -> ClientConnection:
     return ws
 
 
-class Agent:
+class Agent(FrameLog):
     """An agent subscribed to the whole project, its frames collected as they come."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        self.frames: list[dict[str, Any]] = []
-        self.task = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        async for raw in self.ws:
-            self.frames.append(json.loads(raw))
 
     def of(self, sid: str) -> list[dict[str, Any]]:
         """The frames about one session, snapshot entries as starts."""

@@ -5,10 +5,7 @@ The GeoIP database is one this file writes with mmdb-writer, never a downloaded 
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,7 @@ from netaddr import IPSet
 from hub.config import ConfigError, parse_settings
 from hub.enrich import GEO_FIELDS, UA_FIELDS, Enricher, GeoIP, TrustedProxies, UserAgents
 from hub.record import MAX_STRING
+from tests.helpers import run_hub
 
 CHROME_WINDOWS = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -440,14 +438,6 @@ def test_without_a_database_there_is_no_location() -> None:
 
 
 # -- settings ---------------------------------------------------------------------------------
-
-
-def run_hub(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "hub", *args], env=full_env, capture_output=True, text=True, timeout=20
-    )
 
 
 @pytest.mark.parametrize(

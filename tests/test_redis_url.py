@@ -11,19 +11,13 @@ import time
 
 import pytest
 
+from tests.helpers import run_hub
+
 SECRET = "s3cr3t-pw"
 
 
-def run_hub(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "hub", "serve", "--port", "0", "--api-key", "k", *args],
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
+def serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return run_hub("serve", "--port", "0", "--api-key", "k", *args, env=env)
 
 
 @pytest.mark.parametrize(
@@ -38,7 +32,7 @@ def run_hub(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 )
 @pytest.mark.parametrize("via", ["flag", "env"])
 def test_a_bad_redis_url_is_one_line_exit_2_without_the_password(url: str, via: str) -> None:
-    result = run_hub("--redis-url", url) if via == "flag" else run_hub(env={"HUB_REDIS_URL": url})
+    result = serve("--redis-url", url) if via == "flag" else serve(env={"HUB_REDIS_URL": url})
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "redis" in lines[0], lines
