@@ -40,6 +40,7 @@ from hub.record import (
     decode_message,
     valid_session_id,
 )
+from hub.websocket import is_utf8
 from loadtest.client import frame, handshake
 from tests.helpers import API_KEY, running_hub
 
@@ -203,6 +204,10 @@ class Model:
         self.errors = 0
 
     def apply(self, payload: bytes) -> None:
+        if not is_utf8(payload):
+            # WsClient sends it as a binary frame: never parsed as JSON (unsupported_binary).
+            self.errors += 1
+            return
         try:
             msg = decode_message(payload)
             self._apply(msg)
