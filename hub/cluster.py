@@ -196,7 +196,7 @@ class Cluster:
         # The subscription buffer overflowed: re-read the peers that moved on.
         self._resync = False
         # Failed connection attempts since the last bootstrap, logged at most every LOG_EVERY_S.
-        self._failures = _Throttle(LOG_EVERY_S)
+        self._failures = Throttle(LOG_EVERY_S)
 
     # -- Replication: mark what to publish (only this node's own changes) --------
 
@@ -263,10 +263,10 @@ class Cluster:
                     self.connected = False
                     self._client = None
                     with anyio.CancelScope(shield=True), anyio.move_on_after(1):
-                        await _close(client, pubsub)
+                        await close_quietly(client, pubsub)
             except* (RedisError, RedisClusterException, OSError) as group:
                 if self._failures.due(time.monotonic()):
-                    fields = {"error": _first_error(group), "retry_in_s": round(delay, 2)}
+                    fields = {"error": first_error(group), "retry_in_s": round(delay, 2)}
                     fields["failures"] = self._failures.take()
                     log.warning("cluster.redis_down", extra={"fields": fields})
             except* Exception as group:
@@ -275,7 +275,7 @@ class Cluster:
                     fields = {"failures": self._failures.take()}
                     log.error("cluster.failed", exc_info=group, extra={"fields": fields})
             if bootstrapped:
-                self._failures = _Throttle(LOG_EVERY_S)
+                self._failures = Throttle(LOG_EVERY_S)
                 delay = BACKOFF_MIN
             await anyio.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, BACKOFF_MAX)
@@ -612,7 +612,7 @@ class Cluster:
             await pipe.execute()
 
 
-class _Throttle:
+class Throttle:
     """Counts events; ``due`` says when one may be logged (the first, then every ``interval``)."""
 
     __slots__ = ("count", "interval", "next_at")
@@ -639,14 +639,15 @@ def _key_of(session: Session) -> SessionKey:
     return (session.projectKey, session.sessionID)
 
 
-def _first_error(group: BaseExceptionGroup[Any]) -> str:
+def first_error(group: BaseExceptionGroup[Any]) -> str:
     exc: BaseException = group
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
     return f"{type(exc).__name__}: {exc}"
 
 
-async def _close(client: Any, pubsub: Any) -> None:
+async def close_quietly(client: Any, pubsub: Any) -> None:
+    """Close a client and its pub/sub after a failure: errors closing them do not matter."""
     try:
         await pubsub.aclose()
         await client.aclose()

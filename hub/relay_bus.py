@@ -72,7 +72,7 @@ from anyio.abc import TaskGroup
 from msgspec import Struct
 from redis.exceptions import RedisClusterException, RedisError
 
-from .cluster import connect
+from .cluster import LOG_EVERY_S, Throttle, close_quietly, connect, first_error
 
 if TYPE_CHECKING:
     from .relay import Relay
@@ -247,6 +247,8 @@ class RedisBus:
         self.url = url
         self.node = node
         self.connected = False
+        # Failed connection attempts since the last success, logged at most every LOG_EVERY_S.
+        self._failures = Throttle(LOG_EVERY_S)
         self.published = 0  # messages
         self.received = 0
         self.dropped = 0  # publishes dropped: Redis down, or over QUEUE_MAX_BYTES behind
@@ -337,6 +339,7 @@ class RedisBus:
                         self._queue.popleft()
                         self.connected = True
                         delay = BACKOFF_MIN
+                        self._failures = Throttle(LOG_EVERY_S)
                         self._put(_PUB, CTL, _encode(_Hello(self.node)))
                         if self._relay is not None:
                             self._relay.resync()
@@ -345,9 +348,12 @@ class RedisBus:
                     self.connected = False
                     self._client = None
                     with anyio.CancelScope(shield=True), anyio.move_on_after(1):
-                        await _close(client, pubsub)
+                        await close_quietly(client, pubsub)
             except* (RedisError, RedisClusterException, OSError) as group:
-                log.warning("relay.redis_down", extra={"fields": {"error": str(group.exceptions[0])}})
+                # As the cluster mirror does: one line per interval with a count, not one per retry.
+                if self._failures.due(time.monotonic()):
+                    fields = {"error": first_error(group), "failures": self._failures.take()}
+                    log.warning("relay.redis_down", extra={"fields": fields})
             await anyio.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, BACKOFF_MAX)
 
@@ -472,10 +478,3 @@ class RedisBus:
         else:
             relay.node_gone(message.node)
 
-
-async def _close(client: Any, pubsub: Any) -> None:
-    try:
-        await pubsub.aclose()
-        await client.aclose()
-    except (RedisError, OSError):
-        pass

@@ -280,3 +280,16 @@ async def test_after_a_redis_restart_the_nodes_resubscribe_and_the_join_holds() 
             a.emit(tab, *emit("back", 1), time.monotonic())
             await until(lambda: bool(agent_sink.of("session.event")), "an event after the restart")
             assert [e["event"] for e in agent_sink.of("session.event")] == ["back"]
+
+
+async def test_an_unreachable_redis_is_logged_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: every attempt is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bus = RedisBus(f"redis://127.0.0.1:{port}", "lonely")
+    with caplog.at_level("WARNING", logger="hub.relay"), anyio.move_on_after(3):
+        await bus.run()  # retries every 0.1-2 s, for 3 s
+    down = [r for r in caplog.records if r.getMessage() == "relay.redis_down"]
+    assert len(down) == 1, [r.__dict__.get("fields") for r in down]
