@@ -339,6 +339,15 @@ class WebSocketConnection(asyncio.Protocol):
             self.ws.send_binary(data)
             self._flush()
 
+    def send_text(self, frame: bytes) -> None:
+        """Queue one text frame (the relay's ``Sink``)."""
+        self.send(frame)
+
+    def buffered(self) -> int:
+        """Bytes queued to the client and not yet taken by the kernel (the relay's back-pressure)."""
+        transport = self.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
     def close(self, code: int, reason: str) -> None:
         """Start the closing handshake; the transport is dropped if it stalls."""
         if self.open:
