@@ -78,10 +78,7 @@ CLOSE: Final = b"1"
 NOOP: Final = b"6"
 
 _ZERO: Final = 0x30  # ord("0")
-_MESSAGE: Final = 0x34  # ord("4"): an Engine.IO message, i.e. a Socket.IO packet
 _SLASH: Final = 0x2F
-_DASH: Final = 0x2D
-_COMMA: Final = 0x2C
 _NOT_IN_NAMESPACE: Final = frozenset(b'"[]{},')
 _BINARY_TYPES: Final = (PacketType.BINARY_EVENT, PacketType.BINARY_ACK)
 _MAY_CARRY_BINARY: Final = (PacketType.EVENT, PacketType.ACK, *_BINARY_TYPES)
@@ -308,7 +305,6 @@ class Decoder:
             raise ProtocolError("text frame while binary attachments are due")
         packet, due = decode_packet(frame)
         if due:
-            packet.attachments = []
             self._pending, self._due = packet, due
             return None
         return packet
