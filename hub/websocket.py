@@ -12,6 +12,9 @@ its caller is here:
   ``--read-batch`` messages at a time (reading pauses until the rest is
   handled), and its deadlines (idle or heartbeat timeout, a ping at half
   of it, the close handshake) are enforced by the server's sweep.
+- ``Heartbeat`` (no I/O): a protocol whose server pings in messages of its
+  own (Engine.IO's ``2``, answered ``3``). An endpoint that speaks first or
+  pings so ``greet``s its connection while it is routed.
 
 Text messages go to ``Endpoint.receive``, binary ones to
 ``Endpoint.receive_binary``: binary frames are never parsed as JSON.
@@ -25,6 +28,7 @@ import logging
 import math
 import socket
 import time
+from enum import Enum
 from typing import TYPE_CHECKING, Final
 from typing import Protocol as TypingProtocol
 
@@ -105,6 +109,51 @@ class Fragments:
         return b"".join(self.parts)
 
 
+class Beat(Enum):
+    """What a ``Heartbeat`` wants of its connection now."""
+
+    PING = "ping"
+    TIMED_OUT = "timed out"
+
+
+class Heartbeat:
+    """An application-level ping, as Engine.IO 4's server keeps one (no I/O; monotonic seconds).
+
+    ``ping`` goes out ``interval`` seconds after the connection opens, and again
+    ``interval`` after each answer; no answer within ``timeout`` of a ping and the
+    connection is closed. Other traffic does not count: a peer that sends but never
+    answers is dead to the protocol. The endpoint calls ``answered`` (through its
+    connection) on the answer; the server's sweep polls, so pings are late by up to
+    one ``--sweep-interval``.
+    """
+
+    __slots__ = ("deadline", "due", "interval", "ping", "timeout")
+
+    def __init__(self, ping: bytes, interval: float, timeout: float) -> None:
+        self.ping = ping
+        self.interval = interval
+        self.timeout = timeout
+        self.due = math.inf
+        # When the outstanding ping's answer is late; inf while none is outstanding.
+        self.deadline = math.inf
+
+    def begin(self, now: float) -> None:
+        self.due = now + self.interval
+        self.deadline = math.inf
+
+    def answered(self, now: float) -> None:
+        self.begin(now)
+
+    def poll(self, now: float) -> Beat | None:
+        if now >= self.deadline:
+            return Beat.TIMED_OUT
+        if now >= self.due and self.deadline == math.inf:
+            self.due = math.inf
+            self.deadline = now + self.timeout
+            return Beat.PING
+        return None
+
+
 class HubServerProtocol(ServerProtocol):
     """websockets' server protocol, but a close may interrupt a fragmented message.
 
@@ -140,6 +189,8 @@ class WebSocketConnection(asyncio.Protocol):
         "deadline",
         "endpoint",
         "fragments",
+        "greeting",
+        "heartbeat",
         "last_seen",
         "paused",
         "peer",
@@ -147,6 +198,7 @@ class WebSocketConnection(asyncio.Protocol):
         "server",
         "timed_out",
         "transport",
+        "windows",
         "ws",
     )
 
@@ -169,12 +221,27 @@ class WebSocketConnection(asyncio.Protocol):
         self.timed_out = False
         self.pinged = False
         self.bucket = TokenBucket(server.rate, server.burst, now) if server.rate else None
+        # Receive buffer sizes (idle, watched) when set by the endpoint's route.
+        self.windows: tuple[int, int] | None = None
+        self.greeting: bytes | None = None
+        self.heartbeat: Heartbeat | None = None
+
+    def greet(self, frame: bytes | None, heartbeat: Heartbeat | None = None) -> None:
+        """While the connection is routed (before the 101 goes out): ``frame`` is the first
+        text frame, sent right after the upgrade, and ``heartbeat`` pings from then on."""
+        self.greeting = frame
+        self.heartbeat = heartbeat
 
     def start(self, endpoint: Endpoint, rest: bytes) -> None:
         """The handshake is answered: messages go to ``endpoint``, beginning with ``rest``."""
         self.endpoint = endpoint
         self.server.count_open(endpoint, self)
-        self.last_seen = time.monotonic()
+        self.last_seen = now = time.monotonic()
+        if self.heartbeat is not None:
+            self.heartbeat.begin(now)
+        if self.greeting is not None:
+            self.send(self.greeting)
+            self.greeting = None
         if rest:
             self.data_received(rest)
 
@@ -348,6 +415,11 @@ class WebSocketConnection(asyncio.Protocol):
         transport = self.transport
         return transport.get_write_buffer_size() if transport is not None else 0
 
+    def answered(self) -> None:
+        """The peer answered the heartbeat's ping (an endpoint saw its pong)."""
+        if self.heartbeat is not None:
+            self.heartbeat.answered(time.monotonic())
+
     def close(self, code: int, reason: str) -> None:
         """Start the closing handshake; the transport is dropped if it stalls."""
         if self.open:
@@ -359,7 +431,22 @@ class WebSocketConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def set_receive_buffer(self, size: int) -> None:
+    def set_receive_buffer(self, size: int, watched: int = 0) -> None:
+        """A small receive window (``size``) while idle; ``watched`` bytes while the relay streams."""
+        self.windows = (size, watched or size)
+        self._set_rcvbuf(size)
+
+    def watched(self, on: bool) -> None:
+        """The relay's agents joined or left this tab: widen or narrow its receive window.
+
+        A tab streams only while watched; a 16 KiB window would throttle that stream to
+        16 KiB per round trip (on loopback, whose MSS is 64 KiB, to one segment per
+        200 ms persist probe).
+        """
+        if self.windows is not None:
+            self._set_rcvbuf(self.windows[1] if on else self.windows[0])
+
+    def _set_rcvbuf(self, size: int) -> None:
         sock = self.transport.get_extra_info("socket") if self.transport else None
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
@@ -367,7 +454,8 @@ class WebSocketConnection(asyncio.Protocol):
     # For the server ------------------------------------------------------
 
     def expire(self, now: float) -> None:
-        """Enforce the idle (or heartbeat) timeout, the keepalive ping and the close deadline."""
+        """Enforce the idle (or heartbeat) timeout, the keepalive ping, the close deadline
+        and the heartbeat's ping and answer."""
         transport = self.transport
         if transport is None:
             return
@@ -376,6 +464,17 @@ class WebSocketConnection(asyncio.Protocol):
             if now >= self.deadline:
                 transport.abort()
             return
+        heartbeat = self.heartbeat
+        if heartbeat is not None:
+            beat = heartbeat.poll(now)
+            if beat is Beat.PING:
+                self.send(heartbeat.ping)
+            elif beat is Beat.TIMED_OUT:
+                # Counted as an idle timeout: the peer is as gone as a silent one.
+                self.server.limits["idle_timeout"] += 1
+                self.timed_out = True
+                self.close(CloseCode.IDLE_TIMEOUT, "ping timeout")
+                return
         endpoint = self.endpoint
         timeout = endpoint.idle_timeout if endpoint is not None else None
         if timeout is None or endpoint is None:
