@@ -28,10 +28,20 @@ chromium:
 	  echo "installing chromium (apt)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 
+# OpenReplay's real tracker and assist plugin (npm releases pinned in tests/openreplay/package.json),
+# bundled by esbuild into one browser script for the drop-in tests; built when missing or its pins change.
+OPENREPLAY_BUNDLE := tests/openreplay/dist/openreplay.js
+
+$(OPENREPLAY_BUNDLE): tests/openreplay/package.json tests/openreplay/package-lock.json tests/openreplay/entry.js
+	@command -v npm >/dev/null || { \
+	  echo "installing nodejs and npm (apt)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; }
+	cd tests/openreplay && npm ci --no-audit --no-fund --loglevel=error && npm run --silent bundle
+
 serve: $(VENV)/.installed
 	$(VENV)/bin/hub serve $(ARGS)
 
-test: $(VENV)/.dev redis-server chromium
+test: $(VENV)/.dev redis-server chromium $(OPENREPLAY_BUNDLE)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # WebSocket conformance (BENCHMARKS.md): Autobahn|Testsuite's fuzzingclient against the hub's
