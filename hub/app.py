@@ -7,6 +7,7 @@ task group; connections themselves have no task.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import os
@@ -14,7 +15,7 @@ import signal
 import socket
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Final
 
 import anyio
 from anyio.abc import TaskStatus
@@ -32,6 +33,8 @@ from .http_api import HttpApi, Request, Response, error
 from .index import LiveIndex
 from .metrics import Metrics
 from .registry import Registry
+from .relay import Limits, Relay
+from .relay_bus import LocalBus, RedisBus, RelayBus
 from .replication import LocalReplication, Replication
 from .routes import RouteTable
 from .server import Server
@@ -39,6 +42,9 @@ from .websocket import Endpoint, WebSocketConnection
 from .wire import CloseCode, ErrorCode
 
 log = logging.getLogger("hub")
+
+# Bytes of a watched tab's receive buffer at least (a loopback segment is 64 KiB).
+WATCHED_RCVBUF_MIN: Final = 256 << 10
 
 
 class Hub:
@@ -74,8 +80,11 @@ class Hub:
         self.server = Server(settings, self.routes, self.metrics.connections, self.limits)
         self.fanout = FanOut(self.index, settings.agent_max_pending, wake=self._wake_agents)
         self.registry.listeners.append(self.fanout)
+        self.relay = self._relay(settings)
+        self.registry.listeners.append(self.relay)
         self.server.endpoint_kinds.update({TrackerEndpoint: TRACKER, AgentEndpoint: AGENT})
         self._add_gauges()
+        self._add_relay_metrics()
         self.replication.add_metrics(self.metrics.gauge, self.metrics.counter)
         # Lifecycle webhooks (README, "Webhooks"); None without a webhook URL.
         self.webhooks = webhooks.build(settings, self.registry, self.replication, lambda: self.draining)
@@ -86,6 +95,26 @@ class Hub:
         # Set once the hub listens; ``port`` is then the bound port.
         self.listening = anyio.Event()
         self.port = 0
+
+    def _relay(self, settings: Settings) -> Relay:
+        """The live relay (README, "Live relay"); across nodes through Redis in a cluster."""
+        bus: RelayBus = LocalBus()
+        if isinstance(self.replication, Cluster):
+            assert settings.redis_url is not None
+            bus = RedisBus(settings.redis_url, self.replication.node)
+        limits = Limits(
+            max_joins=settings.relay_max_joins,
+            agent_buffer=settings.relay_agent_buffer,
+            agent_stall=settings.relay_agent_stall,
+            rate=settings.relay_rate,
+            burst=settings.relay_burst,
+            max_event=settings.relay_max_event,
+        )
+        index = self.index
+        relay = Relay(limits, live=lambda project, sid: index.get(project, sid) is not None, bus=bus)
+        if isinstance(self.replication, Cluster):
+            self.replication.node_gone.append(relay.node_gone)
+        return relay
 
     def _routes(self) -> RouteTable:
         """Every path this hub answers (README, "HTTP API", "Trackers", "Agents", "Operations")."""
@@ -123,7 +152,9 @@ class Hub:
             return error(403, "origin not allowed")
         if self.settings.tracker_rcvbuf:
             # A small window: a flooding client fills it and waits, instead of the hub's memory.
-            conn.set_receive_buffer(self.settings.tracker_rcvbuf)
+            # While the relay streams it, a window for its rate over a 250 ms round trip.
+            watched = max(self.settings.tracker_rcvbuf, int(self.settings.relay_rate / 4), WATCHED_RCVBUF_MIN)
+            conn.set_receive_buffer(self.settings.tracker_rcvbuf, watched)
         return TrackerEndpoint(
             self.registry,
             project_key,
@@ -132,6 +163,8 @@ class Hub:
             self.metrics.trackers,
             # Once per connection: every start it sends takes what its handshake tells.
             self.enricher.fields(request.headers, conn.peer or None),
+            self.relay,
+            conn,
         )
 
     def _route_agent(self, request: Request, conn: WebSocketConnection) -> Endpoint | Response:
@@ -139,8 +172,11 @@ class Hub:
         if limit and len(self.fanout.agents) >= limit:
             self.limits["max_agents"] += 1
             return error(503, f"the hub holds its limit of {limit} agent connections")
+        # A stalled agent then costs its relay buffer here and about as much in the kernel.
+        conn.set_send_buffer(self.settings.relay_agent_buffer)
         return AgentEndpoint(
             self.fanout,
+            self.relay,
             conn,
             request.params["projectKey"],
             self.settings.max_filters,
@@ -184,6 +220,50 @@ class Hub:
             lambda: max((agent.pending for agent in self.fanout.agents), default=0),
         )
 
+    def _add_relay_metrics(self) -> None:
+        m = self.metrics
+        counts = self.relay.counts
+        relay_counters = [
+            ("hub_relay_events", "Tab events accepted for the relay (emit and binary frames).", "emitted"),
+            ("hub_relay_event_bytes", "Bytes of the tab events accepted for the relay.", "bytes_in"),
+            ("hub_relay_frames_sent", "Relay frames sent to agents (session.event and binary).", "relayed"),
+            ("hub_relay_bytes_sent", "Bytes of the relay frames sent to agents.", "bytes_out"),
+            ("hub_relay_dropped", "Relay frames dropped for agents over their relay buffer.", "dropped"),
+            ("hub_relay_gaps", "session.gap frames sent to agents that lost events.", "gaps"),
+            ("hub_relay_agent_events", "Agent events delivered to tabs.", "sent"),
+        ]
+        for name, doc, attr in relay_counters:
+            m.counter(name, doc, functools.partial(getattr, counts, attr))
+        m.counter(
+            "hub_relay_closes",
+            "Relay connections closed: agents too slow (4008), tabs over the rate or size (1008).",
+            lambda: {
+                ("agent_too_slow",): float(counts.slow_closes),
+                ("tab_policy",): float(counts.policy_closes),
+            },
+            labels=["reason"],
+        )
+        m.gauge(
+            "hub_relay_rooms",
+            "Sessions with a tab or a joined agent in this node's relay.",
+            lambda: len(self.relay.rooms),
+        )
+        bus = self.relay.bus
+        if isinstance(bus, RedisBus):
+            m.counter(
+                "hub_relay_redis_published",
+                "Relay messages this node published to Redis.",
+                lambda: bus.published,
+            )
+            m.counter(
+                "hub_relay_redis_received", "Relay messages received from other nodes.", lambda: bus.received
+            )
+            m.counter(
+                "hub_relay_redis_dropped",
+                "Relay messages not published: Redis down, or too far behind.",
+                lambda: bus.dropped,
+            )
+
     def _limits_reached(self) -> dict[tuple[str, ...], float]:
         reached: dict[tuple[str, ...], float] = {(n,): float(c) for n, c in self.limits.items()}
         # The per-project session limit is refused by the registry, as a tracker error.
@@ -212,6 +292,7 @@ class Hub:
             tg.start_soon(self._sweeper)
             tg.start_soon(self._agent_ticker)
             tg.start_soon(self.replication.run)
+            tg.start_soon(self.relay.bus.run)
             if self.webhooks is not None:
                 tg.start_soon(self.webhooks.run)
             if handle_signals:
@@ -248,6 +329,7 @@ class Hub:
         # must still have time to happen.
         with anyio.move_on_after(timeout / 2) as before:
             await self.replication.leave()
+            await self.relay.bus.leave()
         self.server.close_all(CloseCode.RESTART, "hub restarting")
         # What is still open by the deadline is aborted.
         await self.server.wait_closed(timeout=deadline - anyio.current_time())
@@ -270,6 +352,7 @@ class Hub:
         while True:
             await anyio.sleep(interval)
             self.fanout.tick()
+            self.relay.tick(now_ms() / 1000)
 
     def sweep(self) -> None:
         self.server.sweep()

@@ -46,6 +46,7 @@ import random
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
@@ -170,6 +171,8 @@ class Cluster:
         self.registry = registry
         self.index = registry.index
         self.node = settings.node_id or default_node_id()
+        # Told of each peer found dead or lost (e.g. the relay, which forgets its agents and tabs).
+        self.node_gone: list[Callable[[str], None]] = []
         self.epoch = secrets.token_hex(6)
         self.lease = settings.node_lease
         self.lease_ms = max(1, int(settings.node_lease * 1000))
@@ -556,6 +559,8 @@ class Cluster:
 
     def _drop(self, node: str, reason: EndReason) -> None:
         self.peers.pop(node, None)
+        for gone in self.node_gone:
+            gone(node)
         dropped = self.registry.drop_node(node, reason, now_ms())
         log.warning("cluster.node_lost", extra={"fields": {"node": node, "sessions": dropped}})
 

@@ -87,6 +87,13 @@ class Settings:
     webhook_secret: str = ""
     webhook_budget: float = 300.0
     webhook_queue: int = 10_000
+    # Live relay (README, "Live relay").
+    relay_max_joins: int = 10
+    relay_agent_buffer: int = 1 << 20
+    relay_agent_stall: float = 10.0
+    relay_rate: float = float(1 << 20)
+    relay_burst: int = 4 << 20
+    relay_max_event: int = 64 << 10
     # True when the API key was generated at start (printed once).
     api_key_generated: bool = field(default=False, compare=False)
 
@@ -473,6 +480,34 @@ OPTIONS: Final[list[tuple[str, Any, str]]] = [
         "seconds a webhook event is retried before it is dropped (default 300)",
     ),
     ("webhook-queue", _positive("webhook-queue", int), "webhook events queued per URL (default 10000)"),
+    (
+        "relay-max-joins",
+        _positive("relay-max-joins", int),
+        "sessions one agent connection may be joined to at once (default 10)",
+    ),
+    (
+        "relay-agent-buffer",
+        _positive("relay-agent-buffer", int),
+        "relay bytes queued to an agent before its events are dropped and it is told session.gap "
+        "(default 1048576)",
+    ),
+    (
+        "relay-agent-stall",
+        _positive("relay-agent-stall", float),
+        "seconds an agent may stay over its relay buffer before it is closed with 4008 (default 10)",
+    ),
+    (
+        "relay-rate",
+        _positive("relay-rate", float),
+        "relay bytes/s a tab may emit; past it (and its burst) it is closed with 1008 (default 1048576)",
+    ),
+    ("relay-burst", _positive("relay-burst", int), "relay bytes a tab may emit at once (default 4194304)"),
+    (
+        "relay-max-event",
+        _positive("relay-max-event", int),
+        "bytes of one relayed event or binary frame; more closes the tab with 1008 (default 65536; "
+        "--max-frame bounds every frame too)",
+    ),
 ]
 
 

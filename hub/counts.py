@@ -65,7 +65,9 @@ class MessageCounts:
 
 def tracker_counts() -> MessageCounts:
     """Counts seeded with every tracker message type and reply."""
-    return MessageCounts(TRACKER, received=("start", "update", "heartbeat", "end"), sent=("started", "error"))
+    return MessageCounts(
+        TRACKER, received=("start", "update", "heartbeat", "end", "emit"), sent=("started", "error")
+    )
 
 
 class ConnectionCounts:

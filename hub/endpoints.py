@@ -4,10 +4,12 @@ Each connects ``websocket.WebSocketConnection`` (which sends, pauses and closes)
 I/O-free core:
 
 - ``TrackerEndpoint`` (``/ws/tracker/{projectKey}``): ``TrackerProtocol``,
-  one reply frame per message at most, nothing queued.
-- ``AgentEndpoint`` (``/ws/agent/{projectKey}``): the ``FanOut``; frames in
-  are subscriptions, frames out are queued by the fan-out and sent while the
-  connection is not paused.
+  one reply frame per message at most; a tab of the ``Relay``, which sends
+  it the agents' events.
+- ``AgentEndpoint`` (``/ws/agent/{projectKey}``): the ``FanOut`` and the
+  ``Relay``; frames in are subscriptions and relay joins, leaves and sends;
+  the fan-out's frames are queued by it and sent while the connection is not
+  paused, the relay's go at once within the agent's relay buffer.
 """
 
 from __future__ import annotations
@@ -16,16 +18,22 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Final
 
+import msgspec
+
+from .clock import now_ms
 from .counts import MessageCounts
-from .fanout import PONG, Agent, FanOut, parse_message
-from .record import encode_error
+from .fanout import PONG, Agent, FanOut, Ping, Subscribe, subscription
+from .record import decode_frame, encode_error
 from .registry import Registry
+from .relay import Join, Leave, Relay, Send
 from .tracker import TrackerProtocol
 from .websocket import WebSocketConnection
 from .wire import ErrorCode, InputError
 
-# Until the relay gives binary frames a meaning (CONTRACT §7), they are refused, never parsed.
+# Binary frames carry a tab's relayed payloads; an agent has none to send.
 BINARY_REFUSED: Final = "binary frames are not supported here; send JSON text frames"
+
+_agent_decoder: Final = msgspec.json.Decoder(Subscribe | Ping | Join | Leave | Send)
 
 
 class TrackerEndpoint(TrackerProtocol):
@@ -43,26 +51,40 @@ class TrackerEndpoint(TrackerProtocol):
         idle_timeout: float,
         counts: MessageCounts | None = None,
         enrichment: Mapping[str, str] | None = None,
+        relay: Relay | None = None,
+        conn: WebSocketConnection | None = None,
     ) -> None:
-        super().__init__(registry, project_key, project_id, counts, enrichment)
+        super().__init__(
+            registry,
+            project_key,
+            project_id,
+            counts,
+            enrichment,
+            (relay, conn) if relay is not None and conn is not None else None,
+        )
         self.idle_timeout: float | None = idle_timeout
-
-    def receive_binary(self, data: bytes, now: int) -> bytes | None:
-        self.counts.error(ErrorCode.UNSUPPORTED_BINARY, BINARY_REFUSED)
-        self.counts.sent["error"] += 1
-        return encode_error(ErrorCode.UNSUPPORTED_BINARY, BINARY_REFUSED)
 
     def writable(self) -> None:
         """Trackers only get replies; nothing is queued."""
 
 
 class AgentEndpoint:
-    __slots__ = ("agent", "fanout", "idle_timeout", "limits", "max_filters", "project_key")
+    __slots__ = (
+        "agent",
+        "fanout",
+        "idle_timeout",
+        "limits",
+        "max_filters",
+        "project_key",
+        "relay",
+        "watcher",
+    )
     keepalive = True
 
     def __init__(
         self,
         fanout: FanOut,
+        relay: Relay,
         conn: WebSocketConnection,
         project_key: str,
         max_filters: int,
@@ -70,24 +92,33 @@ class AgentEndpoint:
         limits: Counter[str],
     ) -> None:
         self.fanout = fanout
+        self.relay = relay
         self.project_key = project_key
         self.max_filters = max_filters
         self.idle_timeout = idle_timeout
         # The hub's count of limits reached (/metrics): over max_filters is one.
         self.limits = limits
         self.agent: Agent = fanout.add(conn)
+        self.watcher = relay.add_agent(project_key, conn)
 
     def receive(self, data: bytes, now: int) -> bytes | None:
         try:
-            sub = parse_message(data, self.project_key, self.max_filters)
+            msg = decode_frame(_agent_decoder, data)
+            if isinstance(msg, Subscribe):
+                self.fanout.subscribe(self.agent, subscription(msg, self.project_key, self.max_filters))
+            elif isinstance(msg, Ping):
+                return PONG
+            elif isinstance(msg, Join):
+                self.relay.join(self.watcher, msg, now / 1000)
+            elif isinstance(msg, Leave):
+                self.relay.leave(self.watcher, msg)
+            else:
+                self.relay.send(self.watcher, msg, now / 1000)
         except InputError as exc:
-            # A bad subscribe changes nothing: the previous subscription stays.
+            # A bad frame changes nothing: the previous subscription and joins stay.
             if exc.code is ErrorCode.LIMIT_EXCEEDED:
                 self.limits["max_filters"] += 1
             return encode_error(exc.code, exc.message)
-        if sub is None:
-            return PONG
-        self.fanout.subscribe(self.agent, sub)
         return None
 
     def receive_binary(self, data: bytes, now: int) -> bytes | None:
@@ -95,6 +126,8 @@ class AgentEndpoint:
 
     def closed(self, now: int, timed_out: bool) -> None:
         self.fanout.remove(self.agent)
+        self.relay.remove_agent(self.watcher)
 
     def writable(self) -> None:
         self.fanout.deliver(self.agent)
+        self.relay.writable(self.watcher, now_ms() / 1000)

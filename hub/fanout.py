@@ -31,9 +31,9 @@ import msgspec
 from msgspec import Struct
 
 from .index import LiveIndex
-from .record import Session, check_depth, valid_session_id
+from .record import Session, decode_frame, valid_session_id
 from .search import Criterion, Query, QueryError, convert_filters, sort_key, text_of
-from .wire import CloseCode, EndReason, ErrorCode, InputError, validation_code
+from .wire import CloseCode, EndReason, ErrorCode, InputError
 
 
 class Snapshot(Struct, tag_field="type", tag="snapshot"):
@@ -93,15 +93,12 @@ class Subscription(Struct, frozen=True):
 
 def parse_message(frame: bytes, project_key: str, max_filters: int) -> Subscription | None:
     """An agent's frame: a subscription, None for a ping, or InputError (code + message)."""
-    check_depth(frame)
-    try:
-        msg = _decoder.decode(frame)
-    except msgspec.ValidationError as exc:
-        raise InputError(validation_code(str(exc)), str(exc)) from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec: bad UTF-8 in a string
-        raise InputError(ErrorCode.INVALID_JSON, str(exc)) from None
-    if isinstance(msg, Ping):
-        return None
+    msg = decode_frame(_decoder, frame)
+    return None if isinstance(msg, Ping) else subscription(msg, project_key, max_filters)
+
+
+def subscription(msg: Subscribe, project_key: str, max_filters: int) -> Subscription:
+    """What a ``subscribe`` frame asks for, or InputError."""
     try:
         criteria = convert_filters(msg.filters)
     except QueryError as exc:

@@ -9,12 +9,14 @@ import functools
 import re
 import uuid
 from collections.abc import Mapping
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, TypeVar
 
 import msgspec
-from msgspec import UNSET, Meta, Struct, UnsetType
+from msgspec import UNSET, Meta, Raw, Struct, UnsetType
 
 from .wire import ErrorCode, InputError, validation_code
+
+T = TypeVar("T")
 
 # Documented limits of tracker input (README, "Limits").
 MAX_SESSION_ID: Final = 64
@@ -122,9 +124,11 @@ DESCRIPTIVE_FIELDS: Final = tuple(f.name for f in msgspec.structs.fields(_Fields
 
 
 class Start(_Fields, tag_field="type", tag="start"):
-    # Untyped on purpose: a bad sessionID or timestamp falls back, it is not an error.
+    # Untyped on purpose: a bad sessionID, timestamp or tabId falls back, it is not an error.
     sessionID: Any = None
     timestamp: Any = None
+    # The connection's tab (CONTRACT §7); the hub makes one when absent or invalid.
+    tabId: Any = None
 
 
 class Update(_Fields, tag_field="type", tag="update"):
@@ -139,12 +143,21 @@ class End(Struct, tag_field="type", tag="end"):
     pass
 
 
-TrackerMessage = Start | Update | Heartbeat | End
+class Emit(Struct, tag_field="type", tag="emit"):
+    """A tab's event for the agents joined to its session (CONTRACT §7)."""
+
+    event: Annotated[str, Meta(min_length=1, max_length=64)]
+    # Relayed as sent: never decoded past its bounds.
+    data: Raw = Raw(b"null")
+
+
+TrackerMessage = Start | Update | Heartbeat | End | Emit
 
 
 class Started(Struct, tag_field="type", tag="started"):
     sessionID: str
     session: Session
+    tabId: str
 
 
 class ErrorFrame(Struct, tag_field="type", tag="error"):
@@ -202,15 +215,20 @@ def check_depth(frame: bytes | str) -> None:
         )
 
 
-def decode_message(frame: bytes | str) -> TrackerMessage:
-    """Decode one tracker frame or raise InputError with a stable code."""
+def decode_frame(decoder: msgspec.json.Decoder[T], frame: bytes | str) -> T:
+    """Decode one client frame with ``decoder`` or raise InputError with a stable code."""
     check_depth(frame)
     try:
-        msg: TrackerMessage = _decoder.decode(frame)
+        return decoder.decode(frame)
     except msgspec.ValidationError as exc:
         raise InputError(validation_code(str(exc)), str(exc)) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec: bad UTF-8 in a string
         raise InputError(ErrorCode.INVALID_JSON, str(exc)) from None
+
+
+def decode_message(frame: bytes | str) -> TrackerMessage:
+    """Decode one tracker frame or raise InputError with a stable code."""
+    msg = decode_frame(_decoder, frame)
     if isinstance(msg, (Start, Update)):
         check_limits(msg)
     return msg
@@ -388,5 +406,5 @@ def encode_error(code: ErrorCode, message: str) -> bytes:
     return msgspec.json.encode(ErrorFrame(code=code, message=message))
 
 
-def encode_started(session: Session) -> bytes:
-    return msgspec.json.encode(Started(sessionID=session.sessionID, session=session))
+def encode_started(session: Session, tab_id: str) -> bytes:
+    return msgspec.json.encode(Started(sessionID=session.sessionID, session=session, tabId=tab_id))

@@ -42,9 +42,9 @@ from typing import Annotated, Any, Final, Protocol
 import msgspec
 from msgspec import Meta, Raw, Struct
 
-from .record import Session, check_depth, valid_session_id
+from .record import Emit, Session, decode_frame, valid_session_id
 from .relay_bus import LocalBus, RelayBus
-from .wire import CloseCode, EndReason, ErrorCode, InputError, RelayError, RelayType, validation_code
+from .wire import CloseCode, EndReason, ErrorCode, InputError, RelayError, RelayType
 
 SessionKey = tuple[str, str]
 
@@ -72,13 +72,6 @@ class Send(Struct, tag_field="type", tag=RelayType.SEND.value):
     event: EventName
     data: Raw = Raw(b"null")
     tab: Id | None = None
-
-
-class Emit(Struct, tag_field="type", tag=RelayType.EMIT.value):
-    """A tracker's event (the tracker protocol's decoder includes it)."""
-
-    event: EventName
-    data: Raw = Raw(b"null")
 
 
 AgentMessage = Join | Leave | Send
@@ -134,18 +127,16 @@ _encode: Final = msgspec.json.Encoder().encode
 
 def parse_agent_message(frame: bytes) -> Join | Leave | Send:
     """An agent's relay frame (``join``, ``leave``, ``send``), or InputError (code + message)."""
-    check_depth(frame)
-    try:
-        return _agent_decoder.decode(frame)
-    except msgspec.ValidationError as exc:
-        raise InputError(validation_code(str(exc)), str(exc)) from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise InputError(ErrorCode.INVALID_JSON, str(exc)) from None
+    return decode_frame(_agent_decoder, frame)
+
+
+def new_tab_id() -> str:
+    return secrets.token_hex(8)
 
 
 def tab_id_or_new(value: object) -> str:
     """A tracker's ``tabId`` if valid (1-64 of ``[A-Za-z0-9._:-]``), else a new one."""
-    return value if valid_session_id(value) else secrets.token_hex(8)  # type: ignore[return-value]
+    return value if valid_session_id(value) else new_tab_id()  # type: ignore[return-value]
 
 
 def binary_header(session_id: str, tab: str) -> bytes:
@@ -167,6 +158,12 @@ class Sink(Protocol):
     def send_binary(self, frame: bytes) -> None: ...
 
     def close(self, code: int, reason: str) -> None: ...
+
+
+class TabSink(Sink, Protocol):
+    """A tab's connection: also told when agents start and stop watching it."""
+
+    def watched(self, on: bool) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -212,7 +209,7 @@ class Counts:
 class Tab:
     __slots__ = ("closed", "header", "id", "key", "room", "sink", "stamp", "tokens")
 
-    def __init__(self, room: Room, tab_id: str, sink: Sink, tokens: float, now: float) -> None:
+    def __init__(self, room: Room, tab_id: str, sink: TabSink, tokens: float, now: float) -> None:
         key = self.key = room.key
         # Its room lives as long as it does: an emit needs no lookup.
         self.room = room
@@ -284,7 +281,7 @@ class Relay:
 
     # -- tabs --------------------------------------------------------------------
 
-    def add_tab(self, project: str, session_id: str, tab_id: str, sink: Sink, now: float) -> Tab:
+    def add_tab(self, project: str, session_id: str, tab_id: str, sink: TabSink, now: float) -> Tab:
         """A tracker started (``tab_id`` from ``tab_id_or_new``); InputError if the tab is open here."""
         key = (project, session_id)
         room = self._room(key)
@@ -292,9 +289,15 @@ class Relay:
             raise InputError(ErrorCode.INVALID_FIELD, f"tabId {tab_id!r} is already open in this session")
         tab = room.tabs[tab_id] = Tab(room, tab_id, sink, float(self.limits.burst), now)
         if room.agents or room.remote_agents:
+            sink.watched(True)
             sink.send_text(self._agents_frame(room))
         self._tabs_changed(room)
         return tab
+
+    def has_tab(self, project: str, session_id: str, tab_id: str) -> bool:
+        """Whether this node holds that tab of the session."""
+        room = self.rooms.get((project, session_id))
+        return room is not None and tab_id in room.tabs
 
     def remove_tab(self, tab: Tab) -> None:
         if tab.closed:
@@ -534,7 +537,9 @@ class Relay:
         """Tell the session's tabs here who watches it now."""
         if room.tabs:
             frame = self._agents_frame(room)
+            watched = bool(room.agents or room.remote_agents)
             for tab in room.tabs.values():
+                tab.sink.watched(watched)
                 tab.sink.send_text(frame)
 
     def _tabs_changed(self, room: Room) -> None:

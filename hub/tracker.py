@@ -1,7 +1,12 @@
-"""The tracker protocol of one connection (CONTRACT §2), without I/O.
+"""The tracker protocol of one connection (CONTRACT §2, §7), without I/O.
 
 ``TrackerProtocol.receive`` takes one frame and returns the reply frame to
 send, if any. Bad input gets an ``error`` frame and changes nothing.
+
+The connection is a tab: ``started`` names it, and with a ``Relay`` its
+``emit`` frames and binary frames go to the agents joined to its session
+(without one, as in a benchmark of the registry alone, nobody can watch
+and they go nowhere).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from msgspec import UNSET
 
 from .counts import MessageCounts, tracker_counts
 from .record import (
+    Emit,
     End,
     Heartbeat,
     Session,
@@ -25,6 +31,7 @@ from .record import (
     valid_session_id,
 )
 from .registry import Registry
+from .relay import Relay, Tab, TabSink, new_tab_id, tab_id_or_new
 from .wire import EndReason, ErrorCode, InputError
 
 # Message class -> metrics label.
@@ -33,11 +40,23 @@ _TYPE_NAMES: Final[dict[type[TrackerMessage], str]] = {
     Update: "update",
     Heartbeat: "heartbeat",
     End: "end",
+    Emit: "emit",
 }
 
 
 class TrackerProtocol:
-    __slots__ = ("counts", "enrichment", "project_id", "project_key", "registry", "session")
+    __slots__ = (
+        "counts",
+        "enrichment",
+        "project_id",
+        "project_key",
+        "registry",
+        "relay",
+        "session",
+        "sink",
+        "tab",
+        "tab_id",
+    )
 
     def __init__(
         self,
@@ -46,6 +65,7 @@ class TrackerProtocol:
         project_id: int,
         counts: MessageCounts | None = None,
         enrichment: Mapping[str, str] | None = None,
+        relay: tuple[Relay, TabSink] | None = None,
     ) -> None:
         self.registry = registry
         # What the hub found about this connection (enrich.Enricher.fields), under the tracker's fields.
@@ -55,14 +75,30 @@ class TrackerProtocol:
         self.project_key = project_key
         self.project_id = project_id
         self.session: Session | None = None
+        # The relay and this connection as its sink; the tab while a session is started.
+        self.relay: Relay | None = relay[0] if relay is not None else None
+        self.sink: TabSink | None = relay[1] if relay is not None else None
+        self.tab: Tab | None = None
+        self.tab_id: str | None = None
 
     def receive(self, frame: bytes | str, now: int) -> bytes | None:
         try:
             return self._receive(frame, now)
         except InputError as exc:
-            self.counts.error(exc.code, exc.message)
-            self.counts.sent["error"] += 1
-            return encode_error(exc.code, exc.message)
+            return self._refuse(exc)
+
+    def receive_binary(self, data: bytes, now: int) -> bytes | None:
+        """A binary frame: relayed as it is to the session's joined agents."""
+        if self.tab is None:
+            return self._refuse(InputError(ErrorCode.NOT_STARTED, "send start before a binary frame"))
+        assert self.relay is not None
+        self.relay.emit_binary(self.tab, data, now / 1000)
+        return None
+
+    def _refuse(self, exc: InputError) -> bytes:
+        self.counts.error(exc.code, exc.message)
+        self.counts.sent["error"] += 1
+        return encode_error(exc.code, exc.message)
 
     def _receive(self, frame: bytes | str, now: int) -> bytes | None:
         msg = decode_message(frame)
@@ -71,6 +107,7 @@ class TrackerProtocol:
         if session is not None and not self.registry.is_live(session):
             # Ended elsewhere (another tab's end, or the cluster): start again.
             session = self.session = None
+            self._close_tab()
         if isinstance(msg, Heartbeat):
             if session is None:
                 raise InputError(ErrorCode.NOT_STARTED, "send start before heartbeat")
@@ -90,20 +127,48 @@ class TrackerProtocol:
             )
             self.session = session
             self.counts.sent["started"] += 1
-            return encode_started(session)
+            return encode_started(session, self._open_tab(session, msg.tabId, now))
         if session is None:
-            raise InputError(
-                ErrorCode.NOT_STARTED, f"send start before {'end' if isinstance(msg, End) else 'update'}"
-            )
+            raise InputError(ErrorCode.NOT_STARTED, f"send start before {msg.__struct_config__.tag}")
+        if isinstance(msg, Emit):
+            if self.tab is not None:
+                assert self.relay is not None
+                self.relay.emit(self.tab, msg, len(frame), now / 1000)
+            return None
         if isinstance(msg, End):
             self.registry.end(session, EndReason.ENDED)
             self.session = None
+            self._close_tab()
             return None
         self.registry.update(session, msg, now)
         return None
 
+    def _open_tab(self, session: Session, wanted: object, now: int) -> str:
+        """This connection's tab in ``session``: kept across starts of the same session."""
+        tab = self.tab
+        if tab is not None and not tab.closed and tab.key == (session.projectKey, session.sessionID):
+            return tab.id
+        self._close_tab()
+        # A tab keeps its id across sessions of one connection unless it asks for another.
+        tab_id = tab_id_or_new(wanted) if wanted is not None or self.tab_id is None else self.tab_id
+        relay = self.relay
+        if relay is not None and self.sink is not None:
+            if relay.has_tab(session.projectKey, session.sessionID, tab_id):
+                # A duplicated browser tab copies sessionStorage, tab id included: it gets its own.
+                tab_id = new_tab_id()
+            self.tab = relay.add_tab(session.projectKey, session.sessionID, tab_id, self.sink, now / 1000)
+        self.tab_id = tab_id
+        return tab_id
+
+    def _close_tab(self) -> None:
+        if self.tab is not None:
+            assert self.relay is not None
+            self.relay.remove_tab(self.tab)
+            self.tab = None
+
     def closed(self, now: int, timed_out: bool) -> None:
         """The connection closed; a held session waits out its grace."""
+        self._close_tab()
         if self.session is not None:
             reason = EndReason.TIMEOUT if timed_out else EndReason.DISCONNECTED
             self.registry.detach(self.session, now, reason)

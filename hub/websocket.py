@@ -447,9 +447,21 @@ class WebSocketConnection(asyncio.Protocol):
             self._set_rcvbuf(self.windows[1] if on else self.windows[0])
 
     def _set_rcvbuf(self, size: int) -> None:
+        self._setsockopt(socket.SO_RCVBUF, size)
+
+    def set_send_buffer(self, size: int) -> None:
+        """Bound what the kernel queues to a slow reader (Linux autotunes it up to 4 MiB),
+        so that ``buffered`` sees back-pressure after ``size`` bytes, not megabytes; and
+        pause writing at half of it, so that a queue over ``size`` always ends with
+        ``writable`` (the relay's cue to send ``session.gap``)."""
+        self._setsockopt(socket.SO_SNDBUF, size)
+        if self.transport is not None:
+            self.transport.set_write_buffer_limits(high=size // 2)
+
+    def _setsockopt(self, option: int, size: int) -> None:
         sock = self.transport.get_extra_info("socket") if self.transport else None
         if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
 
     # For the server ------------------------------------------------------
 

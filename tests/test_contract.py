@@ -360,6 +360,12 @@ SAMPLES = {
     "webhook-secret": "sample-secret-1",
     "webhook-budget": "60",
     "webhook-queue": "100",
+    "relay-max-joins": "3",
+    "relay-agent-buffer": "65536",
+    "relay-agent-stall": "2.5",
+    "relay-rate": "5000",
+    "relay-burst": "9000",
+    "relay-max-event": "4096",
 }
 
 

@@ -33,6 +33,7 @@ from hub.record import (
     DESCRIPTIVE_FIELDS,
     MAX_METADATA_KEYS,
     MAX_USER_PROPERTIES_BYTES,
+    Emit,
     End,
     Heartbeat,
     InputError,
@@ -205,8 +206,10 @@ class Model:
 
     def apply(self, payload: bytes) -> None:
         if not is_utf8(payload):
-            # WsClient sends it as a binary frame: never parsed as JSON (unsupported_binary).
-            self.errors += 1
+            # WsClient sends it as a binary frame: never parsed as JSON; a started tab's is
+            # relayed (to nobody here), before start it is refused (not_started).
+            if self.record is None:
+                self.errors += 1
             return
         try:
             msg = decode_message(payload)
@@ -239,6 +242,8 @@ class Model:
             return
         if rec is None:
             raise InputError("not_started", "")
+        if isinstance(msg, Emit):
+            return  # relayed to the joined agents (none here): the record is untouched
         self._merge(rec, msg)
 
     def _merge(self, rec: dict[str, Any], msg: Any) -> None:

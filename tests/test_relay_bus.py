@@ -39,6 +39,9 @@ class Sink:
     def buffered(self) -> int:
         return 0
 
+    def watched(self, on: bool) -> None:
+        pass
+
     def send_text(self, frame: bytes) -> None:
         self.text.append(json.loads(frame))
 

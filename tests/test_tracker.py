@@ -339,4 +339,4 @@ async def test_binary_frames_are_not_parsed_as_json() -> None:
     # CONTRACT §2: binary frames are relay payloads (tests/test_conformance.py has the rest).
     async with running_hub() as h, websockets.connect(h.tracker_url()) as ws:
         await ws.send(json.dumps({"type": "start", "sessionID": "bin"}).encode())
-        assert (await recv(ws))["code"] == "unsupported_binary"
+        assert (await recv(ws))["code"] == "not_started", "no tab to relay from before start"

@@ -27,9 +27,13 @@ class Sink:
         self.queued = 0  # bytes the transport holds: grows with each send unless drained
         self.stalled = False
         self.closed: tuple[int, str] | None = None
+        self.windows: list[bool] = []  # what ``watched`` was told, in order
 
     def buffered(self) -> int:
         return self.queued
+
+    def watched(self, on: bool) -> None:
+        self.windows.append(on)
 
     def send_text(self, frame: bytes) -> None:
         assert self.closed is None, "a frame after the close"
@@ -77,10 +81,12 @@ def test_join_answers_the_tabs_and_tells_the_tracker_who_watches() -> None:
     assert a.text == [{"type": "joined", "sessionID": "s1", "tabs": ["tab-1", "tab-2"]}]
     notice = {"type": "agents", "count": 1, "agents": [{"id": agent.id, "agent": {"name": "Ann"}}]}
     assert t1.text == [notice] and t2.text == [notice]
+    assert t1.windows == [True] == t2.windows, "a watched tab's receive window widens"
 
     relay.leave(agent, Leave("s1"))
     assert t1.text[-1] == {"type": "agents", "count": 0, "agents": []}
     assert t2.text[-1] == t1.text[-1]
+    assert t1.windows == [True, False], "and narrows again once nobody watches"
 
 
 def test_a_tab_opening_in_a_watched_session_is_told_at_once() -> None:
@@ -92,6 +98,7 @@ def test_a_tab_opening_in_a_watched_session_is_told_at_once() -> None:
     late = Sink()
     relay.add_tab(P, "s1", "t2", late, 1.0)
     assert late.text == [{"type": "agents", "count": 1, "agents": [{"id": agent.id, "agent": {}}]}]
+    assert late.windows == [True]
 
 
 def test_join_of_an_unknown_session_is_not_found() -> None:
