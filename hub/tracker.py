@@ -101,7 +101,14 @@ class TrackerProtocol:
         return encode_error(exc.code, exc.message)
 
     def _receive(self, frame: bytes | str, now: int) -> bytes | None:
-        msg = decode_message(frame)
+        return self.handle(decode_message(frame), len(frame), now)
+
+    def handle(self, msg: TrackerMessage, size: int, now: int) -> bytes | None:
+        """One decoded message (``size``: its frame's bytes): the native reply, or InputError.
+
+        Another protocol's adapter (e.g. Socket.IO) drives a tab through here too: one
+        record and one set of rules whichever protocol the tab speaks.
+        """
         self.counts.received[_TYPE_NAMES[type(msg)]] += 1
         session = self.session
         if session is not None and not self.registry.is_live(session):
@@ -133,7 +140,7 @@ class TrackerProtocol:
         if isinstance(msg, Emit):
             if self.tab is not None:
                 assert self.relay is not None
-                self.relay.emit(self.tab, msg, len(frame), now / 1000)
+                self.relay.emit(self.tab, msg, size, now / 1000)
             return None
         if isinstance(msg, End):
             self.registry.end(session, EndReason.ENDED)
