@@ -1,10 +1,11 @@
 /* Live sessions dashboard: one agent WebSocket (CONTRACT §3) feeding a
  * virtual table. Messages only change the model; one render per animation
  * frame touches the rows that are visible, so 5,000 sessions cost the same
- * to draw as 50. Session fields are tracker-controlled: set as text only. */
+ * to draw as 50. The same socket joins one session to watch it live (CONTRACT
+ * §7). Session fields and relayed events are tracker-controlled: set as text only. */
 (function () {
   "use strict";
-  var ROW_H = 30, OVERSCAN = 6, STREAM_MAX = 200;
+  var ROW_H = 30, OVERSCAN = 6, STREAM_MAX = 200, TIMELINE_MAX = 500;
   var $ = function (id) { return document.getElementById(id); };
   var store = window.sessionStorage;
 
@@ -15,6 +16,8 @@
   var selected = null, stream = [], selectedEnd = null;
   var frame = 0, updates = 0;
   var pool = [];
+  // The watched session: {id, state, cls, tabs, fresh (entries not drawn yet), events, dropped}.
+  var watch = null;
 
   // --- model --------------------------------------------------------------
 
@@ -77,11 +80,53 @@
       case "session.end":
         remove(msg.sessionID);
         if (msg.sessionID === selected) { selectedEnd = msg.reason; logChange("end", {reason: msg.reason}); }
+        if (watch && msg.sessionID === watch.id) {
+          watchState("ended: " + msg.reason, "bad");
+          note("session ended (" + msg.reason + ")");
+        }
+        break;
+      case "joined":
+        if (watch && msg.sessionID === watch.id) {
+          watchState("watching", "ok");
+          msg.tabs.forEach(function (t) { watch.tabs.add(t); });
+          note("joined · " + msg.tabs.length + " tab" + (msg.tabs.length === 1 ? "" : "s"));
+        }
+        break;
+      case "session.event":
+        if (watch && msg.sessionID === watch.id) {
+          watch.tabs.add(msg.tab);
+          watch.events++;
+          addEntry(msg.event === "error" ? "error" : "", msg.tab, msg.event, summarize(msg.event, msg.data),
+                   msg.data);
+        }
+        break;
+      case "session.gap":
+        if (watch && msg.sessionID === watch.id) {
+          watch.dropped += msg.dropped;
+          addEntry("gap", "", "gap", msg.dropped + " events dropped: this view fell behind");
+        }
         break;
       case "error":
-        setStatus("hub: " + (msg.message || msg.code), "bad");
+        if (watch && msg.sessionID === watch.id) {
+          watchState(msg.code === "not_found" ? "not live (not_found)" : "hub: " + (msg.message || msg.code), "bad");
+        } else {
+          setStatus("hub: " + (msg.message || msg.code), "bad");
+        }
         break;
     }
+    schedule();
+  }
+
+  // A relayed binary frame: a 2-byte length, a JSON header {sessionID, tab}, the payload.
+  function onBinary(buffer) {
+    if (!watch || buffer.byteLength < 2) return;
+    var view = new DataView(buffer), len = view.getUint16(0);
+    var head;
+    try { head = JSON.parse(new TextDecoder().decode(new Uint8Array(buffer, 2, len))); } catch (e) { return; }
+    if (head.sessionID !== watch.id) return;
+    watch.tabs.add(head.tab);
+    watch.events++;
+    addEntry("", head.tab, "binary", (buffer.byteLength - 2 - len) + " bytes");
     schedule();
   }
 
@@ -104,6 +149,7 @@
     var url = proto + location.host + "/ws/agent/" + encodeURIComponent(project) +
       "?token=" + encodeURIComponent(key);
     var sock = new WebSocket(url);
+    sock.binaryType = "arraybuffer";
     ws = sock;
     setStatus("connecting…");
     sock.onopen = function () {
@@ -111,8 +157,10 @@
       everOpened = true;
       setStatus("live", "ok");
       subscribe();
+      if (watch) join();
     };
     sock.onmessage = function (event) {
+      if (typeof event.data !== "string") { onBinary(event.data); return; }
       var msg;
       try { msg = JSON.parse(event.data); } catch (e) { return; }
       onMessage(msg);
@@ -120,6 +168,7 @@
     sock.onclose = function (event) {
       if (ws !== sock) return;
       ws = null;
+      if (watch) { watchState("disconnected: rejoins on reconnect", "bad"); schedule(); }
       if (!everOpened && attempt === 0) {
         // A refused handshake (401/404) is indistinguishable from a dead hub here.
         setStatus("could not connect: check the API key and project", "bad");
@@ -145,6 +194,12 @@
       if (filters.length) msg.filters = filters;
       ws.send(JSON.stringify(msg));
     }
+  }
+
+  function send(msg) {
+    if (!ws || ws.readyState !== WebSocket.OPEN) return false;
+    ws.send(JSON.stringify(msg));
+    return true;
   }
 
   function setStatus(text, cls) {
@@ -217,6 +272,7 @@
     document.title = "hub · " + order.length + " live";
     if (ws) setCount();
     renderDetail();
+    renderWatch();
   }
 
   function setCount() {
@@ -255,6 +311,131 @@
     stream = [];
     selectedEnd = null;
     shownRecord = null;
+    schedule();
+  }
+
+  // --- watching one session (CONTRACT §7) ---------------------------------------
+
+  function agentName() {
+    return $("agent-name").value.trim() || "Support";
+  }
+
+  function join() {
+    watchState("joining…");
+    send({type: "join", sessionID: watch.id, agent: {name: agentName()}});
+  }
+
+  function openWatch(id) {
+    if (watch) closeWatch();
+    watch = {id: id, state: "", cls: "", tabs: new Set(), fresh: [], events: 0, dropped: 0, reset: true};
+    $("watch").hidden = false;
+    document.querySelector("main").classList.add("watching");
+    if (ws && ws.readyState === WebSocket.OPEN) join();
+    else watchState("waiting for the connection…");
+    schedule();
+  }
+
+  function closeWatch() {
+    if (!watch) return;
+    send({type: "leave", sessionID: watch.id});
+    watch = null;
+    $("watch").hidden = true;
+    document.querySelector("main").classList.remove("watching");
+    schedule();
+  }
+
+  function watchState(text, cls) {
+    watch.state = text;
+    watch.cls = cls || "";
+  }
+
+  function clip(s, n) {
+    s = String(s);
+    return s.length > n ? s.slice(0, n - 1) + "…" : s;
+  }
+
+  function json(value) {
+    try { return JSON.stringify(value); } catch (e) { return String(value); }
+  }
+
+  // One line for the timeline; tracker.js's own events get a readable one.
+  function summarize(event, data) {
+    if (data && typeof data === "object") {
+      if (event === "navigate") return [data.title, data.url].filter(Boolean).join(" — ");
+      if (event === "click") return (data.path || "") + (data.text ? " “" + data.text + "”" : "");
+      if (event === "error") return (data.kind ? data.kind + ": " : "") + (data.message || "");
+    }
+    return json(data);
+  }
+
+  function addEntry(kind, tab, event, summary, data) {
+    watch.fresh.push({at: Date.now(), kind: kind, tab: tab, event: event, summary: summary,
+                      detail: data === undefined ? "" : json(data)});
+    if (watch.fresh.length > TIMELINE_MAX) watch.fresh.splice(0, watch.fresh.length - TIMELINE_MAX);
+  }
+
+  function note(text) { addEntry("note", "", "·", text); }
+
+  function cell(cls, value, el) {
+    var c = document.createElement(el || "span");
+    c.className = cls;
+    c.textContent = value;
+    return c;
+  }
+
+  var shownTabs = "";
+  function renderWatch() {
+    if (!watch) return;
+    var rec = sessions.get(watch.id);
+    text($("watch-title"), rec ? (rec.userID || rec.userUUID || "anonymous") + " · " + (rec.pageTitle || rec.url || "")
+      : watch.id);
+    var st = $("watch-state");
+    text(st, watch.state + (watch.events ? " · " + watch.events + " events" : ""));
+    st.className = watch.cls;
+    var gap = $("watch-gap");
+    gap.hidden = !watch.dropped;
+    if (watch.dropped) {
+      text(gap, watch.dropped + " events were dropped because this view fell behind; the timeline has a gap.");
+    }
+    var list = $("timeline");
+    if (watch.reset) { list.textContent = ""; shownTabs = null; watch.reset = false; }
+    if (watch.fresh.length) {
+      // Newest first: the fresh entries, newest on top, go before the ones drawn.
+      var batch = document.createDocumentFragment();
+      for (var i = watch.fresh.length - 1; i >= 0; i--) {
+        var e = watch.fresh[i], li = document.createElement("li");
+        if (e.kind) li.className = e.kind;
+        var t = cell("", new Date(e.at).toLocaleTimeString(), "time");
+        li.appendChild(t);
+        li.appendChild(cell("tab", e.tab.slice(0, 10)));
+        li.lastChild.title = e.tab;
+        li.appendChild(cell("event", clip(e.event, 64)));
+        li.appendChild(cell("summary", clip(e.summary, 300)));
+        if (e.detail) li.title = clip(e.detail, 2000);
+        batch.appendChild(li);
+      }
+      watch.fresh = [];
+      list.insertBefore(batch, list.firstChild);
+      while (list.childElementCount > TIMELINE_MAX) list.removeChild(list.lastChild);
+    }
+    var tabs = Array.from(watch.tabs).sort();
+    if (tabs.join(" ") !== shownTabs) {
+      shownTabs = tabs.join(" ");
+      $("watch-tabs").replaceChildren.apply($("watch-tabs"), tabs.map(function (id) { return cell("", id, "li"); }));
+      var select = $("message-tab"), chosen = select.value;
+      select.replaceChildren(new Option("every tab", ""));
+      tabs.forEach(function (id) { select.add(new Option(id, id, false, id === chosen)); });
+    }
+  }
+
+  function sendMessage() {
+    var box = $("message-text"), words = box.value.trim(), tab = $("message-tab").value;
+    if (!watch || !words) return;
+    var msg = {type: "send", sessionID: watch.id, event: "message", data: {text: words}};
+    if (tab) msg.tab = tab;
+    if (!send(msg)) { watchState("not connected: message not sent", "bad"); schedule(); return; }
+    box.value = "";
+    addEntry("sent", tab, "you", "message: " + words);
     schedule();
   }
 
@@ -378,12 +559,25 @@
     if (row) select(row.dataset.sessionId);
   });
   $("close-detail").addEventListener("click", function () { select(null); });
+  $("watch-open").addEventListener("click", function () { if (selected) openWatch(selected); });
+  $("watch-back").addEventListener("click", closeWatch);
+  $("message").addEventListener("submit", function (e) { e.preventDefault(); sendMessage(); });
+  // Enter sends, Shift+Enter is a new line.
+  $("message-text").addEventListener("keydown", function (e) {
+    if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); sendMessage(); }
+  });
+  // The name is what the session sees: joining again tells it the new one.
+  $("agent-name").addEventListener("change", function () {
+    store.setItem("hubDashboard.name", agentName());
+    if (watch && ws && ws.readyState === WebSocket.OPEN) join();
+  });
   // "n s ago" moves even when nothing arrives.
   setInterval(schedule, 1000);
 
   var params = new URLSearchParams(location.search);
   $("project").value = params.get("project") || store.getItem("hubDashboard.project") || "";
   $("key").value = store.getItem("hubDashboard.key") || "";
+  $("agent-name").value = store.getItem("hubDashboard.name") || "Support";
   addNames();
   try { filters = JSON.parse(store.getItem("hubDashboard.filters") || "[]"); } catch (e) { filters = []; }
   filters.forEach(addFilter);
@@ -394,6 +588,9 @@
   window.hubDashboard = {
     count: function () { return order.length; },
     session: function (id) { return sessions.get(id) || null; },
+    watching: function () {
+      return watch && {sessionID: watch.id, state: watch.state, tabs: Array.from(watch.tabs), events: watch.events};
+    },
     rowHeight: ROW_H
   };
 })();
