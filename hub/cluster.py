@@ -400,9 +400,11 @@ class Cluster:
             self._pending.setdefault(key, mark)
 
     def _record(self, session: Session) -> bytes:
-        """The session as this node holds it: its own tabs, not the cluster's sum."""
-        tabs = self.registry.local_tabs(_key_of(session))
-        return _encode(msgspec.structs.replace(session, tabs=tabs, connected=tabs > 0))
+        """The session as this node holds it: its own tabs and their activity, not the cluster's."""
+        key = _key_of(session)
+        tabs = self.registry.local_tabs(key)
+        active = self.registry.local_active(key, session.active)
+        return _encode(msgspec.structs.replace(session, tabs=tabs, connected=tabs > 0, active=active))
 
     async def _publisher(self, client: Any) -> None:
         ping = max(self.lease / 4, 0.01)

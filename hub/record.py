@@ -368,10 +368,9 @@ def active_time(session: Session, now: int) -> int:
 
     The time from the session's last message to this one counts when the
     session was ``active`` and ``connected`` after the last one: the record's
-    ``active`` is whatever its tabs last reported (any tab's heartbeat or
-    update), so with several tabs the session's flag follows the latest
-    report, and time in a reconnect grace never counts. Exact for any
-    sequence of messages: it only depends on the record at each message.
+    ``active`` is true while any of its tabs' last report was (the registry
+    counts each tab's), and time in a reconnect grace never counts. Exact for
+    any sequence of messages: it only depends on the record at each message.
     """
     if session.active and session.connected and now > session.lastActiveAt:
         return session.activeTime + now - session.lastActiveAt

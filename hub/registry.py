@@ -50,15 +50,28 @@ SessionKey = tuple[str, str]
 
 _NOTHING: Final[Mapping[str, str]] = {}
 
-# Fields a remote record may change as they are; tabs and connected are
+# Fields a remote record may change as they are; tabs, connected and active are
 # derived from every node's contribution, timestamp keeps the first start,
 # activeTime is told only where listeners cannot derive it (remote_upsert).
 _MIRRORED: Final = tuple(
     f.name
     for f in msgspec.structs.fields(Session)
     if f.name
-    not in ("sessionID", "projectKey", "tabs", "connected", "timestamp", "lastActiveAt", "activeTime", "live")
+    not in (
+        "sessionID",
+        "projectKey",
+        "tabs",
+        "connected",
+        "active",
+        "timestamp",
+        "lastActiveAt",
+        "activeTime",
+        "live",
+    )
 )
+
+# A tab's activity: (what it reported last, None for a new tab; what it reports now).
+Activity = tuple[bool | None, bool]
 
 
 class Listener(Protocol):
@@ -82,13 +95,17 @@ class ProjectFull(InputError):
 class Holding:
     """Who holds one live session: this node's tabs, each peer's tabs, and its grace."""
 
-    __slots__ = ("deadline", "here", "reason", "remote")
+    __slots__ = ("deadline", "here", "idle", "idle_nodes", "reason", "remote")
 
     def __init__(self) -> None:
         # This node's tabs; 0: it waits out the session's grace here; None: not held here.
         self.here: int | None = None
+        # This node's tabs whose last report was inactive.
+        self.idle = 0
         # Tabs each other node holds (0: waiting out its grace there).
         self.remote: dict[str, int] = {}
+        # Peers whose every tab is inactive (their record's ``active`` is their part).
+        self.idle_nodes: set[str] = set()
         # While no node holds a tab: when the grace runs out, and the end reason then.
         self.deadline: int | None = None
         self.reason = EndReason.DISCONNECTED
@@ -97,6 +114,23 @@ class Holding:
     def tabs(self) -> int:
         here = self.here or 0
         return here + sum(self.remote.values()) if self.remote else here
+
+    @property
+    def active_here(self) -> bool:
+        """Any tab of this node active."""
+        return (self.here or 0) > self.idle
+
+    def active(self, current: bool) -> bool:
+        """The record's ``active``: any tab anywhere active; with no tab anywhere, ``current``."""
+        if self.active_here:
+            return True
+        held = (self.here or 0) > 0
+        for node, tabs in self.remote.items():
+            if tabs > 0:
+                if node not in self.idle_nodes:
+                    return True
+                held = True
+        return False if held else current
 
     @property
     def orphan(self) -> bool:
@@ -139,6 +173,7 @@ class Registry:
     def _set_remote(self, key: SessionKey, h: Holding, node: str, tabs: int | None) -> None:
         if tabs is None:
             h.remote.pop(node, None)
+            h.idle_nodes.discard(node)
             nodes = self._by_node.get(node)
             if nodes is not None:
                 nodes.discard(key)
@@ -179,12 +214,14 @@ class Registry:
         now: int,
         attach: bool,
         enrichment: Mapping[str, str] = _NOTHING,
+        activity: Activity | None = None,
     ) -> tuple[Session, bool]:
         """Start or join a session; ``attach`` counts a new tab. Returns (session, created).
 
         ``enrichment``: what the hub found about the tracker's connection
         (``enrich.Enricher.fields``), taken where neither this start nor the
-        record has a value.
+        record has a value. ``activity``: the starting tab's (``active`` is any
+        tab's); without it, the record's ``active`` is what this start says.
         """
         session_id = session_id_or_new(msg.sessionID)
         key = (project_key, session_id)
@@ -198,6 +235,7 @@ class Registry:
             session = new_session(msg, session_id, project_key, project_id, now)
             h = self._holdings[key] = Holding()
             self._set_here(key, h, 1)
+            h.idle = 0 if session.active else 1
             self.index.add(session)
             for listener in self.listeners:
                 listener.session_started(session)
@@ -211,17 +249,51 @@ class Registry:
         if not session.connected:
             changes["connected"] = True
             self._end_grace(key, h)
+        if activity is None and attach:
+            activity = (None, msg.active if isinstance(msg.active, bool) else True)
+        self._activity(session, h, activity, changes)
         self._change(session, changes, now)
         return session, False
 
-    def update(self, session: Session, msg: Update, now: int) -> None:
-        self._change(session, changes_of(msg, session), now)
+    def update(self, session: Session, msg: Update, now: int, activity: Activity | None = None) -> None:
+        """``activity``: the tab's, when it speaks of it (else ``msg.active`` is the record's)."""
+        changes = changes_of(msg, session)
+        h = self._holdings.get((session.projectKey, session.sessionID))
+        self._activity(session, h, activity, changes)
+        self._change(session, changes, now)
 
-    def heartbeat(self, session: Session, active: bool | None, now: int) -> None:
-        if active is not None and active != session.active:
-            self._change(session, {"active": active}, now)
-            return
+    def heartbeat(self, session: Session, active: bool | None, now: int, was: bool | None = None) -> None:
+        """``active``: what the tab reports (None: nothing); ``was``: its previous report."""
+        if active is not None and active != was:
+            changes: dict[str, Any] = {} if was is not None else {"active": active}
+            h = self._holdings.get((session.projectKey, session.sessionID))
+            self._activity(session, h, None if was is None else (was, active), changes)
+            if changes:
+                self._change(session, changes, now)
+                return
         self._touch(session, now)
+
+    def _activity(
+        self, session: Session, h: Holding | None, activity: Activity | None, changes: dict[str, Any]
+    ) -> None:
+        """Count the tab's activity; the record's ``active`` becomes any tab's (in ``changes``).
+
+        Without ``activity`` (a caller that keeps no tab state) a reported ``active``
+        in ``changes`` stands for the only tab's.
+        """
+        if h is None:
+            return
+        if activity is None:
+            if "active" not in changes or (h.here or 0) != 1:
+                return
+            activity = (session.active, changes["active"])
+        was, now_active = activity
+        h.idle += (not now_active) - (0 if was is None else (not was))
+        merged = h.active(session.active)
+        if merged != session.active:
+            changes["active"] = merged
+        else:
+            changes.pop("active", None)
 
     def _change(self, session: Session, changes: dict[str, Any], now: int) -> None:
         if not changes:
@@ -263,8 +335,10 @@ class Registry:
             # Ended here: say why. Ended by a peer: this node only lets go of its part.
             self.replication.released(session, reason if local else None)
 
-    def detach(self, session: Session, now: int, reason: EndReason = EndReason.DISCONNECTED) -> None:
-        """A tracker connection holding ``session`` closed without ``end``."""
+    def detach(
+        self, session: Session, now: int, reason: EndReason = EndReason.DISCONNECTED, active: bool = True
+    ) -> None:
+        """A tracker connection holding ``session`` closed without ``end`` (``active``: its last report)."""
         key = (session.projectKey, session.sessionID)
         h = self._holdings.get(key)
         if h is None or not self.is_live(session) or not session.connected:
@@ -272,10 +346,17 @@ class Registry:
         # This node keeps 0 (its grace) only if the last tab anywhere closes here.
         here = (h.here or 0) - 1
         self._set_here(key, h, here if here > 0 else None)
+        h.idle = max(0, h.idle - (not active)) if here > 0 else 0
         tabs = h.tabs
         if tabs > 0:
             # A closing tab is no message from the session: lastActiveAt stays.
-            self._apply(session, {"tabs": tabs})
+            changes: dict[str, Any] = {"tabs": tabs}
+            merged = h.active(session.active)
+            if merged != session.active:
+                # activeTime counts up to lastActiveAt, which stays: the step after it is
+                # counted with the new ``active`` (off by at most one heartbeat interval).
+                changes["active"] = merged
+            self._apply(session, changes)
             if h.here is None:
                 self.replication.released(session, None)  # its other tabs are on other nodes
             else:
@@ -316,6 +397,11 @@ class Registry:
         h = self._holdings.get(key)
         return (h.here or 0) if h is not None else 0
 
+    def local_active(self, key: SessionKey, current: bool) -> bool:
+        """Any of this node's tabs active; ``current`` while it holds none."""
+        h = self._holdings.get(key)
+        return h.active_here if h is not None and h.here else current
+
     def held(self) -> list[Session]:
         """Sessions this node holds."""
         found = (self.index.get(*key) for key in self._local)
@@ -332,6 +418,7 @@ class Registry:
         if h is None or session is None:
             h = self._holdings[key] = Holding()
             self._set_remote(key, h, node, record.tabs)
+            self._set_remote_active(h, node, record.active)
             record.tabs = h.tabs
             record.connected = record.tabs > 0
             if not record.connected:
@@ -341,6 +428,7 @@ class Registry:
                 listener.session_started(record)
             return
         self._set_remote(key, h, node, record.tabs)
+        self._set_remote_active(h, node, record.active)
         released = record.tabs > 0 and h.here == 0
         if released:
             # Resumed on that node: this node's grace for it is over.
@@ -374,15 +462,25 @@ class Registry:
         if released:
             self.replication.released(session, None)
 
+    @staticmethod
+    def _set_remote_active(h: Holding, node: str, active: bool) -> None:
+        if active:
+            h.idle_nodes.discard(node)
+        else:
+            h.idle_nodes.add(node)
+
     def _derive(
         self, session: Session, key: SessionKey, h: Holding, changes: dict[str, Any], now: int
     ) -> None:
-        """Add tabs and connected, derived from every node's part, to ``changes``."""
+        """Add tabs, connected and active, derived from every node's part, to ``changes``."""
         tabs = h.tabs
         if tabs != session.tabs:
             changes["tabs"] = tabs
         if (tabs > 0) != session.connected:
             changes["connected"] = tabs > 0
+        active = h.active(session.active)
+        if active != session.active:
+            changes["active"] = active
         if tabs > 0:
             self._end_grace(key, h)
         else:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
-from msgspec import UNSET
+from msgspec import UNSET, UnsetType
 
 from .counts import MessageCounts, tracker_counts
 from .record import (
@@ -30,7 +30,7 @@ from .record import (
     encode_started,
     valid_session_id,
 )
-from .registry import Registry
+from .registry import Activity, Registry
 from .relay import Relay, Tab, TabSink, new_tab_id, tab_id_or_new
 from .wire import EndReason, ErrorCode, InputError
 
@@ -46,6 +46,7 @@ _TYPE_NAMES: Final[dict[type[TrackerMessage], str]] = {
 
 class TrackerProtocol:
     __slots__ = (
+        "active",
         "counts",
         "enrichment",
         "project_id",
@@ -75,6 +76,8 @@ class TrackerProtocol:
         self.project_key = project_key
         self.project_id = project_id
         self.session: Session | None = None
+        # This tab's last report of ``active`` (None before its start); the record's is any tab's.
+        self.active: bool | None = None
         # The relay and this connection as its sink; the tab while a session is started.
         self.relay: Relay | None = relay[0] if relay is not None else None
         self.sink: TabSink | None = relay[1] if relay is not None else None
@@ -114,11 +117,15 @@ class TrackerProtocol:
         if session is not None and not self.registry.is_live(session):
             # Ended elsewhere (another tab's end, or the cluster): start again.
             session = self.session = None
+            self.active = None
             self._close_tab()
         if isinstance(msg, Heartbeat):
             if session is None:
                 raise InputError(ErrorCode.NOT_STARTED, "send start before heartbeat")
-            self.registry.heartbeat(session, None if msg.active is UNSET else msg.active, now)
+            active = None if msg.active is UNSET else msg.active
+            self.registry.heartbeat(session, active, now, self.active)
+            if active is not None:
+                self.active = active
             return None
         if isinstance(msg, Start):
             if session is not None and not valid_session_id(msg.sessionID):
@@ -130,7 +137,7 @@ class TrackerProtocol:
                 )
             attach = session is None
             session, _ = self.registry.start(
-                self.project_key, self.project_id, msg, now, attach, self.enrichment
+                self.project_key, self.project_id, msg, now, attach, self.enrichment, self._report(msg.active)
             )
             self.session = session
             self.counts.sent["started"] += 1
@@ -145,10 +152,17 @@ class TrackerProtocol:
         if isinstance(msg, End):
             self.registry.end(session, EndReason.ENDED)
             self.session = None
+            self.active = None
             self._close_tab()
             return None
-        self.registry.update(session, msg, now)
+        self.registry.update(session, msg, now, self._report(msg.active))
         return None
+
+    def _report(self, active: bool | UnsetType) -> Activity:
+        """This tab's activity as of a message (a new tab is active unless it says not)."""
+        was = self.active
+        self.active = active if isinstance(active, bool) else (True if was is None else was)
+        return was, self.active
 
     def _open_tab(self, session: Session, wanted: object, now: int) -> str:
         """This connection's tab in ``session``: kept across starts of the same session."""
@@ -178,5 +192,5 @@ class TrackerProtocol:
         self._close_tab()
         if self.session is not None:
             reason = EndReason.TIMEOUT if timed_out else EndReason.DISCONNECTED
-            self.registry.detach(self.session, now, reason)
+            self.registry.detach(self.session, now, reason, self.active is not False)
             self.session = None

@@ -341,3 +341,20 @@ def test_workers_without_redis_is_one_line_and_exit_2() -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "--workers" in proc.stderr and "redis" in proc.stderr
+
+
+async def test_a_session_is_active_while_any_tab_on_any_node_is() -> None:
+    """CONTRACT §1: ``active`` (and the activeTime it drives) is any tab's, across nodes too."""
+    with RedisServer() as redis, cluster(redis.url, 2) as nodes:
+        a = await tracker(nodes[0].port, "s")
+        b = await tracker(nodes[1].port, "s", active=False)
+        both = await wait_agreed(nodes, {"s"}, until=lambda v: v["s"]["tabs"] == 2)
+        assert both["s"]["active"] is True, "the tab on node 0 is active"
+        await a.send(json.dumps({"type": "heartbeat", "active": False}))
+        await wait_agreed(nodes, {"s"}, until=lambda v: v["s"]["active"] is False)
+        await b.send(json.dumps({"type": "heartbeat", "active": True}))
+        await wait_agreed(nodes, {"s"}, until=lambda v: v["s"]["active"] is True)
+        await b.close()
+        hidden = await wait_agreed(nodes, {"s"}, until=lambda v: v["s"]["tabs"] == 1)
+        assert hidden["s"]["active"] is False, "only node 0's hidden tab is left"
+        await a.close()

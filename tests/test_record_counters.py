@@ -89,21 +89,42 @@ def test_active_time_counts_the_time_between_messages_while_active() -> None:
     assert s.activeTime == 1250
 
 
-def test_active_time_across_tabs_follows_the_latest_report() -> None:
-    """Tabs share the record's `active`: the last tab to report sets it for every tab."""
+def test_active_time_counts_while_any_tab_is_active() -> None:
+    """CONTRACT §1: activeTime is the time the session was active in any tab.
+
+    Each tab's reports are its own (``was``: its previous one); the record's
+    ``active`` is any tab's.
+    """
     registry, _, _ = recording_registry()
     s, _ = registry.start("p1", 0, start(), now=1000, attach=True)  # tab A, active
     registry.start("p1", 0, start(active=False), now=1100, attach=True)  # tab B, hidden
-    assert (s.active, s.activeTime) == (False, 100)
-    registry.heartbeat(s, None, now=1500)  # A, saying nothing of its state
-    assert s.activeTime == 100
-    registry.heartbeat(s, True, now=1600)  # A becomes visible
-    registry.heartbeat(s, None, now=1900)  # B
-    assert s.activeTime == 400
-    # Tab B closes: a close is no message, the time runs to the next message of A.
-    registry.detach(s, now=2000)
-    registry.heartbeat(s, None, now=2300)
-    assert (s.tabs, s.activeTime) == (1, 800)
+    assert (s.active, s.activeTime) == (True, 100), "A is still active"
+    registry.heartbeat(s, None, now=1500)  # B, saying nothing of its state
+    assert (s.active, s.activeTime) == (True, 500)
+    registry.heartbeat(s, False, now=1600, was=True)  # A hidden too: nobody active
+    assert (s.active, s.activeTime) == (False, 600)
+    registry.heartbeat(s, False, now=1900, was=False)  # B again
+    assert s.activeTime == 600, "inactive in every tab: nothing counts"
+    registry.heartbeat(s, True, now=2000, was=False)  # B visible
+    registry.heartbeat(s, None, now=2300)  # A
+    assert (s.active, s.activeTime) == (True, 900)
+    # B (the active tab) closes: a close is no message; the step after A's next
+    # message counts with the record's new `active`, A's (inactive).
+    registry.detach(s, now=2300, active=True)
+    assert (s.tabs, s.active) == (1, False)
+    registry.heartbeat(s, None, now=2600)
+    assert s.activeTime == 900
+
+
+def test_one_tab_flipping_back_and_forth_while_another_stays_active() -> None:
+    registry, _, _ = recording_registry()
+    s, _ = registry.start("p1", 0, start(), now=0, attach=True)  # A
+    registry.start("p1", 0, start(), now=0, attach=False, activity=None)  # A again: no new tab
+    registry.start("p1", 0, start(), now=0, attach=True)  # B
+    for t in range(1, 11):
+        registry.heartbeat(s, t % 2 == 0, now=t * 100, was=t % 2 == 1)  # B flips
+        assert s.active, "A is active all along"
+    assert s.activeTime == 1000
 
 
 def test_a_reconnect_grace_never_counts() -> None:

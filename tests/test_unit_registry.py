@@ -306,3 +306,22 @@ def test_reconcile_makes_a_peer_s_part_equal_its_snapshot() -> None:
     assert registry.sessions_of("b") == {("p1", "kept"), ("p1", "new")}
     assert registry.index.get("p1", "gone") is None
     assert replication.take() == []
+
+
+def test_active_is_any_tab_s_across_nodes() -> None:
+    """Each node publishes its own tabs' activity; the record's ``active`` is any node's."""
+    registry, _, _ = recording_registry()
+    session, _ = registry.start("p1", 0, start(), now=10, attach=True)  # a tab here, active
+    registry.remote_upsert("b", record(tabs=1, active=False, last=10), now=11)  # b's tab, hidden
+    assert session.active and session.tabs == 2
+    assert registry.local_active(("p1", "s"), session.active) is True
+    registry.heartbeat(session, False, now=20, was=True)  # this node's tab hides too
+    assert session.active is False
+    assert registry.local_active(("p1", "s"), session.active) is False, "what this node publishes"
+    registry.remote_upsert("b", record(tabs=1, active=True, last=30), now=30)  # b's tab visible
+    assert session.active is True
+    registry.remote_upsert("b", record(tabs=0, active=True, last=30), now=40)  # b's tab closed
+    assert (session.active, session.tabs) == (False, 1), "a node without tabs counts for nothing"
+    registry.drop_node("b", EndReason.NODE_LOST, now=50)
+    registry.heartbeat(session, True, now=60, was=False)
+    assert session.active is True

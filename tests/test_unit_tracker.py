@@ -245,3 +245,27 @@ def test_fields_the_hub_owns_cannot_be_set_by_a_tracker(
     session = live(registry, "own")
     assert {k: getattr(session, k) for k in owned} == {**expected, "lastActiveAt": 3000}
     assert registry.index.get("other", "own") is None
+
+
+def test_the_record_is_active_while_any_tab_is(hub: tuple[Registry, Events, RecordingReplication]) -> None:
+    registry, _, _ = hub
+    a, b = tab(registry), tab(registry)
+    start(a, 1000, sessionID="s")
+    start(b, 1000, sessionID="s")
+    b.receive(frame(type="heartbeat", active=False), 2000)
+    assert live(registry, "s").active is True, "A is still active"
+    a.receive(frame(type="update", active=False, pageTitle="away"), 3000)
+    assert live(registry, "s").active is False
+    assert live(registry, "s").activeTime == 2000
+    b.receive(frame(type="heartbeat", active=False), 4000)  # B repeats itself: no change
+    assert live(registry, "s").activeTime == 2000
+    b.closed(5000, timed_out=False)  # B closes hidden: A still hidden
+    assert (live(registry, "s").tabs, live(registry, "s").active) == (1, False)
+    a.receive(frame(type="heartbeat", active=True), 6000)
+    a.receive(frame(type="heartbeat"), 7000)
+    assert (live(registry, "s").active, live(registry, "s").activeTime) == (True, 3000)
+    # A reload: the tab closes and starts again (a new connection), active unless it says not.
+    a.closed(7500, timed_out=False)
+    again = tab(registry)
+    start(again, 8000, sessionID="s", active=False)
+    assert live(registry, "s").active is False
