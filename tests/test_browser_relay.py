@@ -225,3 +225,38 @@ async def test_a_burst_is_capped_in_the_page_not_closed_by_the_hub(browser: Brow
             assert await metric(h, "hub_limits_reached_total", 'limit="rate_limit"') == 0
             assert await metric(h, "hub_connections_closed_total", 'code="1008"') == 0
             await agent.ws.close()
+
+
+async def test_a_reload_keeps_the_tab_and_its_watchers_a_duplicated_tab_gets_its_own(
+    browser: BrowserContext,
+) -> None:
+    async with running_hub() as h:
+        with shop_site(h) as site:
+            shop = await open_shop(browser, site)
+            sid = await shop.evaluate("HubTracker.sessionID")
+            tab = await shop.evaluate("HubTracker.tabID")
+            assert await shop.evaluate("sessionStorage.getItem('hubTracker:shop:tab')") == tab
+            agent = await join(h, sid)
+            await shop.wait_for_function("HubTracker.agents().length === 1")
+
+            # The reloaded page is the same tab, and is told at once that it is watched.
+            await shop.reload()
+            await shop.wait_for_function("window.startedCount >= 1 && HubTracker.agents().length === 1")
+            assert await shop.evaluate("HubTracker.tabID") == tab
+            await shop.click("#cart")
+            await wait_for(lambda: events(agent, "click"))
+            assert {f["tab"] for f in agent.frames if f["type"] == "session.event"} == {tab}
+
+            # A duplicated browser tab copies sessionStorage: the hub names the copy anew.
+            copy = await browser.new_page()
+            await copy.add_init_script(
+                f"sessionStorage.setItem('hubTracker:shop', {json.dumps(sid)});"
+                f"sessionStorage.setItem('hubTracker:shop:tab', {json.dumps(tab)});"
+            )
+            await copy.goto(site + "/")
+            await copy.wait_for_function("window.startedCount >= 1 && HubTracker.agents().length === 1")
+            assert await copy.evaluate("HubTracker.sessionID") == sid
+            other = await copy.evaluate("HubTracker.tabID")
+            assert other != tab
+            assert await copy.evaluate("sessionStorage.getItem('hubTracker:shop:tab')") == other
+            await agent.ws.close()
