@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import heapq
 import json
 import multiprocessing
@@ -365,14 +366,18 @@ async def _agents(load: Load, pipe: Connection) -> None:
         "agent_closes": closes,
     }
     if stalled is not None and stalled.conn is not None:
-        # Read what the hub left for it: a close frame at the end if it was closed.
+        # Read what the server left for it: a close frame at the end if it was closed and the
+        # frame reached it (a server that gave up on the closing handshake reset the connection).
         if stalled.conn.transport is not None:
             stalled.conn.transport.resume_reading()
-        try:
-            code = await asyncio.wait_for(asyncio.shield(stalled.closed), 5)
-        except TimeoutError:
-            code = None
-        result["stalled"] = {"close_code": code, "frames_read_after": stalled.frames, "gaps": stalled.gaps}
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(stalled.closed), 5)
+        result["stalled"] = {
+            "closed": stalled.closed.done(),
+            "close_code": stalled.closed.result() if stalled.closed.done() else None,
+            "frames_read_after": stalled.frames,
+            "gaps": stalled.gaps,
+        }
     pipe.send((result, sent.tobytes(), lat.tobytes(), sizes.tobytes()))
     for agent in agents:
         if agent.conn is not None:
@@ -563,9 +568,21 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
         redis0 = cpu_of([cluster.redis.pid]) if cluster.redis else 0.0
         go = time.monotonic_ns()
         rss_max = rss0
-        while time.monotonic_ns() - go < duration * 1e9:
+        timeline: list[dict[str, float]] = []
+        next_point = go
+        while (now := time.monotonic_ns()) - go < duration * 1e9:
             time.sleep(0.25)
-            rss_max = max(rss_max, watched.rss())
+            rss = watched.rss()
+            rss_max = max(rss_max, rss)
+            if now >= next_point and case.startswith("stall-"):
+                # Each second: RSS, and the hub's drops and 4008 closes (a scrape costs it ~1 ms).
+                next_point += 1e9
+                point = {"t": round((now - go) / 1e9, 1), "rss_mib": round((rss - rss0) / 2**20, 2)}
+                if not case.endswith("-bare"):
+                    counters = metrics(last)
+                    point["dropped"] = counters.get("hub_relay_dropped_total", 0)
+                    point["closed_4008"] = counters.get('hub_relay_closes_total{reason="agent_too_slow"}', 0)
+                timeline.append(point)
         stop = time.monotonic_ns()
         cpu = watched.cpu_seconds() - cpu0
         gen = [cpu_of([p]) - c for p, c in zip(gen_pids, gen0, strict=True)]
@@ -619,6 +636,8 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
         "agents": agents,
         "relay_metrics": relay,
     }
+    if timeline:
+        result["timeline"] = timeline
     if binary:
         # Each MB of tracker payload reaches every agent: relayed MB = payload bytes received / agents.
         mb = sum(sizes[i] for i in inside) / load.agents / 1e6
