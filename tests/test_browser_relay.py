@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import AsyncExitStack
 from typing import Any
 
 import websockets
@@ -17,7 +18,7 @@ from playwright.async_api import BrowserContext, Page, expect
 
 from tests import test_browser
 from tests.helpers import API_KEY, FrameLog, RunningHub, http, running_hub, wait_for
-from tests.test_browser import ARTIFACTS, browser, open_dashboard, open_shop, row, shop_site
+from tests.test_browser import ARTIFACTS, Trackers, browser, open_dashboard, open_shop, row, shop_site
 
 pytestmark = test_browser.pytestmark
 __all__ = ["browser"]  # the fixture, found by pytest in this module's namespace
@@ -81,6 +82,10 @@ async def test_dashboard_watches_the_page_and_messages_its_user(browser: Browser
             sid = await shop.evaluate("HubTracker.sessionID")
             tab = await shop.evaluate("HubTracker.tabID")
             dash = await open_dashboard(browser, h)
+            # A CSP violation (inline style or script) or an exception in dashboard.js shows here.
+            problems: list[str] = []
+            dash.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            dash.on("pageerror", lambda e: problems.append(str(e)))
             await row(dash, sid).click()
             await dash.click("#watch-open")
             await expect(dash.locator("#watch-state")).to_contain_text("watching")
@@ -136,6 +141,7 @@ async def test_dashboard_watches_the_page_and_messages_its_user(browser: Browser
             await shop.click("#cart")
             await settled(h, shop, "after-leave@example.com")
             assert await metric(h, "hub_relay_events_total") == before
+            assert problems == []
 
 
 async def test_unwatched_page_streams_nothing_and_typed_text_never_leaves_it(browser: BrowserContext) -> None:
@@ -260,3 +266,28 @@ async def test_a_reload_keeps_the_tab_and_its_watchers_a_duplicated_tab_gets_its
             assert other != tab
             assert await copy.evaluate("sessionStorage.getItem('hubTracker:shop:tab')") == other
             await agent.ws.close()
+
+
+async def test_the_watch_view_says_when_it_fell_behind(browser: BrowserContext) -> None:
+    """The dashboard's page is kept busy while a tab streams past its relay buffer: the hub drops
+    its events, then tells it with ``session.gap``, which the view shows."""
+    async with running_hub(relay_agent_buffer=64 << 10) as h, AsyncExitStack() as stack:
+        tracker = await Trackers(h, stack).start("s-gap", userID="gap@example.com")
+        dash = await open_dashboard(browser, h)
+        await row(dash, "s-gap").click()
+        await dash.click("#watch-open")
+        await expect(dash.locator("#watch-state")).to_contain_text("watching")
+        # Its main thread busy, Chromium stops reading the socket once its own buffers are full.
+        await dash.evaluate(
+            "() => { setTimeout(() => { const end = Date.now() + 3000; while (Date.now() < end); }); }"
+        )
+        pad = "x" * 6000
+        for i in range(150):
+            await tracker.send(json.dumps({"type": "emit", "event": "tick", "data": {"i": i, "pad": pad}}))
+        gap = dash.locator("#watch-gap")
+        await expect(gap).to_be_visible(timeout=15_000)
+        await expect(gap).to_contain_text("events were dropped")
+        assert await metric(h, "hub_relay_gaps_total") == 1
+        dropped = await metric(h, "hub_relay_dropped_total")
+        await expect(gap).to_have_text(re.compile(f"^{int(dropped)} events were dropped"))
+        await expect(dash.locator("#timeline li.gap")).to_have_count(1)
