@@ -1,40 +1,74 @@
-"""Record enrichment benchmark: what hub/enrich.py adds to a tracker's connect, in one run.
+"""Record enrichment benchmark: what hub/enrich.py adds to a tracker's connect.
 
+    python -m loadtest.bench_enrich --wired [--rounds 6 --trackers 2000 --distinct 300] [--profile DIR]
     python -m loadtest.bench_enrich [--storm 5000 --distinct 300 --connects 2000] [--compare]
 
-In this process, no sockets. Per User-Agent string (real browsers, a crawler,
-an empty and a 2 KB garbage string): the parse without the cache and the
-cached lookup. Then one enrichment (headers -> fields, cache warm) without a
-GeoIP database, with one (written here by mmdb-writer), and with a trusted
-proxy's X-Forwarded-For, against decoding one 16-field tracker ``start``
-(``hub.record.decode_message``) as the baseline; and a connect storm on cold
-caches: ``--storm`` connections whose User-Agents are drawn (Zipf-like, as
-browsers' versions are) from ``--distinct`` strings. The cost per connect is
-set against the server CPU of a real connect + start measured in the same run
-(``--connects`` trackers against a hub process, its CPU from
-/proc/PID/schedstat; FACTS.md has ~240 µs on a quiet machine): the hub does
-not call the enrichment yet, so with-enrichment is that figure plus the
-enrichment's own cost.
+``--wired``: the issue's figure, server CPU per tracker connect + 16-field
+``start`` with and without enrichment, in one run against real hub processes
+(the hub CPU from /proc/PID/task/*/schedstat, the load from loadtest.client's
+lean WebSocket client). Three cases, interleaved (each round runs them in a
+rotated order, so a shared machine's drift falls on all of them):
+
+- ``none``: handshakes without a User-Agent header, a hub without a GeoIP
+  database: the enrichment finds nothing to do;
+- ``ua``: each tracker sends a browser User-Agent drawn Zipf-like from
+  ``--distinct`` strings (Chrome, Safari, Firefox, Edge, Samsung Internet on
+  their systems and versions);
+- ``ua+geo``: the same, to a hub started with ``--geoip-db`` (a
+  GeoLite2-City-shaped database written here with mmdb-writer) and
+  ``--trusted-proxies 127.0.0.0/8,10.0.0.0/8``; every tracker comes through
+  the trusted proxies with ``X-Forwarded-For: <client>, 10.0.0.7``, the
+  clients nearly all distinct public addresses of the database, so the
+  proxy walk runs and nearly every connect decodes a record.
+
+Every case of every round gets a fresh hub: the User-Agent and GeoIP caches
+(and ua-parser-rs's lazily built automata) start cold in each storm. A hub
+first takes ``--warmup`` trackers without a User-Agent, so its own first-use
+costs are out of the figure for all cases alike. The ``start`` does not carry
+the fields the enrichment fills, so they land in the record and its index,
+as for a tracker that leaves them to the hub. ``--profile DIR`` runs the hubs
+under cProfile during the storms only (its timings are the profiler's, not
+figures) and prints where the time goes.
+
+Without ``--wired``, in this process, no sockets: per User-Agent string (real
+browsers, a crawler, an empty and a 2 KB garbage string) the parse without
+the cache and the cached lookup; one enrichment (headers -> fields, cache
+warm) without a GeoIP database, with one, and with a trusted proxy's
+X-Forwarded-For, against decoding one 16-field tracker ``start``
+(``hub.record.decode_message``); and a connect storm on cold caches:
+``--storm`` enrichments whose User-Agents are drawn as above. Each is set
+against the server CPU of a connect + start measured in the same run (the
+``none`` case above, ``--connects`` trackers), to show its share.
 
 ``--compare`` also parses the same strings with ``user-agents`` 2.2 and prints
 what each parser names, and looks the address up with ``maxminddb-rust``'s
 ``get_path`` (neither is a dependency: ``pip install user-agents
 maxminddb-rust``).
-Figures are the best of 5 repeats (the machine is shared).
+In-process figures are the best of 5 repeats (the machine is shared).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import ipaddress
+import json
+import os
+import pstats
 import random
+import signal
+import statistics
 import string
+import subprocess
+import sys
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import msgspec
@@ -44,11 +78,17 @@ from netaddr import IPSet
 from hub.enrich import Enricher, UserAgents
 from hub.record import decode_message
 
-from .bench_fanout import cpu_seconds
 from .client import WsConn, ws_connect
-from .procs import free_port, start_hub
+from .procs import free_port
 
+ROOT = Path(__file__).resolve().parent.parent
 DB_NETWORKS = 2000
+# Set by --profile on the hubs it starts: where profiled_hub writes its stats.
+PROFILE_ENV = "BENCH_ENRICH_PROFILE"
+# The wired GeoIP case's proxies: the client's own (loopback) and one inner hop.
+TRUSTED_PROXIES = "127.0.0.0/8,10.0.0.0/8"
+INNER_PROXY = "10.0.0.7"
+IN_FLIGHT = 200
 
 STRINGS = {
     "Chrome/Windows": "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -85,15 +125,114 @@ START_FIELDS = {
 }
 START = msgspec.json.encode(START_FIELDS)
 
-PLATFORMS = [
+# The wired storm's 16-field start: none of the fields enrichment fills, so what it finds is kept.
+WIRED_START_FIELDS = {
+    "type": "start",
+    "sessionID": "",
+    "tabId": "",
+    "timestamp": 0,
+    "userID": "ann@example.com",
+    "userUUID": "uuid-12345",
+    "metadata": {"plan": "pro", "tenant": "t42"},
+    "userProperties": {"visits": 3},
+    "pageTitle": "Checkout",
+    "url": "https://shop.example.com/checkout",
+    "referrer": "https://www.google.com/",
+    "trackerVersion": "16.0.0",
+    "language": "en-US",
+    "environment": "production",
+    "appVersion": "4.2.0",
+    "active": True,
+}
+
+# Browsers with a rough share of traffic: (weight, User-Agent template) filled by _fill.
+_FAMILIES = (
+    (30, "Mozilla/5.0 ({desktop}) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/{major}.0.0.0 Safari/537.36"),
+    (
+        18,
+        "Mozilla/5.0 (Linux; Android {android}; K) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "Chrome/{major}.0.0.0 Mobile Safari/537.36",
+    ),
+    (
+        16,
+        "Mozilla/5.0 (iPhone; CPU iPhone OS {ios} like Mac OS X) AppleWebKit/605.1.15 "
+        "(KHTML, like Gecko) Version/{safari} Mobile/15E148 Safari/604.1",
+    ),
+    (
+        4,
+        "Mozilla/5.0 (iPad; CPU OS {ios} like Mac OS X) AppleWebKit/605.1.15 "
+        "(KHTML, like Gecko) Version/{safari} Mobile/15E148 Safari/604.1",
+    ),
+    (
+        6,
+        "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 "
+        "(KHTML, like Gecko) Version/{safari} Safari/605.1.15",
+    ),
+    (
+        8,
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "Chrome/{major}.0.0.0 Safari/537.36 Edg/{major}.0.{build}.{patch}",
+    ),
+    (6, "Mozilla/5.0 ({gecko}; rv:{fx}.0) Gecko/20100101 Firefox/{fx}.0"),
+    (
+        5,
+        "Mozilla/5.0 (Linux; Android {android}; SM-{samsung}) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "SamsungBrowser/{sb}.0 Chrome/{major}.0.0.0 Mobile Safari/537.36",
+    ),
+    (
+        4,
+        "Mozilla/5.0 (iPhone; CPU iPhone OS {ios} like Mac OS X) AppleWebKit/605.1.15 "
+        "(KHTML, like Gecko) CriOS/{major}.0.{build}.{patch} Mobile/15E148 Safari/604.1",
+    ),
+    (
+        3,
+        "Mozilla/5.0 (Linux; Android {android}; {pixel}) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "Chrome/{major}.0.{build}.{patch} Mobile Safari/537.36",
+    ),
+)
+_DESKTOPS = ("Windows NT 10.0; Win64; x64", "Macintosh; Intel Mac OS X 10_15_7", "X11; Linux x86_64")
+_GECKOS = (
     "Windows NT 10.0; Win64; x64",
-    "Macintosh; Intel Mac OS X 10_15_7",
+    "Macintosh; Intel Mac OS X 10.15",
     "X11; Linux x86_64",
-    "Linux; Android 14; Pixel 8",
-    "Linux; Android 13; SM-S911B",
-    "Linux; Android 13; SM-X710",
-    "iPhone; CPU iPhone OS 17_4 like Mac OS X",
-]
+    "X11; Ubuntu; Linux x86_64",
+)
+_SAMSUNGS = ("S911B", "S918B", "A546B", "A146P", "X710", "X810", "G991B")
+_PIXELS = ("Pixel 7", "Pixel 8", "Pixel 8 Pro", "Pixel 6a")
+
+
+def _fill(template: str, rng: random.Random) -> str:
+    ios = rng.choice(("16_6", "17_1", "17_3", "17_4", "17_5", "18_0", "18_1"))
+    return template.format(
+        desktop=rng.choice(_DESKTOPS),
+        gecko=rng.choice(_GECKOS),
+        major=rng.randrange(110, 132),
+        build=rng.randrange(5000, 7000),
+        patch=rng.randrange(200),
+        android=rng.randrange(10, 15),
+        ios=ios,
+        safari=ios.replace("_", "."),
+        fx=rng.randrange(115, 133),
+        samsung=rng.choice(_SAMSUNGS),
+        sb=rng.randrange(20, 27),
+        pixel=rng.choice(_PIXELS),
+    )
+
+
+def distinct_agents(count: int, seed: int = 7) -> list[str]:
+    """``count`` distinct browser User-Agents, in a random order (the order is their Zipf rank)."""
+    rng = random.Random(seed)
+    weights = [w for w, _ in _FAMILIES]
+    templates = [t for _, t in _FAMILIES]
+    agents: dict[str, None] = {}
+    while len(agents) < count:
+        agents[_fill(rng.choices(templates, weights)[0], rng)] = None
+    return list(agents)
+
+
+def zipf_draw(pool: Sequence[str], k: int, rng: random.Random) -> list[str]:
+    """``k`` draws from ``pool``, the i-th string weighted 1/i, as a population's browsers repeat."""
+    return rng.choices(pool, [1 / (rank + 1) for rank in range(len(pool))], k=k)
 
 
 def per_call_us(fn: Callable[[], object], n: int) -> float:
@@ -105,21 +244,6 @@ def per_call_us(fn: Callable[[], object], n: int) -> float:
             fn()
         best = min(best, (time.perf_counter() - t0) / n)
     return best * 1e6
-
-
-def distinct_agents(count: int) -> list[str]:
-    """``count`` plausible User-Agents: browser versions by platform, as a population has them."""
-    rng = random.Random(7)
-    agents: set[str] = set()
-    while len(agents) < count:
-        platform = rng.choice(PLATFORMS)
-        major = rng.randrange(100, 140)
-        build = f"Chrome/{major}.0.{rng.randrange(6000, 7000)}.{rng.randrange(200)}"
-        mobile = " Mobile" if "Android" in platform and "SM-X" not in platform else ""
-        agents.add(
-            f"Mozilla/5.0 ({platform}) AppleWebKit/537.36 (KHTML, like Gecko) {build}{mobile} Safari/537.36"
-        )
-    return sorted(agents)
 
 
 LANGUAGES = ("de", "en", "es", "fr", "ja", "pt-BR", "ru", "zh-CN")
@@ -151,6 +275,12 @@ def networks(count: int) -> list[str]:
     return [f"{20 + i % 180}.{i % 251}.{i % 7}.0/24" for i in range(count)]
 
 
+def client_addresses(k: int, rng: random.Random) -> list[str]:
+    """``k`` addresses in the database's networks, nearly all distinct: the GeoIP cache's worst case."""
+    nets = networks(DB_NETWORKS)
+    return [rng.choice(nets).replace(".0/24", f".{rng.randrange(256)}") for _ in range(k)]
+
+
 def write_db(path: Path) -> str:
     writer = MMDBWriter(ip_version=6, ipv4_compatible=True, database_type="GeoIP2-City", languages=["en"])
     writer.insert_network(IPSet(["81.2.69.0/24"]), city_record(0))
@@ -161,52 +291,324 @@ def write_db(path: Path) -> str:
     return str(path)
 
 
+# ---------------------------------------------------------------- wired: hub processes over sockets
+
+
+def hub_cpu(pid: int) -> float:
+    """CPU seconds of every thread of a process, in ns resolution (unlike /proc/PID/stat)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+    return total / 1e9
+
+
+def profiled_hub() -> None:
+    """``hub serve`` (argv) under cProfile, on from SIGUSR1 to SIGUSR2; stats to $BENCH_ENRICH_PROFILE."""
+    from hub.cli import main as hub_main
+
+    out = os.environ[PROFILE_ENV]
+    profile = cProfile.Profile()
+
+    def on(signum: int, frame: FrameType | None) -> None:
+        profile.enable()
+
+    def off(signum: int, frame: FrameType | None) -> None:
+        profile.disable()
+        profile.dump_stats(out)
+
+    signal.signal(signal.SIGUSR1, on)
+    signal.signal(signal.SIGUSR2, off)
+    sys.exit(hub_main(sys.argv[1:]))
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    label: str
+    user_agent: bool
+    geoip: bool
+
+
+CASES = (
+    Case("none", "without: no User-Agent header, no GeoIP database", user_agent=False, geoip=False),
+    Case("ua", "User-Agent (ua-parser, LRU cold)", user_agent=True, geoip=False),
+    Case("ua+geo", "User-Agent + GeoIP behind trusted proxies (both LRUs cold)", user_agent=True, geoip=True),
+)
+
+
+class HubProcess:
+    """A hub on a free port, once it accepts; profiled between ``profile_on`` and ``profile_off``."""
+
+    def __init__(self, extra: list[str], profile_to: Path | None = None) -> None:
+        self.port = free_port()
+        hub = ["serve", "--port", str(self.port), "--api-key", "bench-enrich", "--log-level", "warning"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+        if profile_to is None:
+            args = [sys.executable, "-m", "hub", *hub, *extra]
+        else:
+            env[PROFILE_ENV] = str(profile_to)
+            args = [sys.executable, "-c", "from loadtest.bench_enrich import profiled_hub; profiled_hub()"]
+            args += [*hub, *extra]
+        self.profile_to = profile_to
+        self.proc = subprocess.Popen(args, env=env, cwd=ROOT)
+        deadline = time.monotonic() + 20
+        while not self._accepts():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
+                raise SystemExit("hub did not start")
+            time.sleep(0.05)
+
+    def _accepts(self) -> bool:
+        import socket
+
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def cpu(self) -> float:
+        return hub_cpu(self.proc.pid)
+
+    def profile_on(self) -> None:
+        if self.profile_to is not None:
+            os.kill(self.proc.pid, signal.SIGUSR1)
+            self._accepts()  # wakes an idle loop, so the handler runs now
+
+    def profile_off(self) -> None:
+        if self.profile_to is None:
+            return
+        os.kill(self.proc.pid, signal.SIGUSR2)
+        deadline = time.monotonic() + 10
+        while not self.profile_to.exists() and time.monotonic() < deadline:
+            self._accepts()
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
 class _Started:
-    """Counts the hub's answers (one ``started`` per tracker)."""
+    """Counts the hub's ``started`` answers and what enrichment put in their records."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.with_browser = 0
+        self.with_country = 0
 
     def on_open(self, conn: WsConn) -> None:
         pass
 
     def on_message(self, conn: WsConn, data: bytes) -> None:
         self.count += 1
+        self.with_browser += b'"userBrowser":"' in data
+        self.with_country += b'"userCountry":"' in data
 
     def on_close(self, conn: WsConn, code: int | None, opened: bool) -> None:
         pass
 
 
-async def _connect_and_start(port: int, n: int) -> None:
-    started = _Started()
-    limit = asyncio.Semaphore(200)
-    headers = [("User-Agent", STRINGS["Chrome/Windows"])]
+async def _trackers(
+    port: int, headers: Sequence[list[tuple[str, str]]], prefix: str, started: _Started
+) -> list[WsConn]:
+    """A tracker per entry of ``headers`` (its handshake's), each sending a start; back once all started."""
+    limit = asyncio.Semaphore(IN_FLIGHT)
+    now = int(time.time() * 1000)
+    goal = started.count + len(headers)
 
     async def one(i: int) -> WsConn:
         async with limit:
-            conn = await ws_connect(f"ws://127.0.0.1:{port}", "/ws/tracker/bench", started, headers=headers)
-            conn.send(msgspec.json.encode({**START_FIELDS, "sessionID": f"enrich-{i}"}))
+            conn = await ws_connect(
+                f"ws://127.0.0.1:{port}", "/ws/tracker/bench", started, headers=headers[i]
+            )
+            start = {**WIRED_START_FIELDS, "sessionID": f"{prefix}-{i}", "tabId": f"t-{i}", "timestamp": now}
+            conn.send(msgspec.json.encode(start))
             return conn
 
-    conns = await asyncio.gather(*(one(i) for i in range(n)))
-    deadline = time.monotonic() + 60
-    while started.count < n and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
+    conns = await asyncio.gather(*(one(i) for i in range(len(headers))))
+    deadline = time.monotonic() + 120
+    while started.count < goal:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only {started.count - goal + len(headers)} of {len(headers)} trackers started")
+        await asyncio.sleep(0.005)
+    return conns
+
+
+@dataclass
+class Storm:
+    """One case's storm on one fresh hub: server CPU per connect + start, and what the records got."""
+
+    case: str
+    round: int
+    trackers: int
+    us: float
+    with_browser: int
+    with_country: int
+
+
+async def _storm(hub: HubProcess, headers: Sequence[list[tuple[str, str]]], warmup: int, tag: str) -> Storm:
+    warm = _Started()
+    conns = await _trackers(hub.port, [[] for _ in range(warmup)], f"warm-{tag}", warm)
+    hub.profile_on()
+    started = _Started()
+    c0 = hub.cpu()
+    conns += await _trackers(hub.port, headers, tag, started)
+    cpu = hub.cpu() - c0
+    hub.profile_off()
     for conn in conns:
         conn.abort()
+    n = len(headers)
+    return Storm("", 0, n, cpu / n * 1e6, started.with_browser, started.with_country)
+
+
+def _run(coro: Coroutine[Any, Any, Storm]) -> Storm:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency of the hub
+        return asyncio.run(coro)
+    return uvloop.run(coro)  # the lean client on uvloop: less of the shared CPU for the load
+
+
+def storm_once(
+    case: Case,
+    rnd: int,
+    agents: list[str],
+    clients: list[str],
+    db: str,
+    warmup: int,
+    profile_dir: Path | None,
+) -> Storm:
+    extra = ["--geoip-db", db, "--trusted-proxies", TRUSTED_PROXIES] if case.geoip else []
+    headers: list[list[tuple[str, str]]] = []
+    for ua, client in zip(agents, clients, strict=True):
+        h = [("User-Agent", ua)] if case.user_agent else []
+        if case.geoip:
+            h.append(("X-Forwarded-For", f"{client}, {INNER_PROXY}"))
+        headers.append(h)
+    profile_to = profile_dir / f"{case.name}-r{rnd}.prof" if profile_dir is not None else None
+    hub = HubProcess(extra, profile_to)
+    try:
+        result = _run(_storm(hub, headers, warmup, f"{case.name}-{rnd}"))
+    finally:
+        hub.stop()
+    result.case, result.round = case.name, rnd
+    return result
+
+
+def loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def wired(args: argparse.Namespace, db: str) -> dict[str, Any]:
+    """Rounds of the three cases in rotated order, each on a fresh hub; ratios per round and overall."""
+    pool = distinct_agents(args.distinct)
+    load_before = loadavg()
+    print(f"load average before: {load_before}")
+    print(
+        f"{args.rounds} rounds x {len(CASES)} cases, {args.trackers} trackers each after {args.warmup} "
+        f"warm-up ones, {IN_FLIGHT} in flight; User-Agents drawn Zipf-like from {len(pool)} strings"
+    )
+    storms: list[Storm] = []
+    for rnd in range(args.rounds):
+        rng = random.Random(1800 + rnd)
+        agents = zipf_draw(pool, args.trackers, rng)
+        clients = client_addresses(args.trackers, rng)
+        order = CASES[rnd % len(CASES) :] + CASES[: rnd % len(CASES)]
+        line = []
+        for case in order:
+            s = storm_once(case, rnd, agents, clients, db, args.warmup, args.profile)
+            storms.append(s)
+            line.append(f"{case.name} {s.us:6.1f}")
+        print(
+            f"  round {rnd + 1}: " + ", ".join(line) + f" µs  ({len(set(agents))} distinct User-Agents, "
+            f"{len(set(clients))} distinct clients; load {loadavg()})"
+        )
+    load_after = loadavg()
+    print(f"load average after: {load_after}")
+    result = summarize(storms, args)
+    result["load_before"], result["load_after"] = load_before, load_after
+    for s in storms:
+        check(s, args.trackers)
+    return result
+
+
+def check(s: Storm, n: int) -> None:
+    """Every record got what its case's enrichment finds, and no more."""
+    case = next(c for c in CASES if c.name == s.case)
+    want_browser = n if case.user_agent else 0
+    want_country = n if case.geoip else 0
+    if (s.with_browser, s.with_country) != (want_browser, want_country):
+        raise SystemExit(
+            f"{s.case} round {s.round + 1}: {s.with_browser} records with userBrowser (want {want_browser}), "
+            f"{s.with_country} with userCountry (want {want_country})"
+        )
+
+
+def summarize(storms: list[Storm], args: argparse.Namespace) -> dict[str, Any]:
+    by_case = {c.name: [s for s in storms if s.case == c.name] for c in CASES}
+    base = {s.round: s.us for s in by_case["none"]}
+    cases: dict[str, Any] = {}
+    print("\nServer CPU per connect + start, µs (best / median / worst of rounds):")
+    for c in CASES:
+        us = [s.us for s in by_case[c.name]]
+        entry: dict[str, Any] = {"label": c.label, "us_per_connect": us}
+        row = f"  {c.name:7} {min(us):6.1f} / {statistics.median(us):6.1f} / {max(us):6.1f}"
+        if c.name != "none":
+            # Paired by round: a with-storm against the without-storm of its own round.
+            ratios = [s.us / base[s.round] for s in by_case[c.name]]
+            entry["ratio_per_round"] = ratios
+            entry["ratio_of_bests"] = min(us) / min(base.values())
+            entry["ratio_median"] = statistics.median(ratios)
+            row += (
+                f"   x without: {entry['ratio_of_bests']:.3f} best-of, median {entry['ratio_median']:.3f} "
+                f"of rounds, spread {min(ratios):.3f}-{max(ratios):.3f}"
+            )
+        print(row + f"   {c.label}")
+        cases[c.name] = entry
+    return {
+        "command": " ".join(["python -m loadtest.bench_enrich", *sys.argv[1:]]),
+        "rounds": args.rounds,
+        "trackers": args.trackers,
+        "warmup": args.warmup,
+        "distinct": args.distinct,
+        "cases": cases,
+    }
+
+
+def profile_report(profile_dir: Path, trackers: int) -> None:
+    """Where the hub's time went in each case's storms (all rounds merged), per connect."""
+    print("\nProfiled storms (cProfile inflates every call; read the shares, not the µs):")
+    for c in CASES:
+        files = sorted(str(p) for p in profile_dir.glob(f"{c.name}-r*.prof"))
+        if not files:
+            continue
+        stats = pstats.Stats(*files)
+        n = trackers * len(files)
+        raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+        total = sum(tt for (_, _, tt, _, _) in raw.values())
+        print(f"  {c.name}: {total / n * 1e6:.0f} µs profiled per connect; top own time:")
+        top = sorted(raw.items(), key=lambda kv: kv[1][2], reverse=True)[:12]
+        for (file, line, func), (_, calls, tt, ct, _) in top:
+            where = f"{Path(file).name}:{line}({func})" if line else func
+            print(f"    {tt / n * 1e6:7.1f} µs own {ct / n * 1e6:7.1f} cum {calls / n:5.1f} calls  {where}")
+        ours = [(key, row) for key, row in raw.items() if key[0].endswith("hub/enrich.py")]
+        for (_, line, func), (_, calls, tt, ct, _) in sorted(ours, key=lambda kv: kv[1][3], reverse=True)[:6]:
+            where = f"enrich.py:{line}({func})"
+            print(f"    {tt / n * 1e6:7.1f} µs own {ct / n * 1e6:7.1f} cum {calls / n:5.1f} calls  {where}")
+
+
+# ---------------------------------------------------------------- in-process parts
 
 
 def connect_cost(n: int) -> float:
-    """Server CPU per tracker connect + start, µs, measured now on this machine."""
-    port = free_port()
-    hub = start_hub(port, "bench-enrich", [])
-    try:
-        c0 = cpu_seconds(hub.pid)
-        asyncio.run(_connect_and_start(port, n))
-        return (cpu_seconds(hub.pid) - c0) / n * 1e6
-    finally:
-        hub.kill()
-        hub.wait()
+    """Server CPU per tracker connect + start without enrichment's work, µs, measured now."""
+    s = storm_once(CASES[0], 0, [""] * n, [""] * n, "", 200, None)
+    return s.us
 
 
 def parsers(n: int) -> None:
@@ -299,13 +701,9 @@ def enrichment(n: int, db: str, connect_us: float) -> None:
 
 
 def storm(connections: int, distinct: int, db: str, connect_us: float) -> None:
-    pool = distinct_agents(distinct)
     rng = random.Random(18)
-    weights = [1 / (rank + 1) for rank in range(len(pool))]
-    drawn = rng.choices(pool, weights, k=connections)
-    # Addresses in the database's networks, nearly all distinct: the GeoIP cache's worst case.
-    nets = networks(DB_NETWORKS)
-    peers = [rng.choice(nets).replace(".0/24", f".{rng.randrange(256)}") for _ in range(connections)]
+    drawn = zipf_draw(distinct_agents(distinct), connections, rng)
+    peers = client_addresses(connections, rng)
     print(
         f"\nConnect storm, cold caches: {connections} connections, {len(set(drawn))} distinct User-Agents, "
         f"{len(set(peers))} distinct addresses"
@@ -343,6 +741,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--wired", action="store_true", help="hub processes over sockets, with and without")
+    parser.add_argument("--rounds", type=int, default=6, help="--wired: rounds of the cases (default 6)")
+    parser.add_argument("--trackers", type=int, default=2000, help="--wired: trackers a storm (default 2000)")
+    parser.add_argument("--warmup", type=int, default=200, help="--wired: trackers before each (default 200)")
+    parser.add_argument("--profile", type=Path, help="--wired: profile the storms, stats here")
+    parser.add_argument("--out", type=Path, help="--wired: the figures as JSON to this file")
     parser.add_argument("--calls", type=int, default=20000, help="calls per cached figure (default 20000)")
     parser.add_argument("--storm", type=int, default=5000, help="connections in the storm (default 5000)")
     parser.add_argument(
@@ -355,6 +759,15 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         db = write_db(Path(tmp) / "city.mmdb")
+        if args.wired:
+            if args.profile is not None:
+                args.profile.mkdir(parents=True, exist_ok=True)
+            result = wired(args, db)
+            if args.profile is not None:
+                profile_report(args.profile, args.trackers)
+            if args.out is not None:
+                args.out.write_text(json.dumps(result, indent=1))
+            return
         connect_us = connect_cost(args.connects)
         print(f"Server CPU per connect + start, this run: {connect_us:.0f} µs ({args.connects} trackers)")
         parsers(args.calls)

@@ -1,0 +1,37 @@
+"""loadtest.bench_enrich --wired at a tiny size against real hub processes, so the benchmark cannot rot.
+
+No figure is judged here (the 1.1x target is the benchmark's own report): only that every
+case ran on its own hub and its records got what its enrichment finds (the benchmark checks
+each started record and exits non-zero otherwise), and that it reports its numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from loadtest.bench_enrich import CASES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_wired_cases_enrich_and_report(tmp_path: Path) -> None:
+    out = tmp_path / "enrich.json"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "loadtest.bench_enrich", "--wired", "--rounds", "2",
+            "--trackers", "30", "--warmup", "5", "--distinct", "20", "--out", str(out),
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["cases"]) == {c.name for c in CASES}
+    for name, case in result["cases"].items():
+        assert len(case["us_per_connect"]) == 2 and min(case["us_per_connect"]) > 0, name
+        if name != "none":
+            assert len(case["ratio_per_round"]) == 2 and case["ratio_of_bests"] > 0, name
+    assert result["load_before"] and result["load_after"]
+    assert "x without" in proc.stdout
