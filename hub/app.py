@@ -32,6 +32,7 @@ from .fanout import FanOut
 from .http_api import HttpApi, Request, Response, error
 from .index import LiveIndex
 from .metrics import Metrics
+from .openreplay_api import OpenReplayApi
 from .registry import Registry
 from .relay import Limits, Relay
 from .relay_bus import LocalBus, RedisBus, RelayBus
@@ -139,6 +140,10 @@ class Hub:
         routes.http(openapi.PATH, get=openapi.route(self.settings), cors=True)
         for path, serve in static.routes().items():
             routes.http(path, get=serve)
+        if self.settings.assist_key:
+            # OpenReplay's assist HTTP API (README, "Migrating from OpenReplay's assist server").
+            openreplay = OpenReplayApi(self.settings, self.index, self.limits, self.metrics.observe_search)
+            openreplay.register(routes)
         routes.websocket("/ws/tracker/{projectKey}", self._route_tracker)
         routes.websocket("/ws/agent/{projectKey}", self._route_agent, auth=True)
         return routes

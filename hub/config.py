@@ -94,6 +94,8 @@ class Settings:
     relay_rate: float = float(1 << 20)
     relay_burst: int = 4 << 20
     relay_max_event: int = 64 << 10
+    # OpenReplay's ASSIST_KEY: its assist HTTP API under /assist/{key}/ ("" = not served).
+    assist_key: str = ""
     # True when the API key was generated at start (printed once).
     api_key_generated: bool = field(default=False, compare=False)
 
@@ -326,6 +328,13 @@ def _node_id(text: str) -> str:
     return text
 
 
+def _assist_key(text: str) -> str:
+    # One path segment, as OpenReplay's backend puts it in ASSIST_URL.
+    if not re.fullmatch(r"[A-Za-z0-9_.~-]{1,256}", text):
+        raise argparse.ArgumentTypeError("assist key must be 1-256 of A-Za-z0-9_.~- (one URL path segment)")
+    return text
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise ConfigError(message)
@@ -507,6 +516,11 @@ OPTIONS: Final[list[tuple[str, Any, str]]] = [
         _positive("relay-max-event", int),
         "bytes of one relayed event or binary frame; more closes the tab with 1008 (default 65536; "
         "--max-frame bounds every frame too)",
+    ),
+    (
+        "assist-key",
+        _assist_key,
+        "OpenReplay's ASSIST_KEY: serve its assist HTTP API under /assist/KEY/ (default: not served)",
     ),
 ]
 

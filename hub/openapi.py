@@ -16,7 +16,7 @@ from typing import Any, Final
 import msgspec
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 
-from . import __version__, static
+from . import __version__, openreplay_api, static
 from .config import PROJECT_KEY_RE, Settings
 from .http_api import AUTOCOMPLETE_LIMIT, AUTOCOMPLETE_MAX, JSON, Request, Response
 from .record import (
@@ -302,6 +302,220 @@ def public_paths(settings: Settings) -> dict[str, Schema]:
     }
 
 
+def openreplay_paths(settings: Settings) -> dict[str, Schema]:
+    """OpenReplay's assist routes (``openreplay_api``), served with --assist-key."""
+    not_found = _error("A wrong assist key (the path is then not served), or an unknown path.")
+    base = [ref_parameter(name) for name in ("assistKey", "orProject")]
+    one = _operation(
+        "One live session in OpenReplay's shape; data is null when it is not live "
+        "(or does not match the body's filter).",
+        {
+            "200": _json("The session, or null.", ref("OpenReplaySession")),
+            "400": _error("A malformed filter, saying what was wrong."),
+            "404": not_found,
+        },
+        settings,
+        tags=["openreplay"],
+        parameters=[*base, ref_parameter("orSessionId"), ref_parameter("orUserId")],
+    )
+    values = _operation(
+        "Autocomplete as OpenReplay answers it: live values of key (a field or metadata key; "
+        "every text field without one) containing q; nothing when neither is given.",
+        {
+            "200": _json("Distinct values, most held first.", ref("OpenReplayAttributes")),
+            "400": _error("A query parameter given twice."),
+            "404": not_found,
+        },
+        settings,
+        tags=["openreplay"],
+        parameters=[*base, ref_parameter("orQ"), ref_parameter("orKey")],
+    )
+    search = {
+        "200": _json("The matching live sessions, one page, with per-filter counts.", ref("OpenReplayLive")),
+        "400": _error("A malformed body or query, saying what was wrong."),
+        "404": not_found,
+    }
+    body = {
+        "required": False,
+        "description": (
+            f"Read as JSON whatever its Content-Type; empty means every session; nesting past "
+            f"{MAX_JSON_DEPTH} levels is a 400."
+        ),
+        "content": {JSON: {"schema": ref("OpenReplaySearch")}},
+    }
+    params = [*base, ref_parameter("orUserId")]
+    get_live = _operation(
+        "Live sessions, oldest first (OpenReplay's order without a body); userId filters with is.",
+        search,
+        settings,
+        tags=["openreplay"],
+        parameters=params,
+    )
+    live = _get_and_head(get_live, "The GET's status and headers, without a body.")
+    live["post"] = _operation(
+        "Search live sessions with OpenReplay's filter, sort and pagination.",
+        search,
+        settings,
+        tags=["openreplay"],
+        parameters=params,
+        body=body,
+    )
+    headless = "The GET's status and headers, without a body."
+    return {
+        openreplay_api.LIVE: live,
+        openreplay_api.LIVE_AUTOCOMPLETE: _get_and_head(values, headless),
+        openreplay_api.LIVE_SESSION: _get_and_head(one, headless),
+        openreplay_api.LIST_AUTOCOMPLETE: _get_and_head(values, headless),
+        openreplay_api.LIST_SESSION: _get_and_head(one, headless),
+    }
+
+
+def openreplay_parameters() -> dict[str, Schema]:
+    def path(name: str, description: str, example: str | None = None) -> Schema:
+        parameter: Schema = {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        # The examples name the live sessions the schemathesis test starts; the key has none.
+        if example is not None:
+            parameter["example"] = example
+        return parameter | {"description": description}
+
+    def query(name: str, description: str) -> Schema:
+        return {"name": name, "in": "query", "schema": {"type": "string"}, "description": description}
+
+    return {
+        "assistKey": path("assistKey", "--assist-key (OpenReplay's ASSIST_KEY)."),
+        "orProject": path(
+            "project", "The project key; one the hub does not know has no sessions.", EXAMPLE_PROJECT
+        ),
+        "orSessionId": path("sessionId", "The session's id.", EXAMPLE_SESSION),
+        "orUserId": query("userId", "Only sessions of this user (case-insensitive equality)."),
+        "orQ": query("q", "Only values containing it, case-insensitively."),
+        "orKey": query(
+            "key", "A record field (any case) or a metadata key; empty or absent: every text field."
+        ),
+    }
+
+
+def openreplay_schemas(settings: Settings) -> dict[str, Schema]:
+    scalar_or_null: Schema = {"type": ["string", "number", "boolean", "null"]}
+    values: Schema = {"type": ["array", "null"], "items": scalar_or_null}
+    filters: Schema = {
+        "type": ["object", "null"],
+        "additionalProperties": {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "properties": {
+                        "values": values,
+                        "operator": {
+                            "type": ["string", "null"],
+                            "pattern": "^([iI][sS]|[cC][oO][nN][tT][aA][iI][nN][sS])$",
+                            "description": "is or contains, any case; null or absent: contains.",
+                        },
+                    },
+                },
+                values,
+                scalar_or_null,
+            ]
+        },
+        "description": (
+            "Filter name -> {values, operator}, OR'ed values, AND'ed filters; the v1.7 form (an array) "
+            "and a bare value mean {values: [...]}. A name is a record field (any case; userId, "
+            "userAnonymousId, platform, sessionId too) or else a metadata key. Null or empty values "
+            "match nothing."
+        ),
+    }
+    if settings.max_filters:
+        filters["maxProperties"] = settings.max_filters
+    count: Schema = {"type": "integer", "minimum": 1}
+    return {
+        "OpenReplaySearch": {
+            "type": "object",
+            "properties": {
+                "filter": filters,
+                "sort": {
+                    "type": ["object", "null"],
+                    "properties": {
+                        "key": {
+                            "type": ["string", "null"],
+                            "description": (
+                                "A record field (any case), duration (the reverse of timestamp) or a "
+                                "metadata key; empty or absent: timestamp."
+                            ),
+                        },
+                        "order": {
+                            "type": ["string", "null"],
+                            "pattern": "^([aA][sS][cC]|[dD][eE][sS][cC])?$",
+                            "description": "asc or desc, any case; empty or absent: asc, as OpenReplay.",
+                        },
+                    },
+                },
+                "pagination": {
+                    "type": ["object", "null"],
+                    "properties": {
+                        "page": {"type": ["integer", "null"], "minimum": 0},
+                        "limit": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_LIMIT},
+                    },
+                    "description": (
+                        f"Applied when page and limit are both non-zero; otherwise the first {MAX_LIMIT} "
+                        "matches (total counts them all)."
+                    ),
+                },
+            },
+            "description": "Unknown fields are ignored.",
+        },
+        "OpenReplayLive": {
+            "type": "object",
+            "properties": {
+                "data": {
+                    "type": "object",
+                    "properties": {
+                        "total": {"type": "integer", "minimum": 0, "description": "Matches before paging."},
+                        "sessions": {"type": "array", "items": ref("Session"), "maxItems": MAX_LIMIT},
+                        "counter": {
+                            "type": "object",
+                            "additionalProperties": {"type": "object", "additionalProperties": count},
+                            "description": "Filter name -> value -> the matches it matched first.",
+                        },
+                    },
+                    "required": ["total", "sessions", "counter"],
+                    "additionalProperties": False,
+                }
+            },
+            "required": ["data"],
+            "additionalProperties": False,
+        },
+        "OpenReplaySession": {
+            "type": "object",
+            "properties": {"data": {"anyOf": [ref("Session"), {"type": "null"}]}},
+            "required": ["data"],
+            "additionalProperties": False,
+        },
+        "OpenReplayAttributes": {
+            "type": "object",
+            "properties": {
+                "data": {
+                    "type": "array",
+                    "maxItems": AUTOCOMPLETE_MAX,
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "type": {
+                                "type": "string",
+                                "description": "The field or metadata key, upper-cased.",
+                            },
+                            "value": {"type": ["string", "integer", "boolean"]},
+                        },
+                        "required": ["type", "value"],
+                        "additionalProperties": False,
+                    },
+                }
+            },
+            "required": ["data"],
+            "additionalProperties": False,
+        },
+    }
+
+
 def _status(value: str) -> Schema:
     return {
         "type": "object",
@@ -496,6 +710,20 @@ def document(settings: Settings) -> Schema:
     """The OpenAPI 3.1 document of a hub running with ``settings``."""
     paths = {**public_paths(settings), **operations_paths(settings), **static_paths(settings)}
     add_preflights(paths, settings)
+    tags = [
+        {"name": "assist", "description": "Search live sessions (Authorization: Bearer KEY)."},
+        {"name": "operations", "description": "Health, readiness, metrics, this document."},
+        {"name": "browser", "description": "tracker.js and the live dashboard."},
+    ]
+    params = parameters()
+    schemas: Schema = {}
+    if settings.assist_key:
+        paths.update(openreplay_paths(settings))
+        tags.append(
+            {"name": "openreplay", "description": "OpenReplay's assist API (--assist-key in the path)."}
+        )
+        params.update(openreplay_parameters())
+        schemas = openreplay_schemas(settings)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -508,11 +736,7 @@ def document(settings: Settings) -> Schema:
                 "a 405 with an Allow header; an unknown path is a 404."
             ),
         },
-        "tags": [
-            {"name": "assist", "description": "Search live sessions (Authorization: Bearer KEY)."},
-            {"name": "operations", "description": "Health, readiness, metrics, this document."},
-            {"name": "browser", "description": "tracker.js and the live dashboard."},
-        ],
+        "tags": tags,
         "paths": paths,
         "components": {
             "securitySchemes": {
@@ -522,7 +746,7 @@ def document(settings: Settings) -> Schema:
                     "description": "The organization key (--api-key) or a project's own key.",
                 }
             },
-            "parameters": parameters(),
+            "parameters": params,
             "schemas": {
                 "Session": session_schema(),
                 "SearchAnswer": {
@@ -573,6 +797,7 @@ def document(settings: Settings) -> Schema:
                 "SearchBody": search_body_schema(settings),
                 "Filter": FILTER,
                 "Error": ERROR,
+                **schemas,
             },
         },
     }

@@ -261,6 +261,7 @@ WORDED_DEFAULTS = {
     "webhook-secret": "none",
     "geoip-db": "none",
     "trusted-proxies": "none",
+    "assist-key": "none",
 }
 
 
@@ -366,6 +367,7 @@ SAMPLES = {
     "relay-rate": "5000",
     "relay-burst": "9000",
     "relay-max-event": "4096",
+    "assist-key": "sample-assist-key",
 }
 
 
