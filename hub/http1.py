@@ -28,7 +28,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request as WsRequest
 from websockets.protocol import OPEN
 
-from .http_api import Request, Response, error
+from .http_api import Request, Response, error, loggable_path
 from .websocket import HubServerProtocol, WebSocketConnection
 
 if TYPE_CHECKING:
@@ -370,5 +370,6 @@ class HttpConnection(asyncio.Protocol):
 def log_request(request: Request, response: Response, peer: str) -> None:
     # The path only: a query string may carry ?token=.
     if log.isEnabledFor(logging.DEBUG):
-        fields = {"method": request.method, "path": request.path, "status": response.status, "peer": peer}
+        path = loggable_path(request.path)
+        fields = {"method": request.method, "path": path, "status": response.status, "peer": peer}
         log.debug("http.request", extra={"fields": fields})

@@ -6,6 +6,7 @@ Every malformed request is a 400 saying what was wrong.
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -75,6 +76,15 @@ AUTOCOMPLETE_MAX: Final = 100
 
 
 _encoder: Final = msgspec.json.Encoder()
+
+
+# OpenReplay's assist API carries its key in the path (/assist/{ASSIST_KEY}/...).
+_PATH_SECRET: Final = re.compile(r"^/assist/[^/]+")
+
+
+def loggable_path(path: str) -> str:
+    """``path`` as logs may show it: a key in the path is redacted (a query is never logged)."""
+    return _PATH_SECRET.sub("/assist/[redacted]", path) if path.startswith("/assist/") else path
 
 
 def error(status: int, message: str, headers: list[tuple[str, str]] | None = None) -> Response:

@@ -26,7 +26,7 @@ from urllib.parse import unquote
 from .auth import Auth, bearer_token
 from .config import Settings
 from .cors import Cors
-from .http_api import Request, Response, error, query_params
+from .http_api import Request, Response, error, loggable_path, query_params
 from .websocket import Endpoint, WebSocketConnection
 
 log = logging.getLogger("hub.server")
@@ -142,7 +142,7 @@ class RouteTable:
         try:
             return handler(request)
         except Exception:
-            log.exception("HTTP handler failed on %s %s", request.method, request.path)
+            log.exception("HTTP handler failed on %s %s", request.method, loggable_path(request.path))
             return error(500, "internal error")
 
     def accept(self, request: Request, conn: WebSocketConnection) -> Endpoint | Response:

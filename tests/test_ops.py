@@ -181,9 +181,11 @@ WRONG_KEY = "wrong-guess-2d7f0a"
 
 
 async def test_json_logs_parse_and_never_carry_a_key() -> None:
+    assist_key = "assist-path-secret-77"
     with HubProcess(
-        "--api-key", SECRET_KEY, "--log-format", "json", "--log-level", "debug", "--drain-timeout", "3"
-    ) as proc:
+        "--api-key", SECRET_KEY, "--log-format", "json", "--log-level", "debug", "--drain-timeout", "3",
+        "--assist-key", assist_key,
+    ) as proc:  # fmt: skip
         await asyncio.to_thread(proc.wait_ready)
         port = proc.port
         ws = await tracker(port, "log1")
@@ -200,6 +202,9 @@ async def test_json_logs_parse_and_never_carry_a_key() -> None:
         headers = {"Authorization": f"Bearer {SECRET_KEY}"}
         async with websockets.connect(f"ws://127.0.0.1:{port}/ws/agent/p1", additional_headers=headers):
             pass
+        # OpenReplay's assist API carries its key in the path: logged redacted, right or wrong.
+        for key in (assist_key, WRONG_KEY):
+            await http(port, "GET", f"/assist/{key}/sockets-live/p1", key=None)
         await ws.close()
         assert await asyncio.to_thread(proc.terminate) == 0
         err = proc.stderr.text()
@@ -207,7 +212,8 @@ async def test_json_logs_parse_and_never_carry_a_key() -> None:
     records = [json.loads(line) for line in lines]  # every line is one JSON object
     for record in records:
         assert {"time", "level", "logger", "event"} <= record.keys(), record
-    assert SECRET_KEY not in err and WRONG_KEY not in err
+    assert SECRET_KEY not in err and WRONG_KEY not in err and assist_key not in err
+    assert "/assist/[redacted]/sockets-live/p1" in err
     events = {r["event"] for r in records}
     assert {"hub.listening", "connection.open", "connection.close", "http.request", "drain.done"} <= events
     errors = [r for r in records if r["event"] == "protocol.error"]
