@@ -62,4 +62,4 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/mypy hub
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache tests/openreplay/node_modules tests/openreplay/dist
