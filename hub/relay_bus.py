@@ -11,13 +11,14 @@ spreads projects over its shards; sharded pub/sub, SPUBLISH/SSUBSCRIBE, on
 a ``redis+cluster://`` URL, plain pub/sub on one Redis):
 
 - ``{p}:relay:<sid>:up`` — the session's events, from the nodes of its tabs
-  to the nodes of the agents joined to it (``session.event`` frames and
-  binary frames, already encoded: a receiving node sends them as they are),
+  to the nodes of the agents joined to it, in parts no protocol owns (tab,
+  name, JSON, binary parts: ``relay.Up``), which a receiving node encodes
+  once for each protocol its agents speak,
   and each tab node's list of its tabs (``Tabs``: the answer to a join, and
   again whenever they change). Subscribed by a node while one of its agents
   is joined to the session.
-- ``{p}:relay:<sid>:down`` — agents' ``agent.event`` frames to the tabs,
-  with the target tab (or none: every tab). Subscribed by a node while it
+- ``{p}:relay:<sid>:down`` — agents' events to the tabs (``relay.Down``:
+  agent, name, data, and the target tab or none: every tab). Subscribed by a node while it
   holds a tab of the session and knows of an agent of another node joined.
 - ``{relay}:ctl`` — joins and leaves (``Join`` carries the agent ids and
   their ``agent`` objects), and a node's goodbye. Every node subscribes to
@@ -69,13 +70,13 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import anyio
 import msgspec
 from anyio.abc import TaskGroup
-from msgspec import Struct
+from msgspec import Raw, Struct
 from redis.exceptions import RedisClusterException, RedisError
 
 from .cluster import LOG_EVERY_S, Throttle, close_quietly, connect, first_error
 
 if TYPE_CHECKING:
-    from .relay import Relay
+    from .relay import Down, Relay, Up
 
 log = logging.getLogger("hub.relay")
 
@@ -129,11 +130,11 @@ class RelayBus(Protocol):
     def tabs(self, key: SessionKey, tabs: list[str]) -> None:
         """This node's tabs of ``key``, to the agents' nodes."""
 
-    def up(self, key: SessionKey, frame: bytes, binary: bool) -> None:
-        """A session event, encoded, to the agents' nodes."""
+    def up(self, key: SessionKey, ev: Up) -> None:
+        """A session event to the agents' nodes."""
 
-    def down(self, key: SessionKey, tab: str | None, frame: bytes) -> None:
-        """An agent event, encoded, to the tabs' nodes."""
+    def down(self, key: SessionKey, ev: Down) -> None:
+        """An agent event to the tabs' nodes."""
 
     async def run(self) -> None:
         """Long-lived work, run in the hub's task group."""
@@ -171,10 +172,10 @@ class LocalBus:
     def tabs(self, key: SessionKey, tabs: list[str]) -> None:
         pass
 
-    def up(self, key: SessionKey, frame: bytes, binary: bool) -> None:
+    def up(self, key: SessionKey, ev: Up) -> None:
         pass
 
-    def down(self, key: SessionKey, tab: str | None, frame: bytes) -> None:
+    def down(self, key: SessionKey, ev: Down) -> None:
         pass
 
     async def run(self) -> None:
@@ -218,14 +219,20 @@ class _Tabs(Struct, array_like=True, tag=4):
 
 class _Up(Struct, array_like=True, tag=5):
     node: str
-    frame: bytes
-    binary: bool
+    tab: str
+    name: str | None
+    # The event's JSON: its tab's envelope when ``wrapped``, else its data.
+    json: bytes
+    wrapped: bool
+    blobs: tuple[bytes, ...]
 
 
 class _Down(Struct, array_like=True, tag=6):
     node: str
     tab: str | None
-    frame: bytes
+    agent: str
+    name: str
+    data: bytes
 
 
 _Message = _Join | _Leave | _Bye | _Hello | _Tabs | _Up | _Down
@@ -308,11 +315,19 @@ class RedisBus:
     def tabs(self, key: SessionKey, tabs: list[str]) -> None:
         self._put(_PUB, up_channel(key), _encode(_Tabs(self.node, tabs)))
 
-    def up(self, key: SessionKey, frame: bytes, binary: bool) -> None:
-        self._put(_PUB, up_channel(key), _encode(_Up(self.node, frame, binary)))
+    def up(self, key: SessionKey, ev: Up) -> None:
+        # The JSON as the event holds it: a Socket.IO tab's envelope is not unwrapped here.
+        envelope = ev.envelope
+        if ev.data is None and envelope is not None:
+            json, wrapped = envelope, True
+        else:
+            json, wrapped = ev.payload(), False
+        up = _Up(self.node, ev.tab, ev.name, bytes(json), wrapped, ev.blobs)
+        self._put(_PUB, up_channel(key), _encode(up))
 
-    def down(self, key: SessionKey, tab: str | None, frame: bytes) -> None:
-        self._put(_PUB, down_channel(key), _encode(_Down(self.node, tab, frame)))
+    def down(self, key: SessionKey, ev: Down) -> None:
+        down = _Down(self.node, ev.tab, ev.agent, ev.name, bytes(ev.data))
+        self._put(_PUB, down_channel(key), _encode(down))
 
     # -- running ------------------------------------------------------------------
 
@@ -460,11 +475,19 @@ class RedisBus:
         if isinstance(message, _Up):
             key = self._channels.get(channel)
             if key is not None:
-                relay.remote_up(key, message.frame, message.binary, time.monotonic())
+                relay.remote_up(
+                    key,
+                    message.tab,
+                    message.name,
+                    Raw(message.json),
+                    message.wrapped,
+                    message.blobs,
+                    time.monotonic(),
+                )
         elif isinstance(message, _Down):
             key = self._channels.get(channel)
             if key is not None:
-                relay.remote_down(key, message.tab, message.frame)
+                relay.remote_down(key, message.agent, message.name, Raw(message.data), message.tab)
         elif isinstance(message, _Tabs):
             key = self._channels.get(channel)
             if key is not None:
@@ -477,4 +500,3 @@ class RedisBus:
             relay.resync()
         else:
             relay.node_gone(message.node)
-
