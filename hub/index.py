@@ -577,6 +577,11 @@ class LiveIndex:
         if active_time is not None and active_time != session.activeTime:
             project.touch_active_time(session, active_time)
 
+    def metadata_keys(self, project_key: str) -> list[str]:
+        """The metadata keys some live session of the project holds."""
+        project = self._projects.get(project_key)
+        return list(project.meta) if project is not None else []
+
     def values(
         self, project_key: str, field: str, key: str | None, text: str, limit: int
     ) -> list[tuple[str, int]]:

@@ -62,8 +62,8 @@ LIST_SESSION: Final = PREFIX + "/sockets-list/{project}/{sessionId}"
 # OpenReplay's dashboard sorts live sessions by "duration" (now - timestamp),
 # which its records lack: the reverse of the start time.
 DURATION: Final = "duration"
-# Fields an autocomplete without a key reads: the text ones (OpenReplay reads
-# every key of its record; the index lists no metadata keys).
+# Fields an autocomplete without a key reads, beside every metadata key: the text
+# ones (OpenReplay reads every key of its record).
 TEXT_FIELDS: Final = tuple(sorted(STRING_FIELDS))
 
 Scalar = str | int | float | bool
@@ -160,7 +160,10 @@ def parse_search(body: bytes) -> LiveSearch:
         raise QueryError(f"invalid JSON: {exc}") from None
 
 
-def to_filter(name: str, spec: FilterSpec | list[Scalar | None] | Scalar | None) -> Filter:
+def to_filter(
+    name: str, spec: FilterSpec | list[Scalar | None] | Scalar | None, key: str | None = None
+) -> Filter:
+    """``name``'s filter (``key``: the field or metadata key it reads, when not ``name`` itself)."""
     if isinstance(spec, FilterSpec):
         raw, operator = spec.values, spec.operator
     elif isinstance(spec, list) or spec is None:
@@ -175,11 +178,11 @@ def to_filter(name: str, spec: FilterSpec | list[Scalar | None] | Scalar | None)
         return Filter(name, op, values, None)
     # An empty `contains` value is in every text: the hub's "set" filter (no values).
     value = None if op == "contains" and "" in values else list(values)
-    criterion = parse_filter(FilterIn(name=name, operator=op, value=value), f"filter {name!r}")
+    criterion = parse_filter(FilterIn(name=key or name, operator=op, value=value), f"filter {name!r}")
     return Filter(name, op, values, criterion)
 
 
-def _sort(sort: Sort | None) -> tuple[str, bool, str | None]:
+def _sort(sort: Sort | None, meta: dict[str, str]) -> tuple[str, bool, str | None]:
     """(record field, descending, metadata key): a name that is no field sorts by that metadata key."""
     key, order = (sort.key, sort.order) if sort is not None else (None, None)
     lowered = (order or "").lower()
@@ -192,7 +195,11 @@ def _sort(sort: Sort | None) -> tuple[str, bool, str | None]:
     if key.lower() == DURATION:
         return "timestamp", not descending, None
     field = FIELD_NAMES.get(key.lower())
-    return (field, descending, None) if field is not None else ("timestamp", descending, key)
+    return (
+        (field, descending, None)
+        if field is not None
+        else ("timestamp", descending, meta.get(key.lower(), key))
+    )
 
 
 def _paging(pagination: Pagination | None) -> tuple[int, int]:
@@ -275,8 +282,9 @@ class OpenReplayApi:
             return error(404, "not found")
         try:
             search = parse_search(request.body)
-            filters = self._filters(search, request.query)
-            field, descending, meta_key = _sort(search.sort)
+            project = request.params["project"]
+            filters = self._filters(search, request.query, project)
+            field, descending, meta_key = _sort(search.sort, self._metadata_names(project))
             page, limit = _paging(search.pagination)
         except QueryError as exc:
             return error(400, str(exc))
@@ -286,7 +294,7 @@ class OpenReplayApi:
             self.on_search(time.perf_counter() - started)
         return Response(200, _encoder.encode(LiveSessionsAnswer(answer)))
 
-    def _filters(self, search: LiveSearch, query: str) -> list[Filter]:
+    def _filters(self, search: LiveSearch, query: str, project: str) -> list[Filter]:
         specs: dict[str, FilterSpec | list[Scalar | None] | Scalar | None] = {}
         user_id = search_params(query).get("userId")
         if user_id is not None:
@@ -296,7 +304,13 @@ class OpenReplayApi:
         if self.max_filters and len(specs) > self.max_filters:
             self.limits["max_filters"] += 1
             raise QueryError(f"{len(specs)} filters, over the limit of {self.max_filters}")
-        return [to_filter(name, spec) for name, spec in specs.items()]
+        meta = self._metadata_names(project)
+        return [to_filter(name, spec, _metadata_key_of(name, meta)) for name, spec in specs.items()]
+
+    def _metadata_names(self, project: str) -> dict[str, str]:
+        """The project's metadata keys by their lower-cased name: OpenReplay matches names
+        case-insensitively."""
+        return {key.lower(): key for key in self.index.metadata_keys(project)}
 
     def _search(
         self,
@@ -338,7 +352,7 @@ class OpenReplayApi:
         if not self._key_ok(request):
             return error(404, "not found")
         try:
-            filters = self._filters(parse_search(request.body), request.query)
+            filters = self._filters(parse_search(request.body), request.query, request.params["project"])
         except QueryError as exc:
             return error(400, str(exc))
         found = self.index.get(request.params["project"], request.params["sessionId"])
@@ -362,7 +376,7 @@ class OpenReplayApi:
         text = compare_text(q or "")
         project = request.params["project"]
         found: list[tuple[int, str, str, Attribute]] = []
-        for field, meta in _autocompleted(key):
+        for field, meta in _autocompleted(key, self._metadata_names(project)):
             kind = (meta or field).upper()
             for value, count in self.index.values(project, field, meta, text, AUTOCOMPLETE_MAX):
                 found.append((-count, value, kind, Attribute(kind, _typed(field, value))))
@@ -371,12 +385,20 @@ class OpenReplayApi:
         return Response(200, _encoder.encode(AttributesAnswer(top)))
 
 
-def _autocompleted(key: str | None) -> Iterable[tuple[str, str | None]]:
-    """The (field, metadata key) pairs an autocomplete ``key`` names."""
+def _metadata_key_of(name: str, meta: dict[str, str]) -> str | None:
+    """The metadata key a filter or sort ``name`` that is no record field reads, if it differs."""
+    if FIELD_NAMES.get(name.lower()) is not None:
+        return None
+    return meta.get(name.lower())
+
+
+def _autocompleted(key: str | None, meta: dict[str, str]) -> Iterable[tuple[str, str | None]]:
+    """The (field, metadata key) pairs an autocomplete ``key`` names: without one, every text
+    field and every metadata key the project's sessions hold."""
     if not key:
-        return [(field, None) for field in TEXT_FIELDS]
+        return [*((field, None) for field in TEXT_FIELDS), *(("metadata", k) for k in meta.values())]
     field = FIELD_NAMES.get(key.lower())
-    return [(field, None)] if field is not None else [("metadata", key)]
+    return [(field, None)] if field is not None else [("metadata", meta.get(key.lower(), key))]
 
 
 def _typed(field: str, value: str) -> str | int | bool:

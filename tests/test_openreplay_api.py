@@ -108,6 +108,10 @@ async def test_filters_is_and_contains_on_fields_and_metadata() -> None:
         )
         assert await ids(h, both) == ["s1", "s3"]
         assert await ids(h, where(seats={"values": [12], "operator": "is"})) == ["s1"]
+        # Metadata names in any case too, as OpenReplay matches record keys.
+        assert await ids(h, where(PLAN={"values": ["pro"], "operator": "is"})) == await ids(
+            h, where(plan=["pro"])
+        )
         # A missing operator is contains, as are the v1.7 form (an array) and a bare value.
         assert await ids(h, where(pageTitle={"values": ["o"]})) == ["s1", "s2", "s4"]
         assert await ids(h, where(pageTitle=["PRIC"])) == ["s3"]
@@ -259,9 +263,12 @@ async def test_autocomplete() -> None:
         assert await complete("q=ann&key=userId") == [{"type": "USERID", "value": "Ann@Example.com"}]
         # A number field answers numbers, as OpenReplay's record holds them.
         assert await complete("q=4000&key=timestamp") == [{"type": "TIMESTAMP", "value": 4000}]
-        # Without a key: every text field.
+        # A metadata key in any case.
+        assert await complete("q=PR&key=PLAN") == [plan]
+        # Without a key: every text field and every metadata key.
         found = await complete("q=o")
         assert {"type": "USERID", "value": "bob@example.com"} in found
+        assert [f for f in await complete("q=pr") if f["type"] == "PLAN"] == [plan]
         # Most held first: Home (two sessions) before Firefox (one).
         home = found.index({"type": "PAGETITLE", "value": "Home"})
         assert home < found.index({"type": "USERBROWSER", "value": "Firefox"})
