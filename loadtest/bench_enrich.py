@@ -1,6 +1,7 @@
 """Record enrichment benchmark: what hub/enrich.py adds to a tracker's connect.
 
-    python -m loadtest.bench_enrich --wired [--rounds 6 --trackers 2000 --distinct 300] [--profile DIR]
+    python -m loadtest.bench_enrich --wired [--rounds 6 --trackers 2000 --distinct 300] [--diagnose]
+                                    [--profile DIR] [--out FILE]
     python -m loadtest.bench_enrich [--storm 5000 --distinct 300 --connects 2000] [--compare]
 
 ``--wired``: the issue's figure, server CPU per tracker connect + 16-field
@@ -26,9 +27,18 @@ Every case of every round gets a fresh hub: the User-Agent and GeoIP caches
 first takes ``--warmup`` trackers without a User-Agent, so its own first-use
 costs are out of the figure for all cases alike. The ``start`` does not carry
 the fields the enrichment fills, so they land in the record and its index,
-as for a tracker that leaves them to the hub. ``--profile DIR`` runs the hubs
-under cProfile during the storms only (its timings are the profiler's, not
-figures) and prints where the time goes.
+as for a tracker that leaves them to the hub. Each started record is checked
+for what its case's enrichment finds.
+
+``--diagnose`` adds cases that split a with-case's cost, one difference at a
+time: ``ua-warm`` and ``ua+geo-warm`` (the hub first takes the storm's own
+handshakes, so the storm finds its caches warm: the rest is the headers, the
+cache hits and the fields in the record), and ``sent`` (no enrichment; the
+start carries the nine fields ua+geo would find: the record's share). Every
+case then warms up with as many more trackers, so all hubs hold as much.
+``--profile DIR`` runs the hubs under cProfile during the storms only (its
+timings are the profiler's, not figures) and prints where the time goes and
+what grew against ``none``.
 
 Without ``--wired``, in this process, no sockets: per User-Agent string (real
 browsers, a crawler, an empty and a 2 KB garbage string) the parse without
@@ -44,7 +54,11 @@ against the server CPU of a connect + start measured in the same run (the
 what each parser names, and looks the address up with ``maxminddb-rust``'s
 ``get_path`` (neither is a dependency: ``pip install user-agents
 maxminddb-rust``).
-In-process figures are the best of 5 repeats (the machine is shared).
+In-process figures are the best of 5 repeats (the machine is shared). A tight
+loop keeps the parser's automata and the database in the CPU caches; a server
+calls them between other work, so the parse and the lookup are also timed
+with every cache cold (32 MiB touched before each call): the wired figures,
+not the tight loops, are the ones to judge by.
 """
 
 from __future__ import annotations
@@ -246,6 +260,23 @@ def per_call_us(fn: Callable[[], object], n: int) -> float:
     return best * 1e6
 
 
+EVICT_BYTES = 32 * 1024 * 1024
+
+
+def evicted_us(fn: Callable[[], object], n: int) -> float:
+    """Median µs of ``n`` calls, each after 32 MiB are written and read: every CPU cache is cold, as
+    (at worst) for a call that comes between a server's other work, unlike a tight loop's repeats."""
+    buf = bytearray(EVICT_BYTES)
+    times = []
+    for i in range(n):
+        buf[::64] = bytes([i & 0xFF]) * (EVICT_BYTES // 64)
+        bytes(buf)
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
 LANGUAGES = ("de", "en", "es", "fr", "ja", "pt-BR", "ru", "zh-CN")
 
 
@@ -318,7 +349,9 @@ def profiled_hub() -> None:
 
     def off(signum: int, frame: FrameType | None) -> None:
         profile.disable()
-        profile.dump_stats(out)
+        # Whole or absent: the benchmark stops the hub once the file is there.
+        profile.dump_stats(f"{out}.part")
+        os.replace(f"{out}.part", out)
 
     signal.signal(signal.SIGUSR1, on)
     signal.signal(signal.SIGUSR2, off)
@@ -329,14 +362,23 @@ def profiled_hub() -> None:
 class Case:
     name: str
     label: str
-    user_agent: bool
-    geoip: bool
+    user_agent: bool = False
+    geoip: bool = False
+    # The hub first sees every header of the storm (its caches warm), or the start carries the fields.
+    warm: bool = False
+    sends_fields: bool = False
 
 
 CASES = (
-    Case("none", "without: no User-Agent header, no GeoIP database", user_agent=False, geoip=False),
-    Case("ua", "User-Agent (ua-parser, LRU cold)", user_agent=True, geoip=False),
+    Case("none", "without: no User-Agent header, no GeoIP database"),
+    Case("ua", "User-Agent (ua-parser, LRU cold)", user_agent=True),
     Case("ua+geo", "User-Agent + GeoIP behind trusted proxies (both LRUs cold)", user_agent=True, geoip=True),
+)
+# --diagnose: where a with-case's time goes, one difference at a time.
+DIAGNOSTIC_CASES = (
+    Case("ua-warm", "ua with the LRU warm (every string seen before the storm)", user_agent=True, warm=True),
+    Case("ua+geo-warm", "ua+geo with both LRUs warm", user_agent=True, geoip=True, warm=True),
+    Case("sent", "none, but the start carries the 9 fields ua+geo would find", sends_fields=True),
 )
 
 
@@ -413,28 +455,35 @@ class _Started:
         pass
 
 
-async def _trackers(
-    port: int, headers: Sequence[list[tuple[str, str]]], prefix: str, started: _Started
-) -> list[WsConn]:
-    """A tracker per entry of ``headers`` (its handshake's), each sending a start; back once all started."""
+@dataclass(frozen=True)
+class Tracker:
+    """A tracker of a storm: its handshake's headers and what its start carries beyond WIRED_START_FIELDS."""
+
+    headers: list[tuple[str, str]]
+    fields: dict[str, str]
+
+
+async def _trackers(port: int, trackers: Sequence[Tracker], prefix: str, started: _Started) -> list[WsConn]:
+    """Connects ``trackers``, each sending its start; back once all are started."""
     limit = asyncio.Semaphore(IN_FLIGHT)
     now = int(time.time() * 1000)
-    goal = started.count + len(headers)
+    goal = started.count + len(trackers)
 
     async def one(i: int) -> WsConn:
+        t = trackers[i]
         async with limit:
-            conn = await ws_connect(
-                f"ws://127.0.0.1:{port}", "/ws/tracker/bench", started, headers=headers[i]
-            )
-            start = {**WIRED_START_FIELDS, "sessionID": f"{prefix}-{i}", "tabId": f"t-{i}", "timestamp": now}
-            conn.send(msgspec.json.encode(start))
+            conn = await ws_connect(f"ws://127.0.0.1:{port}", "/ws/tracker/bench", started, headers=t.headers)
+            start = {**WIRED_START_FIELDS, **t.fields, "sessionID": f"{prefix}-{i}", "tabId": f"t-{i}"}
+            conn.send(msgspec.json.encode({**start, "timestamp": now}))
             return conn
 
-    conns = await asyncio.gather(*(one(i) for i in range(len(headers))))
+    conns = await asyncio.gather(*(one(i) for i in range(len(trackers))))
     deadline = time.monotonic() + 120
     while started.count < goal:
         if time.monotonic() > deadline:
-            raise SystemExit(f"only {started.count - goal + len(headers)} of {len(headers)} trackers started")
+            raise SystemExit(
+                f"only {started.count - goal + len(trackers)} of {len(trackers)} trackers started"
+            )
         await asyncio.sleep(0.005)
     return conns
 
@@ -451,18 +500,17 @@ class Storm:
     with_country: int
 
 
-async def _storm(hub: HubProcess, headers: Sequence[list[tuple[str, str]]], warmup: int, tag: str) -> Storm:
-    warm = _Started()
-    conns = await _trackers(hub.port, [[] for _ in range(warmup)], f"warm-{tag}", warm)
+async def _storm(hub: HubProcess, warmup: Sequence[Tracker], storm: Sequence[Tracker], tag: str) -> Storm:
+    conns = await _trackers(hub.port, warmup, f"warm-{tag}", _Started())
     hub.profile_on()
     started = _Started()
     c0 = hub.cpu()
-    conns += await _trackers(hub.port, headers, tag, started)
+    conns += await _trackers(hub.port, storm, tag, started)
     cpu = hub.cpu() - c0
     hub.profile_off()
     for conn in conns:
         conn.abort()
-    n = len(headers)
+    n = len(storm)
     return Storm("", 0, n, cpu / n * 1e6, started.with_browser, started.with_country)
 
 
@@ -474,26 +522,32 @@ def _run(coro: Coroutine[Any, Any, Storm]) -> Storm:
     return uvloop.run(coro)  # the lean client on uvloop: less of the shared CPU for the load
 
 
-def storm_once(
-    case: Case,
-    rnd: int,
-    agents: list[str],
-    clients: list[str],
-    db: str,
-    warmup: int,
-    profile_dir: Path | None,
-) -> Storm:
-    extra = ["--geoip-db", db, "--trusted-proxies", TRUSTED_PROXIES] if case.geoip else []
-    headers: list[list[tuple[str, str]]] = []
-    for ua, client in zip(agents, clients, strict=True):
-        h = [("User-Agent", ua)] if case.user_agent else []
+def storm_trackers(
+    case: Case, agents: list[str], clients: list[str], found: list[dict[str, str]]
+) -> list[Tracker]:
+    """The storm's trackers for ``case``: ``found`` is what the hub would find for each (for ``sent``)."""
+    trackers = []
+    for ua, client, fields in zip(agents, clients, found, strict=True):
+        headers = [("User-Agent", ua)] if case.user_agent else []
         if case.geoip:
-            h.append(("X-Forwarded-For", f"{client}, {INNER_PROXY}"))
-        headers.append(h)
+            headers.append(("X-Forwarded-For", f"{client}, {INNER_PROXY}"))
+        trackers.append(Tracker(headers, fields if case.sends_fields else {}))
+    return trackers
+
+
+def storm_once(
+    case: Case, rnd: int, storm: list[Tracker], db: str, warmup: int, profile_dir: Path | None, even: bool
+) -> Storm:
+    """``case``'s storm on a fresh hub, after ``warmup`` trackers without a header; a warm case's
+    hub first takes the storm's own handshakes too, so its caches hold what the storm asks (with
+    ``even``, every other case's takes as many trackers without a header: the same state)."""
+    extra = ["--geoip-db", db, "--trusted-proxies", TRUSTED_PROXIES] if case.geoip else []
+    plain = Tracker([], {})
+    before = [plain] * warmup + (storm if case.warm else [plain] * len(storm) if even else [])
     profile_to = profile_dir / f"{case.name}-r{rnd}.prof" if profile_dir is not None else None
     hub = HubProcess(extra, profile_to)
     try:
-        result = _run(_storm(hub, headers, warmup, f"{case.name}-{rnd}"))
+        result = _run(_storm(hub, before, storm, f"{case.name}-{rnd}"))
     finally:
         hub.stop()
     result.case, result.round = case.name, rnd
@@ -505,43 +559,54 @@ def loadavg() -> str:
 
 
 def wired(args: argparse.Namespace, db: str) -> dict[str, Any]:
-    """Rounds of the three cases in rotated order, each on a fresh hub; ratios per round and overall."""
+    """Rounds of the cases in rotated order, each on a fresh hub; ratios per round and overall."""
+    cases = CASES + (DIAGNOSTIC_CASES if args.diagnose else ())
     pool = distinct_agents(args.distinct)
+    # What the hub finds for a tracker, for the case whose start carries it instead.
+    finder = Enricher(
+        geoip_db=db, trusted_proxies=[ipaddress.ip_network(n) for n in TRUSTED_PROXIES.split(",")]
+    )
     load_before = loadavg()
     print(f"load average before: {load_before}")
     print(
-        f"{args.rounds} rounds x {len(CASES)} cases, {args.trackers} trackers each after {args.warmup} "
+        f"{args.rounds} rounds x {len(cases)} cases, {args.trackers} trackers each after {args.warmup} "
         f"warm-up ones, {IN_FLIGHT} in flight; User-Agents drawn Zipf-like from {len(pool)} strings"
     )
+    for c in cases:
+        print(f"  {c.name:12} {c.label}")
     storms: list[Storm] = []
     for rnd in range(args.rounds):
         rng = random.Random(1800 + rnd)
         agents = zipf_draw(pool, args.trackers, rng)
         clients = client_addresses(args.trackers, rng)
-        order = CASES[rnd % len(CASES) :] + CASES[: rnd % len(CASES)]
+        found = [
+            finder.fields({"user-agent": ua, "x-forwarded-for": f"{client}, {INNER_PROXY}"}, "127.0.0.1")
+            for ua, client in zip(agents, clients, strict=True)
+        ]
+        turn = rnd % len(cases)
         line = []
-        for case in order:
-            s = storm_once(case, rnd, agents, clients, db, args.warmup, args.profile)
-            storms.append(s)
-            line.append(f"{case.name} {s.us:6.1f}")
+        for case in cases[turn:] + cases[:turn]:
+            storm = storm_trackers(case, agents, clients, found)
+            result = storm_once(case, rnd, storm, db, args.warmup, args.profile, args.diagnose)
+            check(case, result, args.trackers)
+            storms.append(result)
+            line.append(f"{case.name} {result.us:.1f}")
         print(
             f"  round {rnd + 1}: " + ", ".join(line) + f" µs  ({len(set(agents))} distinct User-Agents, "
             f"{len(set(clients))} distinct clients; load {loadavg()})"
         )
+    finder.close()
     load_after = loadavg()
     print(f"load average after: {load_after}")
-    result = summarize(storms, args)
+    result = summarize(cases, storms, args)
     result["load_before"], result["load_after"] = load_before, load_after
-    for s in storms:
-        check(s, args.trackers)
     return result
 
 
-def check(s: Storm, n: int) -> None:
+def check(case: Case, s: Storm, n: int) -> None:
     """Every record got what its case's enrichment finds, and no more."""
-    case = next(c for c in CASES if c.name == s.case)
-    want_browser = n if case.user_agent else 0
-    want_country = n if case.geoip else 0
+    want_browser = n if case.user_agent or case.sends_fields else 0
+    want_country = n if case.geoip or case.sends_fields else 0
     if (s.with_browser, s.with_country) != (want_browser, want_country):
         raise SystemExit(
             f"{s.case} round {s.round + 1}: {s.with_browser} records with userBrowser (want {want_browser}), "
@@ -549,57 +614,71 @@ def check(s: Storm, n: int) -> None:
         )
 
 
-def summarize(storms: list[Storm], args: argparse.Namespace) -> dict[str, Any]:
-    by_case = {c.name: [s for s in storms if s.case == c.name] for c in CASES}
+def summarize(cases: Sequence[Case], storms: list[Storm], args: argparse.Namespace) -> dict[str, Any]:
+    by_case = {c.name: [s for s in storms if s.case == c.name] for c in cases}
     base = {s.round: s.us for s in by_case["none"]}
-    cases: dict[str, Any] = {}
-    print("\nServer CPU per connect + start, µs (best / median / worst of rounds):")
-    for c in CASES:
+    out: dict[str, Any] = {}
+    print("\nServer CPU per connect + start, µs over rounds; x without: paired by round (median, spread)")
+    print(f"  {'case':12} {'best':>6} {'median':>6} {'worst':>6}   {'x best-of':>9} {'x median':>8}  spread")
+    for c in cases:
         us = [s.us for s in by_case[c.name]]
         entry: dict[str, Any] = {"label": c.label, "us_per_connect": us}
-        row = f"  {c.name:7} {min(us):6.1f} / {statistics.median(us):6.1f} / {max(us):6.1f}"
+        row = f"  {c.name:12} {min(us):6.1f} {statistics.median(us):6.1f} {max(us):6.1f}"
         if c.name != "none":
-            # Paired by round: a with-storm against the without-storm of its own round.
+            # A with-storm against the without-storm of its own round: the same minute's machine.
             ratios = [s.us / base[s.round] for s in by_case[c.name]]
             entry["ratio_per_round"] = ratios
             entry["ratio_of_bests"] = min(us) / min(base.values())
             entry["ratio_median"] = statistics.median(ratios)
             row += (
-                f"   x without: {entry['ratio_of_bests']:.3f} best-of, median {entry['ratio_median']:.3f} "
-                f"of rounds, spread {min(ratios):.3f}-{max(ratios):.3f}"
+                f"   {entry['ratio_of_bests']:9.3f} {entry['ratio_median']:8.3f}"
+                f"  {min(ratios):.3f}-{max(ratios):.3f}"
             )
-        print(row + f"   {c.label}")
-        cases[c.name] = entry
+        print(row)
+        out[c.name] = entry
     return {
         "command": " ".join(["python -m loadtest.bench_enrich", *sys.argv[1:]]),
         "rounds": args.rounds,
         "trackers": args.trackers,
         "warmup": args.warmup,
         "distinct": args.distinct,
-        "cases": cases,
+        "cases": out,
     }
 
 
 def profile_report(profile_dir: Path, trackers: int) -> None:
-    """Where the hub's time went in each case's storms (all rounds merged), per connect."""
-    print("\nProfiled storms (cProfile inflates every call; read the shares, not the µs):")
-    for c in CASES:
-        files = sorted(str(p) for p in profile_dir.glob(f"{c.name}-r*.prof"))
+    """Where each case's storms spent the hub's time (rounds merged), per connect, and what grew against
+    the case without enrichment: the functions whose own time per connect grew most."""
+    print("\nProfiled storms (cProfile inflates every call: read the shares and the growth, not the µs):")
+    per_connect: dict[str, dict[tuple[str, int, str], tuple[float, float, float]]] = {}
+    for c in CASES + DIAGNOSTIC_CASES:
+        files = sorted(str(p) for p in profile_dir.glob(f"{c.name}-r[0-9]*.prof"))
         if not files:
             continue
-        stats = pstats.Stats(*files)
         n = trackers * len(files)
-        raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
-        total = sum(tt for (_, _, tt, _, _) in raw.values())
-        print(f"  {c.name}: {total / n * 1e6:.0f} µs profiled per connect; top own time:")
-        top = sorted(raw.items(), key=lambda kv: kv[1][2], reverse=True)[:12]
-        for (file, line, func), (_, calls, tt, ct, _) in top:
+        raw: dict[tuple[str, int, str], Any] = pstats.Stats(*files).stats  # type: ignore[attr-defined]
+        per_connect[c.name] = {
+            key: (calls / n, tt / n * 1e6, ct / n * 1e6) for key, (_, calls, tt, ct, _) in raw.items()
+        }
+    base = per_connect.get("none", {})
+    for name, funcs in per_connect.items():
+        total = sum(own for _, own, _ in funcs.values())
+        print(f"  {name}: {total:.0f} µs profiled per connect", end="")
+        if name == "none":
+            print("; top own time:")
+            rows = sorted(funcs.items(), key=lambda kv: kv[1][1], reverse=True)[:10]
+        else:
+            grown = total - sum(own for _, own, _ in base.values())
+            print(f", {grown:+.0f} against none; the most grown own time:")
+            rows = sorted(
+                funcs.items(), key=lambda kv: kv[1][1] - base.get(kv[0], (0, 0, 0))[1], reverse=True
+            )
+            rows = rows[:14]
+        for (file, line, func), (calls, own, cum) in rows:
+            was = base.get((file, line, func), (0.0, 0.0, 0.0))
             where = f"{Path(file).name}:{line}({func})" if line else func
-            print(f"    {tt / n * 1e6:7.1f} µs own {ct / n * 1e6:7.1f} cum {calls / n:5.1f} calls  {where}")
-        ours = [(key, row) for key, row in raw.items() if key[0].endswith("hub/enrich.py")]
-        for (_, line, func), (_, calls, tt, ct, _) in sorted(ours, key=lambda kv: kv[1][3], reverse=True)[:6]:
-            where = f"enrich.py:{line}({func})"
-            print(f"    {tt / n * 1e6:7.1f} µs own {ct / n * 1e6:7.1f} cum {calls / n:5.1f} calls  {where}")
+            grew = f" ({own - was[1]:+6.1f})" if name != "none" else ""
+            print(f"    {own:7.1f}{grew} µs own {cum:7.1f} cum {calls:5.2f} calls  {where}")
 
 
 # ---------------------------------------------------------------- in-process parts
@@ -607,19 +686,19 @@ def profile_report(profile_dir: Path, trackers: int) -> None:
 
 def connect_cost(n: int) -> float:
     """Server CPU per tracker connect + start without enrichment's work, µs, measured now."""
-    s = storm_once(CASES[0], 0, [""] * n, [""] * n, "", 200, None)
-    return s.us
+    return storm_once(CASES[0], 0, [Tracker([], {})] * n, "", 200, None, False).us
 
 
 def parsers(n: int) -> None:
     agents = UserAgents()
     print("User-Agent parse, µs per call (ua-parser 1.0 + ua-parser-rs):")
-    print(f"  {'string':26} {'uncached':>9} {'cached':>8}")
+    print(f"  {'string':26} {'uncached':>9} {'CPU caches cold':>15} {'cached':>8}")
     for name, ua in STRINGS.items():
         uncached = per_call_us(lambda ua=ua: agents.parse(ua), max(1, n // 20))
+        cold = evicted_us(lambda ua=ua: agents.parse(ua), 40)
         agents.fields(ua)
         cached = per_call_us(lambda ua=ua: agents.fields(ua), n)
-        print(f"  {name:26} {uncached:9.1f} {cached:8.2f}")
+        print(f"  {name:26} {uncached:9.1f} {cold:15.1f} {cached:8.2f}")
 
 
 def compare(n: int) -> None:
@@ -671,6 +750,10 @@ def compare_readers(n: int, db: str) -> None:
     three = per_call_us(lambda: [paths.get_path(address, path) for path in wanted], n)
     print(f"  {f'maxminddb {maxminddb.__version__}, whole record':42} {whole:7.2f}")
     print(f"  {'maxminddb-rust, get_path x3':42} {three:7.2f}")
+    whole = evicted_us(lambda: full.get(address), 40)
+    three = evicted_us(lambda: [paths.get_path(address, path) for path in wanted], 40)
+    print(f"  {'the same, CPU caches cold: maxminddb':42} {whole:7.2f}")
+    print(f"  {'the same, CPU caches cold: maxminddb-rust':42} {three:7.2f}")
     full.close()
     paths.close()
 
@@ -747,6 +830,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=200, help="--wired: trackers before each (default 200)")
     parser.add_argument("--profile", type=Path, help="--wired: profile the storms, stats here")
     parser.add_argument("--out", type=Path, help="--wired: the figures as JSON to this file")
+    parser.add_argument(
+        "--diagnose", action="store_true", help="--wired: also the cases that split the cost (warm, sent)"
+    )
     parser.add_argument("--calls", type=int, default=20000, help="calls per cached figure (default 20000)")
     parser.add_argument("--storm", type=int, default=5000, help="connections in the storm (default 5000)")
     parser.add_argument(
