@@ -32,6 +32,10 @@ from .fanout import FanOut
 from .http_api import HttpApi, Request, Response, error
 from .index import LiveIndex
 from .metrics import Metrics
+from .openreplay import AgentEndpoint as OpenReplayAgent
+from .openreplay import OpenReplay
+from .openreplay import TabEndpoint as OpenReplayTab
+from .openreplay import paths as openreplay_paths
 from .openreplay_api import OpenReplayApi
 from .registry import Registry
 from .relay import Limits, Relay
@@ -84,6 +88,18 @@ class Hub:
         self.relay = self._relay(settings)
         self.registry.listeners.append(self.relay)
         self.server.endpoint_kinds.update({TrackerEndpoint: TRACKER, AgentEndpoint: AGENT})
+        # OpenReplay's tracker and dashboard over Socket.IO: tabs and agents of the same relay.
+        self.openreplay = OpenReplay(
+            settings,
+            self.registry,
+            self.relay,
+            self.enricher,
+            self.routes.auth,
+            self.metrics.trackers,
+            self.limits,
+            lambda: now_ms() / 1000,
+        )
+        self.server.endpoint_kinds.update({OpenReplayTab: TRACKER, OpenReplayAgent: AGENT})
         self._add_gauges()
         self._add_relay_metrics()
         self.replication.add_metrics(self.metrics.gauge, self.metrics.counter)
@@ -146,6 +162,8 @@ class Hub:
             openreplay.register(routes)
         routes.websocket("/ws/tracker/{projectKey}", self._route_tracker)
         routes.websocket("/ws/agent/{projectKey}", self._route_agent, auth=True)
+        for path in openreplay_paths(self.settings.openreplay_path):
+            routes.websocket(path, self._route_openreplay)
         return routes
 
     def _route_tracker(self, request: Request, conn: WebSocketConnection) -> Endpoint | Response:
@@ -155,11 +173,7 @@ class Hub:
         if not origin_allowed(self.settings, request.headers):
             self.limits["tracker_origin"] += 1
             return error(403, "origin not allowed")
-        if self.settings.tracker_rcvbuf:
-            # A small window: a flooding client fills it and waits, instead of the hub's memory.
-            # While the relay streams it, a window for its rate over a 250 ms round trip.
-            watched = max(self.settings.tracker_rcvbuf, int(self.settings.relay_rate / 4), WATCHED_RCVBUF_MIN)
-            conn.set_receive_buffer(self.settings.tracker_rcvbuf, watched)
+        self._tracker_window(conn)
         return TrackerEndpoint(
             self.registry,
             project_key,
@@ -171,6 +185,22 @@ class Hub:
             self.relay,
             conn,
         )
+
+    def _tracker_window(self, conn: WebSocketConnection) -> None:
+        if self.settings.tracker_rcvbuf:
+            # A small window: a flooding client fills it and waits, instead of the hub's memory.
+            # While the relay streams it, a window for its rate over a 250 ms round trip.
+            watched = max(self.settings.tracker_rcvbuf, int(self.settings.relay_rate / 4), WATCHED_RCVBUF_MIN)
+            conn.set_receive_buffer(self.settings.tracker_rcvbuf, watched)
+
+    def _route_openreplay(self, request: Request, conn: WebSocketConnection) -> Endpoint | Response:
+        """A Socket.IO handshake (README, "Migrating from OpenReplay's assist server")."""
+        routed = self.openreplay.route(request, conn)
+        if isinstance(routed, OpenReplayTab):
+            self._tracker_window(conn)
+        elif isinstance(routed, OpenReplayAgent):
+            conn.set_send_buffer(self.settings.relay_agent_buffer)
+        return routed
 
     def _route_agent(self, request: Request, conn: WebSocketConnection) -> Endpoint | Response:
         limit = self.settings.max_agents

@@ -96,6 +96,13 @@ class Settings:
     relay_max_event: int = 64 << 10
     # OpenReplay's ASSIST_KEY: its assist HTTP API under /assist/{key}/ ("" = not served).
     assist_key: str = ""
+    # OpenReplay's Socket.IO assist protocol: path, agent JWT secret, Engine.IO ping
+    # interval and timeout (s), largest packet (README, "Migrating from OpenReplay's assist server").
+    openreplay_path: str = "/ws-assist/socket"
+    openreplay_jwt_secret: str = ""
+    openreplay_ping_interval: float = 25.0
+    openreplay_ping_timeout: float = 20.0
+    openreplay_max_payload: int = 4 << 20
     # True when the API key was generated at start (printed once).
     api_key_generated: bool = field(default=False, compare=False)
 
@@ -335,6 +342,13 @@ def _assist_key(text: str) -> str:
     return text
 
 
+def _openreplay_path(text: str) -> str:
+    path = text.rstrip("/")
+    if not re.fullmatch(r"(/[A-Za-z0-9_.~-]+)+", path):
+        raise argparse.ArgumentTypeError(f"openreplay path must be /segment[/segment...], got {text!r}")
+    return path
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise ConfigError(message)
@@ -522,6 +536,34 @@ OPTIONS: Final[list[tuple[str, Any, str]]] = [
         _assist_key,
         "OpenReplay's ASSIST_KEY: serve its assist HTTP API under /assist/KEY/ (default: not served)",
     ),
+    (
+        "openreplay-path",
+        _openreplay_path,
+        "path of OpenReplay's Socket.IO assist protocol (trackers and agents), also served with a "
+        "trailing slash and as /socket/ (default /ws-assist/socket)",
+    ),
+    (
+        "openreplay-jwt-secret",
+        str,
+        "OpenReplay's ASSIST_JWT_SECRET: Socket.IO agents may show its HS256/384/512 agent tokens "
+        "(default: hub API keys only)",
+    ),
+    (
+        "openreplay-ping-interval",
+        _positive("openreplay-ping-interval", float),
+        "seconds between Engine.IO pings to Socket.IO clients; each pong keeps lastActiveAt (default 25)",
+    ),
+    (
+        "openreplay-ping-timeout",
+        _positive("openreplay-ping-timeout", float),
+        "seconds a Socket.IO client has to answer a ping before it is closed (default 20)",
+    ),
+    (
+        "openreplay-max-payload",
+        _positive("openreplay-max-payload", int),
+        "bytes of one Socket.IO packet, e.g. a page's first snapshot; at most --relay-burst "
+        "(default 4194304)",
+    ),
 ]
 
 
@@ -574,6 +616,10 @@ def validate(settings: Settings) -> Settings:
         unknown = sorted({p for p, _ in settings.webhooks_file if p != "*"} - set(settings.projects))
         if unknown:
             raise ConfigError(f"--webhooks-file names projects not in --projects: {', '.join(unknown)}")
+    if settings.openreplay_max_payload > settings.relay_burst:
+        raise ConfigError(
+            "--openreplay-max-payload cannot exceed --relay-burst: a tab's largest event must fit"
+        )
     if settings.workers > 1 and not settings.redis_url:
         raise ConfigError("--workers above 1 needs --redis-url: each worker is a node of a Redis cluster")
     if settings.api_key == "":
