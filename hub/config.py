@@ -561,8 +561,8 @@ OPTIONS: Final[list[tuple[str, Any, str]]] = [
     (
         "openreplay-max-payload",
         _positive("openreplay-max-payload", int),
-        "bytes of one Socket.IO packet, e.g. a page's first snapshot; at most --relay-burst "
-        "(default 4194304)",
+        "bytes of one Socket.IO packet, e.g. a page's first snapshot; a tab's event is also bounded "
+        "by --relay-burst (default 4194304)",
     ),
 ]
 
@@ -616,10 +616,6 @@ def validate(settings: Settings) -> Settings:
         unknown = sorted({p for p, _ in settings.webhooks_file if p != "*"} - set(settings.projects))
         if unknown:
             raise ConfigError(f"--webhooks-file names projects not in --projects: {', '.join(unknown)}")
-    if settings.openreplay_max_payload > settings.relay_burst:
-        raise ConfigError(
-            "--openreplay-max-payload cannot exceed --relay-burst: a tab's largest event must fit"
-        )
     if settings.workers > 1 and not settings.redis_url:
         raise ConfigError("--workers above 1 needs --redis-url: each worker is a node of a Redis cluster")
     if settings.api_key == "":

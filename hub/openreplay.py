@@ -745,7 +745,8 @@ class OpenReplay:
         self.registry = registry
         self.relay = relay
         self.enricher = enricher
-        self.codec = SocketIOCodec(self.options.max_payload)
+        # A tab's event over the relay's burst could never pass its rate check.
+        self.codec = SocketIOCodec(min(self.options.max_payload, settings.relay_burst))
         self.auth = AgentAuth(auth, self.options.jwt_secret, self.options.jwt_algorithms)
         self.counts = counts
         self.clock = clock

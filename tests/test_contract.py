@@ -262,6 +262,7 @@ WORDED_DEFAULTS = {
     "geoip-db": "none",
     "trusted-proxies": "none",
     "assist-key": "none",
+    "openreplay-jwt-secret": "none",
 }
 
 
@@ -368,6 +369,11 @@ SAMPLES = {
     "relay-burst": "9000",
     "relay-max-event": "4096",
     "assist-key": "sample-assist-key",
+    "openreplay-path": "/assist-io/socket",
+    "openreplay-jwt-secret": "sample-jwt-secret",
+    "openreplay-ping-interval": "10",
+    "openreplay-ping-timeout": "5",
+    "openreplay-max-payload": "1048576",
 }
 
 
