@@ -135,7 +135,8 @@ class _Header(Struct, omit_defaults=True):
 class _Envelope(Struct):
     """What an OpenReplay tab or agent wraps its events in: ``{"meta":{"tabId"},"data"}``."""
 
-    meta: Raw | None = None
+    # Raw alone: msgspec takes no union with it.
+    meta: Raw = Raw(b"null")
     data: Raw = Raw(b"null")
 
 
