@@ -1,7 +1,7 @@
 """Record enrichment benchmark: what hub/enrich.py adds to a tracker's connect.
 
-    python -m loadtest.bench_enrich --wired [--rounds 6 --trackers 2000 --distinct 300] [--diagnose]
-                                    [--profile DIR] [--out FILE]
+    python -m loadtest.bench_enrich --wired [--rounds 6 --trackers 2000 --warmup 300 --distinct 300]
+                                    [--diagnose] [--profile DIR] [--out FILE]
     python -m loadtest.bench_enrich [--storm 5000 --distinct 300 --connects 2000] [--compare]
 
 ``--wired``: the issue's figure, server CPU per tracker connect + 16-field
@@ -31,11 +31,12 @@ as for a tracker that leaves them to the hub. Each started record is checked
 for what its case's enrichment finds.
 
 ``--diagnose`` adds cases that split a with-case's cost, one difference at a
-time: ``ua-warm`` and ``ua+geo-warm`` (the hub first takes the storm's own
-handshakes, so the storm finds its caches warm: the rest is the headers, the
-cache hits and the fields in the record), and ``sent`` (no enrichment; the
-start carries the nine fields ua+geo would find: the record's share). Every
-case then warms up with as many more trackers, so all hubs hold as much.
+time: ``ua-warm`` (each distinct User-Agent of the storm is among the
+warm-up's trackers, so the storm finds the LRU warm: ``ua`` minus this is
+what the parses cost), ``ua-sent`` and ``geo-sent`` (no header, no database:
+the start carries the fields ``ua`` or ``ua+geo`` finds, so the record is the
+same: ``ua`` minus ``ua-sent`` is what the hub's finding costs, against a
+tracker that tells it).
 ``--profile DIR`` runs the hubs under cProfile during the storms only (its
 timings are the profiler's, not figures) and prints where the time goes and
 what grew against ``none``.
@@ -89,7 +90,7 @@ import msgspec
 from mmdb_writer import MMDBWriter
 from netaddr import IPSet
 
-from hub.enrich import Enricher, UserAgents
+from hub.enrich import GEO_FIELDS, UA_FIELDS, Enricher, UserAgents
 from hub.record import decode_message
 
 from .client import WsConn, ws_connect
@@ -364,9 +365,9 @@ class Case:
     label: str
     user_agent: bool = False
     geoip: bool = False
-    # The hub first sees every header of the storm (its caches warm), or the start carries the fields.
+    # The hub first sees each User-Agent of the storm (its LRU warm); the start carries these fields.
     warm: bool = False
-    sends_fields: bool = False
+    sends: tuple[str, ...] = ()
 
 
 CASES = (
@@ -376,9 +377,9 @@ CASES = (
 )
 # --diagnose: where a with-case's time goes, one difference at a time.
 DIAGNOSTIC_CASES = (
-    Case("ua-warm", "ua with the LRU warm (every string seen before the storm)", user_agent=True, warm=True),
-    Case("ua+geo-warm", "ua+geo with both LRUs warm", user_agent=True, geoip=True, warm=True),
-    Case("sent", "none, but the start carries the 9 fields ua+geo would find", sends_fields=True),
+    Case("ua-warm", "ua, the LRU warm (each string seen in the warm-up)", user_agent=True, warm=True),
+    Case("ua-sent", "none, the start carries the 6 fields ua finds", sends=UA_FIELDS),
+    Case("geo-sent", "none, the start carries the 9 fields ua+geo finds", sends=UA_FIELDS + GEO_FIELDS),
 )
 
 
@@ -525,25 +526,24 @@ def _run(coro: Coroutine[Any, Any, Storm]) -> Storm:
 def storm_trackers(
     case: Case, agents: list[str], clients: list[str], found: list[dict[str, str]]
 ) -> list[Tracker]:
-    """The storm's trackers for ``case``: ``found`` is what the hub would find for each (for ``sent``)."""
+    """The storm's trackers for ``case``: ``found`` is what the hub would find for each."""
     trackers = []
     for ua, client, fields in zip(agents, clients, found, strict=True):
         headers = [("User-Agent", ua)] if case.user_agent else []
         if case.geoip:
             headers.append(("X-Forwarded-For", f"{client}, {INNER_PROXY}"))
-        trackers.append(Tracker(headers, fields if case.sends_fields else {}))
+        trackers.append(Tracker(headers, {k: v for k, v in fields.items() if k in case.sends}))
     return trackers
 
 
 def storm_once(
-    case: Case, rnd: int, storm: list[Tracker], db: str, warmup: int, profile_dir: Path | None, even: bool
+    case: Case, rnd: int, storm: list[Tracker], db: str, warmup: int, profile_dir: Path | None
 ) -> Storm:
-    """``case``'s storm on a fresh hub, after ``warmup`` trackers without a header; a warm case's
-    hub first takes the storm's own handshakes too, so its caches hold what the storm asks (with
-    ``even``, every other case's takes as many trackers without a header: the same state)."""
+    """``case``'s storm on a fresh hub, after ``warmup`` trackers without a header; in a warm case's,
+    one for each distinct User-Agent of the storm takes the place of one of them."""
     extra = ["--geoip-db", db, "--trusted-proxies", TRUSTED_PROXIES] if case.geoip else []
-    plain = Tracker([], {})
-    before = [plain] * warmup + (storm if case.warm else [plain] * len(storm) if even else [])
+    before = list({str(t.headers): t for t in storm}.values()) if case.warm else []
+    before += [Tracker([], {})] * (warmup - len(before))
     profile_to = profile_dir / f"{case.name}-r{rnd}.prof" if profile_dir is not None else None
     hub = HubProcess(extra, profile_to)
     try:
@@ -587,7 +587,7 @@ def wired(args: argparse.Namespace, db: str) -> dict[str, Any]:
         line = []
         for case in cases[turn:] + cases[:turn]:
             storm = storm_trackers(case, agents, clients, found)
-            result = storm_once(case, rnd, storm, db, args.warmup, args.profile, args.diagnose)
+            result = storm_once(case, rnd, storm, db, args.warmup, args.profile)
             check(case, result, args.trackers)
             storms.append(result)
             line.append(f"{case.name} {result.us:.1f}")
@@ -605,8 +605,8 @@ def wired(args: argparse.Namespace, db: str) -> dict[str, Any]:
 
 def check(case: Case, s: Storm, n: int) -> None:
     """Every record got what its case's enrichment finds, and no more."""
-    want_browser = n if case.user_agent or case.sends_fields else 0
-    want_country = n if case.geoip or case.sends_fields else 0
+    want_browser = n if case.user_agent or "userBrowser" in case.sends else 0
+    want_country = n if case.geoip or "userCountry" in case.sends else 0
     if (s.with_browser, s.with_country) != (want_browser, want_country):
         raise SystemExit(
             f"{s.case} round {s.round + 1}: {s.with_browser} records with userBrowser (want {want_browser}), "
@@ -686,7 +686,7 @@ def profile_report(profile_dir: Path, trackers: int) -> None:
 
 def connect_cost(n: int) -> float:
     """Server CPU per tracker connect + start without enrichment's work, µs, measured now."""
-    return storm_once(CASES[0], 0, [Tracker([], {})] * n, "", 200, None, False).us
+    return storm_once(CASES[0], 0, [Tracker([], {})] * n, "", 200, None).us
 
 
 def parsers(n: int) -> None:
@@ -827,7 +827,7 @@ def main() -> None:
     parser.add_argument("--wired", action="store_true", help="hub processes over sockets, with and without")
     parser.add_argument("--rounds", type=int, default=6, help="--wired: rounds of the cases (default 6)")
     parser.add_argument("--trackers", type=int, default=2000, help="--wired: trackers a storm (default 2000)")
-    parser.add_argument("--warmup", type=int, default=200, help="--wired: trackers before each (default 200)")
+    parser.add_argument("--warmup", type=int, default=300, help="--wired: trackers before each (default 300)")
     parser.add_argument("--profile", type=Path, help="--wired: profile the storms, stats here")
     parser.add_argument("--out", type=Path, help="--wired: the figures as JSON to this file")
     parser.add_argument(

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from loadtest.bench_enrich import CASES
+from loadtest.bench_enrich import CASES, DIAGNOSTIC_CASES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,14 +21,14 @@ def test_wired_cases_enrich_and_report(tmp_path: Path) -> None:
     out = tmp_path / "enrich.json"
     proc = subprocess.run(
         [
-            sys.executable, "-m", "loadtest.bench_enrich", "--wired", "--rounds", "2",
-            "--trackers", "30", "--warmup", "5", "--distinct", "20", "--out", str(out),
+            sys.executable, "-m", "loadtest.bench_enrich", "--wired", "--diagnose", "--rounds", "2",
+            "--trackers", "30", "--warmup", "25", "--distinct", "20", "--out", str(out),
         ],
         cwd=ROOT, capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert set(result["cases"]) == {c.name for c in CASES}
+    assert set(result["cases"]) == {c.name for c in CASES + DIAGNOSTIC_CASES}
     for name, case in result["cases"].items():
         assert len(case["us_per_connect"]) == 2 and min(case["us_per_connect"]) > 0, name
         if name != "none":
