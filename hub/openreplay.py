@@ -28,9 +28,10 @@ heartbeat timeout does.
 
 Not done as OpenReplay does, on purpose: a duplicate ``tabId`` is refused only
 when the first one is on this node; a tab's events go to agents, not to the
-session's other tabs; ``WEBRTC_CONFIG`` and ``WEBRTC_AGENT_CALL`` are not sent
-(the tracker then uses the browser's default ICE servers); an agent's event
-without ``meta.tabId`` goes to every tab (OpenReplay's: the first).
+session's other tabs; ``WEBRTC_CONFIG`` goes to tabs only (with ``NEW_AGENT``
+and ``AGENTS_CONNECTED``), ``WEBRTC_AGENT_CALL`` nowhere (nor does OpenReplay
+deliver it); an agent's event without ``meta.tabId`` goes to every tab
+(OpenReplay's: the first).
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ SESSION_DISCONNECTED: Final = "SESSION_DISCONNECTED"
 SESSION_ALREADY_CONNECTED: Final = "SESSION_ALREADY_CONNECTED"
 SESSION_RECONNECTED: Final = "SESSION_RECONNECTED"
 UPDATE_SESSION: Final = "UPDATE_SESSION"
+WEBRTC_CONFIG: Final = "WEBRTC_CONFIG"
 # What the server handles itself and never relays (``EVENTS_DEFINITION.listen``).
 NOT_RELAYED: Final = frozenset({"connect_error", "connect_failed", "error", "WEBRTC_AGENT_CALL"})
 
@@ -266,6 +268,10 @@ def read_handshake(request: Request, settings: Settings) -> TabHello | AgentHell
         raise Refused(400, "peerId names no valid sessionID (1-64 of A-Za-z0-9._:-)")
     if identity == "agent":
         info = _json_object(query["agentInfo"], "agentInfo") if query.get("agentInfo") else {}
+        if query.get("config"):
+            # The dashboard's ICE servers (JSON text), for the tabs' calls: it travels with the
+            # agent's info (OpenReplay's AgentInfo type has the field) to every node's tabs.
+            info["config"] = query["config"]
         token = bearer_token(request.headers) or query.get("token") or None
         return AgentHello(project, session_id, info, token)
     if not valid_session_id(tab_id):
@@ -352,6 +358,9 @@ class SocketIOCodec(Codec):
         sink.agents_seen = {e.id: e.agent for e in entries}
         if entries:
             # What OpenReplay tells a tab that connects to a watched session: it restarts and streams.
+            configs = [e.agent["config"] for e in entries if isinstance(e.agent.get("config"), str)]
+            if configs:
+                sink.send_text(_event(WEBRTC_CONFIG, configs[-1]))
             sink.send_text(_event(AGENTS_CONNECTED, [e.id for e in entries]))
             sink.send_text(_event(AGENTS_INFO_CONNECTED, [{**e.agent, "socketId": e.id} for e in entries]))
 
@@ -364,6 +373,8 @@ class SocketIOCodec(Codec):
                 sink.send_text(_event(AGENT_DISCONNECTED, agent_id))
             for agent_id, info in now.items():
                 if agent_id not in seen:
+                    if isinstance(info.get("config"), str):
+                        sink.send_text(_event(WEBRTC_CONFIG, info["config"]))
                     sink.send_text(_event(NEW_AGENT, agent_id, info))
             if seen and not now:
                 sink.send_text(_event(NO_AGENT))

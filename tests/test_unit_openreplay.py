@@ -437,3 +437,18 @@ def test_a_mixed_room_encodes_each_emit_once_per_protocol() -> None:
     assert natives[0].text[-1] is natives[1].text[-1]
     assert json.loads(natives[0].text[-1])["data"] == [7]
     assert relay.counts.relayed == 4
+
+
+def test_an_agents_ice_servers_reach_the_tabs_before_it_does() -> None:
+    world = World()
+    _, tab_conn = world.tab("9", "t1")
+    hello = read_handshake(
+        request(peerId=f"{KEY}-9", identity="agent", agentInfo='{"name":"A"}', config='[{"urls":"turn:x"}]'),
+        Settings(),
+    )
+    assert isinstance(hello, AgentHello) and hello.info == {"name": "A", "config": '[{"urls":"turn:x"}]'}
+    world.agent("9", token("9"), name="A", config='[{"urls":"turn:x"}]')
+    assert tab_conn.names() == ["WEBRTC_CONFIG", "NEW_AGENT"]
+    assert tab_conn.events()[0] == ["WEBRTC_CONFIG", '[{"urls":"turn:x"}]']
+    _, late = world.tab("9", "t2")
+    assert late.names() == ["WEBRTC_CONFIG", "AGENTS_CONNECTED", "AGENTS_INFO_CONNECTED"]
