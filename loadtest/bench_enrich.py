@@ -7,8 +7,7 @@
 ``--wired``: the issue's figure, server CPU per tracker connect + 16-field
 ``start`` with and without enrichment, in one run against real hub processes
 (the hub CPU from /proc/PID/task/*/schedstat, the load from loadtest.client's
-lean WebSocket client). Three cases, interleaved (each round runs them in a
-rotated order, so a shared machine's drift falls on all of them):
+lean WebSocket client). Three cases, each on a hub of its own:
 
 - ``none``: handshakes without a User-Agent header, a hub without a GeoIP
   database: the enrichment finds nothing to do;
@@ -22,10 +21,14 @@ rotated order, so a shared machine's drift falls on all of them):
   clients nearly all distinct public addresses of the database, so the
   proxy walk runs and nearly every connect decodes a record.
 
-Every case of every round gets a fresh hub: the User-Agent and GeoIP caches
-(and ua-parser-rs's lazily built automata) start cold in each storm. A hub
-first takes ``--warmup`` trackers without a User-Agent, so its own first-use
-costs are out of the figure for all cases alike. The ``start`` does not carry
+Each round starts a fresh hub per case, all at once: the User-Agent and
+GeoIP caches start cold in each storm. A hub first takes ``--warmup``
+trackers without a User-Agent, so its own first-use costs are out of the
+figure for all cases alike. Then the storms take turns, ``--batch`` trackers
+at a time (A B C A B C ..., the order rotated at every turn), and a hub's CPU
+counts while its own batch connects and starts: a shared machine's noise,
+which comes and goes over seconds, falls on every case alike, and the ratios
+are paired within a round. The ``start`` does not carry
 the fields the enrichment fills, so they land in the record and its index,
 as for a tracker that leaves them to the hub. Each started record is checked
 for what its case's enrichment finds.
@@ -89,6 +92,8 @@ from typing import Any
 import msgspec
 from mmdb_writer import MMDBWriter
 from netaddr import IPSet
+from ua_parser import load_lazy_builtins
+from ua_parser.regex import Resolver
 
 from hub.enrich import GEO_FIELDS, UA_FIELDS, Enricher, UserAgents
 from hub.record import decode_message
@@ -384,7 +389,7 @@ DIAGNOSTIC_CASES = (
 
 
 class HubProcess:
-    """A hub on a free port, once it accepts; profiled between ``profile_on`` and ``profile_off``."""
+    """A hub on a free port (``ready``: once it accepts), profiled from ``profile_on`` to ``profile_off``."""
 
     def __init__(self, extra: list[str], profile_to: Path | None = None) -> None:
         self.port = free_port()
@@ -398,10 +403,11 @@ class HubProcess:
             args += [*hub, *extra]
         self.profile_to = profile_to
         self.proc = subprocess.Popen(args, env=env, cwd=ROOT)
-        deadline = time.monotonic() + 20
+
+    def ready(self) -> None:
+        deadline = time.monotonic() + 30
         while not self._accepts():
             if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.stop()
                 raise SystemExit("hub did not start")
             time.sleep(0.05)
 
@@ -501,21 +507,39 @@ class Storm:
     with_country: int
 
 
-async def _storm(hub: HubProcess, warmup: Sequence[Tracker], storm: Sequence[Tracker], tag: str) -> Storm:
-    conns = await _trackers(hub.port, warmup, f"warm-{tag}", _Started())
-    hub.profile_on()
-    started = _Started()
-    c0 = hub.cpu()
-    conns += await _trackers(hub.port, storm, tag, started)
-    cpu = hub.cpu() - c0
-    hub.profile_off()
+async def _round(
+    hubs: dict[str, HubProcess],
+    warmups: dict[str, list[Tracker]],
+    storms: dict[str, list[Tracker]],
+    batch: int,
+) -> dict[str, tuple[float, _Started]]:
+    """Every hub's warm-up, then the storms in batches, taking turns: the i-th batch of each case,
+    in an order rotated at every turn. A hub's CPU counts while its own batch connects and starts."""
+    conns = []
+    for name, hub in hubs.items():
+        conns += await _trackers(hub.port, warmups[name], f"warm-{name}", _Started())
+    for hub in hubs.values():
+        hub.profile_on()
+    cpu = dict.fromkeys(hubs, 0.0)
+    started = {name: _Started() for name in hubs}
+    names = list(hubs)
+    n = len(next(iter(storms.values())))
+    for turn, i in enumerate(range(0, n, batch)):
+        k = turn % len(names)
+        for name in names[k:] + names[:k]:
+            hub = hubs[name]
+            c0 = hub.cpu()
+            conns += await _trackers(hub.port, storms[name][i : i + batch], f"{name}-{i}", started[name])
+            await asyncio.sleep(0.002)  # what the hub does right after its last `started`
+            cpu[name] += hub.cpu() - c0
+    for hub in hubs.values():
+        hub.profile_off()
     for conn in conns:
         conn.abort()
-    n = len(storm)
-    return Storm("", 0, n, cpu / n * 1e6, started.with_browser, started.with_country)
+    return {name: (cpu[name], started[name]) for name in hubs}
 
 
-def _run(coro: Coroutine[Any, Any, Storm]) -> Storm:
+def _run(coro: Coroutine[Any, Any, dict[str, tuple[float, _Started]]]) -> dict[str, tuple[float, _Started]]:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency of the hub
@@ -536,22 +560,42 @@ def storm_trackers(
     return trackers
 
 
-def storm_once(
-    case: Case, rnd: int, storm: list[Tracker], db: str, warmup: int, profile_dir: Path | None
-) -> Storm:
-    """``case``'s storm on a fresh hub, after ``warmup`` trackers without a header; in a warm case's,
-    one for each distinct User-Agent of the storm takes the place of one of them."""
-    extra = ["--geoip-db", db, "--trusted-proxies", TRUSTED_PROXIES] if case.geoip else []
+def warmup_trackers(case: Case, storm: list[Tracker], warmup: int) -> list[Tracker]:
+    """``warmup`` trackers without a header; for a warm case, one for each distinct User-Agent of
+    the storm takes the place of one of them."""
     before = list({str(t.headers): t for t in storm}.values()) if case.warm else []
-    before += [Tracker([], {})] * (warmup - len(before))
-    profile_to = profile_dir / f"{case.name}-r{rnd}.prof" if profile_dir is not None else None
-    hub = HubProcess(extra, profile_to)
+    return before + [Tracker([], {})] * (warmup - len(before))
+
+
+def storm_round(
+    cases: Sequence[Case],
+    rnd: int,
+    storms: dict[str, list[Tracker]],
+    db: str,
+    args: argparse.Namespace,
+) -> list[Storm]:
+    """One round: a fresh hub per case, all at once, their storms interleaved in batches."""
+    hubs: dict[str, HubProcess] = {}
     try:
-        result = _run(_storm(hub, before, storm, f"{case.name}-{rnd}"))
+        for case in cases:
+            extra = ["--geoip-db", db, "--trusted-proxies", TRUSTED_PROXIES] if case.geoip else []
+            profile = args.profile / f"{case.name}-r{rnd}.prof" if args.profile is not None else None
+            hubs[case.name] = HubProcess(extra, profile)
+        for hub in hubs.values():
+            hub.ready()
+        warmups = {c.name: warmup_trackers(c, storms[c.name], args.warmup) for c in cases}
+        measured = _run(_round(hubs, warmups, storms, args.batch))
     finally:
-        hub.stop()
-    result.case, result.round = case.name, rnd
-    return result
+        for hub in hubs.values():
+            hub.stop()
+    results = []
+    for case in cases:
+        cpu, started = measured[case.name]
+        n = len(storms[case.name])
+        result = Storm(case.name, rnd, n, cpu / n * 1e6, started.with_browser, started.with_country)
+        check(case, result, n)
+        results.append(result)
+    return results
 
 
 def loadavg() -> str:
@@ -559,10 +603,10 @@ def loadavg() -> str:
 
 
 def wired(args: argparse.Namespace, db: str) -> dict[str, Any]:
-    """Rounds of the cases in rotated order, each on a fresh hub; ratios per round and overall."""
+    """Rounds of the cases, each on fresh hubs; ratios per round and overall."""
     cases = CASES + (DIAGNOSTIC_CASES if args.diagnose else ())
     pool = distinct_agents(args.distinct)
-    # What the hub finds for a tracker, for the case whose start carries it instead.
+    # What the hub finds for a tracker, for the cases whose start carries it instead.
     finder = Enricher(
         geoip_db=db, trusted_proxies=[ipaddress.ip_network(n) for n in TRUSTED_PROXIES.split(",")]
     )
@@ -570,7 +614,8 @@ def wired(args: argparse.Namespace, db: str) -> dict[str, Any]:
     print(f"load average before: {load_before}")
     print(
         f"{args.rounds} rounds x {len(cases)} cases, {args.trackers} trackers each after {args.warmup} "
-        f"warm-up ones, {IN_FLIGHT} in flight; User-Agents drawn Zipf-like from {len(pool)} strings"
+        f"warm-up ones, in turns of {args.batch} ({IN_FLIGHT} in flight); User-Agents drawn Zipf-like "
+        f"from {len(pool)} strings"
     )
     for c in cases:
         print(f"  {c.name:12} {c.label}")
@@ -583,17 +628,14 @@ def wired(args: argparse.Namespace, db: str) -> dict[str, Any]:
             finder.fields({"user-agent": ua, "x-forwarded-for": f"{client}, {INNER_PROXY}"}, "127.0.0.1")
             for ua, client in zip(agents, clients, strict=True)
         ]
-        turn = rnd % len(cases)
-        line = []
-        for case in cases[turn:] + cases[:turn]:
-            storm = storm_trackers(case, agents, clients, found)
-            result = storm_once(case, rnd, storm, db, args.warmup, args.profile)
-            check(case, result, args.trackers)
-            storms.append(result)
-            line.append(f"{case.name} {result.us:.1f}")
+        results = storm_round(
+            cases, rnd, {c.name: storm_trackers(c, agents, clients, found) for c in cases}, db, args
+        )
+        storms += results
         print(
-            f"  round {rnd + 1}: " + ", ".join(line) + f" µs  ({len(set(agents))} distinct User-Agents, "
-            f"{len(set(clients))} distinct clients; load {loadavg()})"
+            f"  round {rnd + 1}: " + ", ".join(f"{r.case} {r.us:.1f}" for r in results) + " µs  "
+            f"({len(set(agents))} distinct User-Agents, {len(set(clients))} distinct clients; "
+            f"load {loadavg()})"
         )
     finder.close()
     load_after = loadavg()
@@ -686,7 +728,14 @@ def profile_report(profile_dir: Path, trackers: int) -> None:
 
 def connect_cost(n: int) -> float:
     """Server CPU per tracker connect + start without enrichment's work, µs, measured now."""
-    return storm_once(CASES[0], 0, [Tracker([], {})] * n, "", 200, None).us
+    hub = HubProcess([])
+    try:
+        hub.ready()
+        plain = Tracker([], {})
+        cpu, _ = _run(_round({"none": hub}, {"none": [plain] * 200}, {"none": [plain] * n}, n))["none"]
+    finally:
+        hub.stop()
+    return cpu / n * 1e6
 
 
 def parsers(n: int) -> None:
@@ -805,9 +854,11 @@ def storm(connections: int, distinct: int, db: str, connect_us: float) -> None:
 
 
 def footprint() -> None:
+    # The rules compiled anew: the hub's UserAgents shares one compiled set per process.
     t0 = time.process_time()
-    agents = UserAgents()
+    Resolver(load_lazy_builtins())
     built = time.process_time() - t0
+    agents = UserAgents()
     pool = distinct_agents(4096)
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
@@ -830,6 +881,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=300, help="--wired: trackers before each (default 300)")
     parser.add_argument("--profile", type=Path, help="--wired: profile the storms, stats here")
     parser.add_argument("--out", type=Path, help="--wired: the figures as JSON to this file")
+    parser.add_argument("--batch", type=int, default=100, help="--wired: trackers a turn (default 100)")
     parser.add_argument(
         "--diagnose", action="store_true", help="--wired: also the cases that split the cost (warm, sent)"
     )
