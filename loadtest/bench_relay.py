@@ -44,11 +44,13 @@ import os
 import random
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from array import array
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -576,7 +578,7 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
             rss_max = max(rss_max, rss)
             if now >= next_point and case.startswith("stall-"):
                 # Each second: RSS, and the hub's drops and 4008 closes (a scrape costs it ~1 ms).
-                next_point += 1e9
+                next_point += 1_000_000_000
                 point = {"t": round((now - go) / 1e9, 1), "rss_mib": round((rss - rss0) / 2**20, 2)}
                 if not case.endswith("-bare"):
                     counters = metrics(last)
@@ -638,6 +640,12 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
     }
     if timeline:
         result["timeline"] = timeline
+    if not binary:
+        # When in the run the tail came: each second's p99 (ms), by send time.
+        seconds_of: dict[int, list[float]] = {}
+        for i in inside:
+            seconds_of.setdefault(int((sent[i] - go) // 1_000_000_000), []).append(lat[i] / 1e6)
+        result["p99_by_second_ms"] = [pct(seconds_of.get(k, []), 99) for k in range(int(seconds) + 1)]
     if binary:
         # Each MB of tracker payload reaches every agent: relayed MB = payload bytes received / agents.
         mb = sum(sizes[i] for i in inside) / load.agents / 1e6
@@ -651,36 +659,55 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2) if a is not None and b else None
 
 
-def summary(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Figures against their targets and against the bare relay of the same run."""
-    lat = {k: v["latency_ms"] for k, v in results.items() if k in LATENCY_CASES}
-    out: dict[str, Any] = {}
-    if "latency-hub" in lat:
-        out["same_node_p99_ms"] = lat["latency-hub"]["p99"]
-        out["same_node_p99_ok"] = (lat["latency-hub"]["p99"] or 1e9) <= 5.0
-        if "latency-bare" in lat:
-            out["same_node_p50_vs_bare"] = ratio(lat["latency-hub"]["p50"], lat["latency-bare"]["p50"])
-            out["same_node_p99_vs_bare"] = ratio(lat["latency-hub"]["p99"], lat["latency-bare"]["p99"])
-    if "latency-cross" in lat:
-        out["cross_node_p99_ms"] = lat["latency-cross"]["p99"]
-        out["cross_node_p99_ok"] = (lat["latency-cross"]["p99"] or 1e9) <= 15.0
+def median(runs: list[dict[str, Any]], get: Callable[[dict[str, Any]], float | None]) -> float | None:
+    values = [v for v in map(get, runs) if v is not None]
+    return round(statistics.median(values), 5) if values else None
+
+
+def summary(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Figures against their targets and the bare relay of the same run: medians over ``--repeat``."""
+
+    def p(case: str, q: str) -> float | None:
+        return median(results[case], lambda r: r["latency_ms"][q]) if case in results else None
+
+    out: dict[str, Any] = {
+        "p99_ms_of_each_run": {c: [r["latency_ms"]["p99"] for r in runs] for c, runs in results.items()},
+    }
+    if "latency-hub" in results:
+        out["same_node_p99_ms"] = p("latency-hub", "p99")
+        out["same_node_p99_ok"] = (p("latency-hub", "p99") or 1e9) <= 5.0
+        if "latency-bare" in results:
+            out["same_node_p50_vs_bare"] = ratio(p("latency-hub", "p50"), p("latency-bare", "p50"))
+            out["same_node_p99_vs_bare"] = ratio(p("latency-hub", "p99"), p("latency-bare", "p99"))
+    if "latency-cross" in results:
+        out["cross_node_p99_ms"] = p("latency-cross", "p99")
+        out["cross_node_p99_ok"] = (p("latency-cross", "p99") or 1e9) <= 15.0
+        out["cross_node_p50_ms"] = p("latency-cross", "p50")
     for server in ("hub", "bare"):
         stall, healthy = f"stall-{server}", f"latency-{server}"
-        if stall not in lat:
+        if stall not in results:
             continue
-        out[f"{stall}_close_code"] = results[stall]["agents"].get("stalled", {}).get("close_code")
-        if healthy in lat:
-            out[f"{stall}_p99_vs_healthy"] = ratio(lat[stall]["p99"], lat[healthy]["p99"])
-            extra = results[stall]["rss_mib"]["growth_max"] - results[healthy]["rss_mib"]["growth_max"]
-            out[f"{stall}_rss_growth_mib_over_healthy"] = round(extra, 2)
+        stalled = [r["agents"]["stalled"] for r in results[stall]]
+        out[f"{stall}_stalled_closed"] = [(s["closed"], s["close_code"]) for s in stalled]
+        if server == "hub":
+            closes = 'hub_relay_closes_total{reason="agent_too_slow"}'
+            out[f"{stall}_4008_by_hub"] = [r["relay_metrics"].get(closes) for r in results[stall]]
+        if healthy in results:
+            out[f"{stall}_p99_vs_healthy"] = ratio(p(stall, "p99"), p(healthy, "p99"))
+            growth = median(results[stall], lambda r: r["rss_mib"]["growth_max"])
+            base = median(results[healthy], lambda r: r["rss_mib"]["growth_max"])
+            if growth is not None and base is not None:
+                out[f"{stall}_rss_growth_mib_over_healthy"] = round(growth - base, 2)
     if "throughput-hub" in results:
-        out["throughput_cpu_s_per_mb_hub"] = results["throughput-hub"]["cpu_s_per_mb"]
+        hub = median(results["throughput-hub"], lambda r: r["cpu_s_per_mb"])
+        out["throughput_cpu_s_per_mb_hub"] = hub
         if "throughput-bare" in results:
-            bare = results["throughput-bare"]["cpu_s_per_mb"]
+            bare = median(results["throughput-bare"], lambda r: r["cpu_s_per_mb"])
             out["throughput_cpu_s_per_mb_bare"] = bare
-            out["throughput_hub_vs_bare"] = ratio(results["throughput-hub"]["cpu_s_per_mb"], bare)
-        out["bytes_checked"] = sum(results[c]["agents"]["checked"] for c in THROUGHPUT_CASES if c in results)
-        out["bytes_bad"] = sum(results[c]["agents"]["bad"] for c in THROUGHPUT_CASES if c in results)
+            out["throughput_hub_vs_bare"] = ratio(hub, bare)
+        runs = [r for c in THROUGHPUT_CASES for r in results.get(c, [])]
+        out["bytes_checked"] = sum(r["agents"]["checked"] for r in runs)
+        out["bytes_bad"] = sum(r["agents"]["bad"] for r in runs)
     return out
 
 
@@ -716,6 +743,7 @@ def main() -> None:
     parser.add_argument("--min-kb", type=int, default=4)
     parser.add_argument("--max-kb", type=int, default=64)
     parser.add_argument("--agents", type=int, default=3, help="agents of the throughput session")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each case, round robin (medians)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     cases = [c for c in args.cases.split(",") if c]
@@ -724,10 +752,12 @@ def main() -> None:
         parser.error(f"unknown cases: {', '.join(sorted(unknown))}")
     load_before = os.getloadavg()
     print(f"load average {load_before[0]:.1f}, {os.cpu_count()} cores", flush=True)
-    results = {}
-    for case in cases:
-        results[case] = run_case(case, args)
-        print(line(results[case]), flush=True)
+    results: dict[str, list[dict[str, Any]]] = {}
+    # Round robin: a burst of the machine's other work falls on one run of a case, not all.
+    for _ in range(args.repeat):
+        for case in cases:
+            results.setdefault(case, []).append(run_case(case, args))
+            print(line(results[case][-1]), flush=True)
     figures = summary(results)
     print(json.dumps(figures, indent=1))
     document = {
