@@ -34,12 +34,14 @@ as for a tracker that leaves them to the hub. Each started record is checked
 for what its case's enrichment finds.
 
 ``--diagnose`` adds cases that split a with-case's cost, one difference at a
-time: ``ua-warm`` (each distinct User-Agent of the storm is among the
-warm-up's trackers, so the storm finds the LRU warm: ``ua`` minus this is
-what the parses cost), ``ua-sent`` and ``geo-sent`` (no header, no database:
-the start carries the fields ``ua`` or ``ua+geo`` finds, so the record is the
-same: ``ua`` minus ``ua-sent`` is what the hub's finding costs, against a
-tracker that tells it).
+time: ``ua-warm`` and ``ua+geo-warm`` (each distinct handshake of the storm
+is among the warm-up's trackers, so the storm finds the LRUs warm: ``ua``
+minus ``ua-warm`` is what the parses cost), ``ua-sent`` and ``geo-sent`` (no
+header, no database: the start carries the fields ``ua`` or ``ua+geo``
+finds, so the record is the same: ``ua`` minus ``ua-sent`` is what the hub's
+finding costs, against a tracker that tells it). Every hub then warms up with
+at least ``--trackers`` trackers (ua+geo-warm's ~2,000 distinct clients), so
+all hold as many sessions.
 ``--profile DIR`` runs the hubs under cProfile during the storms only (its
 timings are the profiler's, not figures) and prints where the time goes and
 what grew against ``none``.
@@ -383,6 +385,7 @@ CASES = (
 # --diagnose: where a with-case's time goes, one difference at a time.
 DIAGNOSTIC_CASES = (
     Case("ua-warm", "ua, the LRU warm (each string seen in the warm-up)", user_agent=True, warm=True),
+    Case("ua+geo-warm", "ua+geo, both LRUs warm", user_agent=True, geoip=True, warm=True),
     Case("ua-sent", "none, the start carries the 6 fields ua finds", sends=UA_FIELDS),
     Case("geo-sent", "none, the start carries the 9 fields ua+geo finds", sends=UA_FIELDS + GEO_FIELDS),
 )
@@ -561,10 +564,15 @@ def storm_trackers(
 
 
 def warmup_trackers(case: Case, storm: list[Tracker], warmup: int) -> list[Tracker]:
-    """``warmup`` trackers without a header; for a warm case, one for each distinct User-Agent of
+    """``warmup`` trackers without a header; for a warm case, one for each distinct handshake of
     the storm takes the place of one of them."""
     before = list({str(t.headers): t for t in storm}.values()) if case.warm else []
     return before + [Tracker([], {})] * (warmup - len(before))
+
+
+def warmup_size(args: argparse.Namespace) -> int:
+    # With --diagnose a warm case's warm-up holds the storm's distinct handshakes: every hub as many.
+    return max(args.warmup, args.trackers) if args.diagnose else int(args.warmup)
 
 
 def storm_round(
@@ -583,7 +591,7 @@ def storm_round(
             hubs[case.name] = HubProcess(extra, profile)
         for hub in hubs.values():
             hub.ready()
-        warmups = {c.name: warmup_trackers(c, storms[c.name], args.warmup) for c in cases}
+        warmups = {c.name: warmup_trackers(c, storms[c.name], warmup_size(args)) for c in cases}
         measured = _run(_round(hubs, warmups, storms, args.batch))
     finally:
         for hub in hubs.values():
@@ -613,7 +621,7 @@ def wired(args: argparse.Namespace, db: str) -> dict[str, Any]:
     load_before = loadavg()
     print(f"load average before: {load_before}")
     print(
-        f"{args.rounds} rounds x {len(cases)} cases, {args.trackers} trackers each after {args.warmup} "
+        f"{args.rounds} rounds x {len(cases)} cases, {args.trackers} trackers each after {warmup_size(args)} "
         f"warm-up ones, in turns of {args.batch} ({IN_FLIGHT} in flight); User-Agents drawn Zipf-like "
         f"from {len(pool)} strings"
     )
@@ -682,7 +690,7 @@ def summarize(cases: Sequence[Case], storms: list[Storm], args: argparse.Namespa
         "command": " ".join(["python -m loadtest.bench_enrich", *sys.argv[1:]]),
         "rounds": args.rounds,
         "trackers": args.trackers,
-        "warmup": args.warmup,
+        "warmup": warmup_size(args),
         "distinct": args.distinct,
         "cases": out,
     }
