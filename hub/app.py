@@ -48,6 +48,8 @@ from .wire import CloseCode, ErrorCode
 
 log = logging.getLogger("hub")
 
+# Bytes of a Socket.IO handshake's head at most (OpenReplay's assist server allows 64 KiB).
+OPENREPLAY_MAX_HEAD: Final = 64 << 10
 # Bytes of a watched tab's receive buffer at least (a loopback segment is 64 KiB).
 WATCHED_RCVBUF_MIN: Final = 256 << 10
 
@@ -100,6 +102,12 @@ class Hub:
             lambda: now_ms() / 1000,
         )
         self.server.endpoint_kinds.update({OpenReplayTab: TRACKER, OpenReplayAgent: AGENT})
+        # OpenReplay's tracker puts its sessionInfo JSON in the handshake's query: OpenReplay's
+        # own server allows 64 KiB of head for it.
+        self.server.long_heads = (
+            tuple(path.encode() for path in openreplay_paths(settings.openreplay_path)),
+            max(settings.max_header, OPENREPLAY_MAX_HEAD),
+        )
         self._add_gauges()
         self._add_relay_metrics()
         self.replication.add_metrics(self.metrics.gauge, self.metrics.counter)
@@ -199,14 +207,24 @@ class Hub:
         if isinstance(routed, OpenReplayTab):
             self._tracker_window(conn)
         elif isinstance(routed, OpenReplayAgent):
+            refused = self._agents_full()
+            if refused is not None:
+                return refused
             conn.set_send_buffer(self.settings.relay_agent_buffer)
         return routed
 
-    def _route_agent(self, request: Request, conn: WebSocketConnection) -> Endpoint | Response:
+    def _agents_full(self) -> Response | None:
+        """A 503 past --max-agents agent connections, native and Socket.IO alike."""
         limit = self.settings.max_agents
-        if limit and len(self.fanout.agents) >= limit:
+        if limit and self.metrics.connections.open_now(AGENT) >= limit:
             self.limits["max_agents"] += 1
             return error(503, f"the hub holds its limit of {limit} agent connections")
+        return None
+
+    def _route_agent(self, request: Request, conn: WebSocketConnection) -> Endpoint | Response:
+        refused = self._agents_full()
+        if refused is not None:
+            return refused
         # A stalled agent then costs its relay buffer here and about as much in the kernel.
         conn.set_send_buffer(self.settings.relay_agent_buffer)
         return AgentEndpoint(

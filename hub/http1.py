@@ -79,6 +79,10 @@ class _Stop(Exception):
     """Raised in a parser callback to stop parsing; the reader's ``_refusal`` says why."""
 
 
+# Path prefixes whose requests may carry a longer head than --max-header, and that length.
+LongHeads = tuple[tuple[bytes, ...], int]
+
+
 class RequestReader:
     """Parses one connection's bytes into requests; after a refusal or an upgrade it reads no more."""
 
@@ -87,17 +91,23 @@ class RequestReader:
         "_events",
         "_head",
         "_headers",
+        "_limit",
         "_refusal",
         "_seq",
         "_stalled",
         "_url",
+        "long_heads",
         "max_body",
         "max_head",
         "parser",
     )
 
-    def __init__(self, max_head: int, max_body: int) -> None:
+    def __init__(self, max_head: int, max_body: int, long_heads: LongHeads = ((), 0)) -> None:
         self.max_head = max_head
+        # Paths (prefixes) whose requests may carry a longer head, and how long.
+        self.long_heads = long_heads
+        # The head limit of the request being read.
+        self._limit = max_head
         self.max_body = max_body
         self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._events: list[Event] = []
@@ -145,7 +155,7 @@ class RequestReader:
             return events
         if self._head is not None and head_before is not None and self._seq == seq_before:
             self._stalled += len(data)
-            if self._stalled > self.max_head:
+            if self._stalled > self._limit:
                 events.append(_too_large_head())
                 self.parser = None
         return events
@@ -163,18 +173,22 @@ class RequestReader:
         self._head = _LINE_OVERHEAD
         self._stalled = 0
         self._seq += 1
+        self._limit = self.max_head
 
     def on_url(self, url: bytes) -> None:
         self._url += url
         assert self._head is not None
         self._head += len(url)
-        if len(self._url) > self.max_head:
+        prefixes, size = self.long_heads
+        if prefixes and self._limit < size and self._url.startswith(prefixes):
+            self._limit = size
+        if len(self._url) > self._limit:
             raise self._refuse(Refusal(error(414, "request URI too long"), "max_header"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self._head is not None
         self._head += len(name) + len(value) + _HEADER_OVERHEAD
-        if self._head > self.max_head:
+        if self._head > self._limit:
             raise self._refuse(_too_large_head())
         self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
@@ -182,7 +196,7 @@ class RequestReader:
         assert self._head is not None and self.parser is not None
         size = self._head + len(self.parser.get_method()) + _END_OVERHEAD
         self._head = None
-        if size > self.max_head:
+        if size > self._limit:
             raise self._refuse(_too_large_head())
         expect = False
         for name, value in self._headers:
@@ -260,7 +274,7 @@ class HttpConnection(asyncio.Protocol):
     def __init__(self, server: Server) -> None:
         self.server = server
         settings = server.settings
-        self.reader = RequestReader(settings.max_header, settings.max_http_body)
+        self.reader = RequestReader(settings.max_header, settings.max_http_body, server.long_heads)
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         # Counted in the per-IP limit (released when the connection goes).

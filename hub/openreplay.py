@@ -91,6 +91,9 @@ T = TypeVar("T", Start, Update)
 # Paths OpenReplay's clients open: ``<prefix>/`` (engine.io-client adds the slash), and
 # ``/socket/`` as OpenReplay's own proxies strip ``/ws-assist`` before the assist server.
 STRIPPED_PATH: Final = "/socket"
+# A socket that has not joined the namespace (CONNECT) by then is closed, as socket.io's
+# connectTimeout does: a refused agent cannot hold its connection by answering pings.
+CONNECT_TIMEOUT_S: Final = 45.0
 
 # Server-to-client event names (OpenReplay's ``EVENTS_DEFINITION.emit``).
 NEW_AGENT: Final = "NEW_AGENT"
@@ -517,6 +520,7 @@ class _Connection:
 
     def _connected(self, sid: str) -> None:
         self.connected = True
+        self.conn.connected()
         self.send_text(b"40" + _encode({"sid": sid}))
 
     def _connect(self, auth: dict[str, Any], now: int) -> None:
@@ -789,5 +793,7 @@ class OpenReplay:
             int(options.ping_timeout * 1000),
             options.max_payload,
         )
-        conn.greet(opening, Pinger(socketio.PING, options.ping_interval, options.ping_timeout))
+        conn.greet(
+            opening, Pinger(socketio.PING, options.ping_interval, options.ping_timeout, CONNECT_TIMEOUT_S)
+        )
         return endpoint

@@ -22,7 +22,7 @@ from collections import Counter
 from .admission import PerIpLimit
 from .config import Settings
 from .counts import ConnectionCounts
-from .http1 import HttpConnection
+from .http1 import HttpConnection, LongHeads
 from .routes import RouteTable
 from .websocket import Endpoint, WebSocketConnection
 
@@ -48,6 +48,9 @@ class Server:
         self.limits: Counter[str] = limits if limits is not None else Counter()
         # Endpoint class -> metrics label ("tracker", "agent"); set by whoever routes.
         self.endpoint_kinds: dict[type, str] = {}
+        # Path prefixes whose requests may carry a longer head (e.g. a handshake whose
+        # query carries a JSON document), and that length; set by whoever routes.
+        self.long_heads: LongHeads = ((), 0)
         self.connections: set[Connection] = set()
         self.per_ip = PerIpLimit(settings.max_conns_per_ip)
         self.rate = settings.rate_limit

@@ -114,6 +114,8 @@ class Beat(Enum):
 
     PING = "ping"
     TIMED_OUT = "timed out"
+    # The peer never completed the protocol's own connect (Socket.IO's CONNECT) in time.
+    NOT_CONNECTED = "not connected"
 
 
 class Heartbeat:
@@ -124,27 +126,40 @@ class Heartbeat:
     connection is closed. Other traffic does not count: a peer that sends but never
     answers is dead to the protocol. The endpoint calls ``answered`` (through its
     connection) on the answer; the server's sweep polls, so pings are late by up to
-    one ``--sweep-interval``.
+    one ``--sweep-interval``. A peer that has not said ``connected`` within
+    ``connect_timeout`` of the opening is let go too (socket.io's connectTimeout:
+    answering pings is not enough to hold a connection that never joined).
     """
 
-    __slots__ = ("deadline", "due", "interval", "ping", "timeout")
+    __slots__ = ("connect_by", "connect_timeout", "deadline", "due", "interval", "ping", "timeout")
 
-    def __init__(self, ping: bytes, interval: float, timeout: float) -> None:
+    def __init__(
+        self, ping: bytes, interval: float, timeout: float, connect_timeout: float = math.inf
+    ) -> None:
         self.ping = ping
         self.interval = interval
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.connect_by = math.inf
         self.due = math.inf
         # When the outstanding ping's answer is late; inf while none is outstanding.
         self.deadline = math.inf
 
     def begin(self, now: float) -> None:
+        """The connection opened."""
+        self.connect_by = now + self.connect_timeout
+        self.answered(now)
+
+    def answered(self, now: float) -> None:
         self.due = now + self.interval
         self.deadline = math.inf
 
-    def answered(self, now: float) -> None:
-        self.begin(now)
+    def connected(self) -> None:
+        self.connect_by = math.inf
 
     def poll(self, now: float) -> Beat | None:
+        if now >= self.connect_by:
+            return Beat.NOT_CONNECTED
         if now >= self.deadline:
             return Beat.TIMED_OUT
         if now >= self.due and self.deadline == math.inf:
@@ -420,6 +435,11 @@ class WebSocketConnection(asyncio.Protocol):
         if self.heartbeat is not None:
             self.heartbeat.answered(time.monotonic())
 
+    def connected(self) -> None:
+        """The peer completed the protocol's own connect: the heartbeat's connect deadline is off."""
+        if self.heartbeat is not None:
+            self.heartbeat.connected()
+
     def close(self, code: int, reason: str) -> None:
         """Start the closing handshake; the transport is dropped if it stalls."""
         if self.open:
@@ -481,11 +501,13 @@ class WebSocketConnection(asyncio.Protocol):
             beat = heartbeat.poll(now)
             if beat is Beat.PING:
                 self.send(heartbeat.ping)
-            elif beat is Beat.TIMED_OUT:
+            elif beat is not None:
                 # Counted as an idle timeout: the peer is as gone as a silent one.
                 self.server.limits["idle_timeout"] += 1
                 self.timed_out = True
-                self.close(CloseCode.IDLE_TIMEOUT, "ping timeout")
+                self.close(
+                    CloseCode.IDLE_TIMEOUT, "ping timeout" if beat is Beat.TIMED_OUT else "connect timeout"
+                )
                 return
         endpoint = self.endpoint
         timeout = endpoint.idle_timeout if endpoint is not None else None

@@ -178,3 +178,21 @@ async def test_the_server_speaks_first_then_pings_and_closes_a_peer_that_stops_a
     await until(lambda: endpoints[0].closed_with is not None)
     assert endpoints[0].closed_with is True
     assert server.limits["idle_timeout"] == 1
+
+
+def test_a_peer_that_never_connects_is_let_go_at_the_connect_timeout() -> None:
+    beat = Heartbeat(PING, INTERVAL, TIMEOUT, connect_timeout=45.0)
+    beat.begin(0.0)
+    assert beat.poll(25.0) is Beat.PING
+    beat.answered(26.0)  # answering pings is not joining
+    assert beat.poll(44.9) is None
+    assert beat.poll(45.0) is Beat.NOT_CONNECTED
+
+
+def test_a_connected_peer_has_no_connect_deadline() -> None:
+    beat = Heartbeat(PING, INTERVAL, TIMEOUT, connect_timeout=45.0)
+    beat.begin(0.0)
+    beat.connected()
+    assert beat.poll(25.0) is Beat.PING
+    beat.answered(30.0)
+    assert beat.poll(50.0) is None

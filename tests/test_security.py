@@ -8,6 +8,7 @@ import logging
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 import websockets
@@ -204,6 +205,14 @@ async def test_agents_past_the_limit_get_503() -> None:
             await agent(h, "p1", API_KEY)
         assert refused.value.response.status_code == 503
         assert await limit_count(h.port, "max_agents") == 1
+        # OpenReplay's dashboard over Socket.IO counts against the same limit.
+        url = (
+            f"ws://127.0.0.1:{h.port}/ws-assist/socket/?EIO=4&transport=websocket&peerId=p1-s1&identity=agent"
+        )
+        with pytest.raises(InvalidStatus) as refused:
+            await websockets.connect(url)
+        assert refused.value.response.status_code == 503
+        assert await limit_count(h.port, "max_agents") == 2
 
 
 async def test_too_many_filters_are_refused_in_searches_and_subscriptions() -> None:
@@ -245,13 +254,22 @@ async def test_frame_body_header_and_handshake_limits_are_counted() -> None:
         assert big.status == 413
         tall = await http(h.port, "GET", "/healthz", headers={"X-Big": "y" * 3000})
         assert tall.status == 431
+        # OpenReplay's handshake carries its sessionInfo JSON in the query: 64 KiB of head there.
+        info = json.dumps({"sessionID": "s1", "metadata": {f"note{i}": "n" * 1000 for i in range(30)}})
+        query = urlencode({"EIO": 4, "transport": "websocket", "peerId": "p1-s1-t1", "identity": "session",
+                           "tabId": "t1", "sessionInfo": info})  # fmt: skip
+        async with websockets.connect(f"ws://127.0.0.1:{h.port}/ws-assist/socket/?{query}") as sio:
+            assert (await asyncio.wait_for(sio.recv(), 5))[:1] == "0", "the Engine.IO open packet"
+        too_tall = await http(h.port, "GET", "/ws-assist/socket/", headers={"X-Big": "y" * 70_000})
+        assert too_tall.status == 431
         _, writer = await asyncio.open_connection("127.0.0.1", h.port)
         writer.write(b"GET /healthz HTTP/1.1\r\n")  # and never the rest
         await wait_for(lambda: h.hub.server.limits["handshake_timeout"] == 1)
         writer.close()
         await wait_for(lambda: h.hub.server.limits["max_frame"] == 1)
-        for name in ("max_frame", "max_http_body", "max_header", "handshake_timeout"):
-            assert await limit_count(h.port, name) == 1, name
+        expected = {"max_frame": 1, "max_http_body": 1, "max_header": 2, "handshake_timeout": 1}
+        for name, count in expected.items():
+            assert await limit_count(h.port, name) == count, name
 
 
 # Origin ----------------------------------------------------------------

@@ -136,6 +136,25 @@ def test_reader_bounds_one_head_at_and_past_max_header(method: str) -> None:
     assert refusal.limit == "max_header"
 
 
+def test_paths_allowed_a_longer_head_get_it_others_do_not() -> None:
+    # OpenReplay's Socket.IO handshake carries a JSON document in its query.
+    long_heads = ((b"/ws-assist/socket", b"/socket"), 8000)
+    query = b"/ws-assist/socket/?sessionInfo=" + b"q" * 6000
+    [request] = RequestReader(4000, 1000, long_heads).feed(b"GET " + query + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert isinstance(request, Request) and request.path == "/ws-assist/socket/"
+    [refusal] = RequestReader(4000, 1000, long_heads).feed(
+        b"GET " + query + b"q" * 3000 + b" HTTP/1.1\r\n\r\n"
+    )
+    assert isinstance(refusal, Refusal) and refusal.response.status == 414
+    [refusal] = RequestReader(4000, 1000, long_heads).feed(head_of(4001))
+    assert isinstance(refusal, Refusal) and refusal.response.status == 431, "other paths keep --max-header"
+    # The next request on the connection is held to --max-header again.
+    r = RequestReader(4000, 1000, long_heads)
+    [first] = r.feed(b"GET " + query + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    [second] = r.feed(head_of(4001))
+    assert isinstance(first, Request) and isinstance(second, Refusal)
+
+
 def test_reader_refuses_a_too_long_uri_with_414() -> None:
     [refusal] = reader(max_head=100).feed(b"GET /" + b"u" * 200 + b" HTTP/1.1\r\n\r\n")
     assert isinstance(refusal, Refusal) and refusal.response.status == 414

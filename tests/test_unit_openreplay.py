@@ -53,6 +53,7 @@ class Conn:
         self.closed: tuple[int, str] | None = None
         self.pongs = 0
         self.windows: list[bool] = []
+        self.joined = False  # the peer's CONNECT was accepted (the connect deadline is off)
 
     def send(self, frame: bytes) -> None:
         assert self.closed is None, "a frame after the close"
@@ -69,6 +70,9 @@ class Conn:
 
     def answered(self) -> None:
         self.pongs += 1
+
+    def connected(self) -> None:
+        self.joined = True
 
     def watched(self, on: bool) -> None:
         self.windows.append(on)
@@ -228,6 +232,14 @@ def test_agent_tokens_a_hub_key_or_openreplays_jwt_for_that_session() -> None:
     assert auth.check(None, KEY, "9") == "Authentication error"
     without_secret = AgentAuth(Auth("hub-key"), "", ("HS512",))
     assert without_secret.check(token("9"), KEY, "9") == "Authentication error"
+
+
+def test_a_refused_agent_keeps_its_connect_deadline_an_accepted_one_does_not() -> None:
+    world = World()
+    _, refused = world.agent("9", "wrong-key")
+    assert refused.text[-1].startswith(b"44") and not refused.joined, "the connect deadline still runs"
+    _, accepted = world.agent("9", "hub-key")
+    assert accepted.text[0].startswith(b"40") and accepted.joined
 
 
 # -- tabs and agents, frame by frame ----------------------------------------------------------
