@@ -397,6 +397,7 @@ class HubProcess:
     def __init__(self, extra: list[str], profile_to: Path | None = None) -> None:
         self.port = free_port()
         hub = ["serve", "--port", str(self.port), "--api-key", "bench-enrich", "--log-level", "warning"]
+        hub += ["--grace", "3600"]  # a closed warm-up's session is held through the run
         env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
         if profile_to is None:
             args = [sys.executable, "-m", "hub", *hub, *extra]
@@ -518,11 +519,16 @@ async def _round(
 ) -> dict[str, tuple[float, _Started]]:
     """Every hub's warm-up, then the storms in batches, taking turns: the i-th batch of each case,
     in an order rotated at every turn. A hub's CPU counts while its own batch connects and starts."""
-    conns = []
     for name, hub in hubs.items():
-        conns += await _trackers(hub.port, warmups[name], f"warm-{name}", _Started())
+        warm = await _trackers(hub.port, warmups[name], f"warm-{name}", _Started())
+        # Their sessions stay, in grace (HubProcess's --grace), but not their sockets: the storms'
+        # file descriptors are many already.
+        for conn in warm:
+            conn.abort()
+    await asyncio.sleep(0.5)
     for hub in hubs.values():
         hub.profile_on()
+    conns = []
     cpu = dict.fromkeys(hubs, 0.0)
     started = {name: _Started() for name in hubs}
     names = list(hubs)
