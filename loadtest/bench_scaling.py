@@ -1,0 +1,848 @@
+"""Issue 16's cluster figures 2-5, with real redis-server processes and real hub nodes.
+
+Every node is a ``loadtest.scaling_node`` process: ``hub.app.Hub`` serving on
+its own port, its index filled through its registry (no tracker sockets) and
+changed on a timer, so the replication under test (``hub/cluster.py``) runs
+exactly as it does behind trackers. Redis runs on free ports (never 6379),
+from ``tests/redis_server.py``. Cases:
+
+- ``scaling`` (figure 2): 4, 8, 16 nodes with the same sessions and change
+  rate per node, 32 projects, each node with one agent WebSocket subscribed
+  to each of its 2 served projects; per-node CPU over a steady window and RSS,
+  the ratio of the largest size to the smallest, a plot.
+- ``spread`` (figure 3): a local 3-master Redis Cluster, 100 projects: per
+  master commands/s and bytes/s (INFO commandstats / stats deltas), max/mean.
+- ``join`` (figure 4): a cluster holding 50k sessions changing 5k times/s,
+  Redis's ``client-output-buffer-limit pubsub 4mb 2mb 5``; a new node joins:
+  ready or not, how long, the largest subscriber output buffer meanwhile,
+  then whether it answers every project's search exactly like the others.
+- ``restart`` (figure 5): 8 nodes, Redis killed and restarted empty while the
+  nodes keep changing their sessions; whole-node snapshot reads (HGETALL) per
+  node after the restart, from MONITOR (checked against INFO commandstats),
+  and the time until every node answers every search the same.
+
+In ``join`` and ``restart`` the changes are paused (SIGUSR1 to every node) before
+answers are compared: with 5k changes/s no two nodes' answers are equal at one instant.
+
+    python -m loadtest.bench_scaling                 # all four cases, ~10 minutes
+    python -m loadtest.bench_scaling --cases scaling --sizes 4,8,16 --sessions 2000 --seconds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import psutil
+import redis
+
+from loadtest.client import HttpClient, WsConn, ws_connect
+from tests.redis_server import RedisCluster, RedisServer
+
+API_KEY = "bench-scaling-key"
+CASES = ("scaling", "spread", "join", "restart")
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "loadtest" / "results"
+PAGE = 1000  # the search API's largest page
+# MONITOR lines: +<time> [<db> <client address>] "<COMMAND>" ...
+MONITOR_LINE = re.compile(rb'^\+[\d.]+ \[\d+ [^\]]*?:(\d+)\] "([^"]+)"')
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def loadavg() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+def project(i: int) -> str:
+    return f"p{i:02d}"
+
+
+# -- nodes ---------------------------------------------------------------------
+
+
+@dataclass
+class Node:
+    """A scaling_node process; its stdout's JSON lines fill ``port``, ``filled`` and ``changes``."""
+
+    name: str
+    proc: asyncio.subprocess.Process
+    log_path: Path
+    port: int = 0
+    filled: int | None = None
+    changes: int = 0
+    changes_at: float = 0.0
+    listening: asyncio.Event = field(default_factory=asyncio.Event)
+    done_filling: asyncio.Event = field(default_factory=asyncio.Event)
+    http: HttpClient | None = None
+
+    async def read(self) -> None:
+        assert self.proc.stdout is not None
+        async for line in self.proc.stdout:
+            event = json.loads(line)
+            if "port" in event:
+                self.port = event["port"]
+                self.http = HttpClient(f"http://127.0.0.1:{self.port}", API_KEY)
+                self.listening.set()
+            elif "filled" in event:
+                self.filled = event["filled"]
+                self.done_filling.set()
+            elif "changes" in event:
+                self.changes, self.changes_at = event["changes"], time.monotonic()
+        # Exited: wake whoever waits, who then finds the exit code.
+        self.listening.set()
+        self.done_filling.set()
+
+    def failed(self) -> str | None:
+        if self.proc.returncode is None:
+            return None
+        return f"node {self.name} exited {self.proc.returncode}: {self.log_path.read_text()[-3000:]}"
+
+    async def get(self, path: str) -> bytes:
+        assert self.http is not None
+        status, body = await self.http.request("GET", path)
+        if status != 200:
+            raise RuntimeError(f"node {self.name} GET {path}: HTTP {status} {body[:200]!r}")
+        return body
+
+    async def metrics(self) -> dict[str, float]:
+        """This node's unlabelled Prometheus samples."""
+        found: dict[str, float] = {}
+        for line in (await self.get("/metrics")).decode().splitlines():
+            if line and not line.startswith("#") and "{" not in line:
+                name, _, value = line.partition(" ")
+                found[name] = float(value)
+        return found
+
+    async def project_answer(self, key: str) -> list[Any]:
+        """Every live session of ``key`` as this node answers a search, ordered by sessionID."""
+        assert self.http is not None
+        sessions: list[Any] = []
+        page = 1
+        while True:
+            body = json.dumps({"sort": "sessionID", "order": "asc", "limit": PAGE, "page": page}).encode()
+            status, raw = await self.http.request("POST", f"/public/{key}/assist/sessions", body)
+            if status != 200:
+                raise RuntimeError(f"node {self.name} search {key}: HTTP {status} {raw[:200]!r}")
+            data = msgspec.json.decode(raw)["data"]
+            sessions += data["sessions"]
+            if len(sessions) >= data["total"] or not data["sessions"]:
+                return sessions
+            page += 1
+
+    async def answers(self, projects: int) -> list[list[Any]]:
+        return [await self.project_answer(project(p)) for p in range(projects)]
+
+    def signal(self, signum: int) -> None:
+        if self.proc.returncode is None:
+            self.proc.send_signal(signum)
+
+    def cpu_seconds(self) -> float:
+        t = psutil.Process(self.proc.pid).cpu_times()
+        return float(t.user + t.system)
+
+    def rss(self) -> int:
+        return int(psutil.Process(self.proc.pid).memory_info().rss)
+
+
+@dataclass
+class Load:
+    """What every node of a case does: its sessions, their projects, its changes per second."""
+
+    sessions: int
+    projects: int
+    rate: float
+    update_share: float
+    hub_args: list[str] = field(default_factory=list)
+
+
+class Nodes:
+    """The node processes of one case, all killed at the end."""
+
+    def __init__(self, redis_url: str, load: Load, workdir: Path) -> None:
+        self.redis_url = redis_url
+        self.load = load
+        self.workdir = workdir
+        self.nodes: list[Node] = []
+        self._readers: list[asyncio.Task[None]] = []
+
+    async def spawn(self, name: str, sessions: int | None = None) -> Node:
+        load = self.load
+        log_path = self.workdir / f"{name}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+        with log_path.open("w") as stderr:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "loadtest.scaling_node",
+                "--sessions", str(load.sessions if sessions is None else sessions),
+                "--projects", str(load.projects), "--rate", str(load.rate),
+                "--update-share", str(load.update_share), "--",
+                "--port", "0", "--api-key", API_KEY, "--redis-url", self.redis_url, "--node-id", name,
+                "--log-level", "warning", *load.hub_args,
+                stdout=asyncio.subprocess.PIPE, stderr=stderr, env=env, cwd=ROOT,
+            )  # fmt: skip
+        node = Node(name, proc, log_path)
+        self.nodes.append(node)
+        self._readers.append(asyncio.create_task(node.read()))
+        return node
+
+    async def start(self, count: int, timeout: float) -> list[Node]:
+        """``count`` nodes, once each listens and has started its sessions."""
+        started = [await self.spawn(f"n{i}") for i in range(count)]
+        async with asyncio.timeout(timeout):
+            for node in started:
+                await node.done_filling.wait()
+                if (failure := node.failed()) is not None or node.filled is None:
+                    raise RuntimeError(failure or f"node {node.name} stopped before filling")
+        return started
+
+    async def mirrored(self, nodes: list[Node], total: int, timeout: float) -> float:
+        """Seconds until every node's index holds ``total`` sessions (the full mirror)."""
+        began = time.monotonic()
+        deadline = began + timeout
+        while True:
+            counts = [(await n.metrics()).get("hub_live_sessions", 0.0) for n in nodes]
+            if all(c == total for c in counts):
+                return time.monotonic() - began
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nodes did not mirror {total} sessions within {timeout} s: {counts}")
+            await asyncio.sleep(0.25)
+
+    def signal(self, signum: int) -> None:
+        for node in self.nodes:
+            node.signal(signum)
+
+    async def close(self) -> None:
+        for node in self.nodes:
+            if node.proc.returncode is None:
+                node.proc.kill()
+            if node.http is not None:
+                node.http.close()
+        for node in self.nodes:
+            await node.proc.wait()
+        for task in self._readers:
+            task.cancel()
+
+
+async def agree(nodes: list[Node], projects: int, total: int, timeout: float) -> tuple[float | None, int]:
+    """Seconds until every node answers every project's search the same, holding ``total`` sessions.
+
+    Returns (None, differing records of the last poll) past ``timeout``.
+    """
+    began = time.monotonic()
+    differing = 0
+    while time.monotonic() - began < timeout:
+        answers = await asyncio.gather(*(n.answers(projects) for n in nodes))
+        first = answers[0]
+        held = sum(len(a) for a in first)
+        differing = sum(_differing(first, other) for other in answers[1:])
+        if held == total and differing == 0:
+            return time.monotonic() - began, 0
+        await asyncio.sleep(0.1)
+    return None, differing
+
+
+def _differing(a: list[list[Any]], b: list[list[Any]]) -> int:
+    """Records that differ between two nodes' answers (by sessionID, over every project)."""
+    count = 0
+    for pa, pb in zip(a, b, strict=True):
+        ra = {s["sessionID"]: s for s in pa}
+        rb = {s["sessionID"]: s for s in pb}
+        count += sum(1 for sid in ra.keys() | rb.keys() if ra.get(sid) != rb.get(sid))
+    return count
+
+
+# -- agents --------------------------------------------------------------------
+
+
+class Agent:
+    """An agent WebSocket subscribed to a whole project: counts what it receives."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.bytes = 0
+        self.snapshot = asyncio.Event()
+        self.closed: int | None = None
+
+    def on_open(self, conn: WsConn) -> None:
+        conn.send(b'{"type":"subscribe"}')
+
+    def on_message(self, conn: WsConn, data: bytes) -> None:
+        self.frames += 1
+        self.bytes += len(data)
+        if not self.snapshot.is_set() and data.startswith(b'{"type":"snapshot"'):
+            self.snapshot.set()
+
+    def on_close(self, conn: WsConn, code: int | None, opened: bool) -> None:
+        self.closed = code if code is not None else -1
+
+
+async def connect_agents(nodes: list[Node], projects: int) -> tuple[list[Agent], list[WsConn]]:
+    """Node i serves projects 2i and 2i+1 (mod ``projects``): one agent on each."""
+    agents: list[Agent] = []
+    conns: list[WsConn] = []
+    for i, node in enumerate(nodes):
+        for p in (2 * i % projects, (2 * i + 1) % projects):
+            agent = Agent()
+            conns.append(
+                await ws_connect(
+                    f"ws://127.0.0.1:{node.port}",
+                    f"/ws/agent/{project(p)}",
+                    agent,
+                    headers=[("Authorization", f"Bearer {API_KEY}")],
+                )
+            )
+            agents.append(agent)
+    async with asyncio.timeout(60):
+        for agent in agents:
+            await agent.snapshot.wait()
+    return agents, conns
+
+
+# -- Redis ---------------------------------------------------------------------
+
+
+def redis_cpu(port: int) -> float:
+    info = redis.Redis(port=port).info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+def command_calls(port: int) -> dict[str, int]:
+    """Calls per command since this redis-server started (INFO commandstats)."""
+    stats = redis.Redis(port=port).info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+def traffic(port: int) -> dict[str, float]:
+    """Commands (INFO itself excluded: this tool's own polling), bytes in and out, CPU seconds."""
+    client = redis.Redis(port=port)
+    stats = client.info("stats")
+    calls = command_calls(port)
+    return {
+        "commands": sum(c for name, c in calls.items() if name != "info"),
+        "bytes_in": float(stats["total_net_input_bytes"]),
+        "bytes_out": float(stats["total_net_output_bytes"]),
+        "cpu_s": redis_cpu(port),
+        "keys": float(client.dbsize()),
+    }
+
+
+# -- cases ---------------------------------------------------------------------
+
+
+async def case_scaling(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    rows = []
+    for size in args.sizes:
+        log(f"scaling: {size} nodes x {args.sessions} sessions, {args.rate}/s each (load {loadavg()})")
+        with RedisServer() as server:
+            nodes = Nodes(
+                server.url, Load(args.sessions, args.projects, args.rate, args.update_share), workdir
+            )
+            try:
+                rows.append(await _scaling_size(args, server, nodes, size))
+            finally:
+                await nodes.close()
+        row = rows[-1]
+        log(
+            f"  per node: CPU {row['cpu_pct_mean']:.1f} % (max {row['cpu_pct_max']:.1f}), "
+            f"RSS {row['rss_mib_mean']:.1f} MiB; machine CPU {row['machine_cpu_pct']:.0f} % of 200"
+        )
+    first, last = rows[0], rows[-1]
+    return {
+        "rows": rows,
+        "cpu_ratio": last["cpu_pct_mean"] / first["cpu_pct_mean"] if first["cpu_pct_mean"] else None,
+        "rss_ratio": last["rss_mib_mean"] / first["rss_mib_mean"],
+        "ratio_of": [first["nodes"], last["nodes"]],
+    }
+
+
+async def _scaling_size(
+    args: argparse.Namespace, server: RedisServer, nodes: Nodes, size: int
+) -> dict[str, Any]:
+    total = size * args.sessions
+    started = time.monotonic()
+    members = await nodes.start(size, timeout=60 + total / 500)
+    mirror_s = await nodes.mirrored(members, total, timeout=60 + total / 500)
+    agents, conns = await connect_agents(members, args.projects)
+    await asyncio.sleep(args.warmup)
+    load_before = loadavg()
+    metrics0 = [await n.metrics() for n in members]
+    cpu0 = [n.cpu_seconds() for n in members]
+    redis0 = redis_cpu(server.port)
+    frames0 = sum(a.frames for a in agents)
+    changes0 = sum(n.changes for n in members)
+    psutil.cpu_percent(None)
+    t0 = time.monotonic()
+    await asyncio.sleep(args.seconds)
+    elapsed = time.monotonic() - t0
+    machine = psutil.cpu_percent(None) * psutil.cpu_count()
+    cpu = [100 * (n.cpu_seconds() - c) / elapsed for n, c in zip(members, cpu0, strict=True)]
+    redis_pct = 100 * (redis_cpu(server.port) - redis0) / elapsed
+    frames = sum(a.frames for a in agents) - frames0
+    changes = sum(n.changes for n in members) - changes0
+    metrics1 = [await n.metrics() for n in members]
+    rss = [n.rss() / 2**20 for n in members]
+    received = [
+        (m1.get("hub_redis_received_batches_total", 0) - m0.get("hub_redis_received_batches_total", 0))
+        / elapsed
+        for m0, m1 in zip(metrics0, metrics1, strict=True)
+    ]
+    for conn in conns:
+        conn.abort()
+    closed = [a.closed for a in agents if a.closed is not None]
+    return {
+        "nodes": size,
+        "sessions_per_node": args.sessions,
+        "sessions_total": total,
+        "start_and_mirror_s": round(time.monotonic() - started - args.warmup - elapsed, 1),
+        "mirror_wait_s": round(mirror_s, 2),
+        "window_s": round(elapsed, 1),
+        "cpu_pct": [round(c, 2) for c in cpu],
+        "cpu_pct_mean": statistics.mean(cpu),
+        "cpu_pct_max": max(cpu),
+        "rss_mib": [round(r, 1) for r in rss],
+        "rss_mib_mean": statistics.mean(rss),
+        "received_batches_per_s_mean": statistics.mean(received),
+        "changes_per_s_total": changes / elapsed if changes else None,
+        "agents": len(agents),
+        "agent_frames_per_s": frames / elapsed,
+        "agents_closed": closed,
+        "redis_cpu_pct": redis_pct,
+        "machine_cpu_pct": machine,
+        "load_before": load_before,
+        "load_after": loadavg(),
+    }
+
+
+async def case_spread(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    log(f"spread: 3-master Redis Cluster, {args.spread_nodes} nodes, {args.spread_projects} projects")
+    load_before = loadavg()
+    with RedisCluster() as cluster:
+        load = Load(args.spread_sessions, args.spread_projects, args.rate, args.update_share)
+        nodes = Nodes(cluster.url, load, workdir)
+        try:
+            members = await nodes.start(args.spread_nodes, timeout=90)
+            total = args.spread_nodes * args.spread_sessions
+            await nodes.mirrored(members, total, timeout=60 + total / 500)
+            await asyncio.sleep(args.warmup)
+            ports = [n.port for n in cluster.nodes]
+            before = [traffic(p) for p in ports]
+            t0 = time.monotonic()
+            await asyncio.sleep(args.spread_seconds)
+            elapsed = time.monotonic() - t0
+            after = [traffic(p) for p in ports]
+        finally:
+            await nodes.close()
+    masters = []
+    for port, b, a in zip(ports, before, after, strict=True):
+        masters.append(
+            {
+                "port": port,
+                "commands_per_s": (a["commands"] - b["commands"]) / elapsed,
+                "bytes_in_per_s": (a["bytes_in"] - b["bytes_in"]) / elapsed,
+                "bytes_out_per_s": (a["bytes_out"] - b["bytes_out"]) / elapsed,
+                "cpu_pct": 100 * (a["cpu_s"] - b["cpu_s"]) / elapsed,
+                "keys": int(a["keys"]),
+            }
+        )
+
+    def max_over_mean(values: list[float]) -> float | None:
+        mean = statistics.mean(values)
+        return max(values) / mean if mean else None
+
+    return {
+        "nodes": args.spread_nodes,
+        "sessions_per_node": args.spread_sessions,
+        "projects": args.spread_projects,
+        "window_s": round(elapsed, 1),
+        "masters": masters,
+        "commands_max_over_mean": max_over_mean([m["commands_per_s"] for m in masters]),
+        "bytes_max_over_mean": max_over_mean([m["bytes_in_per_s"] + m["bytes_out_per_s"] for m in masters]),
+        "load_before": load_before,
+        "load_after": loadavg(),
+    }
+
+
+async def _subscriber_buffers(port: int, peak: dict[str, int], stop: asyncio.Event) -> None:
+    """The largest output buffer (omem) of any pub/sub subscriber, sampled every 100 ms."""
+    client = redis.Redis(port=port)
+    while not stop.is_set():
+        for c in await asyncio.to_thread(client.client_list):
+            if int(c.get("sub", 0)) or int(c.get("psub", 0)) or int(c.get("ssub", 0)):
+                peak["omem"] = max(peak["omem"], int(c.get("omem", 0)))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.1)
+
+
+async def case_join(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    per_node = args.join_sessions // args.join_nodes
+    rate = args.join_rate / args.join_nodes
+    log(f"join: {args.join_nodes} nodes x {per_node} sessions, {rate:.0f} changes/s each (load {loadavg()})")
+    load_before = loadavg()
+    with RedisServer() as server:
+        client = redis.Redis(port=server.port)
+        client.config_set("client-output-buffer-limit", args.pubsub_limit)
+        limit = client.config_get("client-output-buffer-limit")["client-output-buffer-limit"]
+        nodes = Nodes(server.url, Load(per_node, args.projects, rate, args.update_share), workdir)
+        try:
+            members = await nodes.start(args.join_nodes, timeout=120)
+            total = per_node * args.join_nodes
+            await nodes.mirrored(members, total, timeout=60 + total / 500)
+            await asyncio.sleep(args.warmup)
+            c0, t0 = sum(n.changes for n in members), time.monotonic()
+            await asyncio.sleep(2.0)
+            achieved = (sum(n.changes for n in members) - c0) / (time.monotonic() - t0)
+            log(f"  changing {achieved:.0f}/s; a node joins")
+            peak = {"omem": 0}
+            stop = asyncio.Event()
+            sampler = asyncio.create_task(_subscriber_buffers(server.port, peak, stop))
+            spawned = time.monotonic()
+            joiner = await nodes.spawn("joiner", sessions=0)
+            ready_s = listening_s = None
+            deadline = spawned + args.join_timeout
+            await asyncio.wait_for(joiner.listening.wait(), args.join_timeout)
+            if joiner.port:
+                listening_s = time.monotonic() - spawned
+                while time.monotonic() < deadline and joiner.proc.returncode is None:
+                    assert joiner.http is not None
+                    status, _ = await joiner.http.request("GET", "/readyz")
+                    if status == 200:
+                        ready_s = time.monotonic() - spawned
+                        break
+                    await asyncio.sleep(0.05)
+            stop.set()
+            await sampler
+            result: dict[str, Any] = {
+                "nodes": args.join_nodes,
+                "sessions": total,
+                "changes_per_s": achieved,
+                "pubsub_limit": limit,
+                "listening_s": listening_s,
+                "ready_s": ready_s,
+                "peak_subscriber_omem_bytes": peak["omem"],
+                "buffer_limit_closes_in_redis_log": server.log.read_text().count("output buffer limits"),
+                "joiner_warnings": _warnings(joiner.log_path),
+            }
+            if ready_s is not None:
+                # While changing: the sessions (ids) of every project, joiner against node 0.
+                ids = [[s["sessionID"] for s in a] for a in await joiner.answers(args.projects)]
+                ids0 = [[s["sessionID"] for s in a] for a in await members[0].answers(args.projects)]
+                result["ids_equal_while_changing"] = ids == ids0
+                result["joiner_sessions"] = sum(len(a) for a in ids)
+                nodes.signal(signal.SIGUSR1)
+                agree_s, differing = await agree([*members, joiner], args.projects, total, timeout=30)
+                result["agree_after_pause_s"] = agree_s
+                result["records_differing"] = differing
+        finally:
+            await nodes.close()
+    result["load_before"] = load_before
+    result["load_after"] = loadavg()
+    return result
+
+
+def _warnings(path: Path) -> dict[str, int]:
+    """A node's WARNING/ERROR log lines, counted by event name."""
+    counts: dict[str, int] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        if "WARNING" in line or "ERROR" in line:
+            event = next((w for w in line.split() if w.startswith(("cluster.", "relay.", "hub."))), "other")
+            counts[event] = counts.get(event, 0) + 1
+    return counts
+
+
+async def _monitor(port: int, lines: list[bytes], stop: asyncio.Event) -> None:
+    # A MONITOR line carries a whole HSET of records: up to megabytes.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 28)
+    writer.write(b"MONITOR\r\n")
+    try:
+        while not stop.is_set():
+            try:
+                line = await asyncio.wait_for(reader.readline(), 0.2)
+            except TimeoutError:
+                continue
+            if not line:
+                return
+            lines.append(line)
+    finally:
+        writer.close()
+
+
+async def case_restart(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    n = args.restart_nodes
+    log(f"restart: {n} nodes x {args.restart_sessions} sessions, Redis restarted empty (load {loadavg()})")
+    load_before = loadavg()
+    with RedisServer() as server:
+        nodes = Nodes(
+            server.url, Load(args.restart_sessions, args.projects, args.rate, args.update_share), workdir
+        )
+        try:
+            members = await nodes.start(n, timeout=90)
+            total = n * args.restart_sessions
+            await nodes.mirrored(members, total, timeout=60 + total / 500)
+            await asyncio.sleep(args.warmup)
+            server.kill()
+            # The nodes keep changing their sessions while Redis is down: they diverge.
+            await asyncio.sleep(args.restart_down)
+            await asyncio.to_thread(server.start)
+            restarted = time.monotonic()
+            lines: list[bytes] = []
+            stop = asyncio.Event()
+            monitor = asyncio.create_task(_monitor(server.port, lines, stop))
+            nodes.signal(signal.SIGUSR1)
+            agree_s, differing = await agree(members, args.projects, total, timeout=args.restart_timeout)
+            if agree_s is not None:
+                agree_s = time.monotonic() - restarted
+            await asyncio.sleep(2.0)  # reads that come late still count
+            stop.set()
+            await monitor
+            hgetall_total = command_calls(server.port).get("hgetall", 0)
+            owners = _client_ports(members, server.port)
+        finally:
+            await nodes.close()
+    per_node: dict[str, dict[str, int]] = {m.name: {"hgetall": 0, "commands": 0} for m in members}
+    unattributed = 0
+    for line in lines:
+        found = MONITOR_LINE.match(line)
+        if found is None:
+            continue
+        owner = owners.get(int(found.group(1)))
+        if owner is None:
+            unattributed += 1
+            continue
+        per_node[owner]["commands"] += 1
+        if found.group(2).upper() == b"HGETALL":
+            per_node[owner]["hgetall"] += 1
+    seen = sum(c["hgetall"] for c in per_node.values())
+    return {
+        "nodes": n,
+        "sessions_per_node": args.restart_sessions,
+        "down_s": args.restart_down,
+        "agree_s": agree_s,
+        "records_differing": differing,
+        "hgetall_per_node": {k: v["hgetall"] for k, v in per_node.items()},
+        "commands_per_node": {k: v["commands"] for k, v in per_node.items()},
+        "hgetall_monitor": seen,
+        "hgetall_commandstats": hgetall_total,
+        "monitor_unattributed_commands": unattributed,
+        "full_mirror_bound": 2 * n * (n - 1),
+        "load_before": load_before,
+        "load_after": loadavg(),
+    }
+
+
+def _client_ports(nodes: list[Node], redis_port: int) -> dict[int, str]:
+    """Local port of each node's connection to Redis -> the node's name."""
+    owners: dict[int, str] = {}
+    for node in nodes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for conn in psutil.Process(node.proc.pid).net_connections("tcp"):
+                if conn.raddr and conn.raddr.port == redis_port:
+                    owners[conn.laddr.port] = node.name
+    return owners
+
+
+# -- report --------------------------------------------------------------------
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    sizes = [r["nodes"] for r in rows]
+    fig, (ax_cpu, ax_rss) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in (
+        (ax_cpu, "cpu_pct", "CPU per node (% of a core)"),
+        (ax_rss, "rss_mib", "RSS per node (MiB)"),
+    ):
+        for r in rows:
+            ax.scatter([r["nodes"]] * len(r[key]), r[key], s=10, alpha=0.4, color="tab:blue")
+        ax.plot(sizes, [r[f"{key}_mean"] for r in rows], "o-", color="tab:red", label="mean")
+        ax.set_xlabel("nodes")
+        ax.set_xticks(sizes)
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    first = rows[0]
+    fig.suptitle(
+        f"Full-mirror cluster: {first['sessions_per_node']:,} sessions per node, "
+        f"{result['changes_per_node']:.0f} changes/s per node"
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report(result: dict[str, Any]) -> str:
+    out: list[str] = []
+    if "scaling" in result:
+        s = result["scaling"]
+        out += [
+            "| nodes | sessions (total) | CPU per node mean / max | RSS per node mean "
+            "| batches read per node/s | agent frames/s (all) | Redis CPU | machine CPU (of 200 %) "
+            "| load before → after |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in s["rows"]:
+            out.append(
+                f"| {r['nodes']} | {r['sessions_total']:,} "
+                f"| {r['cpu_pct_mean']:.1f} / {r['cpu_pct_max']:.1f} % "
+                f"| {r['rss_mib_mean']:.1f} MiB | {r['received_batches_per_s_mean']:,.0f} "
+                f"| {r['agent_frames_per_s']:,.0f} | {r['redis_cpu_pct']:.1f} % "
+                f"| {r['machine_cpu_pct']:.0f} % "
+                f"| {r['load_before']} → {r['load_after']} |"
+            )
+        a, b = s["ratio_of"]
+        cpu_ratio = f"{s['cpu_ratio']:.2f}" if s["cpu_ratio"] is not None else "-"
+        out.append(f"\nratio {b}/{a} nodes: CPU per node {cpu_ratio}, RSS per node {s['rss_ratio']:.2f}\n")
+    if "spread" in result:
+        s = result["spread"]
+        out += [
+            "| master | commands/s | bytes in/s | bytes out/s | CPU | keys |",
+            "|---|---|---|---|---|---|",
+        ]
+        for m in s["masters"]:
+            out.append(
+                f"| :{m['port']} | {m['commands_per_s']:,.0f} | {m['bytes_in_per_s']:,.0f} "
+                f"| {m['bytes_out_per_s']:,.0f} | {m['cpu_pct']:.1f} % | {m['keys']} |"
+            )
+        cmd = s["commands_max_over_mean"]
+        byt = s["bytes_max_over_mean"]
+        out.append(
+            f"\nmax/mean per master: commands {cmd:.2f}, bytes {byt:.2f}\n"
+            if cmd is not None and byt is not None
+            else "\nmax/mean: no traffic\n"
+        )
+    if "join" in result:
+        j = result["join"]
+        out += [
+            "| sessions | changes/s | pub/sub limit | listening | ready | peak subscriber buffer "
+            "| buffer-limit closes | ids equal while changing | agree after pause | records differing |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            f"| {j['sessions']:,} | {j['changes_per_s']:,.0f} | {j['pubsub_limit'].split('pubsub ')[-1]} "
+            f"| {_seconds(j['listening_s'])} | {_seconds(j['ready_s'])} "
+            f"| {j['peak_subscriber_omem_bytes'] / 2**20:.2f} MiB | {j['buffer_limit_closes_in_redis_log']} "
+            f"| {j.get('ids_equal_while_changing', '-')} | {_seconds(j.get('agree_after_pause_s'))} "
+            f"| {j.get('records_differing', '-')} |",
+            "",
+        ]
+    if "restart" in result:
+        r = result["restart"]
+        reads = " ".join(str(v) for v in r["hgetall_per_node"].values())
+        out += [
+            "| nodes | sessions | Redis down | HGETALL per node (MONITOR) | HGETALL total: MONITOR / "
+            "commandstats | 2·N·(N-1) | all agree after restart | records differing |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| {r['nodes']} | {r['nodes'] * r['sessions_per_node']:,} | {r['down_s']} s | {reads} "
+            f"| {r['hgetall_monitor']} / {r['hgetall_commandstats']} | {r['full_mirror_bound']} "
+            f"| {_seconds(r['agree_s'])} | {r['records_differing']} |",
+            "",
+        ]
+    return "\n".join(out)
+
+
+def _seconds(value: float | None) -> str:
+    return "never" if value is None else f"{value:.2f} s"
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "command": "python -m loadtest.bench_scaling " + " ".join(sys.argv[1:]),
+        "cpus": psutil.cpu_count(),
+        "load_at_start": loadavg(),
+    }
+    cases = {"scaling": case_scaling, "spread": case_spread, "join": case_join, "restart": case_restart}
+    with tempfile.TemporaryDirectory(prefix="bench-scaling-") as tmp:
+        for name in args.cases:
+            result[name] = await cases[name](args, Path(tmp))
+            if name == "scaling":
+                result["scaling"]["changes_per_node"] = args.rate
+    result["load_at_end"] = loadavg()
+    return result
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--projects", type=int, default=32, help="projects (scaling, join, restart)")
+    parser.add_argument(
+        "--rate", type=float, default=100.0, help="changes/s per node (scaling, spread, restart)"
+    )
+    parser.add_argument(
+        "--update-share",
+        type=float,
+        default=1 / 3,
+        help="share of changes that are record updates, the rest heartbeats",
+    )
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds of changes before a measurement")
+    parser.add_argument("--sizes", default="4,8,16", help="scaling: node counts")
+    parser.add_argument("--sessions", type=int, default=2000, help="scaling: sessions per node")
+    parser.add_argument("--seconds", type=float, default=20.0, help="scaling: measured seconds per size")
+    parser.add_argument("--spread-nodes", type=int, default=4)
+    parser.add_argument("--spread-sessions", type=int, default=1000, help="spread: sessions per node")
+    parser.add_argument("--spread-projects", type=int, default=100)
+    parser.add_argument("--spread-seconds", type=float, default=15.0)
+    parser.add_argument("--join-nodes", type=int, default=4)
+    parser.add_argument("--join-sessions", type=int, default=50_000, help="join: sessions in the cluster")
+    parser.add_argument("--join-rate", type=float, default=5000.0, help="join: changes/s in the cluster")
+    parser.add_argument("--join-timeout", type=float, default=60.0, help="join: seconds to wait for /readyz")
+    parser.add_argument(
+        "--pubsub-limit", default="pubsub 4mb 2mb 5", help="join: Redis's output buffer limit"
+    )
+    parser.add_argument("--restart-nodes", type=int, default=8)
+    parser.add_argument("--restart-sessions", type=int, default=1000, help="restart: sessions per node")
+    parser.add_argument("--restart-down", type=float, default=3.0, help="restart: seconds Redis stays down")
+    parser.add_argument(
+        "--restart-timeout", type=float, default=30.0, help="restart: seconds to wait for agreement"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench-scaling.json")
+    parser.add_argument("--plot", type=Path, default=RESULTS / "plots" / "cluster-scaling.png")
+    args = parser.parse_args(argv)
+    args.cases = [c for c in args.cases.split(",") if c]
+    unknown = set(args.cases) - set(CASES)
+    if unknown:
+        parser.error(f"unknown cases: {', '.join(sorted(unknown))}")
+    args.sizes = [int(s) for s in args.sizes.split(",")]
+    return args
+
+
+def main() -> None:
+    args = parse()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    result = asyncio.run(run(args))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    if "scaling" in result:
+        plot(result["scaling"], args.plot)
+        result["scaling"]["plot"] = str(args.plot)
+    print(report(result))
+
+
+if __name__ == "__main__":
+    main()
