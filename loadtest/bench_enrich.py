@@ -78,6 +78,7 @@ import os
 import pstats
 import random
 import signal
+import socket
 import statistics
 import string
 import subprocess
@@ -372,7 +373,7 @@ class Case:
     label: str
     user_agent: bool = False
     geoip: bool = False
-    # The hub first sees each User-Agent of the storm (its LRU warm); the start carries these fields.
+    # The warm-up holds each distinct handshake of the storm (LRUs warm); the start carries these fields.
     warm: bool = False
     sends: tuple[str, ...] = ()
 
@@ -416,8 +417,6 @@ class HubProcess:
             time.sleep(0.05)
 
     def _accepts(self) -> bool:
-        import socket
-
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                 return True
