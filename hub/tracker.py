@@ -86,7 +86,7 @@ class TrackerProtocol:
 
     def receive(self, frame: bytes | str, now: int) -> bytes | None:
         try:
-            return self._receive(frame, now)
+            return self.handle(decode_message(frame), len(frame), now)
         except InputError as exc:
             return self._refuse(exc)
 
@@ -102,9 +102,6 @@ class TrackerProtocol:
         self.counts.error(exc.code, exc.message)
         self.counts.sent["error"] += 1
         return encode_error(exc.code, exc.message)
-
-    def _receive(self, frame: bytes | str, now: int) -> bytes | None:
-        return self.handle(decode_message(frame), len(frame), now)
 
     def handle(self, msg: TrackerMessage, size: int, now: int) -> bytes | None:
         """One decoded message (``size``: its frame's bytes): the native reply, or InputError.
@@ -122,9 +119,11 @@ class TrackerProtocol:
         if isinstance(msg, Heartbeat):
             if session is None:
                 raise InputError(ErrorCode.NOT_STARTED, "send start before heartbeat")
-            active = None if msg.active is UNSET else msg.active
-            self.registry.heartbeat(session, active, now, self.active)
-            if active is not None:
+            active = msg.active
+            if active is UNSET:
+                self.registry.heartbeat(session, None, now)
+            else:
+                self.registry.heartbeat(session, active, now, self.active)
                 self.active = active
             return None
         if isinstance(msg, Start):
