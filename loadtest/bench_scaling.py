@@ -57,8 +57,10 @@ CASES = ("scaling", "spread", "join", "restart")
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "loadtest" / "results"
 PAGE = 1000  # the search API's largest page
-# MONITOR lines: +<time> [<db> <client address>] "<COMMAND>" ...
-MONITOR_LINE = re.compile(rb'^\+[\d.]+ \[\d+ [^\]]*?:(\d+)\] "([^"]+)"')
+# MONITOR lines: +<unix time> [<db> <client address>] "<COMMAND>" "<first argument>" ...
+MONITOR_LINE = re.compile(rb'^\+([\d.]+) \[\d+ [^\]]*?:(\d+)\] "([^"]+)"(?: "([^"]*)")?')
+# The cluster's map of nodes (hub/cluster.py NODES_KEY): every other HGETALL reads a node's sessions.
+NODES_MAP = b"{hub}:nodes"
 
 
 def log(text: str) -> None:
@@ -75,6 +77,17 @@ def project(i: int) -> str:
 
 
 # -- nodes ---------------------------------------------------------------------
+
+
+class _Total(msgspec.Struct):
+    total: int
+
+
+class _Answer(msgspec.Struct):
+    data: _Total
+
+
+_decode_total = msgspec.json.Decoder(_Answer).decode
 
 
 @dataclass
@@ -130,24 +143,22 @@ class Node:
                 found[name] = float(value)
         return found
 
-    async def project_answer(self, key: str) -> list[Any]:
-        """Every live session of ``key`` as this node answers a search, ordered by sessionID."""
+    async def project_pages(self, key: str) -> list[bytes]:
+        """Every live session of ``key`` as this node answers a search (ordered by sessionID):
+        the answers' bytes, page by page. Nodes that hold the same records answer the same bytes."""
         assert self.http is not None
-        sessions: list[Any] = []
-        page = 1
+        pages: list[bytes] = []
         while True:
-            body = json.dumps({"sort": "sessionID", "order": "asc", "limit": PAGE, "page": page}).encode()
-            status, raw = await self.http.request("POST", f"/public/{key}/assist/sessions", body)
+            body = json.dumps({"sort": "sessionID", "order": "asc", "limit": PAGE, "page": len(pages) + 1})
+            status, raw = await self.http.request("POST", f"/public/{key}/assist/sessions", body.encode())
             if status != 200:
                 raise RuntimeError(f"node {self.name} search {key}: HTTP {status} {raw[:200]!r}")
-            data = msgspec.json.decode(raw)["data"]
-            sessions += data["sessions"]
-            if len(sessions) >= data["total"] or not data["sessions"]:
-                return sessions
-            page += 1
+            pages.append(raw)
+            if len(pages) * PAGE >= _decode_total(raw).data.total:
+                return pages
 
-    async def answers(self, projects: int) -> list[list[Any]]:
-        return [await self.project_answer(project(p)) for p in range(projects)]
+    async def answers(self, projects: int) -> list[list[bytes]]:
+        return [await self.project_pages(project(p)) for p in range(projects)]
 
     def signal(self, signum: int) -> None:
         if self.proc.returncode is None:
@@ -245,28 +256,35 @@ async def agree(nodes: list[Node], projects: int, total: int, since: float, time
     ``agreed_s``: seconds from ``since`` (monotonic) to the end of the first poll that found
     it (None past ``timeout``); the answers were read within the ``poll_s`` before that.
     """
-    polls = differing = 0
+    polls = 0
     poll_s = 0.0
+    answers: list[list[list[bytes]]] = []
     while time.monotonic() - since < timeout:
         began = time.monotonic()
         answers = await asyncio.gather(*(n.answers(projects) for n in nodes))
         ended = time.monotonic()
         polls, poll_s = polls + 1, ended - began
         first = answers[0]
-        held = sum(len(a) for a in first)
-        differing = sum(_differing(first, other) for other in answers[1:])
-        if held == total and differing == 0:
+        held = sum(_decode_total(pages[0]).data.total for pages in first)
+        if held == total and all(other == first for other in answers[1:]):
             return {"agreed_s": ended - since, "poll_s": poll_s, "polls": polls, "records_differing": 0}
         await asyncio.sleep(0.05)
+    # Counted only now: decoding every record each poll would slow the polls down.
+    differing = sum(_differing(answers[0], other) for other in answers[1:]) if answers else None
     return {"agreed_s": None, "poll_s": poll_s, "polls": polls, "records_differing": differing}
 
 
-def _differing(a: list[list[Any]], b: list[list[Any]]) -> int:
+def records(pages: list[bytes]) -> list[Any]:
+    """The sessions of one project's answer pages."""
+    return [s for raw in pages for s in msgspec.json.decode(raw)["data"]["sessions"]]
+
+
+def _differing(a: list[list[bytes]], b: list[list[bytes]]) -> int:
     """Records that differ between two nodes' answers (by sessionID, over every project)."""
     count = 0
     for pa, pb in zip(a, b, strict=True):
-        ra = {s["sessionID"]: s for s in pa}
-        rb = {s["sessionID"]: s for s in pb}
+        ra = {s["sessionID"]: s for s in records(pa)}
+        rb = {s["sessionID"]: s for s in records(pb)}
         count += sum(1 for sid in ra.keys() | rb.keys() if ra.get(sid) != rb.get(sid))
     return count
 
@@ -544,8 +562,8 @@ async def case_join(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             }
             if ready_s is not None:
                 # While changing: the sessions (ids) of every project, joiner against node 0.
-                ids = [[s["sessionID"] for s in a] for a in await joiner.answers(args.projects)]
-                ids0 = [[s["sessionID"] for s in a] for a in await members[0].answers(args.projects)]
+                ids = [[s["sessionID"] for s in records(a)] for a in await joiner.answers(args.projects)]
+                ids0 = [[s["sessionID"] for s in records(a)] for a in await members[0].answers(args.projects)]
                 result["ids_equal_while_changing"] = ids == ids0
                 result["joiner_sessions"] = sum(len(a) for a in ids)
                 nodes.signal(signal.SIGUSR1)
@@ -605,7 +623,7 @@ async def case_restart(args: argparse.Namespace, workdir: Path) -> dict[str, Any
             # The nodes keep changing their sessions while Redis is down: they diverge.
             await asyncio.sleep(args.restart_down)
             await asyncio.to_thread(server.start)
-            restarted = time.monotonic()
+            restarted, restarted_wall = time.monotonic(), time.time()
             lines: list[bytes] = []
             stop = asyncio.Event()
             monitor = asyncio.create_task(_monitor(server.port, lines, stop))
@@ -618,33 +636,54 @@ async def case_restart(args: argparse.Namespace, workdir: Path) -> dict[str, Any
             owners = _client_ports(members, server.port)
         finally:
             await nodes.close()
-    per_node: dict[str, dict[str, int]] = {m.name: {"hgetall": 0, "commands": 0} for m in members}
-    unattributed = 0
-    for line in lines:
-        found = MONITOR_LINE.match(line)
-        if found is None:
-            continue
-        owner = owners.get(int(found.group(1)))
-        if owner is None:
-            unattributed += 1
-            continue
-        per_node[owner]["commands"] += 1
-        if found.group(2).upper() == b"HGETALL":
-            per_node[owner]["hgetall"] += 1
-    seen = sum(c["hgetall"] for c in per_node.values())
+    tally = _tally(lines, owners, [m.name for m in members], restarted_wall)
     return {
         "nodes": n,
         "sessions_per_node": args.restart_sessions,
         "down_s": args.restart_down,
         "agreement": agreement,
-        "hgetall_per_node": {k: v["hgetall"] for k, v in per_node.items()},
-        "commands_per_node": {k: v["commands"] for k, v in per_node.items()},
-        "hgetall_monitor": seen,
+        **tally,
         "hgetall_commandstats": hgetall_total,
-        "monitor_unattributed_commands": unattributed,
         "full_mirror_bound": 2 * n * (n - 1),
         "load_before": load_before,
         "load_after": loadavg(),
+    }
+
+
+def _tally(lines: list[bytes], owners: dict[int, str], names: list[str], since: float) -> dict[str, Any]:
+    """Per node, from MONITOR: snapshot reads (HGETALL of a node's sessions), reads of the
+    node map, all commands, and when it first read the node map (its replication's bootstrap
+    after the restart; its relay reconnects apart), in s after ``since`` (Unix time)."""
+    snapshots = dict.fromkeys(names, 0)
+    node_maps = dict.fromkeys(names, 0)
+    commands = dict.fromkeys(names, 0)
+    synced: dict[str, float] = {}
+    unattributed = hgetall = 0
+    for line in lines:
+        found = MONITOR_LINE.match(line)
+        if found is None:
+            continue
+        at, port, command, key = found.groups()
+        owner = owners.get(int(port))
+        if owner is None:
+            unattributed += 1
+            continue
+        commands[owner] += 1
+        if command.upper() == b"HGETALL":
+            hgetall += 1
+            if key == NODES_MAP:
+                node_maps[owner] += 1
+                synced.setdefault(owner, round(float(at) - since, 3))
+            else:
+                snapshots[owner] += 1
+    return {
+        "snapshot_reads_per_node": snapshots,
+        "snapshot_reads_total": sum(snapshots.values()),
+        "node_map_reads_per_node": node_maps,
+        "commands_per_node": commands,
+        "bootstrap_s_per_node": synced,
+        "hgetall_monitor": hgetall,
+        "monitor_unattributed_commands": unattributed,
     }
 
 
@@ -750,13 +789,16 @@ def report(result: dict[str, Any]) -> str:
         ]
     if "restart" in result:
         r = result["restart"]
-        reads = " ".join(str(v) for v in r["hgetall_per_node"].values())
+        reads = " ".join(str(v) for v in r["snapshot_reads_per_node"].values())
+        back = max(r["bootstrap_s_per_node"].values(), default=float("nan"))
         out += [
-            "| nodes | sessions | Redis down | HGETALL per node (MONITOR) | HGETALL total: MONITOR / "
-            "commandstats | 2·N·(N-1) | all agree after restart | records differing |",
-            "|---|---|---|---|---|---|---|---|",
+            "| nodes | sessions | Redis down | snapshot reads per node | snapshot reads total (2·N·(N-1)) "
+            "| HGETALL: MONITOR / commandstats | last node's bootstrap | all agree after restart "
+            "| records differing |",
+            "|---|---|---|---|---|---|---|---|---|",
             f"| {r['nodes']} | {r['nodes'] * r['sessions_per_node']:,} | {r['down_s']} s | {reads} "
-            f"| {r['hgetall_monitor']} / {r['hgetall_commandstats']} | {r['full_mirror_bound']} "
+            f"| {r['snapshot_reads_total']} ({r['full_mirror_bound']}) "
+            f"| {r['hgetall_monitor']} / {r['hgetall_commandstats']} | {back:.2f} s "
             f"| {_agreed(r['agreement'])} | {r['agreement']['records_differing']} |",
             "",
         ]
