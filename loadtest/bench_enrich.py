@@ -72,6 +72,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import functools
 import ipaddress
 import json
 import os
@@ -756,10 +757,10 @@ def parsers(n: int) -> None:
     print("User-Agent parse, µs per call (ua-parser 1.0 + ua-parser-rs):")
     print(f"  {'string':26} {'uncached':>9} {'CPU caches cold':>15} {'cached':>8}")
     for name, ua in STRINGS.items():
-        uncached = per_call_us(lambda ua=ua: agents.parse(ua), max(1, n // 20))
-        cold = evicted_us(lambda ua=ua: agents.parse(ua), 40)
+        uncached = per_call_us(functools.partial(agents.parse, ua), max(1, n // 20))
+        cold = evicted_us(functools.partial(agents.parse, ua), 40)
         agents.fields(ua)
-        cached = per_call_us(lambda ua=ua: agents.fields(ua), n)
+        cached = per_call_us(functools.partial(agents.fields, ua), n)
         print(f"  {name:26} {uncached:9.1f} {cold:15.1f} {cached:8.2f}")
 
 
@@ -778,7 +779,7 @@ def compare(n: int) -> None:
 
     print("\nuser-agents 2.2 on the same strings (µs per uncached parse; what each parser names):")
     for name, ua in STRINGS.items():
-        cost = per_call_us(lambda ua=ua: legacy(ua), max(1, n // 1000))
+        cost = per_call_us(functools.partial(legacy, ua), max(1, n // 1000))
         old = user_agents.parse(ua)
         kind = next(
             (
