@@ -29,7 +29,11 @@ Cases (``--cases``, default all, in this order):
   payload against the tracker's deterministic bytes).
 
 Only frames sent inside the measured window count (after a 1 s warm-up, all agents
-joined). Each case starts fresh servers and stops them after.
+joined). Each case starts fresh servers and stops them after. Every latency case keeps a
+per-second timeline (server RSS; the hub's relay drops and 4008 closes from /metrics,
+scraped alike in every case) and each second's p99: a burst of the shared machine's other
+work shows as a few bad seconds (and in the trackers' pacing lag), a cost of the server as
+a level. ``--repeat N`` runs the cases round robin; the summary takes medians.
 """
 
 from __future__ import annotations
@@ -576,8 +580,9 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(0.25)
             rss = watched.rss()
             rss_max = max(rss_max, rss)
-            if now >= next_point and case.startswith("stall-"):
-                # Each second: RSS, and the hub's drops and 4008 closes (a scrape costs it ~1 ms).
+            if now >= next_point and not binary:
+                # Each second: RSS, and the hub's drops and 4008 closes. Every latency case
+                # scrapes alike: a scrape costs the hub ~1 ms and its first one ~0.6 MiB of RSS.
                 next_point += 1_000_000_000
                 point = {"t": round((now - go) / 1e9, 1), "rss_mib": round((rss - rss0) / 2**20, 2)}
                 if not case.endswith("-bare"):
