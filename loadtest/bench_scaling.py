@@ -820,7 +820,7 @@ def _agreed(agreement: dict[str, Any] | None) -> str:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
-        "command": "python -m loadtest.bench_scaling " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python -m loadtest.bench_scaling", *sys.argv[1:]]),
         "cpus": psutil.cpu_count(),
         "load_at_start": loadavg(),
     }
@@ -890,11 +890,11 @@ def main() -> None:
     except ImportError:
         pass
     result = asyncio.run(run(args))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
     if "scaling" in result:
         plot(result["scaling"], args.plot)
         result["scaling"]["plot"] = str(args.plot)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(report(result))
 
 
