@@ -143,15 +143,27 @@ async def told(page: Page, prefix: str) -> list[Any]:
     return [json.loads(f[2:]) for f in frames if f.startswith(prefix)]
 
 
-async def session(port: int, session_id: str, **expect: Any) -> dict[str, Any]:
-    """The live session (through /public/), once it has ``expect``'s fields."""
+# OpenReplay's backend reads the same sessions through its assist API (sockets-live).
+ASSIST_KEY = "or-assist-key"
+
+
+async def session(port: int, session_id: str, assist: bool = False, **expect: Any) -> dict[str, Any]:
+    """The live session (through /public/, and with ``assist`` through OpenReplay's
+    ``sockets-live`` too), once it has ``expect``'s fields in both."""
 
     async def check() -> dict[str, Any] | None:
         reply = await http(port, "GET", f"/public/{KEY}/assist/sessions/{session_id}")
         if reply.status != 200:
             return None
         data: dict[str, Any] = reply.json()["data"]
-        return data if all(data.get(k) == v for k, v in expect.items()) else None
+        if not all(data.get(k) == v for k, v in expect.items()):
+            return None
+        if assist:
+            path = f"/assist/{ASSIST_KEY}/sockets-live/{KEY}/{session_id}"
+            live = (await http(port, "GET", path, key=None)).json()["data"]
+            if live is None or not all(live.get(k) == v for k, v in expect.items()):
+                return None
+        return data
 
     found: dict[str, Any] = await wait_for(check, timeout=10, what=f"session {session_id} with {expect}")
     return found
@@ -239,35 +251,43 @@ async def refusal(port: int, session_id: str, token: str) -> Any:
 @needs_chromium
 async def test_the_tracker_registers_its_session_with_openreplays_fields(browser: BrowserContext) -> None:
     sid = "7100000000000001"
-    async with running_hub(grace=1.0) as h:
+    async with running_hub(grace=1.0, assist_key=ASSIST_KEY) as h:
         with openreplay_site(h.port, sid) as site:
             page = await open_page(browser, site)
-            found = await session(h.port, sid, pageTitle="OR Shop · Home")
+            found = await session(h.port, sid, True, pageTitle="OR Shop · Home")
             assert found["projectKey"] == KEY and found["trackerVersion"] == "19.0.1"
             assert found["userOs"] == "Linux" and found["userBrowser"]
             assert found["userUUID"] == "uuid-1" and found["active"] is True and found["tabs"] == 1
             await page.evaluate("tracker.setUserID('ann@example.com')")
             await page.evaluate("tracker.setMetadata('plan', 'pro')")
-            await session(h.port, sid, userID="ann@example.com", metadata={"plan": "pro"})
+            await session(h.port, sid, True, userID="ann@example.com", metadata={"plan": "pro"})
             await set_hidden(page, True)
-            await session(h.port, sid, active=False)
+            await session(h.port, sid, True, active=False)
             await set_hidden(page, False)
-            await session(h.port, sid, active=True)
+            await session(h.port, sid, True, active=True)
+            # OpenReplay's backend lists it too, with its filter on a metadata key.
+            body = {"filter": {"plan": {"values": ["pro"], "operator": "is"}}}
+            reply = await http(h.port, "POST", f"/assist/{ASSIST_KEY}/sockets-live/{KEY}", body, key=None)
+            assert [s["sessionID"] for s in reply.json()["data"]["sessions"]] == [sid]
 
             # A second tab of the same session; a reload resumes.
             second = await open_page(browser, site)
-            await session(h.port, sid, tabs=2)
+            await session(h.port, sid, True, tabs=2)
             await second.reload()
             await second.wait_for_function("window.framesIn.some(f => f.startsWith('40{'))")
-            await session(h.port, sid, tabs=2, connected=True)
+            await session(h.port, sid, True, tabs=2, connected=True)
 
             # Closed: connected false, then ended after the grace.
             await second.close()
             await page.close()
-            await session(h.port, sid, connected=False, tabs=0)
+            await session(h.port, sid, True, connected=False, tabs=0)
 
             async def gone() -> bool:
-                return (await http(h.port, "GET", f"/public/{KEY}/assist/sessions/{sid}")).status == 404
+                path = f"/assist/{ASSIST_KEY}/sockets-live/{KEY}/{sid}"
+                answer = (await http(h.port, "GET", path, key=None)).json()
+                return (await http(h.port, "GET", f"/public/{KEY}/assist/sessions/{sid}")).status == 404 and (
+                    answer == {"data": None}
+                )
 
             await wait_for(gone, timeout=10, what="the session ends after its grace")
 
