@@ -65,8 +65,9 @@ def test_every_case_runs_and_reports(tmp_path: Path) -> None:
     restart = result["restart"]
     agreement = restart["agreement"]
     assert agreement["agreed_s"] is not None and agreement["records_differing"] == 0
-    # MONITOR saw every snapshot read Redis counted, each on a known node.
-    assert restart["hgetall_monitor"] == restart["hgetall_commandstats"]
+    # MONITOR saw the snapshot reads Redis counted, each on a known node; it attaches once
+    # Redis is back, so a node that reconnects first may read before it does (seen once in CI).
+    assert 0 < restart["hgetall_monitor"] <= restart["hgetall_commandstats"]
     assert set(restart["bootstrap_s_per_node"]) == {"n0", "n1", "n2"}
     # Each node read at least the map of nodes; the peers' snapshots are counted apart.
     assert all(reads > 0 for reads in restart["node_map_reads_per_node"].values())
