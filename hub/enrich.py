@@ -1,7 +1,10 @@
 """Server-side enrichment of a tracker's record from its handshake (CONTRACT §1).
 
 ``Enricher.fields(headers, peer)`` answers the record fields the hub can tell
-about a tracker connection without asking it: from the ``User-Agent`` header
+about a tracker connection without asking it, looked up lazily: only the
+fields a ``start`` lacks are parsed or located (tracker.js sends all the
+User-Agent fields but ``userDevice``, so its connects parse one of the
+parser's three domains). From the ``User-Agent`` header
 ``userAgent``, ``userOs``, ``userBrowser``, ``userBrowserVersion``,
 ``userDevice``, ``userDeviceType``; with a GeoIP database ``userCountry``,
 ``userState``, ``userCity``. Only the fields found are in the answer (an
@@ -75,7 +78,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from socket import AF_INET, AF_INET6, inet_ntop, inet_pton
 from typing import Any, Final
 
@@ -83,21 +86,12 @@ import maxminddb
 from ua_parser import Domain, load_lazy_builtins
 from ua_parser.regex import Resolver
 
-from .record import MAX_STRING
+from .record import ENRICHED_FIELDS, GEO_FIELDS, MAX_STRING
 
 # Distinct User-Agent strings kept parsed, and addresses kept located (under 1 KB each).
 UA_CACHE_SIZE: Final = 4096
 GEO_CACHE_SIZE: Final = 4096
 
-UA_FIELDS: Final = (
-    "userAgent",
-    "userOs",
-    "userBrowser",
-    "userBrowserVersion",
-    "userDevice",
-    "userDeviceType",
-)
-GEO_FIELDS: Final = ("userCountry", "userState", "userCity")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -147,8 +141,19 @@ def _builtin_resolver() -> Resolver:
     return Resolver(load_lazy_builtins())
 
 
+# The parser's domains each field needs (userDeviceType reads the system and the device).
+_DOMAINS: Final = {
+    "userAgent": Domain(0),
+    "userBrowser": Domain.USER_AGENT,
+    "userBrowserVersion": Domain.USER_AGENT,
+    "userOs": Domain.OS,
+    "userDevice": Domain.DEVICE,
+    "userDeviceType": Domain.OS | Domain.DEVICE,
+}
+
+
 class UserAgents:
-    """``User-Agent`` header -> record fields, each distinct string parsed once."""
+    """``User-Agent`` header -> record fields, each distinct string parsed once per set of domains."""
 
     def __init__(self, cache_size: int = UA_CACHE_SIZE) -> None:
         self._resolver = _builtin_resolver()
@@ -156,21 +161,27 @@ class UserAgents:
 
     def fields(self, header: str) -> dict[str, str]:
         """The fields a header tells; ``{}`` for an empty one."""
-        return dict(self._cached(header.strip()[:MAX_STRING]))
+        return dict(self._cached(header.strip()[:MAX_STRING], Domain.ALL))
+
+    def field(self, header: str, name: str) -> str | None:
+        """One field a header tells, parsing only the domains it needs."""
+        return dict(self._cached(header.strip()[:MAX_STRING], _DOMAINS[name])).get(name)
 
     def parse(self, header: str) -> dict[str, str]:
         """``fields`` without the cache (for measuring)."""
-        return dict(self._pairs(header.strip()[:MAX_STRING]))
+        return dict(self._pairs(header.strip()[:MAX_STRING], Domain.ALL))
 
     def cache_info(self) -> functools._CacheInfo:
         return self._cached.cache_info()
 
-    def _pairs(self, ua: str) -> tuple[tuple[str, str], ...]:
+    def _pairs(self, ua: str, domains: Domain) -> tuple[tuple[str, str], ...]:
         # A tuple: the cached value is shared, so it must not be mutable.
         if not ua:
             return ()
-        result = self._resolver(ua, Domain.ALL)
         found: dict[str, str] = {"userAgent": ua}
+        if not domains:
+            return tuple(found.items())
+        result = self._resolver(ua, domains)
         browser, system, device = result.user_agent, result.os, result.device
         if browser is not None and browser.family != "Other":
             found["userBrowser"] = browser.family
@@ -183,9 +194,10 @@ class UserAgents:
         family = device.family if device is not None else ""
         if family and family != "Other" and not family.startswith("Generic"):
             found["userDevice"] = family
-        kind = _device_type(ua, system_family, family, device.brand if device is not None else None)
-        if kind:
-            found["userDeviceType"] = kind
+        if Domain.OS in domains and Domain.DEVICE in domains:
+            kind = _device_type(ua, system_family, family, device.brand if device is not None else None)
+            if kind:
+                found["userDeviceType"] = kind
         return tuple(found.items())
 
 
@@ -327,16 +339,49 @@ class Enricher:
         self.geoip = GeoIP(geoip_db) if geoip_db else None
         self.trusted = TrustedProxies(trusted_proxies)
 
-    def fields(self, headers: Mapping[str, str], peer: str | None) -> dict[str, str]:
-        """The fields found for a connection: ``headers`` by lower-case name, ``peer`` the socket's host."""
-        ua = headers.get("user-agent")
-        found = self.user_agents.fields(ua) if ua else {}
-        if self.geoip is not None:
-            address = self.trusted.client(peer, headers.get("x-forwarded-for"))
-            if address is not None:
-                found.update(self.geoip.fields(address))
-        return found
+    def fields(self, headers: Mapping[str, str], peer: str | None) -> Found:
+        """The fields found for a connection (looked up when read): ``headers`` by lower-case
+        name, ``peer`` the socket's host."""
+        return Found(self, headers.get("user-agent") or "", peer, headers.get("x-forwarded-for"))
 
     def close(self) -> None:
         if self.geoip is not None:
             self.geoip.close()
+
+
+class Found(Mapping[str, str]):
+    """A connection's enrichment as a mapping whose fields are parsed or located when read:
+    a start that carries a field costs nothing for it (``record.enrich`` reads only the
+    fields a start lacks). Iterating it reads them all."""
+
+    __slots__ = ("_address", "_enricher", "_forwarded", "_peer", "_ua")
+
+    def __init__(self, enricher: Enricher, ua: str, peer: str | None, forwarded: str | None) -> None:
+        self._enricher = enricher
+        self._ua = ua
+        self._peer = peer
+        self._forwarded = forwarded
+        # The client's address once worked out ("" for none).
+        self._address: str | None = None
+
+    def get_field(self, name: str) -> str | None:
+        enricher = self._enricher
+        if name in _DOMAINS:
+            return enricher.user_agents.field(self._ua, name) if self._ua else None
+        if enricher.geoip is None or name not in GEO_FIELDS:
+            return None
+        if self._address is None:
+            self._address = enricher.trusted.client(self._peer, self._forwarded) or ""
+        return enricher.geoip.fields(self._address).get(name) if self._address else None
+
+    def __getitem__(self, name: str) -> str:
+        value = self.get_field(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name in ENRICHED_FIELDS if self.get_field(name) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)

@@ -354,13 +354,29 @@ def changes_of(msg: _Fields, session: Session | None) -> dict[str, Any]:
     return changes
 
 
+# The fields a connection's enrichment may fill (``enrich``): the User-Agent's, then the location.
+UA_FIELDS: Final = (
+    "userAgent",
+    "userOs",
+    "userBrowser",
+    "userBrowserVersion",
+    "userDevice",
+    "userDeviceType",
+)
+GEO_FIELDS: Final = ("userCountry", "userState", "userCity")
+ENRICHED_FIELDS: Final = UA_FIELDS + GEO_FIELDS
+
+
 def enrich(msg: _Fields, found: Mapping[str, str], session: Session | None) -> None:
     """Fill ``msg``'s fields from the connection's enrichment (``enrich.Enricher.fields``)
     under what trackers send: only a field ``msg`` does not carry and the record does
-    not hold yet, so a tracker's own value (this tab's or another's) always wins."""
-    for name, value in found.items():
+    not hold yet, so a tracker's own value (this tab's or another's) always wins. Only
+    those fields are read from ``found`` (it parses what is read)."""
+    for name in ENRICHED_FIELDS:
         if getattr(msg, name) is UNSET and (session is None or getattr(session, name) is None):
-            setattr(msg, name, value)
+            value = found.get(name)
+            if value is not None:
+                setattr(msg, name, value)
 
 
 def active_time(session: Session, now: int) -> int:

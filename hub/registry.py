@@ -48,7 +48,8 @@ from .wire import EndReason, ErrorCode, InputError
 # A session's identity across the hub: (projectKey, sessionID).
 SessionKey = tuple[str, str]
 
-_NOTHING: Final[Mapping[str, str]] = {}
+# A connection the hub found nothing about: the start skips the enrichment step.
+NO_ENRICHMENT: Final[Mapping[str, str]] = {}
 
 # Fields a remote record may change as they are; tabs, connected and active are
 # derived from every node's contribution, timestamp keeps the first start,
@@ -213,7 +214,7 @@ class Registry:
         msg: Start,
         now: int,
         attach: bool,
-        enrichment: Mapping[str, str] = _NOTHING,
+        enrichment: Mapping[str, str] = NO_ENRICHMENT,
         activity: Activity | None = None,
     ) -> tuple[Session, bool]:
         """Start or join a session; ``attach`` counts a new tab. Returns (session, created).
@@ -226,7 +227,7 @@ class Registry:
         session_id = session_id_or_new(msg.sessionID)
         key = (project_key, session_id)
         session = self.index.get(project_key, session_id)
-        if enrichment:
+        if enrichment is not NO_ENRICHMENT:
             enrich(msg, enrichment, session)
         if session is None:
             limit = self.max_sessions_per_project

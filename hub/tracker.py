@@ -30,7 +30,7 @@ from .record import (
     encode_started,
     valid_session_id,
 )
-from .registry import Activity, Registry
+from .registry import NO_ENRICHMENT, Activity, Registry
 from .relay import Relay, Tab, TabSink, new_tab_id, tab_id_or_new
 from .wire import EndReason, ErrorCode, InputError
 
@@ -70,7 +70,7 @@ class TrackerProtocol:
     ) -> None:
         self.registry = registry
         # What the hub found about this connection (enrich.Enricher.fields), under the tracker's fields.
-        self.enrichment: Mapping[str, str] = enrichment or {}
+        self.enrichment: Mapping[str, str] = enrichment if enrichment is not None else NO_ENRICHMENT
         # Shared by every tracker of a hub (metrics); a throwaway one when not given.
         self.counts = counts if counts is not None else tracker_counts()
         self.project_key = project_key

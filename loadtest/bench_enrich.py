@@ -99,8 +99,8 @@ from netaddr import IPSet
 from ua_parser import load_lazy_builtins
 from ua_parser.regex import Resolver
 
-from hub.enrich import GEO_FIELDS, UA_FIELDS, Enricher, UserAgents
-from hub.record import decode_message
+from hub.enrich import Enricher, UserAgents
+from hub.record import GEO_FIELDS, UA_FIELDS, decode_message
 
 from .client import WsConn, ws_connect
 from .procs import free_port

@@ -15,8 +15,10 @@ from mmdb_writer import MMDBWriter
 from netaddr import IPSet
 
 from hub.config import ConfigError, parse_settings
-from hub.enrich import GEO_FIELDS, UA_FIELDS, Enricher, GeoIP, TrustedProxies, UserAgents
-from hub.record import MAX_STRING
+from hub.enrich import Enricher, GeoIP, TrustedProxies, UserAgents
+from hub.index import LiveIndex
+from hub.record import GEO_FIELDS, MAX_STRING, UA_FIELDS, Start
+from hub.registry import Registry
 from tests.helpers import run_hub
 
 CHROME_WINDOWS = (
@@ -435,6 +437,33 @@ def test_without_a_database_there_is_no_location() -> None:
     headers = {"user-agent": CHROME_WINDOWS, "x-forwarded-for": "81.2.69.160"}
     assert plain.fields(headers, "81.2.69.160") == {"userAgent": CHROME_WINDOWS, **REAL[0][1]}
     plain.close()
+
+
+def test_only_the_fields_a_start_lacks_are_parsed() -> None:
+    """A start that carries a field costs no parse for it: tracker.js sends every
+    User-Agent field but userDevice, so its connects parse the device domain alone."""
+    enricher = Enricher(ua_cache_size=16)
+    registry = Registry(LiveIndex(), grace_ms=1000)
+    carried = {name: value for name, value in REAL[0][1].items() if name != "userDevice"}
+    carried["userAgent"] = CHROME_WINDOWS
+    everything = Start(sessionID="all", **{**carried, "userDevice": "PC"})
+    found = enricher.fields({"user-agent": CHROME_WINDOWS}, None)
+    registry.start("p", 0, everything, 1, True, found)
+    assert enricher.user_agents.cache_info().misses == 0, "nothing to parse"
+    lacking = Start(sessionID="one", **{**carried, "userBrowser": "Mine"})
+    session, _ = registry.start(
+        "p", 0, lacking, 1, True, enricher.fields({"user-agent": CHROME_WINDOWS}, None)
+    )
+    assert session.userBrowser == "Mine", "what the tracker sends wins"
+    assert session.userDevice == REAL[0][1].get("userDevice")
+    info = enricher.user_agents.cache_info()
+    assert (info.misses, info.currsize) == (1, 1), "one parse, of the device domain alone"
+    # Read as a whole, the mapping is every field the handshake tells.
+    assert dict(enricher.fields({"user-agent": CHROME_WINDOWS}, None)) == {
+        "userAgent": CHROME_WINDOWS,
+        **REAL[0][1],
+    }
+    enricher.close()
 
 
 # -- settings ---------------------------------------------------------------------------------
