@@ -14,9 +14,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from hub.app import Hub
@@ -384,3 +385,39 @@ class FrameLog:
     async def _read(self) -> None:
         async for raw in self.ws:
             self.frames.append(json.loads(raw))
+
+
+class MixedLog:
+    """A WebSocket whose frames are collected in the background: JSON text and binary apart."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.text: list[dict[str, Any]] = []
+        self.binary: list[bytes] = []
+        self.task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for raw in self.ws:
+            if isinstance(raw, bytes):
+                self.binary.append(raw)
+            else:
+                self.text.append(json.loads(raw))
+
+    async def send(self, **frame: Any) -> None:
+        await self.ws.send(json.dumps(frame))
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [f for f in self.text if f["type"] == kind]
+
+
+@contextmanager
+def serve_site(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """``handler`` served from a thread on a free port (a test page's site); yields its origin."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://localhost:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -16,10 +16,9 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from playwright.async_api import BrowserContext, Page, async_playwright, expect
 
 from hub.wire import CloseCode
 from loadtest.chromium import FLAGS
-from tests.helpers import API_KEY, RunningHub, running_hub, wait_for
+from tests.helpers import API_KEY, RunningHub, running_hub, serve_site, wait_for
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(
@@ -84,14 +83,8 @@ def shop_site(hub: RunningHub, heartbeat_ms: int = 1000) -> Iterator[str]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://localhost:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_site(Handler) as origin:
+        yield origin
 
 
 async def open_shop(browser: BrowserContext, site: str, path: str = "/") -> Page:
@@ -171,9 +164,7 @@ async def test_reload_keeps_the_session(browser: BrowserContext) -> None:
             await page.reload()
             await page.wait_for_function("window.startedCount >= 1")
             assert await page.evaluate("HubTracker.sessionID") == first["sessionID"]
-            assert await page.evaluate(
-                "sessionStorage.getItem('hubTracker:shop')"
-            ) == first["sessionID"]
+            assert await page.evaluate("sessionStorage.getItem('hubTracker:shop')") == first["sessionID"]
             # The old connection's close and the new start may land in either order.
             session = await only_session(h, tabs=1, connected=True)
             assert session["sessionID"] == first["sessionID"]
@@ -368,8 +359,10 @@ async def test_dashboard_renders_only_the_visible_rows(browser: BrowserContext) 
     async with running_hub() as h, AsyncExitStack() as stack:
         trackers = Trackers(h, stack)
         await asyncio.gather(
-            *(trackers.start(f"s{i:04d}", userID=f"user{i}@example.com", timestamp=1_700_000_000_000 + i)
-              for i in range(count))
+            *(
+                trackers.start(f"s{i:04d}", userID=f"user{i}@example.com", timestamp=1_700_000_000_000 + i)
+                for i in range(count)
+            )
         )
         page = await open_dashboard(browser, h)
         # The dashboard's CSP forbids eval, which wait_for_function needs: poll instead.

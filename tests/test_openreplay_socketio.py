@@ -12,14 +12,12 @@ OpenReplay's backend mints one.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ import websockets
 from playwright.async_api import BrowserContext, Page
 
 from tests import test_browser
-from tests.helpers import API_KEY, FrameLog, HubProcess, http, running_hub, wait_for
+from tests.helpers import API_KEY, FrameLog, HubProcess, MixedLog, http, running_hub, serve_site, wait_for
 from tests.redis_server import RedisServer, have_redis
 from tests.test_browser import browser, set_hidden
 
@@ -120,14 +118,8 @@ def openreplay_site(hub_port: int, session_id: str) -> Iterator[str]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://localhost:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_site(Handler) as origin:
+        yield origin
 
 
 async def open_page(browser: BrowserContext, site: str) -> Page:
@@ -423,26 +415,6 @@ async def sio_tab(port: int, session_id: str, tab_id: str, **fields: Any) -> Asy
         await tab.client.disconnect()
 
 
-class Native:
-    """A native WebSocket: JSON frames and binary frames apart."""
-
-    def __init__(self, ws: Any) -> None:
-        self.ws = ws
-        self.text: list[dict[str, Any]] = []
-        self.binary: list[bytes] = []
-        self.task = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        async for raw in self.ws:
-            if isinstance(raw, bytes):
-                self.binary.append(raw)
-            else:
-                self.text.append(json.loads(raw))
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [f for f in self.text if f["type"] == kind]
-
-
 async def test_a_native_agent_watches_a_socketio_tab() -> None:
     sid = "7100000000000004"
     async with (
@@ -450,7 +422,7 @@ async def test_a_native_agent_watches_a_socketio_tab() -> None:
         sio_tab(h.port, sid, "tabA") as tab,
         websockets.connect(f"ws://127.0.0.1:{h.port}/ws/agent/{KEY}?token={API_KEY}") as ws,
     ):
-        native = Native(ws)
+        native = MixedLog(ws)
         await ws.send(json.dumps({"type": "join", "sessionID": sid, "agent": {"name": "Nat"}}))
         joined = await wait_for(lambda: native.of("joined"), what="joined")
         assert joined == [{"type": "joined", "sessionID": sid, "tabs": ["tabA"]}]
@@ -505,7 +477,7 @@ async def test_a_native_agent_watches_a_socketio_tab() -> None:
 async def test_a_socketio_agent_with_a_hub_key_watches_a_native_tab() -> None:
     sid = "7100000000000005"
     async with running_hub() as h, websockets.connect(f"ws://127.0.0.1:{h.port}/ws/tracker/{KEY}") as ws:
-        tracker = Native(ws)
+        tracker = MixedLog(ws)
         await ws.send(json.dumps({"type": "start", "sessionID": sid, "tabId": "t-1", "pageTitle": "Native"}))
         await wait_for(lambda: tracker.of("started"), what="started")
         async with agent(h.port, sid, token=f"Bearer {API_KEY}", name="Ann") as a:

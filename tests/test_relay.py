@@ -19,34 +19,14 @@ from typing import Any
 
 import pytest
 import websockets
-from websockets.asyncio.client import ClientConnection
 
 from loadtest.client import frame, handshake
-from tests.helpers import API_KEY, HubProcess, http, running_hub, wait_for
+from tests.helpers import API_KEY, HubProcess, MixedLog, http, running_hub, wait_for
 from tests.redis_server import RedisServer, have_redis
 
 
-class Peer:
-    """A WebSocket whose frames are collected in the background: JSON text and binary apart."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        self.text: list[dict[str, Any]] = []
-        self.binary: list[bytes] = []
-        self.task = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        async for raw in self.ws:
-            if isinstance(raw, bytes):
-                self.binary.append(raw)
-            else:
-                self.text.append(json.loads(raw))
-
-    async def send(self, **frame: Any) -> None:
-        await self.ws.send(json.dumps(frame))
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [f for f in self.text if f["type"] == kind]
+class Peer(MixedLog):
+    """A tab's or an agent's WebSocket, its frames collected as they come."""
 
     async def next_of(self, kind: str, after: int = 0, timeout: float = 5.0) -> dict[str, Any]:
         got = await wait_for(lambda: self.of(kind)[after:], timeout=timeout, what=f"a {kind} frame")
