@@ -320,7 +320,7 @@ def openreplay_paths(settings: Settings) -> dict[str, Schema]:
     )
     values = _operation(
         "Autocomplete as OpenReplay answers it: live values of key (a field or metadata key; "
-        "every text field without one) containing q; nothing when neither is given.",
+        "every text field and metadata key without one) containing q; nothing when neither is given.",
         {
             "200": _json("Distinct values, most held first.", ref("OpenReplayAttributes")),
             "400": _error("A query parameter given twice."),
