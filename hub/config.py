@@ -11,6 +11,7 @@ import ipaddress
 import os
 import re
 import secrets
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, NoReturn
@@ -354,6 +355,14 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, but a line never breaks inside a hyphenated word: a flag named in a
+    help text (``--relay-burst``) stays whole, for the reader and for grep."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 # name, type, help. Each also read from HUB_<NAME>.
 OPTIONS: Final[list[tuple[str, Any, str]]] = [
     ("host", str, "address to listen on (default 127.0.0.1)"),
@@ -570,7 +579,9 @@ OPTIONS: Final[list[tuple[str, Any, str]]] = [
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hub", description="Live-session WebSocket hub")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
-    serve = sub.add_parser("serve", help="run the hub", description="Run the hub.")
+    serve = sub.add_parser(
+        "serve", help="run the hub", description="Run the hub.", formatter_class=_HelpFormatter
+    )
     serve.error = parser.error  # type: ignore[method-assign]
     for name, kind, help_text in OPTIONS:
         serve.add_argument(f"--{name}", type=kind, default=None, help=f"{help_text} [HUB_{_env(name)}]")

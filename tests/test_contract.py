@@ -35,7 +35,7 @@ from netaddr import IPSet
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection
 
-from hub.config import OPTIONS, Settings, parse_settings
+from hub.config import OPTIONS, Settings, build_parser, parse_settings
 from tests.helpers import API_KEY, FrameLog, http, running_hub, wait_for
 from tests.redis_server import RedisServer, have_redis
 
@@ -264,6 +264,13 @@ WORDED_DEFAULTS = {
     "assist-key": "none",
     "openreplay-jwt-secret": "none",
 }
+
+
+def test_the_help_names_only_whole_flags() -> None:
+    # A help text that names another flag must not have it broken at a hyphen by the wrapping.
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    named = set(re.findall(r"--[a-z][a-z0-9-]*", serve.format_help()))
+    assert named == {f"--{name}" for name, _, _ in OPTIONS} | {"--help"}
 
 
 @pytest.mark.parametrize("name", [name for name, _, _ in OPTIONS])
