@@ -46,7 +46,7 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
@@ -198,8 +198,7 @@ class Cluster:
         self._lenient_until = 0.0
         # The subscription buffer overflowed: re-read the peers that moved on.
         self._resync = False
-        # Failed connection attempts since the last bootstrap, logged at most every LOG_EVERY_S.
-        self._failures = Throttle(LOG_EVERY_S)
+        self._link = Link(self.url, "cluster")
 
     # -- Replication: mark what to publish (only this node's own changes) --------
 
@@ -241,47 +240,25 @@ class Cluster:
 
     async def run(self) -> None:
         """Stay connected: bootstrap, mirror, and after any failure retry with backoff and jitter."""
-        delay = BACKOFF_MIN
-        while True:
-            bootstrapped = False
-            try:
-                client, sharded = connect(self.url)
-                pubsub = client.pubsub()
-                try:
-                    self._client, self._sharded = client, sharded
-                    if sharded:
-                        await client.initialize()  # the slot map, before routing by channel
-                    await self._subscribe(pubsub)
-                    # Read the subscription from the start, buffered while the
-                    # snapshots are read: Redis drops a subscriber that lags.
-                    send, receive = anyio.create_memory_object_stream[Batch](BUFFER_BATCHES)
-                    async with send, receive, anyio.create_task_group() as tg:
-                        tg.start_soon(self._reader, pubsub, send)
-                        await self._bootstrap(client)
-                        bootstrapped = True
-                        tg.start_soon(self._publisher, client)
-                        tg.start_soon(self._apply_batches, client, receive)
-                        tg.start_soon(self._watch_leases, client)
-                finally:
-                    self.connected = False
-                    self._client = None
-                    with anyio.CancelScope(shield=True), anyio.move_on_after(1):
-                        await close_quietly(client, pubsub)
-            except* (RedisError, RedisClusterException, OSError) as group:
-                if self._failures.due(time.monotonic()):
-                    fields = {"error": first_error(group), "retry_in_s": round(delay, 2)}
-                    fields["failures"] = self._failures.take()
-                    log.warning("cluster.redis_down", extra={"fields": fields})
-            except* Exception as group:
-                # Never let the mirror take the node down: log, reconnect, resync.
-                if self._failures.due(time.monotonic()):
-                    fields = {"failures": self._failures.take()}
-                    log.error("cluster.failed", exc_info=group, extra={"fields": fields})
-            if bootstrapped:
-                self._failures = Throttle(LOG_EVERY_S)
-                delay = BACKOFF_MIN
-            await anyio.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, BACKOFF_MAX)
+        await self._link.run(self._session, self._down)
+
+    async def _session(self, client: Any, sharded: bool, pubsub: Any) -> None:
+        self._client, self._sharded = client, sharded
+        await self._subscribe(pubsub)
+        # Read the subscription from the start, buffered while the
+        # snapshots are read: Redis drops a subscriber that lags.
+        send, receive = anyio.create_memory_object_stream[Batch](BUFFER_BATCHES)
+        async with send, receive, anyio.create_task_group() as tg:
+            tg.start_soon(self._reader, pubsub, send)
+            await self._bootstrap(client)
+            self._link.up()
+            tg.start_soon(self._publisher, client)
+            tg.start_soon(self._apply_batches, client, receive)
+            tg.start_soon(self._watch_leases, client)
+
+    def _down(self) -> None:
+        self.connected = False
+        self._client = None
 
     async def _subscribe(self, pubsub: Any) -> None:
         if self._sharded:
@@ -617,6 +594,54 @@ class Cluster:
             else:
                 pipe.publish(CHANNEL, batch)
             await pipe.execute()
+
+
+class Link:
+    """A Redis connection kept up: each session runs until it fails, then the next one
+    starts after a backoff (``BACKOFF_MIN`` doubling to ``BACKOFF_MAX``, ±50 % jitter).
+    Failures are logged once per ``LOG_EVERY_S`` with a count (``<name>.redis_down``, or
+    ``<name>.failed`` with the traceback for anything else: a bug must not take the node
+    down, the next session starts afresh). A session calls ``up`` once it is working:
+    the backoff and the count start over."""
+
+    def __init__(self, url: str, name: str) -> None:
+        self.url = url
+        self.name = name
+        self.log = logging.getLogger(f"hub.{name}")
+        self.delay = BACKOFF_MIN
+        self.failures = Throttle(LOG_EVERY_S)
+
+    def up(self) -> None:
+        self.delay = BACKOFF_MIN
+        self.failures = Throttle(LOG_EVERY_S)
+
+    async def run(
+        self, session: Callable[[Any, bool, Any], Awaitable[None]], down: Callable[[], None]
+    ) -> None:
+        """Run ``session(client, sharded, pubsub)`` again and again; ``down`` after each."""
+        while True:
+            try:
+                client, sharded = connect(self.url)
+                pubsub = client.pubsub()
+                try:
+                    if sharded:
+                        await client.initialize()  # the slot map, before routing by channel
+                    await session(client, sharded, pubsub)
+                finally:
+                    down()
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                        await close_quietly(client, pubsub)
+            except* (RedisError, RedisClusterException, OSError) as group:
+                if self.failures.due(time.monotonic()):
+                    fields = {"error": first_error(group), "retry_in_s": round(self.delay, 2)}
+                    fields["failures"] = self.failures.take()
+                    self.log.warning(f"{self.name}.redis_down", extra={"fields": fields})
+            except* Exception as group:
+                if self.failures.due(time.monotonic()):
+                    fields = {"failures": self.failures.take()}
+                    self.log.error(f"{self.name}.failed", exc_info=group, extra={"fields": fields})
+            await anyio.sleep(self.delay * random.uniform(0.5, 1.5))
+            self.delay = min(self.delay * 2, BACKOFF_MAX)
 
 
 class Throttle:

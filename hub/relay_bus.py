@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -71,9 +70,9 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup
 from msgspec import Raw, Struct
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisError
 
-from .cluster import LOG_EVERY_S, Throttle, close_quietly, connect, first_error
+from .cluster import Link
 
 if TYPE_CHECKING:
     from .relay import Down, Relay, Up
@@ -83,8 +82,6 @@ log = logging.getLogger("hub.relay")
 SessionKey = tuple[str, str]
 
 CTL: Final = "{relay}:ctl"
-BACKOFF_MIN: Final = 0.1
-BACKOFF_MAX: Final = 2.0
 # How long a subscription waits for Redis's confirmation before publishing anyway.
 CONFIRM_S: Final = 2.0
 # Publishes sent in one pipeline at most.
@@ -254,8 +251,8 @@ class RedisBus:
         self.url = url
         self.node = node
         self.connected = False
-        # Failed connection attempts since the last success, logged at most every LOG_EVERY_S.
-        self._failures = Throttle(LOG_EVERY_S)
+        # The Redis connection, kept up as the cluster mirror keeps its own.
+        self._link = Link(url, "relay")
         self.published = 0  # messages
         self.received = 0
         self.dropped = 0  # publishes dropped: Redis down, or over QUEUE_MAX_BYTES behind
@@ -333,44 +330,30 @@ class RedisBus:
 
     async def run(self) -> None:
         """Stay connected; after a failure retry with backoff, re-subscribe and re-send joins."""
-        delay = BACKOFF_MIN
-        while True:
-            try:
-                client, sharded = connect(self.url)
-                pubsub = client.pubsub()
-                try:
-                    self._client, self._sharded = client, sharded
-                    if sharded:
-                        await client.initialize()
-                    # What was queued is replaced by a fresh subscription of every channel.
-                    self._queue.clear()
-                    self._queued = 0
-                    self._confirmed.clear()
-                    for channel in (CTL, *self._channels):
-                        self._queue.append((_SUB, channel, b""))
-                    async with anyio.create_task_group() as tg:
-                        self._readers = set()
-                        await self._command(tg, pubsub, _SUB, CTL)
-                        self._queue.popleft()
-                        self.connected = True
-                        delay = BACKOFF_MIN
-                        self._failures = Throttle(LOG_EVERY_S)
-                        self._put(_PUB, CTL, _encode(_Hello(self.node)))
-                        if self._relay is not None:
-                            self._relay.resync()
-                        await self._writer(tg, client, pubsub)
-                finally:
-                    self.connected = False
-                    self._client = None
-                    with anyio.CancelScope(shield=True), anyio.move_on_after(1):
-                        await close_quietly(client, pubsub)
-            except* (RedisError, RedisClusterException, OSError) as group:
-                # As the cluster mirror does: one line per interval with a count, not one per retry.
-                if self._failures.due(time.monotonic()):
-                    fields = {"error": first_error(group), "failures": self._failures.take()}
-                    log.warning("relay.redis_down", extra={"fields": fields})
-            await anyio.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, BACKOFF_MAX)
+        await self._link.run(self._session, self._down)
+
+    async def _session(self, client: Any, sharded: bool, pubsub: Any) -> None:
+        self._client, self._sharded = client, sharded
+        # What was queued is replaced by a fresh subscription of every channel.
+        self._queue.clear()
+        self._queued = 0
+        self._confirmed.clear()
+        for channel in (CTL, *self._channels):
+            self._queue.append((_SUB, channel, b""))
+        async with anyio.create_task_group() as tg:
+            self._readers = set()
+            await self._command(tg, pubsub, _SUB, CTL)
+            self._queue.popleft()
+            self.connected = True
+            self._link.up()
+            self._put(_PUB, CTL, _encode(_Hello(self.node)))
+            if self._relay is not None:
+                self._relay.resync()
+            await self._writer(tg, client, pubsub)
+
+    def _down(self) -> None:
+        self.connected = False
+        self._client = None
 
     async def leave(self) -> None:
         client = self._client
