@@ -280,16 +280,17 @@ class Registry:
         """Count the tab's activity; the record's ``active`` becomes any tab's (in ``changes``).
 
         Without ``activity`` (a caller that keeps no tab state) a reported ``active``
-        in ``changes`` stands for the only tab's.
+        in ``changes`` speaks for every tab of this node.
         """
         if h is None:
             return
-        if activity is None:
-            if "active" not in changes or (h.here or 0) != 1:
-                return
-            activity = (session.active, changes["active"])
-        was, now_active = activity
-        h.idle += (not now_active) - (0 if was is None else (not was))
+        if activity is not None:
+            was, now_active = activity
+            h.idle += (not now_active) - (0 if was is None else (not was))
+        elif "active" in changes:
+            h.idle = 0 if changes["active"] else (h.here or 0)
+        else:
+            return
         merged = h.active(session.active)
         if merged != session.active:
             changes["active"] = merged

@@ -325,3 +325,17 @@ def test_active_is_any_tab_s_across_nodes() -> None:
     registry.drop_node("b", EndReason.NODE_LOST, now=50)
     registry.heartbeat(session, True, now=60, was=False)
     assert session.active is True
+
+
+def test_a_report_without_tab_state_speaks_for_every_tab_here() -> None:
+    """A caller that keeps no tab state (a benchmark, the registry driven alone) sets the
+    activity of all this node's tabs, so the counts stay whole for later tab-aware reports."""
+    registry, _, _ = recording_registry()
+    session, _ = registry.start("p1", 0, start(), now=10, attach=True)
+    registry.start("p1", 0, start(), now=10, attach=True)
+    registry.heartbeat(session, False, now=20)
+    assert session.active is False and session.tabs == 2
+    registry.heartbeat(session, True, now=30, was=False)  # one tab, tab-aware, comes back
+    assert session.active is True
+    registry.detach(session, now=40, active=True)  # and closes: the other is still hidden
+    assert (session.active, session.tabs) == (False, 1)
