@@ -1,41 +1,36 @@
-"""Cluster mode: every node keeps a full copy of the live index, mirrored through Redis.
+"""Cluster mode: nodes share their live sessions through Redis, partitioned by project.
 
 Each node publishes what changes in the sessions it holds and applies what
-the other nodes publish (``Registry.remote_*``), so any node answers any
-search or agent subscription with the whole picture (CONTRACT §5). The
-registry tells it only about this node's own changes (``Replication``).
+the other nodes publish (``Registry.remote_*``) for the partitions it
+mirrors, so a node answers searches and agent subscriptions of those with
+the whole picture (CONTRACT §5). The registry tells it only about this
+node's own changes (``Replication``). Key and channel names, owners and the
+batch rules are ``partitions.py``.
 
-In Redis (every key carries the ``{hub}`` hash tag, so a Redis Cluster keeps
-them, and the channel, in one slot and transactions stay possible):
+Writes: each ``--publish-window`` the node groups its pending changes by
+partition; per partition one call of the ``hub_batch`` Redis Function writes
+the records (a heartbeat only a ``@sessionID`` field: its lastActiveAt), the
+sequence number and publishes the batch, atomically in the partition's slot;
+all partitions' calls and the node's lease go in one pipeline (a Redis
+Cluster pipeline sends each to its slot's master). Channels are sharded
+pub/sub on a Redis Cluster (one connection per master), plain pub/sub on
+one Redis.
 
-- ``{hub}:changes`` — the pub/sub channel (sharded pub/sub on a Redis
-  Cluster). A message is one ``Batch`` from one node, gathered over
-  ``--publish-window``: its records that changed, lastActiveAt refreshes,
-  and sessions it ended or let go.
-- ``{hub}:sessions:<node>`` — a hash of the node's records
-  (``project/session``) and of heartbeats since (``@project/session``: only
-  lastActiveAt, so a heartbeat never rewrites a record), and
-  ``{hub}:seq:<node>`` the sequence number of the batch they reflect; both
-  written in the same MULTI/EXEC as the batch's PUBLISH.
-- ``{hub}:lease:<node>`` — refreshed with every batch (a batch goes out at
-  least every lease/4), expiring after the lease; ``{hub}:nodes`` maps each
-  node to its epoch (a random id per process start).
-
-Bootstrap without a lost change: subscribe first and keep reading into a
-bounded buffer (Redis drops a subscriber that lags), then read each peer's
-(seq, records) atomically, only for peers whose seq moved past what this
-node holds; buffered batches at or below that seq are already in the
-snapshot and skipped, later ones apply. A batch whose seq is not the next
-one (a gap) or a new epoch makes the reader resync that node from its
-snapshot. A peer whose lease key is gone is dead: its sessions end with
-reason ``node_lost``; a node that comes back under the same id has a new
+Bootstrap of a partition without a lost change: subscribe first, keep
+reading into a bounded buffer (Redis drops a subscriber that lags), read the
+holders' sequence numbers, then (seq, records) only of holders whose seq
+moved past what this node holds, all pipelined; buffered batches at or below
+that seq are in the snapshot, later ones apply. A batch whose seq is not the
+next one (a gap) or a new epoch makes the mirror re-read that holder's part
+of that partition alone. A node whose lease key is gone is dead: its
+sessions end with reason ``node_lost``; one back under the same id has a new
 epoch, so its old sessions are dropped, not resurrected. While Redis is
 unreachable nothing is dropped: the node serves its own trackers and the
 last known state, retries with backoff and jitter, then rewrites its
-records and publishes a RELOAD carrying its changes since its last
-acknowledged batch, which peers that missed nothing apply without a read.
-After Redis restarts empty, peers' missing leases are not believed until
-they have had time to come back (lease + the longest backoff).
+partitions and publishes a RELOAD per partition carrying its changes since
+its last acknowledged batch there, which mirrors that missed nothing apply
+without a read. After Redis restarts empty, peers' missing leases are not
+believed until they have had time to come back (lease + the longest backoff).
 """
 
 from __future__ import annotations
@@ -47,12 +42,13 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import msgspec
+from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from msgspec import Raw, Struct
 from redis.asyncio import Redis
@@ -63,6 +59,25 @@ from redis.retry import Retry
 
 from .clock import now_ms
 from .config import Settings
+from .partitions import (
+    CONTROL_CHANNEL,
+    NODES_KEY,
+    TOUCHED,
+    Verdict,
+    channel,
+    holders_key,
+    lease_key,
+    parse_seq,
+    partition_of,
+    partition_of_channel,
+    parts_key,
+    project_of,
+    records_key,
+    seq_key,
+    seq_value,
+    snapshot_needed,
+    verdict,
+)
 from .record import Session, active_time
 from .registry import Registry, SessionKey
 from .replication import AddMetric
@@ -70,62 +85,86 @@ from .wire import BatchKind, EndReason
 
 log = logging.getLogger("hub.cluster")
 
-CHANNEL: Final = "{hub}:changes"
-NODES_KEY: Final = "{hub}:nodes"
-
 # What a session waits to publish: a lastActiveAt refresh, its record, or its end (the reason).
 TOUCH: Final = 0
 RECORD: Final = 1
 
 BACKOFF_MIN: Final = 0.1
 BACKOFF_MAX: Final = 2.0
-HSET_CHUNK: Final = 1000
-# In a node's hash, "@project/session" holds a heartbeat's lastActiveAt beside
-# the record ("project/session"): a heartbeat never rewrites the record.
-TOUCHED: Final = "@"
 TOUCHED_B: Final = TOUCHED.encode()
-# Batches read from the subscription and not applied yet (while bootstrapping);
-# past it they are dropped and the peers re-read from their snapshots.
+# Messages read from the subscriptions and not applied yet (while a partition is
+# read); past it they are dropped and the mirrored partitions re-read where they moved.
 BUFFER_BATCHES: Final = 100_000
 # While Redis stays unreachable, one log line per interval (with the count), not one per retry.
 LOG_EVERY_S: Final = 30.0
+
+# One partition's batch, atomically in its slot. KEYS: records, seq, holders, channel.
+# ARGV: node, "epoch:seq", PUBLISH or SPUBLISH, the message, mode (0 changes, 1 rewrite,
+# 2 goodbye: the node's keys of the partition go), n, n (field, value) pairs, fields to delete.
+LIBRARY: Final = """#!lua name=hub
+local function batch(keys, args)
+  local records, seq, holders, channel = keys[1], keys[2], keys[3], keys[4]
+  local mode = args[5]
+  if mode ~= '0' then redis.call('UNLINK', records) end
+  local i, n = 7, tonumber(args[6])
+  while n > 0 do
+    local m = math.min(n, 256)
+    redis.call('HSET', records, unpack(args, i, i + 2 * m - 1))
+    i, n = i + 2 * m, n - m
+  end
+  while i <= #args do
+    local j = math.min(i + 511, #args)
+    redis.call('HDEL', records, unpack(args, i, j))
+    i = j + 1
+  end
+  if mode == '2' then
+    redis.call('UNLINK', seq)
+  else
+    redis.call('SET', seq, args[2])
+  end
+  if redis.call('EXISTS', records) == 1 then
+    redis.call('SADD', holders, args[1])
+  else
+    redis.call('SREM', holders, args[1])
+  end
+  redis.call(args[3], channel, args[4])
+  return 1
+end
+redis.register_function('hub_batch', batch)
+"""
+MODE_CHANGES: Final = "0"
+MODE_REWRITE: Final = "1"
+MODE_GOODBYE: Final = "2"
 
 
 def default_node_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def _key(kind: str, node: str) -> str:
-    return f"{{hub}}:{kind}:{node}"
-
-
-def _field(key: SessionKey) -> str:
-    return f"{key[0]}/{key[1]}"
-
-
-# (projectKey, sessionID, lastActiveAt) refreshes; (projectKey, sessionID, reason) removals,
-# reason None: the sender let the session go to other nodes.
-Touches = list[tuple[str, str, int]]
-Records = list[tuple[SessionKey, Raw]]
-Gone = list[tuple[str, str, EndReason | None]]
+# (sessionID, lastActiveAt) refreshes; (sessionID, reason) removals, reason None:
+# the sender let the session go to other nodes.
+Touches = list[tuple[str, int]]
+Gone = list[tuple[str, EndReason | None]]
 
 
 class _BatchOut(Struct, array_like=True):
     node: str
     epoch: str
+    partition: str
     seq: int
     kind: BatchKind
     up: list[Raw]
     touch: Touches
     gone: Gone
-    # RELOAD: the sender's last batch known to have reached Redis. A peer holding
-    # at least that one lacks nothing the RELOAD does not carry.
+    # RELOAD: the sender's last batch of the partition known to have reached Redis. A
+    # mirror holding at least that one lacks nothing the RELOAD does not carry.
     base: int = 0
 
 
 class Batch(Struct, array_like=True):
     node: str
     epoch: str
+    partition: str
     seq: int
     kind: BatchKind
     up: list[Session]
@@ -134,32 +173,150 @@ class Batch(Struct, array_like=True):
     base: int = 0
 
 
+class Control(Struct, array_like=True):
+    """On ``{hub}:ctl``: HOLDS (the sender now has keys in ``partitions``) or BYE (it drains)."""
+
+    node: str
+    epoch: str
+    kind: BatchKind
+    partitions: list[str]
+
+
 _encode: Final = msgspec.msgpack.Encoder().encode
 _decode_batch: Final = msgspec.msgpack.Decoder(Batch).decode
+_decode_control: Final = msgspec.msgpack.Decoder(Control).decode
 _decode_session: Final = msgspec.msgpack.Decoder(Session).decode
 
 
 @dataclass
 class Peer:
     epoch: str
-    seq: int
-    heard: float  # monotonic time of its last batch
+    heard: float  # monotonic time of its last message
+    # Partition -> its last batch of it this node applied.
+    seqs: dict[str, int] = field(default_factory=dict)
+
+
+def _options() -> dict[str, Any]:
+    # No retries inside redis-py: a failure must reach ``Cluster.run``, which
+    # resubscribes and resyncs; a silent reconnect would lose messages.
+    return {"retry": Retry(NoBackoff(), 0), "socket_connect_timeout": 2.0, "socket_timeout": 5.0}
 
 
 def connect(url: str) -> tuple[Any, bool]:
     """A client for ``url`` and whether it is a Redis Cluster (``redis+cluster://``)."""
     parts = urlsplit(url)
-    # No retries inside redis-py: a failure must reach ``Cluster.run``, which
-    # resubscribes and resyncs; a silent reconnect would lose messages.
-    options: dict[str, Any] = {
-        "retry": Retry(NoBackoff(), 0),
-        "socket_connect_timeout": 2.0,
-        "socket_timeout": 5.0,
-    }
     if parts.scheme.endswith("+cluster"):
         plain = urlunsplit((parts.scheme.removesuffix("+cluster"), *parts[1:]))
-        return RedisCluster.from_url(plain, **options), True
-    return Redis.from_url(url, **options), False
+        return RedisCluster.from_url(plain, **_options()), True
+    return Redis.from_url(url, **_options()), False
+
+
+class Subscriber:
+    """Channels subscribed while a Redis session lasts, read as they come into one stream.
+
+    On one Redis, one pub/sub connection. On a Redis Cluster a sharded channel
+    lives on its slot's master: one connection per master, each read by its
+    own task (redis-py's cluster pub/sub polls its shards in turn, so a message
+    would wait for the others' timeouts). ``subscribe`` returns once Redis
+    confirmed every channel: what is published after that is read.
+    """
+
+    def __init__(
+        self, client: Any, sharded: bool, pubsub: Any, tg: TaskGroup, out: MemoryObjectSendStream[Any]
+    ) -> None:
+        self._client = client
+        self._sharded = sharded
+        self._tg = tg
+        self._out = out
+        # Master ("host:port", or "" on one Redis) -> its pub/sub connection.
+        self._shards: dict[str, Any] = {} if sharded else {"": pubsub}
+        self._reading: set[str] = set()
+        self.channels: set[str] = set()
+        self._confirm: dict[bytes, anyio.Event] = {}
+        self.overflowed = False  # a message was dropped: the reader must resync
+
+    def _shard(self, name: str) -> str:
+        if not self._sharded:
+            return ""
+        node = self._client.get_node_from_key(name)
+        return f"{node.host}:{node.port}"
+
+    def _by_slot(self, names: list[str]) -> list[list[str]]:
+        slots: dict[int, list[str]] = {}
+        for name in names:
+            slots.setdefault(self._client.keyslot(name), []).append(name)
+        return list(slots.values())
+
+    async def subscribe(self, names: list[str]) -> None:
+        new = [n for n in names if n not in self.channels]
+        if not new:
+            return
+        by_shard: dict[str, list[str]] = {}
+        for name in new:
+            by_shard.setdefault(self._shard(name), []).append(name)
+        events = [self._confirm.setdefault(n.encode(), anyio.Event()) for n in new]
+        for shard, group in by_shard.items():
+            pubsub = self._shards.get(shard)
+            if pubsub is None:
+                host, _, port = shard.rpartition(":")
+                pubsub = self._shards[shard] = Redis(host=host, port=int(port), **_options()).pubsub()
+            if self._sharded:
+                # One SSUBSCRIBE per slot: Redis takes several channels only of one slot.
+                for same_slot in self._by_slot(group):
+                    await pubsub.ssubscribe(*same_slot)
+            else:
+                await pubsub.subscribe(*group)
+            self.channels.update(group)
+            if shard not in self._reading:
+                self._reading.add(shard)
+                self._tg.start_soon(self._read, pubsub)
+        with anyio.fail_after(5):
+            for event in events:
+                await event.wait()
+        for name in new:
+            self._confirm.pop(name.encode(), None)
+
+    async def unsubscribe(self, names: list[str]) -> None:
+        gone = [n for n in names if n in self.channels]
+        by_shard: dict[str, list[str]] = {}
+        for name in gone:
+            by_shard.setdefault(self._shard(name), []).append(name)
+            self.channels.discard(name)
+        for shard, group in by_shard.items():
+            pubsub = self._shards[shard]
+            if self._sharded:
+                for same_slot in self._by_slot(group):
+                    await pubsub.sunsubscribe(*same_slot)
+            else:
+                await pubsub.unsubscribe(*group)
+
+    async def _read(self, pubsub: Any) -> None:
+        while True:
+            msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=1.0)
+            if msg is None:
+                continue
+            kind = msg["type"]
+            if kind in ("message", "smessage"):
+                try:
+                    self._out.send_nowait((msg["channel"], msg["data"]))
+                except anyio.WouldBlock:
+                    self.overflowed = True
+            elif kind in ("subscribe", "ssubscribe"):
+                event = self._confirm.get(msg["channel"])
+                if event is not None:
+                    event.set()
+            elif kind == "sunsubscribe" and msg["channel"].decode() in self.channels:
+                # Redis moved the channel's slot to another master: start over.
+                raise RedisError(f"channel {msg['channel'].decode()} moved to another shard")
+
+    async def aclose(self) -> None:
+        for shard, pubsub in self._shards.items():
+            try:
+                await pubsub.aclose()
+                if shard:
+                    await pubsub.connection_pool.disconnect()
+            except (RedisError, OSError):
+                pass
 
 
 class Cluster:
@@ -180,24 +337,31 @@ class Cluster:
         self.connected = False
         self.leaving = False
         self.peers: dict[str, Peer] = {}
+        # Partitions this node mirrors (subscribed and read), and the nodes known to hold each.
+        self.mirrored: set[str] = set()
+        self.holders: dict[str, set[str]] = {}
         self.published = 0  # batches
         self.received = 0
+        self.reads = 0  # partition snapshots read
         self._client: Any = None
         self._sharded = False
-        self._pending: dict[SessionKey, int | EndReason] = {}
-        # Sessions in this node's hash in Redis.
-        self._in_redis: set[SessionKey] = set()
-        self._seq = 0
-        # The last batch whose MULTI/EXEC Redis answered (a failed one may or may not have landed).
-        self._acked = 0
+        self._subscriber: Subscriber | None = None
+        self._pending: dict[str, dict[SessionKey, int | EndReason]] = {}
+        # Per partition: this node's sessions in its hash in Redis, its last batch, the last
+        # one Redis answered (a failed one may or may not have landed).
+        self._in_redis: dict[str, set[SessionKey]] = {}
+        self._seq: dict[str, int] = {}
+        self._acked: dict[str, int] = {}
+        # Partitions listed in this node's ``{hub}:parts`` key.
+        self._announced: set[str] = set()
+        # (node, epoch) of peers that said goodbye: their late batches are not news.
+        self._departed: set[tuple[str, str]] = set()
         self._wake = anyio.Event()
         self._lock = anyio.Lock()
         self._last_publish = 0.0
         self.window = settings.publish_window
         # Peers' missing leases are not believed until then (after a bootstrap).
         self._lenient_until = 0.0
-        # The subscription buffer overflowed: re-read the peers that moved on.
-        self._resync = False
         self._link = Link(self.url, "cluster")
 
     # -- Replication: mark what to publish (only this node's own changes) --------
@@ -205,9 +369,10 @@ class Cluster:
     def _mark(self, key: SessionKey, mark: int | EndReason) -> None:
         if self.leaving:
             return
-        if mark == TOUCH and key in self._pending:
+        pending = self._pending.setdefault(partition_of(key[0]), {})
+        if mark == TOUCH and key in pending:
             return
-        self._pending[key] = mark
+        pending[key] = mark
         self._wake.set()
 
     def held(self, session: Session) -> None:
@@ -220,21 +385,31 @@ class Cluster:
         key = _key_of(session)
         if reason is not None:
             self._mark(key, reason)
-        elif key in self._in_redis:
+        elif key in self._in_redis.get(partition_of(key[0]), ()):
             # Resumed or ended elsewhere: the flush finds it no longer held and takes it back.
             self._mark(key, RECORD)
 
     def add_metrics(self, gauge: AddMetric, counter: AddMetric) -> None:
         counter("hub_redis_published_batches", "Batches this node published.", lambda: self.published)
         counter("hub_redis_received_batches", "Batches received from peers.", lambda: self.received)
+        counter(
+            "hub_cluster_partition_reads",
+            "Snapshots of a peer's part of a partition read from Redis (bootstrap, gaps, resync).",
+            lambda: self.reads,
+        )
         gauge("hub_redis_connected", "1 while the Redis connection is up.", lambda: self.connected)
         gauge("hub_cluster_peers", "Peer nodes this node hears from.", lambda: len(self.peers))
+        gauge("hub_cluster_mirrored_partitions", "Partitions this node mirrors.", lambda: len(self.mirrored))
         gauge(
             "hub_cluster_peer_silence_seconds",
-            "Seconds since the last batch of the quietest peer: the replication lag bound "
-            "(peers publish at least every node-lease/4).",
+            "Seconds since the last message of the quietest peer: the replication lag bound "
+            "(peers refresh their lease at least every node-lease/4).",
             lambda: max((time.monotonic() - p.heard for p in self.peers.values()), default=0.0),
         )
+
+    def _wants(self, partition: str) -> bool:
+        """Whether this node mirrors ``partition``."""
+        return True
 
     # -- running ----------------------------------------------------------------
 
@@ -244,45 +419,38 @@ class Cluster:
 
     async def _session(self, client: Any, sharded: bool, pubsub: Any) -> None:
         self._client, self._sharded = client, sharded
-        await self._subscribe(pubsub)
-        # Read the subscription from the start, buffered while the
-        # snapshots are read: Redis drops a subscriber that lags.
-        send, receive = anyio.create_memory_object_stream[Batch](BUFFER_BATCHES)
+        await client.function_load(LIBRARY, replace=True)
+        # Read the subscriptions from the start, buffered while snapshots are
+        # read: Redis drops a subscriber that lags.
+        send, receive = anyio.create_memory_object_stream[tuple[bytes, bytes]](BUFFER_BATCHES)
         async with send, receive, anyio.create_task_group() as tg:
-            tg.start_soon(self._reader, pubsub, send)
-            await self._bootstrap(client)
-            self._link.up()
-            tg.start_soon(self._publisher, client)
-            tg.start_soon(self._apply_batches, client, receive)
-            tg.start_soon(self._watch_leases, client)
+            subscriber = self._subscriber = Subscriber(client, sharded, pubsub, tg, send)
+            try:
+                await subscriber.subscribe([CONTROL_CHANNEL])
+                await self._bootstrap(client, subscriber)
+                self._link.up()
+                tg.start_soon(self._publisher, client)
+                tg.start_soon(self._apply_messages, client, subscriber, receive)
+                tg.start_soon(self._watch_leases, client)
+                await anyio.sleep_forever()
+            finally:
+                self._subscriber = None
+                with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                    await subscriber.aclose()
 
     def _down(self) -> None:
         self.connected = False
         self._client = None
 
-    async def _subscribe(self, pubsub: Any) -> None:
-        if self._sharded:
-            await pubsub.ssubscribe(CHANNEL)
-        else:
-            await pubsub.subscribe(CHANNEL)
-        # The subscription must be live before the snapshots are read.
-        with anyio.fail_after(5):
-            while True:
-                msg = await self._next(pubsub, 1.0, ignore_subscribe=False)
-                if msg is not None and msg["type"] in ("subscribe", "ssubscribe"):
-                    return
-
-    async def _next(self, pubsub: Any, timeout: float, ignore_subscribe: bool = True) -> Any:
-        get = pubsub.get_sharded_message if self._sharded else pubsub.get_message
-        return await get(ignore_subscribe_messages=ignore_subscribe, timeout=timeout)
-
-    async def _bootstrap(self, client: Any) -> None:
+    async def _bootstrap(self, client: Any, subscriber: Subscriber) -> None:
         # Redis lost this node's registration: it restarted empty, and every
         # peer's lease is gone until that peer, maybe still in its reconnect
         # backoff, writes it again. Its sessions stay meanwhile.
         lost = self.ready and await client.hget(NODES_KEY, self.node) is None
         await self._republish(client)
-        await self._sync_peers(client)
+        # What this node mirrored before is read again where it moved (after an outage).
+        self.mirrored.clear()
+        await self._sync_cluster(client, subscriber)
         self._lenient_until = time.monotonic() + self.lease + BACKOFF_MAX * 1.5 if lost else 0.0
         heard = time.monotonic()
         for peer in self.peers.values():
@@ -291,90 +459,251 @@ class Cluster:
         self.ready = True
         log.info(
             "cluster.bootstrapped",
-            extra={"fields": {"node": self.node, "peers": len(self.peers), "sessions": len(self.index)}},
+            extra={
+                "fields": {
+                    "node": self.node,
+                    "peers": len(self.peers),
+                    "partitions": len(self.mirrored),
+                    "sessions": len(self.index),
+                }
+            },
         )
 
-    async def _sync_peers(self, client: Any) -> None:
-        """Read each live peer's snapshot that is newer than what this node holds of it."""
+    async def _sync_cluster(self, client: Any, subscriber: Subscriber) -> None:
+        """Learn the live nodes and their partitions; mirror those wanted, read where they moved."""
         nodes = {k.decode(): v.decode() for k, v in (await client.hgetall(NODES_KEY)).items()}
         others = [n for n in nodes if n != self.node]
         pipe = client.pipeline(transaction=False)
         for n in others:
-            pipe.get(_key("lease", n))
-            pipe.get(_key("seq", n))
+            pipe.get(lease_key(n))
+            pipe.smembers(parts_key(n))
         found = await pipe.execute() if others else []
+        holders: dict[str, set[str]] = {}
         for i, node in enumerate(others):
-            lease, seq = found[2 * i], found[2 * i + 1]
-            peer = self.peers.get(node)
+            lease, parts = found[2 * i], found[2 * i + 1]
             if lease is None:
                 await self._forget_dead(client, node)
-            elif peer is None or peer.epoch != nodes[node] or seq is None or int(seq) > peer.seq:
-                # Re-read a peer only when its snapshot is newer than what this node holds.
-                await self._sync(client, node)
+                continue
+            peer = self.peers.get(node)
+            if peer is not None and peer.epoch != nodes[node]:
+                self._drop(node, EndReason.NODE_LOST)  # restarted under the same id
+                peer = None
+            if peer is None:
+                self.peers[node] = Peer(nodes[node], time.monotonic())
+            for raw in parts:
+                holders.setdefault(raw.decode(), set()).add(node)
+        # Peers this node knew of that Redis no longer lists are gone (e.g. Redis lost them
+        # and they have not come back yet: their leases decide, in ``_watch_leases``).
+        self.holders = holders
+        await self._mirror(client, subscriber, [p for p in holders if self._wants(p)])
+
+    async def _mirror(self, client: Any, subscriber: Subscriber, partitions: list[str]) -> None:
+        """Subscribe to ``partitions`` (if not yet), then read each holder's part that moved."""
+        if not partitions:
+            return
+        await subscriber.subscribe([channel(p) for p in partitions])
+        pipe = client.pipeline(transaction=False)
+        for p in partitions:
+            pipe.smembers(holders_key(p))
+        listed = await pipe.execute()
+        pairs: list[tuple[str, str]] = []
+        for p, members in zip(partitions, listed, strict=True):
+            names = {m.decode() for m in members} - {self.node}
+            self.holders.setdefault(p, set()).update(names)
+            # Its holders, and peers whose part this node holds (which may be empty now:
+            # their seq says so; one not written yet, e.g. after Redis restarted, stays).
+            names.update(node for node, peer in self.peers.items() if p in peer.seqs)
+            pairs += [(p, node) for node in sorted(names) if node in self.peers]
+        await self._read_moved(client, pairs)
+        self.mirrored.update(partitions)
+
+    async def _read_moved(self, client: Any, pairs: list[tuple[str, str]]) -> None:
+        """Read the (partition, node) snapshots newer than what this node holds, pipelined."""
+        if not pairs:
+            return
+        pipe = client.pipeline(transaction=False)
+        for p, node in pairs:
+            pipe.get(seq_key(p, node))
+        seqs = await pipe.execute()
+        moved = []
+        for (p, node), raw in zip(pairs, seqs, strict=True):
+            found = parse_seq(raw)
+            peer = self.peers.get(node)
+            if found is None or peer is None:
+                continue  # not written yet: its first batch will say so
+            epoch, seq, base = found
+            held = peer.seqs.get(p)
+            if epoch != peer.epoch or snapshot_needed(held, seq, base):
+                moved.append((p, node))
+            elif held is not None and seq > held:
+                peer.seqs[p] = seq  # a rewrite of what this node holds
+        await self._read(client, moved)
+
+    async def _read(self, client: Any, pairs: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Make each (partition, node) here equal its snapshot in Redis; the pairs read."""
+        if not pairs:
+            return set()
+        pipe = client.pipeline(transaction=False)
+        for p, node in pairs:
+            # seq before records: the records are at least as new as the seq says.
+            pipe.get(seq_key(p, node))
+            pipe.hgetall(records_key(p, node))
+        found = await pipe.execute()
+        now = now_ms()
+        done = set()
+        for i, (p, node) in enumerate(pairs):
+            seq = parse_seq(found[2 * i])
+            if seq is None:
+                continue
+            epoch, number, _ = seq
+            peer = self.peers.get(node)
+            if peer is not None and peer.epoch != epoch:
+                self._drop(node, EndReason.NODE_LOST)
+                peer = None
+            if peer is None:
+                peer = self.peers[node] = Peer(epoch, time.monotonic())
+            self.reads += 1
+            self.registry.reconcile(node, self._records(node, found[2 * i + 1]), now, project_of(p))
+            peer.seqs[p] = number
+            done.add((p, node))
+        return done
+
+    @staticmethod
+    def _records(node: str, fields: dict[bytes, bytes]) -> list[Session]:
+        records = []
+        for name, value in fields.items():
+            if name.startswith(TOUCHED_B):
+                continue
+            try:
+                record = _decode_session(value)
+            except (msgspec.DecodeError, RecursionError):
+                # Not a record any node writes: whoever else writes to Redis cannot stop the mirror.
+                log.warning("cluster.bad_record", extra={"fields": {"node": node, "bytes": len(value)}})
+                continue
+            touched = fields.get(TOUCHED_B + name)
+            if touched is not None:
+                # activeTime moved with the heartbeats, by the rule peers apply to a touch.
+                record.activeTime = active_time(record, int(touched))
+                record.lastActiveAt = max(record.lastActiveAt, int(touched))
+            records.append(record)
+        return records
+
+    # -- publishing ----------------------------------------------------------------
+
+    def _publish_command(self) -> str:
+        return "SPUBLISH" if self._sharded else "PUBLISH"
+
+    def _call(
+        self,
+        pipe: Any,
+        partition: str,
+        seq: int,
+        message: bytes,
+        mode: str,
+        sets: list[Any],
+        deletes: list[str],
+        base: int | None = None,
+    ) -> None:
+        keys = (
+            records_key(partition, self.node),
+            seq_key(partition, self.node),
+            holders_key(partition),
+            channel(partition),
+        )
+        value = seq_value(self.epoch, seq, seq if base is None else base)
+        args = [self.node, value, self._publish_command(), message, mode]
+        pipe.fcall("hub_batch", 4, *keys, *args, len(sets) // 2, *sets, *deletes)
+
+    def _announce(self, pipe: Any, partitions: list[str], hello: bool = False) -> None:
+        """List partitions this node now has keys in, and tell mirrors (``{hub}:ctl``); a
+        ``hello`` goes out even with none new: peers learn this process's epoch from it."""
+        new = [p for p in partitions if p not in self._announced]
+        if not new and not hello:
+            return
+        if new:
+            pipe.sadd(parts_key(self.node), *new)
+        message = _encode(Control(self.node, self.epoch, BatchKind.HOLDS, new))
+        if self._sharded:
+            pipe.spublish(CONTROL_CHANNEL, message)
+        else:
+            pipe.publish(CONTROL_CHANNEL, message)
 
     async def _republish(self, client: Any) -> None:
-        """Rewrite this node's records in Redis (Redis may have lost them).
+        """Rewrite this node's partitions in Redis (Redis may have lost them).
 
-        The batch carries what changed since the last one, as an OPS batch
-        would: a peer that missed nothing applies it and reads nothing; one
-        that did (its sequence is behind) re-reads this node's snapshot.
+        Each partition's batch carries what changed since the last one, as a
+        changes batch would: a mirror that missed nothing applies it and reads
+        nothing; one that did (its sequence is behind) re-reads that partition.
         """
         async with self._lock:
             pending, self._pending = self._pending, {}
+            held: dict[str, list[Session]] = {}
+            for session in self.registry.held():
+                held.setdefault(partition_of(session.projectKey), []).append(session)
             try:
-                held = self.registry.held()
-                up, touch, gone = self._changes(pending)
-                self._seq += 1
-                records = [raw for _, raw in up]
-                batch = _BatchOut(
-                    self.node, self.epoch, self._seq, BatchKind.RELOAD, records, touch, gone, self._acked
-                )
-                pipe = client.pipeline(transaction=True)
-                pipe.unlink(_key("sessions", self.node))
-                for i in range(0, len(held), HSET_CHUNK):
-                    pipe.hset(
-                        _key("sessions", self.node),
-                        mapping={_field(_key_of(s)): self._record(s) for s in held[i : i + HSET_CHUNK]},
-                    )
-                self._write_tail(pipe, batch)
+                # A previous process under this id may have left keys: they are rewritten
+                # (emptied) too, so no mirror takes them for this process's.
+                listed = {raw.decode() for raw in await client.smembers(parts_key(self.node))}
+                pipe = client.pipeline(transaction=False)
                 pipe.hset(NODES_KEY, self.node, self.epoch)
+                pipe.set(lease_key(self.node), self.epoch, px=self.lease_ms)
+                self._announced.clear()
+                partitions = sorted(set(held) | {p for p, keys in self._in_redis.items() if keys} | listed)
+                self._announce(pipe, partitions, hello=True)
+                seqs = {}
+                for p in partitions:
+                    up, touch, gone = self._changes(p, pending.get(p, {}))
+                    seq = seqs[p] = self._seq.get(p, 0) + 1
+                    self._seq[p] = seq
+                    message = _encode(
+                        _BatchOut(
+                            self.node, self.epoch, p, seq, BatchKind.RELOAD, [r for _, r in up], touch, gone,
+                            self._acked.get(p, 0),
+                        )
+                    )  # fmt: skip
+                    sets: list[Any] = []
+                    for s in held.get(p, ()):
+                        sets += (s.sessionID, self._record(s))
+                    # Nothing changed since the last batch Redis took: a mirror holding that
+                    # one need not read this rewrite.
+                    same = not (up or touch or gone)
+                    base = self._acked.get(p, 0) if same else seq
+                    self._call(pipe, p, seq, message, MODE_REWRITE, sets, [], base)
                 await pipe.execute()
             except BaseException:
                 self._restore(pending)
                 raise
-            self._in_redis = {_key_of(s) for s in held}
-            self._acked = self._seq
+            self._announced = set(partitions)
+            self._in_redis = {p: {_key_of(s) for s in held.get(p, ())} for p in partitions}
+            self._acked.update(seqs)
             self._last_publish = time.monotonic()
-            self.published += 1
+            self.published += len(partitions)
 
-    def _changes(self, pending: dict[SessionKey, int | EndReason]) -> tuple[Records, Touches, Gone]:
-        """A batch's records, lastActiveAt refreshes and removals from pending marks."""
-        up: Records = []
+    def _changes(
+        self, partition: str, pending: dict[SessionKey, int | EndReason]
+    ) -> tuple[list[tuple[SessionKey, Raw]], Touches, Gone]:
+        """A partition's batch: records, lastActiveAt refreshes and removals from pending marks."""
+        up: list[tuple[SessionKey, Raw]] = []
         touch: Touches = []
         gone: Gone = []
+        in_redis = self._in_redis.get(partition, set())
         for key, mark in pending.items():
             session = self.index.get(*key)
             if isinstance(mark, str) or session is None or not self.registry.holds(key):
-                if key in self._in_redis:
-                    gone.append((key[0], key[1], mark if isinstance(mark, str) else None))
-            elif mark == TOUCH and key in self._in_redis:
-                touch.append((key[0], key[1], session.lastActiveAt))
+                if key in in_redis:
+                    gone.append((key[1], mark if isinstance(mark, str) else None))
+            elif mark == TOUCH and key in in_redis:
+                touch.append((key[1], session.lastActiveAt))
             else:
                 up.append((key, Raw(self._record(session))))
         return up, touch, gone
 
-    def _write_tail(self, pipe: Any, batch: _BatchOut) -> None:
-        pipe.set(_key("seq", self.node), batch.seq)
-        pipe.set(_key("lease", self.node), self.epoch, px=self.lease_ms)
-        if self._sharded:
-            pipe.spublish(CHANNEL, _encode(batch))
-        else:
-            pipe.publish(CHANNEL, _encode(batch))
-
-    def _restore(self, pending: dict[SessionKey, int | EndReason]) -> None:
+    def _restore(self, pending: dict[str, dict[SessionKey, int | EndReason]]) -> None:
         # Newer marks win; what failed to go out goes with the next batch.
-        for key, mark in pending.items():
-            self._pending.setdefault(key, mark)
+        for p, marks in pending.items():
+            mine = self._pending.setdefault(p, {})
+            for key, mark in marks.items():
+                mine.setdefault(key, mark)
 
     def _record(self, session: Session) -> bytes:
         """The session as this node holds it: its own tabs and their activity, not the cluster's."""
@@ -389,155 +718,158 @@ class Cluster:
             with anyio.move_on_after(ping):
                 await self._wake.wait()
             if self._pending and self.window:
-                # Gather what else changes within the window into the same batch.
+                # Gather what else changes within the window into the same batches.
                 await anyio.sleep(self.window)
             if self._pending or time.monotonic() - self._last_publish >= ping:
                 await self.flush(client)
 
     async def flush(self, client: Any, final: bool = False) -> None:
-        """Publish the pending changes as one batch (an empty one refreshes the lease)."""
+        """Publish the pending changes, one batch per partition, and refresh the lease."""
         async with self._lock:
             if self.leaving and not final:
                 return  # nothing may follow the goodbye
             self._wake = anyio.Event()
             pending, self._pending = self._pending, {}
+            sent: list[tuple[str, int, list[tuple[SessionKey, Raw]], Gone]] = []
             try:
-                up, touch, gone = self._changes(pending)
-                self._seq += 1
-                records = [raw for _, raw in up]
-                batch = _BatchOut(self.node, self.epoch, self._seq, BatchKind.OPS, records, touch, gone)
-                pipe = client.pipeline(transaction=True)
-                if up:
-                    mapping = {_field(key): bytes(raw) for key, raw in up}
-                    pipe.hset(_key("sessions", self.node), mapping=mapping)
-                if touch:
-                    # A heartbeat stores its lastActiveAt alone, never the whole record.
-                    pipe.hset(
-                        _key("sessions", self.node),
-                        mapping={f"{TOUCHED}{p}/{sid}": t for p, sid, t in touch},
-                    )
-                if gone:
-                    removed = [f"{prefix}{p}/{sid}" for p, sid, _ in gone for prefix in ("", TOUCHED)]
-                    pipe.hdel(_key("sessions", self.node), *removed)
-                self._write_tail(pipe, batch)
+                pipe = client.pipeline(transaction=False)
+                for p, marks in pending.items():
+                    up, touch, gone = self._changes(p, marks)
+                    if not (up or touch or gone):
+                        continue
+                    seq = self._seq.get(p, 0) + 1
+                    self._seq[p] = seq
+                    records = [raw for _, raw in up]
+                    batch = _BatchOut(self.node, self.epoch, p, seq, BatchKind.OPS, records, touch, gone)
+                    message = _encode(batch)
+                    sets: list[Any] = []
+                    for key, raw in up:
+                        sets += (key[1], bytes(raw))
+                    for sid, at in touch:
+                        # A heartbeat stores its lastActiveAt alone, never the whole record.
+                        sets += (TOUCHED + sid, at)
+                    deletes = [f"{prefix}{sid}" for sid, _ in gone for prefix in ("", TOUCHED)]
+                    self._call(pipe, p, seq, message, MODE_CHANGES, sets, deletes)
+                    sent.append((p, seq, up, gone))
+                self._announce(pipe, [p for p, _, up, _ in sent if up])
+                pipe.set(lease_key(self.node), self.epoch, px=self.lease_ms)
                 await pipe.execute()
             except BaseException:
                 self._restore(pending)
                 raise
-            for p, sid, _ in gone:
-                self._in_redis.discard((p, sid))
-            self._in_redis.update(key for key, _ in up)
-            self._acked = self._seq
+            for p, seq, up, gone in sent:
+                keys = self._in_redis.setdefault(p, set())
+                for sid, _ in gone:
+                    keys.discard((project_of(p), sid))
+                keys.update(key for key, _ in up)
+                self._acked[p] = seq
+                if up:
+                    self._announced.add(p)
             self._last_publish = time.monotonic()
-            self.published += 1
+            self.published += len(sent)
 
-    async def _reader(self, pubsub: Any, send: MemoryObjectSendStream[Batch]) -> None:
-        """Read the subscription as fast as it comes; ``_apply_batches`` applies it."""
-        while True:
-            msg = await self._next(pubsub, 1.0)
-            if msg is None:
-                continue
+    # -- mirroring -------------------------------------------------------------------
+
+    async def _apply_messages(
+        self, client: Any, subscriber: Subscriber, receive: MemoryObjectReceiveStream[tuple[bytes, bytes]]
+    ) -> None:
+        async for name, data in receive:
+            if subscriber.overflowed:
+                # Messages were dropped: re-read every mirrored partition where it moved.
+                subscriber.overflowed = False
+                await self._sync_cluster(client, subscriber)
+            partition = partition_of_channel(name.decode())
             try:
-                batch = _decode_batch(msg["data"])
+                if partition is None:
+                    await self._control(client, subscriber, _decode_control(data))
+                    continue
+                batch = _decode_batch(data)
             except (msgspec.DecodeError, RecursionError):  # msgpack nested past the interpreter's limit
-                log.warning("cluster.bad_message", extra={"fields": {"bytes": len(msg["data"])}})
+                log.warning("cluster.bad_message", extra={"fields": {"bytes": len(data)}})
                 continue
             if batch.node == self.node:
                 if batch.epoch != self.epoch:
                     log.error("cluster.duplicate_node_id", extra={"fields": {"node": self.node}})
                 continue
             self.received += 1
-            try:
-                send.send_nowait(batch)
-            except anyio.WouldBlock:
-                # Over the buffer: drop, and re-read the peers whose sequence moved on.
-                self._resync = True
+            if batch.partition == partition and partition in self.mirrored:
+                await self._receive(client, batch)
 
-    async def _apply_batches(self, client: Any, receive: MemoryObjectReceiveStream[Batch]) -> None:
-        async for batch in receive:
-            if self._resync:
-                self._resync = False
-                await self._sync_peers(client)
-            await self._receive(client, batch)
+    async def _control(self, client: Any, subscriber: Subscriber, control: Control) -> None:
+        node = control.node
+        if node == self.node or (node, control.epoch) in self._departed:
+            return
+        if control.kind == BatchKind.BYE:
+            self._departed.add((node, control.epoch))
+            self.peers.pop(node, None)
+            for holders in self.holders.values():
+                holders.discard(node)
+            self.registry.move_node(node, now_ms())
+            log.info("cluster.node_left", extra={"fields": {"node": node}})
+            return
+        peer = self._peer(node, control.epoch)
+        peer.heard = time.monotonic()
+        for p in control.partitions:
+            self.holders.setdefault(p, set()).add(node)
+        # A partition mirrored already learns of the holder from its channel (a batch it
+        # cannot place makes it read that holder's part there).
+        new = [p for p in control.partitions if p not in self.mirrored and self._wants(p)]
+        await self._mirror(client, subscriber, new)
 
-    async def _receive(self, client: Any, batch: Batch) -> None:
-        node = batch.node
-        now = now_ms()
+    def _peer(self, node: str, epoch: str) -> Peer:
         peer = self.peers.get(node)
-        if peer is not None and peer.epoch != batch.epoch:
+        if peer is not None and peer.epoch != epoch:
             # Restarted under the same id: what the old process held is gone.
             self._drop(node, EndReason.NODE_LOST)
             peer = None
+        if peer is None:
+            peer = self.peers[node] = Peer(epoch, time.monotonic())
+        return peer
+
+    async def _receive(self, client: Any, batch: Batch) -> None:
+        node, p = batch.node, batch.partition
+        if (node, batch.epoch) in self._departed:
+            return
+        now = now_ms()
+        peer = self._peer(node, batch.epoch)
+        peer.heard = time.monotonic()
+        self.holders.setdefault(p, set()).add(node)
         if batch.kind == BatchKind.BYE:
-            self.peers.pop(node, None)
-            self.registry.move_node(node, now)
-            log.info("cluster.node_left", extra={"fields": {"node": node}})
+            # Its part of this partition waits out its grace (the node's BYE on the control
+            # channel may come later: it is draining).
+            self.registry.move_node(node, now, project_of(p))
+            peer.seqs.pop(p, None)
             return
-        if peer is not None and (
-            batch.seq == peer.seq + 1
-            or (batch.kind == BatchKind.RELOAD and batch.base <= peer.seq < batch.seq)
-        ):
-            # The next batch, or a RELOAD carrying everything since what this node holds.
+        seen = verdict(peer.seqs.get(p), batch.seq, batch.kind, batch.base)
+        if seen == Verdict.APPLY:
             self._apply(node, batch, now)
-            peer.seq = batch.seq
-            peer.heard = time.monotonic()
+            peer.seqs[p] = batch.seq
             return
-        if peer is not None and batch.seq <= peer.seq:
-            peer.heard = time.monotonic()
-            return  # already in the snapshot read
-        # A gap, a new peer, or a rewrite after batches this node missed: read its snapshot.
+        if seen == Verdict.SKIP:
+            return
+        # A gap, a new holder, or a rewrite after batches this node missed: read its part.
         if batch.gone:
             # Ends first, so they keep their reasons (a missing record reads as "let go").
-            self._apply(node, Batch(node, batch.epoch, batch.seq, BatchKind.OPS, [], [], batch.gone), now)
-        if not await self._sync(client, node):
+            self._apply(node, Batch(node, batch.epoch, p, batch.seq, BatchKind.OPS, [], [], batch.gone), now)
+        if not await self._read(client, [(p, node)]):
             # Its records are not in Redis (yet): take the batch as it is.
             self._apply(node, batch, now)
-            self.peers[node] = Peer(batch.epoch, batch.seq, time.monotonic())
+            peer.seqs[p] = batch.seq
 
     def _apply(self, node: str, batch: Batch, now: int) -> None:
         registry = self.registry
-        for project_key, session_id, reason in batch.gone:
-            registry.remote_remove(node, project_key, session_id, reason, now)
+        project = project_of(batch.partition)
+        for session_id, reason in batch.gone:
+            registry.remote_remove(node, project, session_id, reason, now)
         for record in batch.up:
             registry.remote_upsert(node, record, now)
-        for project_key, session_id, last_active in batch.touch:
-            registry.remote_touch(project_key, session_id, last_active)
-
-    async def _sync(self, client: Any, node: str) -> bool:
-        """Make ``node``'s sessions here equal its snapshot in Redis; False when it has none."""
-        pipe = client.pipeline(transaction=True)
-        pipe.hget(NODES_KEY, node)
-        pipe.get(_key("seq", node))
-        pipe.hgetall(_key("sessions", node))
-        raw_epoch, raw_seq, fields = await pipe.execute()
-        if raw_epoch is None or raw_seq is None:
-            return False
-        epoch = raw_epoch.decode()
-        peer = self.peers.get(node)
-        if peer is not None and peer.epoch != epoch:
-            self._drop(node, EndReason.NODE_LOST)
-        records = []
-        for field, value in fields.items():
-            if field.startswith(TOUCHED_B):
-                continue
-            try:
-                record = _decode_session(value)
-            except (msgspec.DecodeError, RecursionError):
-                # Not a record any node writes: whoever else writes to Redis cannot stop the mirror.
-                log.warning("cluster.bad_record", extra={"fields": {"node": node, "bytes": len(value)}})
-                continue
-            touched = fields.get(TOUCHED_B + field)
-            if touched is not None:
-                # activeTime moved with the heartbeats, by the rule peers apply to a touch.
-                record.activeTime = active_time(record, int(touched))
-                record.lastActiveAt = max(record.lastActiveAt, int(touched))
-            records.append(record)
-        self.registry.reconcile(node, records, now_ms())
-        self.peers[node] = Peer(epoch, int(raw_seq), time.monotonic())
-        return True
+        for session_id, last_active in batch.touch:
+            registry.remote_touch(project, session_id, last_active)
 
     def _drop(self, node: str, reason: EndReason) -> None:
         self.peers.pop(node, None)
+        for holders in self.holders.values():
+            holders.discard(node)
         for gone in self.node_gone:
             gone(node)
         dropped = self.registry.drop_node(node, reason, now_ms())
@@ -547,12 +879,20 @@ class Cluster:
         """``node``'s lease ran out: drop its sessions here and its keys in Redis."""
         if node in self.peers or self.registry.sessions_of(node):
             self._drop(node, EndReason.NODE_LOST)
-        if not await client.exists(_key("lease", node)):
-            pipe = client.pipeline(transaction=True)
-            pipe.hdel(NODES_KEY, node)
+        if await client.exists(lease_key(node)):
+            return  # back already
+        # One node cleans up (the others would only repeat it).
+        if not await client.set(f"{{hub}}:reap:{node}", self.node, nx=True, px=self.lease_ms):
+            return
+        parts = [raw.decode() for raw in await client.smembers(parts_key(node))]
+        pipe = client.pipeline(transaction=False)
+        for p in parts:
             # UNLINK: a big hash is freed in the background, not in Redis's one thread.
-            pipe.unlink(_key("sessions", node), _key("seq", node))
-            await pipe.execute()
+            _unlink(pipe, records_key(p, node), seq_key(p, node))
+            pipe.srem(holders_key(p), node)
+        pipe.hdel(NODES_KEY, node)
+        _unlink(pipe, parts_key(node))
+        await pipe.execute()
 
     async def _watch_leases(self, client: Any) -> None:
         """A peer is dead when its lease key in Redis is gone, whatever this node's reader does."""
@@ -562,7 +902,7 @@ class Cluster:
             nodes = list(self.peers)
             if not nodes or time.monotonic() < self._lenient_until:
                 continue
-            leases = await client.mget([_key("lease", n) for n in nodes])
+            leases = await client.mget([lease_key(n) for n in nodes])
             for node, lease in zip(nodes, leases, strict=True):
                 if lease is None and node in self.peers:
                     await self._forget_dead(client, node)
@@ -579,20 +919,26 @@ class Cluster:
             # Peers will drop this node's sessions when its lease runs out instead.
             log.warning("cluster.leave_failed", extra={"fields": {"error": f"{type(exc).__name__}: {exc}"}})
             return
-        log.info("cluster.left", extra={"fields": {"node": self.node, "sessions": len(self._in_redis)}})
+        held = sum(len(keys) for keys in self._in_redis.values())
+        log.info("cluster.left", extra={"fields": {"node": self.node, "sessions": held}})
 
     async def _goodbye(self, client: Any) -> None:
         await self.flush(client, final=True)
         async with self._lock:
-            self._seq += 1
-            pipe = client.pipeline(transaction=True)
-            pipe.hdel(NODES_KEY, self.node)
-            pipe.unlink(_key("sessions", self.node), _key("seq", self.node), _key("lease", self.node))
-            batch = _encode(_BatchOut(self.node, self.epoch, self._seq, BatchKind.BYE, [], [], []))
+            pipe = client.pipeline(transaction=False)
+            for p in sorted(self._announced):
+                # Per partition, in order after its last batch: its mirrors move its sessions.
+                seq = self._seq.get(p, 0) + 1
+                self._seq[p] = seq
+                message = _encode(_BatchOut(self.node, self.epoch, p, seq, BatchKind.BYE, [], [], []))
+                self._call(pipe, p, seq, message, MODE_GOODBYE, [], [])
+            bye = _encode(Control(self.node, self.epoch, BatchKind.BYE, []))
             if self._sharded:
-                pipe.spublish(CHANNEL, batch)
+                pipe.spublish(CONTROL_CHANNEL, bye)
             else:
-                pipe.publish(CHANNEL, batch)
+                pipe.publish(CONTROL_CHANNEL, bye)
+            pipe.hdel(NODES_KEY, self.node)
+            _unlink(pipe, lease_key(self.node), parts_key(self.node))
             await pipe.execute()
 
 
@@ -669,6 +1015,13 @@ class Throttle:
 
 def _key_of(session: Session) -> SessionKey:
     return (session.projectKey, session.sessionID)
+
+
+def _unlink(pipe: Any, *keys: str) -> None:
+    """UNLINK each key in a pipeline (a big hash is freed in the background, not in Redis's
+    one thread); one command per key: a Redis Cluster pipeline does not queue a multi-key one."""
+    for key in keys:
+        pipe.execute_command("UNLINK", key)
 
 
 def first_error(group: BaseExceptionGroup[Any]) -> str:

@@ -157,7 +157,8 @@ class Registry:
         # Indexes over holdings: those held here, those in their grace, each peer's.
         self._local: set[SessionKey] = set()
         self._waiting: dict[SessionKey, Holding] = {}
-        self._by_node: dict[str, set[SessionKey]] = {}
+        # Each peer's sessions by project: a partition (project) is synced, moved and forgotten alone.
+        self._by_node: dict[str, dict[str, set[SessionKey]]] = {}
 
     def is_live(self, session: Session) -> bool:
         return self.index.get(session.projectKey, session.sessionID) is session
@@ -175,13 +176,20 @@ class Registry:
         if tabs is None:
             h.remote.pop(node, None)
             h.idle_nodes.discard(node)
-            nodes = self._by_node.get(node)
-            if nodes is not None:
-                nodes.discard(key)
+            self._unindex(node, key)
         else:
             if node not in h.remote:
-                self._by_node.setdefault(node, set()).add(key)
+                self._by_node.setdefault(node, {}).setdefault(key[0], set()).add(key)
             h.remote[node] = tabs
+
+    def _unindex(self, node: str, key: SessionKey) -> None:
+        projects = self._by_node.get(node)
+        if projects is not None:
+            keys = projects.get(key[0])
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del projects[key[0]]
 
     def _begin_grace(self, key: SessionKey, h: Holding, deadline: int, reason: EndReason) -> None:
         """No tab left anywhere; a grace already running keeps its deadline."""
@@ -200,9 +208,7 @@ class Registry:
             self._local.discard(key)
             self._waiting.pop(key, None)
             for node in h.remote:
-                nodes = self._by_node.get(node)
-                if nodes is not None:
-                    nodes.discard(key)
+                self._unindex(node, key)
         return h
 
     # -- this node's trackers -------------------------------------------------
@@ -409,8 +415,12 @@ class Registry:
         found = (self.index.get(*key) for key in self._local)
         return [s for s in found if s is not None]
 
-    def sessions_of(self, node: str) -> set[SessionKey]:
-        return set(self._by_node.get(node, ()))
+    def sessions_of(self, node: str, project_key: str | None = None) -> set[SessionKey]:
+        """``node``'s sessions as this node mirrors them (of one project, or all)."""
+        projects = self._by_node.get(node, {})
+        if project_key is not None:
+            return set(projects.get(project_key, ()))
+        return {key for keys in projects.values() for key in keys}
 
     def remote_upsert(self, node: str, record: Session, now: int) -> None:
         """``node`` holds ``record`` with ``record.tabs`` tabs; ``record`` may be indexed as is."""
@@ -525,7 +535,7 @@ class Registry:
     ) -> int:
         """Forget ``node``'s sessions (all, or ``keys``): those no other node holds end with ``reason``."""
         dropped = 0
-        for key in list(self._by_node.get(node, ()) if keys is None else keys):
+        for key in list(self.sessions_of(node) if keys is None else keys):
             h = self._holdings.get(key)
             session = self.index.get(*key)
             if h is None or session is None:
@@ -540,9 +550,10 @@ class Registry:
             self._by_node.pop(node, None)
         return dropped
 
-    def move_node(self, node: str, now: int) -> None:
-        """``node`` is leaving: its sessions wait out their grace for their trackers to come back."""
-        for key in self._by_node.pop(node, set()):
+    def move_node(self, node: str, now: int, project_key: str | None = None) -> None:
+        """``node`` is leaving (its sessions of one project, or all): they wait out their
+        grace for their trackers to come back."""
+        for key in self.sessions_of(node, project_key):
             h = self._holdings.get(key)
             session = self.index.get(*key)
             if h is None or session is None:
@@ -550,10 +561,38 @@ class Registry:
             self._set_remote(key, h, node, None)
             self._retab(session, key, h, now)
 
-    def reconcile(self, node: str, records: list[Session], now: int) -> None:
-        """``node`` holds exactly ``records`` (its snapshot): add, change and end to match."""
+    def forget_project(self, project_key: str, now: int) -> int:
+        """Stop mirroring ``project_key``: other nodes' parts of its sessions are forgotten,
+        not ended. No listener hears of a session that leaves the index this way (it lives on
+        where it is held, and no agent of this node follows the project); one this node holds
+        keeps only its part here. Returns how many sessions left the index."""
+        forgotten = 0
+        kept: set[SessionKey] = set()
+        for node in list(self._by_node):
+            for key in list(self._by_node[node].get(project_key, ())):
+                h = self._holdings.get(key)
+                session = self.index.get(*key)
+                if h is None or session is None:
+                    continue
+                self._set_remote(key, h, node, None)
+                if h.orphan:
+                    self._forget(key)
+                    self.index.remove(session)
+                    forgotten += 1
+                else:
+                    kept.add(key)
+        for key in kept:
+            h = self._holdings.get(key)
+            session = self.index.get(*key)
+            if h is not None and session is not None:
+                self._retab(session, key, h, now)
+        return forgotten
+
+    def reconcile(self, node: str, records: list[Session], now: int, project_key: str | None = None) -> None:
+        """``node`` holds exactly ``records`` (its snapshot, of one project or all): add, change
+        and end to match."""
         keys = {(r.projectKey, r.sessionID) for r in records}
-        gone = [key for key in self._by_node.get(node, ()) if key not in keys]
+        gone = [key for key in self.sessions_of(node, project_key) if key not in keys]
         for project_key, session_id in gone:
             self.remote_remove(node, project_key, session_id, None, now)
         for record in records:

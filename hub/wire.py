@@ -81,6 +81,7 @@ class BatchKind(IntEnum):
     OPS = 0  # changes of the sender's sessions
     RELOAD = 1  # the sender rewrote its records: read them
     BYE = 2  # the sender drains: its sessions wait out their grace for their trackers
+    HOLDS = 3  # (control channel) the sender now has sessions in these partitions
 
 
 class WebhookType(StrEnum):

@@ -221,7 +221,7 @@ def mirror_cpu(sessions: int = 500, batches: int = 2000, per_batch: int = 20) ->
     for k in range(batches):
         changed = (records[(k * per_batch + j) % sessions] for j in range(per_batch))
         up = [msgspec.Raw(encode(msgspec.structs.replace(r, pageTitle=f"t{k}"))) for r in changed]
-        wire.append(encode(_BatchOut("A", "e", k, BatchKind.OPS, up, [], [])))
+        wire.append(encode(_BatchOut("A", "e", PROJECT, k, BatchKind.OPS, up, [], [])))
     encode_us = (time.perf_counter() - start) / n * 1e6
     start = time.perf_counter()
     for data in wire:

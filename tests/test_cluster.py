@@ -282,9 +282,9 @@ async def test_redis_cluster_with_sharded_pubsub() -> None:
         await wait_for(lambda: _user(nodes[1].port, "sharded", "t"))
         await ws.send(json.dumps({"type": "end"}))
         await wait_agreed(nodes, set())
-        # The changes went through a shard channel, not the cluster-wide bus.
+        # The changes went through the project's shard channel, not the cluster-wide bus.
         shard = await _shard_channels(redis)
-        assert "{hub}:changes" in shard
+        assert "{p:p1}:ch" in shard
 
 
 async def _user(port: int, sid: str, user: str) -> bool:
@@ -331,7 +331,11 @@ def _node_names(port: int) -> set[str]:
 
 
 def _held_per_node(port: int) -> dict[str, int] | None:
-    held = {n: int(_redis_cli(port, "hlen", f"{{hub}}:sessions:{n}")[0]) for n in ("w-0", "w-1")}
+    # Project p1's partition: each worker's hash of its records (and "@" heartbeat fields).
+    held = {
+        n: sum(not f.startswith("@") for f in _redis_cli(port, "hkeys", f"{{p:p1}}:s:{n}"))
+        for n in ("w-0", "w-1")
+    }
     return held if sum(held.values()) == 16 else None
 
 

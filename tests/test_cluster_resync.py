@@ -68,20 +68,20 @@ async def test_a_heartbeat_stores_only_last_active_at() -> None:
         (only,) = nodes
         client = redis_sync.Redis(port=redis.port)
         ws = await tracker(only.port, "beating", userID="u", pageTitle="Home")
-        field = "p1/beating"
-        stored = await wait_for(lambda: client.hget("{hub}:sessions:n0", field), timeout=5)
+        field = "beating"
+        stored = await wait_for(lambda: client.hget("{p:p1}:s:n0", field), timeout=5)
         for _ in range(3):
             await asyncio.sleep(0.05)
             await ws.send(json.dumps({"type": "heartbeat"}))
 
         def touched() -> bytes | None:
-            return client.hget("{hub}:sessions:n0", "@" + field)  # type: ignore[return-value]
+            return client.hget("{p:p1}:s:n0", "@" + field)  # type: ignore[return-value]
 
         await wait_for(touched, timeout=5)
         # The record itself was not rewritten: only its lastActiveAt moved, in the touch hash.
-        assert client.hget("{hub}:sessions:n0", field) == stored
+        assert client.hget("{p:p1}:s:n0", field) == stored
         await ws.send(json.dumps({"type": "update", "pageTitle": "Cart"}))
-        await wait_for(lambda: client.hget("{hub}:sessions:n0", field) != stored, timeout=5)
+        await wait_for(lambda: client.hget("{p:p1}:s:n0", field) != stored, timeout=5)
         # A node that joins now reads the record with the latest lastActiveAt.
         with HubProcess(
             "--redis-url", redis.url, "--node-id", "late", "--api-key", "test-key-7f3a",

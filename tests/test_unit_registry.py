@@ -27,7 +27,8 @@ def start(sid: str = "s", **fields: Any) -> Start:
 def record(sid: str = "s", tabs: int = 1, last: int = 1, **fields: Any) -> Session:
     """A peer's record of a session, as it arrives from Redis."""
     fields.setdefault("timestamp", 1)
-    return Session(sessionID=sid, projectKey="p1", projectId=0, lastActiveAt=last, tabs=tabs, **fields)
+    fields.setdefault("projectKey", "p1")
+    return Session(sessionID=sid, projectId=0, lastActiveAt=last, tabs=tabs, **fields)
 
 
 # -- this node's trackers ----------------------------------------------------------
@@ -339,3 +340,35 @@ def test_a_report_without_tab_state_speaks_for_every_tab_here() -> None:
     assert session.active is True
     registry.detach(session, now=40, active=True)  # and closes: the other is still hidden
     assert (session.active, session.tabs) == (False, 1)
+
+
+def test_reconcile_and_move_of_one_project_leave_the_peer_s_other_projects() -> None:
+    registry, events, _ = recording_registry()
+    registry.remote_upsert("b", record("one"), now=1)
+    registry.remote_upsert("b", record("two", projectKey="p2"), now=1)
+    events.take()
+    registry.reconcile("b", [], now=5, project_key="p1")
+    assert events.take() == [("ended", "one", EndReason.ENDED)]
+    assert registry.sessions_of("b") == {("p2", "two")}
+    registry.move_node("b", now=6, project_key="p2")
+    assert registry.sessions_of("b") == set() and registry.waiting == 1
+
+
+def test_forgetting_a_project_drops_peers_parts_silently_and_keeps_this_node_s() -> None:
+    registry, events, replication = recording_registry()
+    mine, _ = registry.start("p1", 1, Start(sessionID="both"), now=1, attach=True)
+    registry.remote_upsert("b", record("both", tabs=2), now=2)
+    registry.remote_upsert("b", record("theirs"), now=2)
+    registry.remote_upsert("b", record("other", projectKey="p2"), now=2)
+    assert mine.tabs == 3
+    events.take()
+    replication.take()
+    assert registry.forget_project("p1", now=3) == 1
+    # Not ended: no listener hears of the session that left, the one held here keeps its tab.
+    assert events.take() == [("changed", "both", {"tabs": 1})]
+    assert registry.index.get("p1", "theirs") is None and registry.is_live(mine) and mine.tabs == 1
+    assert registry.sessions_of("b") == {("p2", "other")}
+    assert replication.take() == []
+    # A later snapshot of the project brings the peer's part back.
+    registry.reconcile("b", [record("both", tabs=2), record("theirs")], now=4, project_key="p1")
+    assert mine.tabs == 3 and registry.index.get("p1", "theirs") is not None

@@ -343,7 +343,7 @@ def test_a_lost_claim_is_dropped_a_won_one_is_queued() -> None:
 def test_an_end_waits_while_a_live_peer_still_has_to_send_the_start() -> None:
     webhooks, cluster, clock = cluster_hooks()
     targets = tuple(webhooks.queues)
-    cluster.peers["n2"] = Peer("e2", 0, 0.0)
+    cluster.peers["n2"] = Peer("e2", 0.0)
     q = webhooks.queues[0]
     for sid, started in [
         ("done", DONE),  # delivered: go
@@ -363,7 +363,7 @@ def test_an_end_waits_while_a_live_peer_still_has_to_send_the_start() -> None:
 
 def test_a_held_end_goes_when_its_budget_is_spent_waiting() -> None:
     webhooks, cluster, clock = cluster_hooks()
-    cluster.peers["n2"] = Peer("e2", 0, 0.0)
+    cluster.peers["n2"] = Peer("e2", 0.0)
     webhooks.claimed(event("s", WebhookType.ENDED), tuple(webhooks.queues), won=True, started=b"n2 e2")
     webhooks.recheck([b"n2 e2"], clock.now + webhooks.budget_ms)
     assert webhooks.queues[0].size == 1  # and then expires there, counted

@@ -1,0 +1,130 @@
+"""Partitions of the cluster's shared state: names, owners, and what a batch means to a mirror.
+
+The live sessions of one project are one partition. Every Redis key and the
+channel of a partition carry its own hash tag ``{p:<project>}``, so a Redis
+Cluster spreads partitions over its masters by slot while one partition's
+keys stay in one slot (its writes are atomic there). Node-level keys stay
+small, under the ``{hub}`` tag. README, "Cluster", tells the whole layout:
+
+- ``{p:X}:s:<node>`` — the node's records of X (field ``sessionID``) and the
+  ``lastActiveAt`` of heartbeats since (field ``@sessionID``);
+- ``{p:X}:seq:<node>`` — ``<epoch>:<seq>``: the node's last batch of X those reflect;
+- ``{p:X}:nodes`` — the nodes whose hash of X is not empty (what a reader reads);
+- ``{p:X}:ch`` — the channel of X's batches (sharded pub/sub on a Redis Cluster);
+- ``{hub}:nodes`` (node → epoch), ``{hub}:lease:<node>``, ``{hub}:parts:<node>``
+  (the partitions the node has keys in) and ``{hub}:ctl``, the control channel.
+
+No I/O here: ``cluster.py`` does the talking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from enum import IntEnum
+from typing import Final
+
+from .wire import BatchKind
+
+NODES_KEY: Final = "{hub}:nodes"
+CONTROL_CHANNEL: Final = "{hub}:ctl"
+# In a partition's hash, "@sessionID" holds a heartbeat's lastActiveAt beside the
+# record ("sessionID"): a heartbeat never rewrites the record.
+TOUCHED: Final = "@"
+
+
+def partition_of(project_key: str) -> str:
+    """The partition of a project's sessions."""
+    return project_key
+
+
+def project_of(partition: str) -> str:
+    return partition
+
+
+def _tag(partition: str) -> str:
+    return f"{{p:{partition}}}"
+
+
+def records_key(partition: str, node: str) -> str:
+    return f"{_tag(partition)}:s:{node}"
+
+
+def seq_key(partition: str, node: str) -> str:
+    return f"{_tag(partition)}:seq:{node}"
+
+
+def holders_key(partition: str) -> str:
+    return f"{_tag(partition)}:nodes"
+
+
+def channel(partition: str) -> str:
+    return f"{_tag(partition)}:ch"
+
+
+def partition_of_channel(name: str) -> str | None:
+    """The partition whose channel is ``name``; None for another channel."""
+    if name.startswith("{p:") and name.endswith("}:ch"):
+        return name[3:-4]
+    return None
+
+
+def lease_key(node: str) -> str:
+    return f"{{hub}}:lease:{node}"
+
+
+def parts_key(node: str) -> str:
+    return f"{{hub}}:parts:{node}"
+
+
+def seq_value(epoch: str, seq: int, base: int) -> str:
+    """What ``seq_key`` holds: the snapshot reflects the node's batches up to ``seq``, and
+    differs from what it published up to ``base`` in nothing (``base < seq``: a rewrite
+    that changed nothing, e.g. after Redis restarted empty)."""
+    return f"{epoch}:{seq}:{base}"
+
+
+def parse_seq(value: bytes | None) -> tuple[str, int, int] | None:
+    """(epoch, seq, base) of a ``seq_key``'s value; None when absent or not written by a hub."""
+    if value is None:
+        return None
+    parts = value.decode(errors="replace").split(":")
+    if len(parts) != 3 or not (parts[0] and parts[1].isdigit() and parts[2].isdigit()):
+        return None
+    epoch, seq, base = parts
+    return epoch, int(seq), int(base)
+
+
+def snapshot_needed(held: int | None, seq: int, base: int) -> bool:
+    """Whether a mirror holding the node's batches up to ``held`` must read a snapshot
+    ``(seq, base)`` of the same process: it is newer and differs from what it holds."""
+    return held is None or (seq > held and base > held)
+
+
+def owner(partition: str, nodes: Iterable[str]) -> str | None:
+    """The node that answers for ``partition`` among ``nodes`` (rendezvous hashing: a node
+    joining or leaving moves only the partitions it wins or held)."""
+    best: tuple[bytes, str] | None = None
+    for node in nodes:
+        score = hashlib.blake2b(f"{partition}\0{node}".encode(), digest_size=8).digest()
+        if best is None or score > best[0]:
+            best = (score, node)
+    return None if best is None else best[1]
+
+
+class Verdict(IntEnum):
+    APPLY = 0  # the next batch (or a RELOAD carrying everything since what is held)
+    SKIP = 1  # already in what is held (a snapshot read after it was written)
+    SYNC = 2  # a gap or nothing held: read the sender's snapshot of the partition
+
+
+def verdict(held: int | None, seq: int, kind: BatchKind, base: int) -> Verdict:
+    """What a mirror holding ``held`` (the sender's last batch of the partition it applied,
+    None for nothing) does with the sender's batch ``seq``."""
+    if held is None:
+        return Verdict.SYNC
+    if seq == held + 1 or (kind == BatchKind.RELOAD and base <= held < seq):
+        return Verdict.APPLY
+    if seq <= held:
+        return Verdict.SKIP
+    return Verdict.SYNC
