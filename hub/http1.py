@@ -11,7 +11,10 @@ Two parts, readable and testable apart:
   bounds the body.
 - ``HttpConnection``: the ``asyncio.Protocol`` of a new connection. It admits
   it (per-IP limit), answers requests through the route table and, on an
-  upgrade, hands the socket to a ``WebSocketConnection``.
+  upgrade, hands the socket to a ``WebSocketConnection``. A deferred answer
+  (``routes.Deferred``) holds the connection: nothing more is parsed until
+  it is written (answers go out in order), what arrives meanwhile is kept
+  (reading pauses past ``HOLD_LIMIT``), and a client that goes away cancels it.
 """
 
 from __future__ import annotations
@@ -73,6 +76,8 @@ _HEADER_OVERHEAD: Final = 4
 _END_OVERHEAD: Final = 2
 # Statuses that never carry a body.
 _NO_BODY: Final = (204, 304)
+# Bytes a connection keeps while it waits for a deferred answer, past which it stops reading.
+HOLD_LIMIT: Final = 64 << 10
 
 
 class _Stop(Exception):
@@ -269,7 +274,19 @@ def encode_response(response: Response, keep_alive: bool, head: bool = False) ->
 class HttpConnection(asyncio.Protocol):
     """A connection until it upgrades: admitted, then requests answered in order."""
 
-    __slots__ = ("admitted", "deadline", "peer", "reader", "server", "transport")
+    __slots__ = (
+        "admitted",
+        "deadline",
+        "held",
+        "paused",
+        "peer",
+        "queued",
+        "reader",
+        "server",
+        "transport",
+        "waiting",
+        "waiting_for",
+    )
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -281,6 +298,14 @@ class HttpConnection(asyncio.Protocol):
         self.admitted = False
         # Monotonic time by which the client must have sent a whole request (or its next one).
         self.deadline = time.monotonic() + settings.handshake_timeout
+        # A deferred answer being awaited, and its request; None when none is.
+        self.waiting: asyncio.Task[Response] | None = None
+        self.waiting_for: Request | None = None
+        # Meanwhile: what was parsed behind it, and the bytes that arrived (not yet parsed).
+        self.queued: list[Event] = []
+        self.held: bytearray | None = None
+        # Reading paused: more than HOLD_LIMIT bytes held.
+        self.paused = False
 
     # asyncio callbacks -------------------------------------------------
 
@@ -304,13 +329,30 @@ class HttpConnection(asyncio.Protocol):
             self.admitted = False
             self.server.per_ip.release(self.peer)
         self.transport = None
+        task = self.waiting
+        if task is not None:
+            # The client is gone: its answer is no one's (a future it waited on is shielded).
+            self.waiting = self.waiting_for = None
+            self.queued = []
+            self.held = None
+            task.cancel()
 
     def data_received(self, data: bytes) -> None:
-        for event in self.reader.feed(data):
+        if self.waiting is not None:
+            self._hold(data)
+        else:
+            self._handle(self.reader.feed(data))
+
+    def _handle(self, events: list[Event]) -> None:
+        for event in events:
             if self.transport is None or self.transport.is_closing():
                 return
             if isinstance(event, Request):
                 self._answer(event)
+                if self.waiting is not None:
+                    # Deferred: what follows waits for its answer.
+                    self.queued = _after(events, event)
+                    return
             elif event is CONTINUE:
                 self.transport.write(CONTINUE_BYTES)
             elif isinstance(event, Upgrade):
@@ -339,10 +381,75 @@ class HttpConnection(asyncio.Protocol):
     # Requests ------------------------------------------------------------
 
     def _answer(self, request: Request) -> None:
-        response = self.server.routes.answer(request)
+        """Answer ``request`` now, or wait for its deferred answer (``waiting``)."""
+        answer = self.server.routes.answer(request)
+        if isinstance(answer, Response):
+            log_request(request, answer, self.peer)
+            self._respond(answer, keep_alive=request.keep_alive, head=request.method == "HEAD")
+            self.deadline = time.monotonic() + self.server.settings.handshake_timeout
+        else:
+            self._wait(request, answer)
+
+    def _answered(self, request: Request, response: Response) -> None:
         log_request(request, response, self.peer)
         self._respond(response, keep_alive=request.keep_alive, head=request.method == "HEAD")
         self.deadline = time.monotonic() + self.server.settings.handshake_timeout
+
+    # Deferred answers --------------------------------------------------------
+
+    def _wait(self, request: Request, task: asyncio.Task[Response]) -> None:
+        self.waiting, self.waiting_for = task, request
+        # The task ends by the route table's bound (a 503 then): the sweep drops the
+        # connection only if it somehow did not, a handshake timeout later.
+        settings = self.server.settings
+        self.deadline = time.monotonic() + self.server.routes.defer_timeout + settings.handshake_timeout
+        task.add_done_callback(self._deferred_done)
+
+    def _hold(self, data: bytes) -> None:
+        """Bytes that came while an answer is awaited: parsed after it."""
+        if self.held is None:
+            self.held = bytearray(data)
+        else:
+            self.held += data
+        if len(self.held) > HOLD_LIMIT and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def _deferred_done(self, task: asyncio.Task[Response]) -> None:
+        request = self.waiting_for
+        if task is not self.waiting or request is None:
+            return  # the client went away first
+        self.waiting = self.waiting_for = None
+        if task.cancelled() or task.exception() is not None:
+            response = error(500, "internal error")
+        else:
+            response = task.result()
+        if self.transport is None or self.transport.is_closing():
+            return  # closed meanwhile (a drain): nothing more is written
+        self._answered(request, response)
+        self._resume()
+
+    def _resume(self) -> None:
+        """After a deferred answer: the requests parsed behind it, then the bytes held meanwhile."""
+        events, self.queued = self.queued, []
+        held, self.held = self.held, None
+        if held and events and isinstance(events[-1], Upgrade):
+            # The upgrade's connection reads what followed its handshake.
+            upgrade = events[-1]
+            events[-1] = Upgrade(upgrade.request, upgrade.target, upgrade.headers, upgrade.rest + held)
+            held = None
+        self._handle(events)
+        if held:
+            if self.waiting is None:
+                self._handle(self.reader.feed(bytes(held)))
+            else:
+                self.held = held
+        transport = self.transport
+        if not self.paused or transport is None or transport.is_closing():
+            return
+        if len(self.held or b"") <= HOLD_LIMIT:
+            self.paused = False
+            transport.resume_reading()
 
     def _respond(self, response: Response, keep_alive: bool, head: bool = False) -> None:
         transport = self.transport
@@ -379,6 +486,14 @@ class HttpConnection(asyncio.Protocol):
         transport.set_protocol(conn)
         self.transport = None
         conn.start(routed, upgrade.rest)
+
+
+def _after(events: list[Event], event: Event) -> list[Event]:
+    """The events after ``event`` (that very one, not an equal one)."""
+    for i, other in enumerate(events):
+        if other is event:
+            return events[i + 1 :]
+    return []
 
 
 def log_request(request: Request, response: Response, peer: str) -> None:

@@ -13,12 +13,38 @@ handler runs, the table checks, once for HTTP and WebSocket alike:
 While the hub drains, every WebSocket handshake is a 503. ``cors`` routes
 answer preflights without a key and carry CORS headers (``cors.py``).
 Handlers find the path's parameters in ``request.params``.
+
+A handler that cannot answer at once (a search of a project this node must
+first bootstrap) defers: it returns an awaitable of its ``Response``
+instead of the ``Response`` (``Deferred``), e.g. an ``async def``'s
+coroutine, or a future. ``answer`` then gives the connection a task that
+finishes within ``defer_timeout`` (``DEFER_TIMEOUT_S``): the handler's
+response, a 500 if it raised (logged as a synchronous handler's), or a 503
+with ``Retry-After`` when the bound passed; CORS headers decorate all three.
+The connection (``http1.HttpConnection``) parses nothing more meanwhile
+(pipelined requests wait: answers go out in order), writes the answer when
+the task is done (HEAD drops its body) and goes on. If the client goes
+away first, the task is cancelled: a coroutine the handler returned is
+cancelled with it (it is the request's own); a future is never cancelled
+(several requests may wait on one bootstrap): its result is dropped.
+Answering at once stays as cheap as before: deferring costs only the
+requests that do. ::
+
+    def search(request: Request) -> Response | Deferred:
+        if mirrored(project):
+            return answer_now(request)
+        return _after(bootstrap(project), request)   # bootstrap: a shared future
+
+    async def _after(ready: asyncio.Future[None], request: Request) -> Response:
+        await asyncio.shield(ready)
+        return answer_now(request)
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import unquote
@@ -31,10 +57,17 @@ from .websocket import Endpoint, WebSocketConnection
 
 log = logging.getLogger("hub.server")
 
-HttpHandler = Callable[[Request], Response]
+# What a handler that cannot answer at once returns instead of its response (see above).
+Deferred = Awaitable[Response]
+HttpHandler = Callable[[Request], "Response | Deferred"]
 WsHandler = Callable[[Request, WebSocketConnection], "Endpoint | Response"]
 
 PROJECT_KEY: Final = "projectKey"
+# Seconds a deferred answer may take before it is a 503 (a cold search waits for a
+# bootstrap of at most ~2 s at 100k sessions).
+DEFER_TIMEOUT_S: Final = 10.0
+# Seconds a client told 503 after that bound should wait before asking again.
+RETRY_AFTER_S: Final = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +104,8 @@ class RouteTable:
         self.auth = auth
         self.cors = Cors(settings.cors_origins)
         self.accepting_websockets = accepting_websockets
+        # Seconds a deferred answer may take (tests shorten it).
+        self.defer_timeout = DEFER_TIMEOUT_S
         # By number of path segments: a request is matched against routes of its length only.
         self._http: dict[int, list[Route]] = {}
         self._ws: dict[int, list[Route]] = {}
@@ -122,15 +157,40 @@ class RouteTable:
             return error(404, "project not found")
         return None
 
-    def answer(self, request: Request) -> Response:
-        """The response to an HTTP request."""
+    def answer(self, request: Request) -> Response | asyncio.Task[Response]:
+        """The response to an HTTP request, or a task that ends with it (a deferred answer)."""
         route = self._match(self._http, request)
         if route is None:
             return error(404, "not found")
         response = self._answer(route, request)
+        if not isinstance(response, Response):
+            return asyncio.ensure_future(self._deferred(route, request, response))
         return self.cors.decorate(request, response) if route.cors else response
 
-    def _answer(self, route: Route, request: Request) -> Response:
+    async def _deferred(self, route: Route, request: Request, answer: Deferred) -> Response:
+        """A deferred answer within ``defer_timeout``, as a synchronous one is decorated."""
+        if asyncio.isfuture(answer):
+            # Maybe shared with other requests: this one's going away must not cancel it.
+            answer = asyncio.shield(answer)
+        try:
+            async with asyncio.timeout(self.defer_timeout):
+                response = await answer
+        except TimeoutError:
+            log.warning(
+                "http.deferred_timeout",
+                extra={"fields": {"path": loggable_path(request.path), "timeout_s": self.defer_timeout}},
+            )
+            response = error(
+                503,
+                f"no answer within {self.defer_timeout:g} s; retry shortly",
+                [("Retry-After", str(RETRY_AFTER_S))],
+            )
+        except Exception:
+            log.exception("HTTP handler failed on %s %s", request.method, loggable_path(request.path))
+            response = error(500, "internal error")
+        return self.cors.decorate(request, response) if route.cors else response
+
+    def _answer(self, route: Route, request: Request) -> Response | Deferred:
         if request.method == "OPTIONS" and route.cors:
             return self.cors.preflight(request, route.allow)
         handler = route.methods.get(request.method)
