@@ -49,6 +49,12 @@ def test_every_case_runs_and_reports(tmp_path: Path) -> None:
         # Each node read its peers' batches, and every agent got frames and stayed open.
         assert row["received_batches_per_s_mean"] > 0
         assert row["agents"] == 2 * row["nodes"] and row["agents_closed"] == []
+        # Each node mirrors what it serves (its 2 followed projects and those it owns), no more.
+        assert row["mirrored_partitions"] == [float(n) for n in row["served_partitions"]]
+        assert all(0 < held <= row["sessions_total"] for held in row["held_sessions"])
+    # 2 nodes, 2 owners per project: each mirrors all 4 projects and holds every session.
+    two = scaling["rows"][0]
+    assert two["mirrored_partitions"] == [4.0, 4.0] and two["held_sessions"] == [100.0, 100.0]
     assert scaling["rss_ratio"] > 0
 
     spread = result["spread"]
@@ -59,7 +65,7 @@ def test_every_case_runs_and_reports(tmp_path: Path) -> None:
     join = result["join"]
     assert join["pubsub_limit"].endswith("pubsub 4194304 2097152 5")
     assert join["ready_s"] is not None and join["ids_equal_while_changing"] is True
-    assert join["joiner_sessions"] == 200
+    assert join["joiner_sessions"] == 200 and join["joiner_at_ready"]["mirrored_partitions"] is not None
     assert join["after_pause"]["agreed_s"] is not None and join["after_pause"]["records_differing"] == 0
 
     restart = result["restart"]
@@ -69,6 +75,10 @@ def test_every_case_runs_and_reports(tmp_path: Path) -> None:
     # Redis is back, so a node that reconnects first may read before it does (seen once in CI).
     assert 0 < restart["hgetall_monitor"] <= restart["hgetall_commandstats"]
     assert set(restart["bootstrap_s_per_node"]) == {"n0", "n1", "n2"}
-    # Each node read at least the map of nodes; the peers' snapshots are counted apart.
+    # Each node read at least the map of nodes; the peers' snapshots are counted apart, per
+    # (partition, holder, reading node).
     assert all(reads > 0 for reads in restart["node_map_reads_per_node"].values())
     assert restart["snapshot_reads_total"] <= restart["hgetall_monitor"]
+    assert restart["snapshot_reads_total"] >= restart["snapshot_pairs_read"]
+    assert set(restart["partition_reads_metric_per_node"]) == {"n0", "n1", "n2"}
+    assert restart["agents"] == 6 and restart["agents_closed"] == []
