@@ -29,6 +29,8 @@ from .counts import AGENT, TRACKER
 from .endpoints import AgentEndpoint, TrackerEndpoint
 from .enrich import Enricher
 from .fanout import FanOut
+from .handoff import Handoff, Workers
+from .http1 import HttpConnection
 from .http_api import HttpApi, Request, Response, error
 from .index import LiveIndex
 from .metrics import Metrics
@@ -55,7 +57,7 @@ WATCHED_RCVBUF_MIN: Final = 256 << 10
 
 
 class Hub:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, workers: Workers | None = None) -> None:
         self.settings = settings
         self.index = LiveIndex()
         # Built once per process: the User-Agent rules compile and the GeoIP database opens here.
@@ -108,6 +110,8 @@ class Hub:
             tuple(path.encode() for path in openreplay_paths(settings.openreplay_path)),
             max(settings.max_header, OPENREPLAY_MAX_HEAD),
         )
+        # --workers: each project served by one worker of the machine (handoff.py).
+        self.handoff = self._handoff(workers) if workers is not None and workers.count > 1 else None
         self._add_gauges()
         self._add_relay_metrics()
         self.replication.add_metrics(self.metrics.gauge, self.metrics.counter)
@@ -140,6 +144,34 @@ class Hub:
         if isinstance(self.replication, Cluster):
             self.replication.node_gone.append(relay.node_gone)
         return relay
+
+    def _handoff(self, workers: Workers) -> Handoff:
+        handoff = Handoff(workers, openreplay_paths(self.settings.openreplay_path), self.settings.projects)
+        server = self.server
+        server.handoff = handoff
+        handoff.adopt = lambda data: HttpConnection(server, adopted=data)
+        self.metrics.counter(
+            "hub_handoff",
+            "Connections for a project another worker owns: sent to it, received here, failed "
+            "(owner unreachable: served here) or kept (behind a request answered here).",
+            lambda: {(result,): float(count) for result, count in handoff.counts.items()},
+            labels=["result"],
+        )
+        self.metrics.gauge(
+            "hub_worker_index",
+            "This worker's index among --workers (a project's owner is crc32(key) % workers).",
+            lambda: float(workers.index),
+        )
+        return handoff
+
+    async def _take_handoffs(self, handoff: Handoff) -> None:
+        """Adopt other workers' connections once ready to serve them (until then they serve)."""
+        while not (self.replication.ready and not self.draining):
+            await anyio.sleep(0.05)
+        try:
+            handoff.listen()
+        except OSError as exc:
+            log.error("handoff.listen_failed", extra={"fields": {"error": str(exc)}})
 
     def _routes(self) -> RouteTable:
         """Every path this hub answers (README, "HTTP API", "Trackers", "Agents", "Operations")."""
@@ -348,6 +380,8 @@ class Hub:
             tg.start_soon(self.relay.bus.run)
             if self.webhooks is not None:
                 tg.start_soon(self.webhooks.run)
+            if self.handoff is not None:
+                tg.start_soon(self._take_handoffs, self.handoff)
             if handle_signals:
                 tg.start_soon(self._signals)
             self.ready = True
@@ -374,6 +408,8 @@ class Hub:
         with 1012 so trackers reconnect elsewhere; all of it within ``drain_timeout``."""
         self.draining = True
         self.server.stop_accepting()
+        if self.handoff is not None:
+            self.handoff.close()
         timeout = self.settings.drain_timeout
         deadline = anyio.current_time() + timeout
         open_at_start = len(self.server.connections)
@@ -416,9 +452,11 @@ class BindError(OSError):
     """The listening socket could not be opened (port in use, bad address)."""
 
 
-def run(settings: Settings, sock: socket.socket | None = None, **backend: Any) -> None:
+def run(
+    settings: Settings, sock: socket.socket | None = None, workers: Workers | None = None, **backend: Any
+) -> None:
     """Serve until stopped; on ``sock`` when given (a ``--workers`` process), else host:port."""
-    hub = Hub(settings)
+    hub = Hub(settings, workers)
     # What start-up built lives as long as the process (the User-Agent rules alone are
     # ~29 MB of objects): out of the collector's sight, a full collection no longer
     # walks it while heartbeats flow.

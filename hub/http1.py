@@ -15,6 +15,9 @@ Two parts, readable and testable apart:
   (``routes.Deferred``) holds the connection: nothing more is parsed until
   it is written (answers go out in order), what arrives meanwhile is kept
   (reading pauses past ``HOLD_LIMIT``), and a client that goes away cancels it.
+  With ``--workers``, a request for a project another worker owns moves the
+  connection to it (``handoff.py``): the connection keeps the bytes read
+  since it last had nothing unanswered, to pass them along.
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ class RequestReader:
 
     __slots__ = (
         "_body",
+        "_busy",
         "_events",
         "_head",
         "_headers",
@@ -127,6 +131,13 @@ class RequestReader:
         # Heads begun so far: tells whether a read continued the same head.
         self._seq = 0
         self._refusal: Refusal | None = None
+        # Within a request: begun, not complete.
+        self._busy = False
+
+    @property
+    def idle(self) -> bool:
+        """Between requests: every byte fed so far belongs to a complete one."""
+        return not self._busy
 
     @property
     def done(self) -> bool:
@@ -172,6 +183,7 @@ class RequestReader:
     # httptools callbacks ------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._busy = True
         self._url = b""
         self._headers = []
         self._body = bytearray()
@@ -225,6 +237,7 @@ class RequestReader:
             raise self._refuse(_too_large_body(self.max_body))
 
     def on_message_complete(self) -> None:
+        self._busy = False
         parser = self.parser
         assert parser is not None
         events = self._events
@@ -276,20 +289,31 @@ class HttpConnection(asyncio.Protocol):
 
     __slots__ = (
         "admitted",
+        "adopted",
         "deadline",
         "held",
+        "inbox",
         "paused",
         "peer",
         "queued",
         "reader",
         "server",
+        "track",
         "transport",
         "waiting",
         "waiting_for",
+        "window",
     )
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, adopted: bytes | None = None) -> None:
         self.server = server
+        # Handed over by another worker: the bytes it had read, parsed before any other.
+        self.adopted = adopted
+        # Requests may be handed to the worker owning their project: never an adopted connection's.
+        self.track = server.handoff is not None and adopted is None
+        # While tracking: the bytes read since nothing was unanswered, and the requests among them.
+        self.inbox: bytes | bytearray | None = None
+        self.window = 0
         settings = server.settings
         self.reader = RequestReader(settings.max_header, settings.max_http_body, server.long_heads)
         self.transport: asyncio.Transport | None = None
@@ -322,6 +346,10 @@ class HttpConnection(asyncio.Protocol):
             server.limits["max_conns_per_ip"] += 1
             limit = server.per_ip.limit
             self._respond(error(429, f"over {limit} connections from one address"), keep_alive=False)
+        adopted, self.adopted = self.adopted, None
+        if adopted and self.admitted:
+            # Before anything read here: the transport reads only after this returns.
+            self.data_received(adopted)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.forget(self)
@@ -340,6 +368,8 @@ class HttpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.waiting is not None:
             self._hold(data)
+        elif self.track:
+            self._tracked(data)
         else:
             self._handle(self.reader.feed(data))
 
@@ -348,6 +378,8 @@ class HttpConnection(asyncio.Protocol):
             if self.transport is None or self.transport.is_closing():
                 return
             if isinstance(event, Request):
+                if self.track and self._hand_off(event):
+                    return
                 self._answer(event)
                 if self.waiting is not None:
                     # Deferred: what follows waits for its answer.
@@ -356,6 +388,8 @@ class HttpConnection(asyncio.Protocol):
             elif event is CONTINUE:
                 self.transport.write(CONTINUE_BYTES)
             elif isinstance(event, Upgrade):
+                if self.track and self._hand_off(event.request):
+                    return
                 self._upgrade(event)
             elif isinstance(event, Refusal):
                 if event.limit is not None:
@@ -444,6 +478,8 @@ class HttpConnection(asyncio.Protocol):
                 self._handle(self.reader.feed(bytes(held)))
             else:
                 self.held = held
+        if self.track:
+            self._settle()
         transport = self.transport
         if not self.paused or transport is None or transport.is_closing():
             return
@@ -460,6 +496,51 @@ class HttpConnection(asyncio.Protocol):
         if not keep_alive:
             self.reader.stop()
             transport.close()
+
+    # Hand-off to the worker owning the project (--workers) ----------------------
+
+    def _tracked(self, data: bytes) -> None:
+        """``data_received`` while requests may be handed off: the unanswered bytes are kept."""
+        if not self.window:
+            inbox = self.inbox
+            if inbox is None:
+                self.inbox = data
+            elif isinstance(inbox, bytearray):
+                inbox += data
+            else:
+                self.inbox = bytearray(inbox) + data
+        self._handle(self.reader.feed(data))
+        self._settle()
+
+    def _settle(self) -> None:
+        """Every request read so far answered and none begun: the next read starts afresh."""
+        if self.waiting is None and self.reader.idle:
+            self.inbox = None
+            self.window = 0
+
+    def _hand_off(self, request: Request) -> bool:
+        """Hand the connection to the worker owning ``request``'s project: True if it now has it."""
+        handoff = self.server.handoff
+        assert handoff is not None
+        first = not self.window
+        self.window += 1
+        target = handoff.target(request)
+        if target is None:
+            return False
+        transport, inbox = self.transport, self.inbox
+        if not first or inbox is None or transport is None or transport.get_write_buffer_size():
+            # Bytes before it were answered here: the rest of them is this worker's to answer.
+            handoff.counts["kept"] += 1
+            return False
+        sock = transport.get_extra_info("socket")
+        if sock is None or not handoff.send(target, sock.fileno(), bytes(inbox)):
+            return False
+        # The owner holds the socket now: this process's descriptor closes, the connection stays.
+        self.track = False
+        self.inbox = None
+        self.reader.stop()
+        transport.abort()
+        return True
 
     def _upgrade(self, upgrade: Upgrade) -> None:
         """Validate the WebSocket handshake, route it, and hand the socket over on success."""

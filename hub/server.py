@@ -18,6 +18,7 @@ import logging
 import socket
 import time
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from .admission import PerIpLimit
 from .config import Settings
@@ -25,6 +26,9 @@ from .counts import ConnectionCounts
 from .http1 import HttpConnection, LongHeads
 from .routes import RouteTable
 from .websocket import Endpoint, WebSocketConnection
+
+if TYPE_CHECKING:
+    from .handoff import Handoff
 
 log = logging.getLogger("hub.server")
 
@@ -51,6 +55,8 @@ class Server:
         # Path prefixes whose requests may carry a longer head (e.g. a handshake whose
         # query carries a JSON document), and that length; set by whoever routes.
         self.long_heads: LongHeads = ((), 0)
+        # --workers: hands connections for another worker's project to it (handoff.py).
+        self.handoff: Handoff | None = None
         self.connections: set[Connection] = set()
         self.per_ip = PerIpLimit(settings.max_conns_per_ip)
         self.rate = settings.rate_limit

@@ -2,10 +2,13 @@
 
 Each worker listens on its own ``SO_REUSEPORT`` socket, so the kernel
 spreads new connections over them; each is a cluster node named
-``<node-id>-<i>`` and answers every search from the mirrored index. The
-parent only supervises: it forwards SIGTERM/SIGINT (every worker drains and
-exits 0) and restarts a worker that died (it comes back under its name with
-a new epoch, so peers drop what the dead process held).
+``<node-id>-<i>``. A project is served by one worker, ``crc32(key) % N``:
+the others hand its searches and agent connections over (``handoff.py``,
+through one Unix socket per worker in a private directory the parent
+makes). The parent only supervises: it forwards SIGTERM/SIGINT (every
+worker drains and exits 0) and restarts a worker that died (it comes back
+under its name and index with a new epoch, so peers drop what the dead
+process held).
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from dataclasses import replace
 from multiprocessing.connection import wait
@@ -25,11 +30,14 @@ from typing import Any
 from .app import BindError, run
 from .cluster import default_node_id
 from .config import Settings
+from .handoff import Workers
 
 log = logging.getLogger("hub.workers")
 
 # A worker dying sooner than this after its start is not restarted in a loop.
 MIN_UPTIME_S = 2.0
+# Bytes of a Unix socket path at most (sun_path, with its NUL).
+UNIX_PATH_MAX = 107
 
 
 def reuseport_socket(host: str, port: int) -> socket.socket:
@@ -47,14 +55,26 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker(settings: Settings, backend: dict[str, Any]) -> None:
+def _worker(settings: Settings, backend: dict[str, Any], workers: Workers) -> None:
     # The parent's handlers are not ours: the hub handles its own signals.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    fields = {"worker": workers.index, "pid": os.getpid(), "node": settings.node_id}
+    log.info("workers.worker", extra={"fields": fields})
     sock = reuseport_socket(settings.host, settings.port)
     sock.listen(settings.backlog)
     sock.setblocking(False)
-    run(settings, sock, **backend)
+    run(settings, sock, workers=workers, **backend)
+
+
+def handoff_paths(count: int) -> tuple[str, tuple[str, ...]]:
+    """A new private directory (mode 0700) and a Unix socket path in it for each worker."""
+    directory = tempfile.mkdtemp(prefix="hub-workers-")
+    paths = tuple(os.path.join(directory, f"w{i}.sock") for i in range(count))
+    if len(os.fsencode(paths[-1])) > UNIX_PATH_MAX:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise BindError(f"{directory}: too long a path for a Unix socket; set TMPDIR to a shorter one")
+    return directory, paths
 
 
 def run_workers(settings: Settings, backend: dict[str, Any]) -> int:
@@ -66,10 +86,16 @@ def run_workers(settings: Settings, backend: dict[str, Any]) -> int:
     base = settings.node_id or default_node_id()
     context = multiprocessing.get_context("fork")
     stopping = False
+    try:
+        directory, paths = handoff_paths(settings.workers)
+    except BindError:
+        anchor.close()
+        raise
 
     def start(i: int) -> BaseProcess:
         worker_settings = replace(settings, port=port, workers=1, node_id=f"{base}-{i}")
-        proc = context.Process(target=_worker, args=(worker_settings, backend), name=f"hub-worker-{i}")
+        args = (worker_settings, backend, Workers(i, paths))
+        proc = context.Process(target=_worker, args=args, name=f"hub-worker-{i}")
         proc.start()
         return proc
 
@@ -105,4 +131,5 @@ def run_workers(settings: Settings, backend: dict[str, Any]) -> int:
             procs[i] = start(i)
             started[i] = time.monotonic()
     anchor.close()
+    shutil.rmtree(directory, ignore_errors=True)
     return 1 if failed else 0
