@@ -1,7 +1,7 @@
 """Record enrichment benchmark: what hub/enrich.py adds to a tracker's connect.
 
     python -m loadtest.bench_enrich --wired [--rounds 6 --trackers 2000 --warmup 300 --distinct 300]
-                                    [--diagnose] [--profile DIR] [--out FILE]
+                                    [--diagnose] [--before REV] [--profile DIR] [--out FILE]
     python -m loadtest.bench_enrich [--storm 5000 --distinct 300 --connects 2000] [--compare]
 
 ``--wired``: the issue's figure, server CPU per tracker connect + 16-field
@@ -42,6 +42,9 @@ finds, so the record is the same: ``ua`` minus ``ua-sent`` is what the hub's
 finding costs, against a tracker that tells it). Every hub then warms up with
 at least ``--trackers`` trackers (ua+geo-warm's ~2,000 distinct clients), so
 all hold as many sessions.
+``--before REV`` adds ``ua`` and ``ua+geo`` once more, on hubs running the
+hub/ of a git revision (or of a directory): before and after a change, in the
+same rounds, each paired with the same round's ``none``.
 ``--profile DIR`` runs the hubs under cProfile during the storms only (its
 timings are the profiler's, not figures) and prints where the time goes and
 what grew against ``none``.
@@ -88,7 +91,7 @@ import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -377,6 +380,8 @@ class Case:
     # The warm-up holds each distinct handshake of the storm (LRUs warm); the start carries these fields.
     warm: bool = False
     sends: tuple[str, ...] = ()
+    # --before: the hub of another tree (hub/ as it was), with the same storm.
+    before: bool = False
 
 
 CASES = (
@@ -393,10 +398,17 @@ DIAGNOSTIC_CASES = (
 )
 
 
-class HubProcess:
-    """A hub on a free port (``ready``: once it accepts), profiled from ``profile_on`` to ``profile_off``."""
+# --before: the with-cases again on hubs of another tree, in the same rounds.
+BEFORE_CASES = tuple(
+    replace(c, name=f"{c.name}@before", label=f"{c.label}, --before's hub", before=True) for c in CASES[1:]
+)
 
-    def __init__(self, extra: list[str], profile_to: Path | None = None) -> None:
+
+class HubProcess:
+    """A hub on a free port (``ready``: once it accepts), profiled from ``profile_on`` to ``profile_off``;
+    ``root``: the tree whose hub/ it runs."""
+
+    def __init__(self, extra: list[str], profile_to: Path | None = None, root: Path = ROOT) -> None:
         self.port = free_port()
         hub = ["serve", "--port", str(self.port), "--api-key", "bench-enrich", "--log-level", "warning"]
         hub += ["--grace", "3600"]  # a closed warm-up's session is held through the run
@@ -408,7 +420,7 @@ class HubProcess:
             args = [sys.executable, "-c", "from loadtest.bench_enrich import profiled_hub; profiled_hub()"]
             args += [*hub, *extra]
         self.profile_to = profile_to
-        self.proc = subprocess.Popen(args, env=env, cwd=ROOT)
+        self.proc = subprocess.Popen(args, env=env, cwd=root)
 
     def ready(self) -> None:
         deadline = time.monotonic() + 30
@@ -594,7 +606,8 @@ def storm_round(
         for case in cases:
             extra = ["--geoip-db", db, "--trusted-proxies", TRUSTED_PROXIES] if case.geoip else []
             profile = args.profile / f"{case.name}-r{rnd}.prof" if args.profile is not None else None
-            hubs[case.name] = HubProcess(extra, profile)
+            root = args.before if case.before else ROOT
+            hubs[case.name] = HubProcess(extra, profile, root)
         for hub in hubs.values():
             hub.ready()
         warmups = {c.name: warmup_trackers(c, storms[c.name], warmup_size(args)) for c in cases}
@@ -612,13 +625,23 @@ def storm_round(
     return results
 
 
+def before_tree(rev: str, into: Path) -> Path:
+    """A directory whose hub/ --before's hubs run: the one named, or ``rev`` of this repository."""
+    if Path(rev, "hub").is_dir():
+        return Path(rev).resolve()
+    into.mkdir()
+    archive = subprocess.run(["git", "archive", rev, "hub"], cwd=ROOT, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
 def loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def wired(args: argparse.Namespace, db: str) -> dict[str, Any]:
     """Rounds of the cases, each on fresh hubs; ratios per round and overall."""
-    cases = CASES + (DIAGNOSTIC_CASES if args.diagnose else ())
+    cases = CASES + (DIAGNOSTIC_CASES if args.diagnose else ()) + (BEFORE_CASES if args.before else ())
     pool = distinct_agents(args.distinct)
     # What the hub finds for a tracker, for the cases whose start carries it instead.
     finder = Enricher(
@@ -632,7 +655,7 @@ def wired(args: argparse.Namespace, db: str) -> dict[str, Any]:
         f"from {len(pool)} strings"
     )
     for c in cases:
-        print(f"  {c.name:12} {c.label}")
+        print(f"  {c.name:14} {c.label}")
     storms: list[Storm] = []
     for rnd in range(args.rounds):
         rng = random.Random(1800 + rnd)
@@ -675,11 +698,11 @@ def summarize(cases: Sequence[Case], storms: list[Storm], args: argparse.Namespa
     base = {s.round: s.us for s in by_case["none"]}
     out: dict[str, Any] = {}
     print("\nServer CPU per connect + start, µs over rounds; x without: paired by round (median, spread)")
-    print(f"  {'case':12} {'best':>6} {'median':>6} {'worst':>6}   {'x best-of':>9} {'x median':>8}  spread")
+    print(f"  {'case':14} {'best':>6} {'median':>6} {'worst':>6}   {'x best-of':>9} {'x median':>8}  spread")
     for c in cases:
         us = [s.us for s in by_case[c.name]]
         entry: dict[str, Any] = {"label": c.label, "us_per_connect": us}
-        row = f"  {c.name:12} {min(us):6.1f} {statistics.median(us):6.1f} {max(us):6.1f}"
+        row = f"  {c.name:14} {min(us):6.1f} {statistics.median(us):6.1f} {max(us):6.1f}"
         if c.name != "none":
             # A with-storm against the without-storm of its own round: the same minute's machine.
             ratios = [s.us / base[s.round] for s in by_case[c.name]]
@@ -692,6 +715,17 @@ def summarize(cases: Sequence[Case], storms: list[Storm], args: argparse.Namespa
             )
         print(row)
         out[c.name] = entry
+    for c in cases:
+        if c.before:
+            # This tree's hub against the before tree's, each round's pair on the same minute's machine.
+            now = {s.round: s.us for s in by_case[c.name.removesuffix("@before")]}
+            ratios = [now[s.round] / s.us for s in by_case[c.name]]
+            out[c.name]["now_per_round"] = ratios
+            out[c.name]["now_median"] = statistics.median(ratios)
+            print(
+                f"  {c.name.removesuffix('@before')} now / before: {statistics.median(ratios):.3f} median "
+                f"({min(ratios):.3f}-{max(ratios):.3f})"
+            )
     return {
         "command": " ".join(["python -m loadtest.bench_enrich", *sys.argv[1:]]),
         "rounds": args.rounds,
@@ -831,13 +865,19 @@ def enrichment(n: int, db: str, connect_us: float) -> None:
     base = per_call_us(lambda: decode_message(START), n)
     rows = [
         ("decode one 16-field start (baseline)", base),
-        ("enrich: User-Agent, cached", per_call_us(lambda: plain.fields(headers, "81.2.69.160"), n)),
+        ("enrich: User-Agent, cached", per_call_us(lambda: dict(plain.fields(headers, "81.2.69.160")), n)),
         (
             "GeoIP: one new address (decode a record)",
             per_call_us(lambda: geo_db.lookup("81.2.69.160"), n // 4),
         ),
-        ("enrich: User-Agent + GeoIP, cached", per_call_us(lambda: geo.fields(headers, "81.2.69.160"), n)),
-        ("enrich: + trusted proxy, X-Forwarded-For", per_call_us(lambda: geo.fields(proxied, "10.0.0.1"), n)),
+        (
+            "enrich: User-Agent + GeoIP, cached",
+            per_call_us(lambda: dict(geo.fields(headers, "81.2.69.160")), n),
+        ),
+        (
+            "enrich: + trusted proxy, X-Forwarded-For",
+            per_call_us(lambda: dict(geo.fields(proxied, "10.0.0.1")), n),
+        ),
     ]
     print("\nOne connection's enrichment, µs per call:")
     for label, us in rows:
@@ -860,7 +900,7 @@ def storm(connections: int, distinct: int, db: str, connect_us: float) -> None:
             enricher = make()
             t0 = time.process_time()
             for ua, peer in zip(drawn, peers, strict=True):
-                enricher.fields({"user-agent": ua}, peer)
+                dict(enricher.fields({"user-agent": ua}, peer))  # every field read, as a start lacking them
             best = min(best, time.process_time() - t0)
             enricher.close()
         us = best / connections * 1e6
@@ -908,9 +948,16 @@ def main() -> None:
         "--connects", type=int, default=2000, help="trackers for the connect + start figure (default 2000)"
     )
     parser.add_argument("--compare", action="store_true", help="also parse with user-agents 2.2")
+    parser.add_argument(
+        "--before",
+        metavar="REV",
+        help="--wired: also run ua and ua+geo on the hub of this git revision (or directory)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         db = write_db(Path(tmp) / "city.mmdb")
+        if args.before:
+            args.before = before_tree(args.before, Path(tmp) / "before")
         if args.wired:
             if args.profile is not None:
                 args.profile.mkdir(parents=True, exist_ok=True)

@@ -5,20 +5,23 @@ The GeoIP database is one this file writes with mmdb-writer, never a downloaded 
 
 from __future__ import annotations
 
+import ipaddress
 import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from mmdb_writer import MMDBWriter
 from netaddr import IPSet
 
 from hub.config import ConfigError, parse_settings
-from hub.enrich import Enricher, GeoIP, TrustedProxies, UserAgents
+from hub.enrich import BATCH_MAX, BROWSER, DEVICE, SYSTEM, Enricher, GeoIP, TrustedProxies, UserAgents
 from hub.index import LiveIndex
-from hub.record import GEO_FIELDS, MAX_STRING, UA_FIELDS, Start
+from hub.record import ENRICHED_FIELDS, GEO_FIELDS, MAX_STRING, UA_FIELDS, Start
 from hub.registry import Registry
+from loadtest.bench_enrich import distinct_agents
 from tests.helpers import run_hub
 
 CHROME_WINDOWS = (
@@ -189,6 +192,8 @@ def test_each_distinct_string_is_parsed_once_and_the_cache_is_bounded() -> None:
     # The least recently used went first: Chrome is parsed again.
     agents.fields(CHROME_WINDOWS)
     assert agents.cache_info().misses == len(REAL) + 1
+    # Each miss ran each of the parser's three extractors once.
+    assert agents.parses == {BROWSER: len(REAL) + 1, SYSTEM: len(REAL) + 1, DEVICE: len(REAL) + 1}
 
 
 def test_a_caller_changing_its_answer_does_not_change_the_cache(user_agents: UserAgents) -> None:
@@ -307,6 +312,60 @@ def test_each_address_is_looked_up_once_and_the_cache_is_bounded(geo_db: str) ->
         geo.close()
 
 
+def test_a_new_address_in_a_network_looked_up_already_is_answered_from_it(tmp_path: Path) -> None:
+    """The database ends every address of a network at one record: the network's answer is
+    kept, so a new address in it decodes nothing, and every answer is the database's own,
+    for networks nested in others, IPv4 and IPv6 alike."""
+    nested = {
+        "81.2.0.0/16": TOKYO,
+        "81.2.69.0/24": LONDON,  # carves the /16 into /17 ... /24 pieces
+        "81.2.69.128/25": COUNTRY_ONLY,
+        "2001:218::/32": TOKYO,
+        "2001:218:1::/48": LONDON,
+        "0.0.0.0/8": OFFICE,
+    }
+    for version in (6, 4):
+        networks = {cidr: record for cidr, record in nested.items() if version == 6 or ":" not in cidr}
+        geo = GeoIP(write_db(tmp_path / f"nested{version}.mmdb", networks, ip_version=version), cache_size=64)
+        try:
+            assert geo.fields("81.2.69.1") == {
+                "userCountry": "GB",
+                "userState": "England",
+                "userCity": "London",
+            }
+            assert geo.fields("81.2.69.200") == {"userCountry": "SE"}
+            assert geo.lookups == 2
+            assert geo.fields("81.2.69.2")["userCity"] == "London" and geo.lookups == 2, "the /24 known"
+            assert geo.fields("81.2.69.129") == {"userCountry": "SE"} and geo.lookups == 2
+            assert geo.fields("81.2.68.1")["userCountry"] == "JP" and geo.lookups == 3, "a piece of the /16"
+            rng = random.Random(version)
+            addresses = [f"81.2.{rng.randrange(60, 80)}.{rng.randrange(256)}" for _ in range(300)]
+            addresses += [f"{rng.randrange(256)}.{rng.randrange(256)}.1.1" for _ in range(100)]
+            if version == 6:
+                addresses += [
+                    f"2001:218:{rng.choice([0, 1, 2])}::{rng.randrange(1 << 16):x}" for _ in range(100)
+                ]
+                addresses += ["::1", "2002:5102:4501::1", "2001:218:1::"]
+            for address in addresses:
+                assert geo.fields(address) == geo.lookup(address), address
+            assert geo.lookups < len(set(addresses)) / 2
+            # An IPv4-mapped address is its IPv4 address, as the client address always is.
+            assert geo.fields("::ffff:81.2.69.1") == geo.lookup("81.2.69.1")
+        finally:
+            geo.close()
+
+
+def test_the_network_cache_is_bounded(geo_db: str) -> None:
+    geo = GeoIP(geo_db, cache_size=2)
+    try:
+        for address in ("81.2.69.1", "2001:218::1", "89.160.20.1", "8.8.8.8", "81.2.69.2"):
+            assert geo.fields(address) == geo.lookup(address)
+        assert geo.lookups == 5, "London's network had gone, the oldest of three"
+        assert sum(len(n) for lengths in geo._lengths.values() for _, _, n in lengths) == 2
+    finally:
+        geo.close()
+
+
 def test_an_ipv4_only_database_answers_nothing_for_ipv6(tmp_path: Path) -> None:
     v4 = GeoIP(write_db(tmp_path / "v4.mmdb", {"81.2.69.0/24": LONDON}, ip_version=4))
     try:
@@ -383,6 +442,29 @@ def test_garbage_in_reach_gives_no_address(forwarded: str) -> None:
     assert PROXIES.client("10.0.0.1", forwarded) is None
 
 
+def test_proxies_are_remembered_and_answers_stay_the_same() -> None:
+    proxies = TrustedProxies([ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8")])
+    cases = [
+        ("10.0.0.1", "81.2.69.160, 10.0.0.7", "81.2.69.160"),
+        ("10.0.0.1", "10.0.0.7", "10.0.0.7"),
+        ("10.0.0.1", "", "10.0.0.1"),
+        ("10.0.0.1", "unknown, 10.0.0.7", None),
+        ("10.0.0.1", "10.0.0.7, 10.0.0.8:80", "10.0.0.7"),
+        ("81.2.69.1", "10.0.0.7", "81.2.69.1"),
+        ("fd00::1", "2001:218::5, [fd00::2]:443", "2001:218::5"),
+    ]
+    for _ in range(3):  # the first round parses the proxies, the next ones remember them
+        for peer, forwarded, client in cases:
+            assert proxies.client(peer, forwarded) == client, (peer, forwarded)
+    # Many names for proxies: the memory starts over, the answers do not change.
+    for i in range(3000):
+        hop = f"10.{i % 256}.{i // 256}.1"
+        assert proxies.client("10.0.0.1", f"81.2.69.{i % 256}, {hop}") == f"81.2.69.{i % 256}"
+    assert len(proxies._proxies) <= 1024
+    for peer, forwarded, client in cases:
+        assert proxies.client(peer, forwarded) == client
+
+
 @pytest.mark.parametrize("peer", [None, "", "not an address", "unix:/tmp/sock"])
 def test_a_peer_that_is_no_address_gives_none(peer: str | None) -> None:
     assert PROXIES.client(peer, "81.2.69.160") is None
@@ -449,7 +531,7 @@ def test_only_the_fields_a_start_lacks_are_parsed() -> None:
     everything = Start(sessionID="all", **{**carried, "userDevice": "PC"})
     found = enricher.fields({"user-agent": CHROME_WINDOWS}, None)
     registry.start("p", 0, everything, 1, True, found)
-    assert enricher.user_agents.cache_info().misses == 0, "nothing to parse"
+    assert enricher.user_agents.parses == {BROWSER: 0, SYSTEM: 0, DEVICE: 0}, "nothing to parse"
     lacking = Start(sessionID="one", **{**carried, "userBrowser": "Mine"})
     session, _ = registry.start(
         "p", 0, lacking, 1, True, enricher.fields({"user-agent": CHROME_WINDOWS}, None)
@@ -457,13 +539,127 @@ def test_only_the_fields_a_start_lacks_are_parsed() -> None:
     assert session.userBrowser == "Mine", "what the tracker sends wins"
     assert session.userDevice == REAL[0][1].get("userDevice")
     info = enricher.user_agents.cache_info()
-    assert (info.misses, info.currsize) == (1, 1), "one parse, of the device domain alone"
+    assert (info.misses, info.currsize) == (1, 1), "one string"
+    assert enricher.user_agents.parses == {BROWSER: 0, SYSTEM: 0, DEVICE: 1}, "the device domain alone"
     # Read as a whole, the mapping is every field the handshake tells.
     assert dict(enricher.fields({"user-agent": CHROME_WINDOWS}, None)) == {
         "userAgent": CHROME_WINDOWS,
         **REAL[0][1],
     }
     enricher.close()
+
+
+# -- batches: what a connect storm's new strings and addresses cost ----------------------------
+
+
+def test_new_strings_wait_for_one_batch_and_answer_as_parsed_alone(user_agents: UserAgents) -> None:
+    """A handshake parses nothing; the first read that needs a domain parses every new string
+    waiting, back to back, for the domains read since the last batch (the extractors' tables
+    stay in the CPU caches), and each answers what parsing it alone answers."""
+    enricher = Enricher(ua_cache_size=256)
+    parses = enricher.user_agents.parses
+    pool = distinct_agents(100)
+    founds = [enricher.fields({"user-agent": ua}, None) for ua in pool[:40]]
+    assert parses == {BROWSER: 0, SYSTEM: 0, DEVICE: 0}
+    assert founds[7].get("userOs") == user_agents.parse(pool[7]).get("userOs")
+    assert parses == {BROWSER: 0, SYSTEM: 40, DEVICE: 0}, "the first batch: the one domain asked"
+    for ua, found in zip(pool, founds, strict=False):
+        assert dict(found) == user_agents.parse(ua)
+    assert parses == {BROWSER: 40, SYSTEM: 40, DEVICE: 40}, "the rest one by one, each once"
+    # The next batch parses what the reads since the last one asked: all three domains.
+    more = [enricher.fields({"user-agent": ua}, None) for ua in pool[40:]]
+    assert more[-1].get("userAgent") == pool[-1] and parses[SYSTEM] == 40, "the text is no parse"
+    assert more[-1].get("userBrowser") == user_agents.parse(pool[-1]).get("userBrowser")
+    assert parses == {BROWSER: 100, SYSTEM: 100, DEVICE: 100}
+    for ua, found in zip(pool[40:], more, strict=True):
+        assert dict(found) == user_agents.parse(ua)
+    assert parses == {BROWSER: 100, SYSTEM: 100, DEVICE: 100}, "nothing parsed twice"
+    # Known strings wait for nothing.
+    again = enricher.fields({"user-agent": pool[3]}, None)
+    assert dict(again) == user_agents.parse(pool[3]) and parses[BROWSER] == 100
+
+
+def test_a_batch_is_bounded_and_strings_past_it_are_parsed_when_read(user_agents: UserAgents) -> None:
+    enricher = Enricher(ua_cache_size=2 * BATCH_MAX)
+    pool = distinct_agents(BATCH_MAX + 30)
+    founds = [enricher.fields({"user-agent": ua}, None) for ua in pool]
+    founds[-1].get("userDevice")  # past the bound: its own parse after the batch
+    assert enricher.user_agents.parses[DEVICE] == BATCH_MAX + 1
+    for ua, found in zip(pool, founds, strict=True):
+        assert dict(found) == user_agents.parse(ua)
+
+
+def test_a_string_evicted_while_waiting_still_answers(user_agents: UserAgents) -> None:
+    enricher = Enricher(ua_cache_size=4)
+    pool = distinct_agents(20)
+    founds = [enricher.fields({"user-agent": ua}, None) for ua in pool]
+    assert enricher.user_agents.cache_info().currsize == 4
+    for ua, found in zip(pool, founds, strict=True):
+        assert dict(found) == user_agents.parse(ua)
+
+
+def test_records_and_their_index_are_as_if_enriched_at_the_handshake(user_agents: UserAgents) -> None:
+    """A storm's handshakes come before its starts, which come in any order, some tabs of one
+    session, some carrying fields of their own: every record, and so every search and
+    autocomplete over the index, is what an eager enrichment (a plain dict of every field
+    the handshake tells, parsed alone) gives."""
+    rng = random.Random(18)
+    pool = distinct_agents(60)
+    lazy, eager = Registry(LiveIndex(), grace_ms=1000), Registry(LiveIndex(), grace_ms=1000)
+    enricher = Enricher(ua_cache_size=32)
+    for storm in range(3):
+        handshakes = []
+        for _ in range(150):
+            ua = rng.choice(pool)
+            carried = {name: f"own-{name}" for name in UA_FIELDS if rng.random() < 0.2}
+            sid = f"s{storm}-{rng.randrange(100)}"  # some sessions get several tabs
+            handshakes.append((sid, carried, ua, enricher.fields({"user-agent": ua}, None)))
+        rng.shuffle(handshakes)
+        for sid, carried, ua, found in handshakes:
+            made, _ = lazy.start("p", 0, Start(sessionID=sid, **carried), 1, True, found)
+            want, _ = eager.start("p", 0, Start(sessionID=sid, **carried), 1, True, user_agents.parse(ua))
+            assert msgspec.structs.asdict(made) == msgspec.structs.asdict(want)
+    for name in UA_FIELDS:
+        assert lazy.index.values("p", name, None, "", 100) == eager.index.values("p", name, None, "", 100)
+    assert lazy.index.count("p") == eager.index.count("p") > 100
+
+
+def test_locations_wait_for_one_batch_and_answer_as_looked_up_alone(geo_db: str) -> None:
+    enricher = Enricher(geo_db, [ipaddress.ip_network("10.0.0.0/8")])
+    geoip = enricher.geoip
+    assert geoip is not None
+    clients = ["81.2.69.160", "2001:218::7", "89.160.20.1", "8.8.8.8", "unknown", "81.2.69.161"]
+    founds = [enricher.fields({"x-forwarded-for": f"{c}, 10.0.0.9"}, "10.0.0.1") for c in clients]
+    founds.append(enricher.fields({"x-forwarded-for": "81.2.69.160"}, "2001:218::9"))  # not trusted
+    assert geoip.cache_info().misses == 0, "a handshake looks nothing up"
+    assert founds[2].get("userCountry") == "SE"
+    assert geoip.cache_info().misses == 6, "the batch: every connection waiting (unknown: no address)"
+    for client, found in zip([*clients, "2001:218::9"], founds, strict=True):
+        assert dict(found) == (geoip.fields(client) if client != "unknown" else {})
+    assert geoip.cache_info().misses == 6, "each looked up once"
+    enricher.close()
+
+
+def test_the_enrichment_of_every_field_in_any_order_is_the_eager_one(geo_db: str) -> None:
+    enricher = Enricher(geo_db, [ipaddress.ip_network("10.0.0.0/8")], ua_cache_size=16)
+    reference = Enricher(geo_db, [ipaddress.ip_network("10.0.0.0/8")])
+    rng = random.Random(7)
+    pool = [*distinct_agents(40), "", GARBAGE, GOOGLEBOT]
+    clients = ["81.2.69.160", "2001:218::7", "89.160.20.1", "8.8.8.8", "10.20.1.1"]
+    for _ in range(4):
+        handshakes = []
+        for _ in range(60):
+            headers = {"user-agent": rng.choice(pool), "x-forwarded-for": rng.choice(clients)}
+            handshakes.append((headers, enricher.fields(headers, rng.choice(["10.0.0.1", "81.2.69.7"]))))
+        rng.shuffle(handshakes)
+        for headers, found in handshakes:
+            want = dict(reference.fields(headers, found.peer))
+            names = list(ENRICHED_FIELDS)
+            rng.shuffle(names)
+            assert {name: found.get(name) for name in names} == {name: want.get(name) for name in names}
+            assert dict(found) == want
+    enricher.close()
+    reference.close()
 
 
 # -- settings ---------------------------------------------------------------------------------
