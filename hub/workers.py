@@ -13,6 +13,7 @@ process held).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -38,6 +39,8 @@ log = logging.getLogger("hub.workers")
 MIN_UPTIME_S = 2.0
 # Bytes of a Unix socket path at most (sun_path, with its NUL).
 UNIX_PATH_MAX = 107
+# prctl(2): the signal a process gets when its parent dies.
+PR_SET_PDEATHSIG = 1
 
 
 def reuseport_socket(host: str, port: int) -> socket.socket:
@@ -55,10 +58,22 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker(settings: Settings, backend: dict[str, Any], workers: Workers) -> None:
+def _die_with(parent: int) -> None:
+    """SIGTERM (a drain) when the parent dies, even by SIGKILL: no worker serves the port alone."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return  # not Linux
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)  # it died before that
+
+
+def _worker(settings: Settings, backend: dict[str, Any], workers: Workers, parent: int) -> None:
     # The parent's handlers are not ours: the hub handles its own signals.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    _die_with(parent)
     fields = {"worker": workers.index, "pid": os.getpid(), "node": settings.node_id}
     log.info("workers.worker", extra={"fields": fields})
     sock = reuseport_socket(settings.host, settings.port)
@@ -94,7 +109,7 @@ def run_workers(settings: Settings, backend: dict[str, Any]) -> int:
 
     def start(i: int) -> BaseProcess:
         worker_settings = replace(settings, port=port, workers=1, node_id=f"{base}-{i}")
-        args = (worker_settings, backend, Workers(i, paths))
+        args = (worker_settings, backend, Workers(i, paths), os.getpid())
         proc = context.Process(target=_worker, args=args, name=f"hub-worker-{i}")
         proc.start()
         return proc

@@ -152,8 +152,13 @@ def workers(count: int, *args: str) -> Iterator[Workers]:
         while not all(running.listening(i) for i in range(count)):
             assert time.monotonic() < deadline, hub.stderr.text()
             time.sleep(0.05)
-        yield running
-        assert hub.terminate() == 0
+        try:
+            yield running
+        except BaseException:
+            hub.terminate()  # the workers drain too (a kill of the parent alone also ends them)
+            raise
+        if hub.proc.poll() is None:  # (a test may have killed it)
+            assert hub.terminate() == 0
 
 
 async def tracker(port: int, project: str, sid: str) -> Any:
@@ -332,3 +337,29 @@ async def test_an_openreplay_agent_handshake_goes_to_the_owner_and_a_tab_stays()
         assert tabs[0] + tabs[1] == 16 and tabs[0] >= 1 and tabs[1] >= 1, f"tabs land anywhere: {tabs}"
         for ws in opened:
             await ws.close()
+
+
+@redis_only
+def test_workers_end_when_their_parent_is_killed() -> None:
+    """A worker must not keep serving the port alone: SIGKILL of the parent drains them all."""
+    with workers(2) as hub:
+        pids = [hub.pid(i) for i in range(2)]
+        hub.hub.proc.kill()
+        hub.hub.proc.wait()
+        deadline = time.monotonic() + 15
+        while any(_alive(pid) for pid in pids):
+            assert time.monotonic() < deadline, f"workers {pids} outlived their parent"
+            time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (not reaped by init yet) is gone too.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
