@@ -31,7 +31,7 @@ from .enrich import Enricher
 from .fanout import FanOut
 from .handoff import Handoff, Workers
 from .http1 import HttpConnection
-from .http_api import HttpApi, Request, Response, error
+from .http_api import HttpApi, Request, Response, error, mirrored_first
 from .index import LiveIndex
 from .metrics import Metrics
 from .openreplay import AgentEndpoint as OpenReplayAgent
@@ -181,15 +181,21 @@ class Hub:
             accepting_websockets=lambda: not self.draining,
         )
         api = self.api
+        # In a cluster, a project's searches are answered once this node mirrors it.
+        warm = mirrored_first(self.replication)
         routes.http(
             "/public/{projectKey}/assist/sessions",
-            get=api.list_sessions,
-            post=api.search,
+            get=warm(api.list_sessions),
+            post=warm(api.search),
             auth=True,
             cors=True,
         )
-        routes.http("/public/{projectKey}/assist/sessions/{sessionID}", get=api.session, auth=True, cors=True)
-        routes.http("/public/{projectKey}/assist/autocomplete", get=api.autocomplete, auth=True, cors=True)
+        routes.http(
+            "/public/{projectKey}/assist/sessions/{sessionID}", get=warm(api.session), auth=True, cors=True
+        )
+        routes.http(
+            "/public/{projectKey}/assist/autocomplete", get=warm(api.autocomplete), auth=True, cors=True
+        )
         routes.http("/healthz", get=api.healthz)
         routes.http("/readyz", get=api.readyz)
         routes.http("/metrics", get=self.metrics.route)
@@ -199,7 +205,7 @@ class Hub:
         if self.settings.assist_key:
             # OpenReplay's assist HTTP API (README, "Migrating from OpenReplay's assist server").
             openreplay = OpenReplayApi(self.settings, self.index, self.limits, self.metrics.observe_search)
-            openreplay.register(routes)
+            openreplay.register(routes, mirrored_first(self.replication, "project"))
         routes.websocket("/ws/tracker/{projectKey}", self._route_tracker)
         routes.websocket("/ws/agent/{projectKey}", self._route_agent, auth=True)
         for path in openreplay_paths(self.settings.openreplay_path):
@@ -267,6 +273,7 @@ class Hub:
             self.settings.max_filters,
             self.settings.agent_idle_timeout or None,
             self.limits,
+            self.replication,
         )
 
     def _add_gauges(self) -> None:

@@ -35,13 +35,15 @@ believed until they have had time to come back (lease + the longest backoff).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
@@ -67,6 +69,7 @@ from .partitions import (
     channel,
     holders_key,
     lease_key,
+    owners,
     parse_seq,
     partition_of,
     partition_of_channel,
@@ -363,6 +366,22 @@ class Cluster:
         # Peers' missing leases are not believed until then (after a bootstrap).
         self._lenient_until = 0.0
         self._link = Link(self.url, "cluster")
+        # Interest (README, "Cluster"): what keeps a partition mirrored here besides being its
+        # owner: agents following it, a search within ``mirror_idle`` seconds.
+        self.idle = settings.mirror_idle
+        self._followers: Counter[str] = Counter()
+        self._served: dict[str, float] = {}
+        # Partitions asked for and not mirrored yet, and what waits for them.
+        self._requested: set[str] = set()
+        self._waiting: dict[str, list[Callable[[], None]]] = {}
+        self._commands: MemoryObjectSendStream[tuple[bytes, bytes]] | None = None
+        # Sessions this node started in partitions it does not mirror, to look up in Redis
+        # before their record goes out (a resume?), and what waits for the answer.
+        self._unknown: dict[SessionKey, list[Callable[[bool], None]]] = {}
+        self.adopted = 0  # starts found to be resumes of sessions held elsewhere
+        # Whether this node owns each partition, for the membership in ``_members``.
+        self._members: frozenset[str] = frozenset()
+        self._owned: dict[str, bool] = {}
 
     # -- Replication: mark what to publish (only this node's own changes) --------
 
@@ -376,7 +395,25 @@ class Cluster:
         self._wake.set()
 
     def held(self, session: Session) -> None:
-        self._mark(_key_of(session), RECORD)
+        key = _key_of(session)
+        if self._new_here(key):
+            self._unknown.setdefault(key, [])
+        self._mark(key, RECORD)
+
+    def _new_here(self, key: SessionKey) -> bool:
+        """A session this node holds and has not published, in a partition it does not mirror:
+        it may live on elsewhere (a tab that reconnected here)."""
+        p = partition_of(key[0])
+        return p not in self.mirrored and key not in self._in_redis.get(p, ()) and self.ready
+
+    def after_adoption(self, session: Session, then: Callable[[bool], None]) -> None:
+        """``then(resumed)`` once this node knows whether ``session``, which it just started,
+        lives on elsewhere (at once where it mirrors the project: the start was a start)."""
+        key = _key_of(session)
+        if not self._new_here(key):
+            then(False)
+            return
+        self._unknown.setdefault(key, []).append(then)
 
     def touched(self, session: Session) -> None:
         self._mark(_key_of(session), TOUCH)
@@ -393,6 +430,12 @@ class Cluster:
         counter("hub_redis_published_batches", "Batches this node published.", lambda: self.published)
         counter("hub_redis_received_batches", "Batches received from peers.", lambda: self.received)
         counter(
+            "hub_cluster_adopted_sessions",
+            "Starts on this node found to resume a session held elsewhere (in a project it does "
+            "not mirror): the session went on from its earlier record.",
+            lambda: self.adopted,
+        )
+        counter(
             "hub_cluster_partition_reads",
             "Snapshots of a peer's part of a partition read from Redis (bootstrap, gaps, resync).",
             lambda: self.reads,
@@ -407,9 +450,97 @@ class Cluster:
             lambda: max((time.monotonic() - p.heard for p in self.peers.values()), default=0.0),
         )
 
+    # -- interest: which partitions this node mirrors ----------------------------------
+
+    def mirrors(self, project_key: str) -> bool:
+        return partition_of(project_key) in self.mirrored
+
+    def when_mirrored(self, project_key: str, then: Callable[[], None]) -> bool:
+        p = partition_of(project_key)
+        self._served[p] = time.monotonic()
+        if p in self.mirrored or not self.connected:
+            return True  # warm, or Redis unreachable: what this node holds is the answer
+        self._waiting.setdefault(p, []).append(then)
+        self._request(p)
+        return False
+
+    def follow(self, project_key: str) -> None:
+        p = partition_of(project_key)
+        self._followers[p] += 1
+        if p not in self.mirrored:
+            self._request(p)
+
+    def unfollow(self, project_key: str) -> None:
+        p = partition_of(project_key)
+        self._followers[p] -= 1
+        if self._followers[p] <= 0:
+            del self._followers[p]
+            self._served[p] = time.monotonic()  # its idle time starts now
+
+    def _request(self, partition: str) -> None:
+        """Ask the applier to mirror ``partition`` (it reads partitions one at a time, in order
+        with the batches it applies)."""
+        if partition in self._requested or self._commands is None:
+            return
+        try:
+            self._commands.send_nowait((b"", partition.encode()))
+        except anyio.WouldBlock:
+            return  # the buffer is full: the next review of interest asks again
+        self._requested.add(partition)
+
+    def _release(self, partitions: Iterable[str]) -> None:
+        for p in partitions:
+            self._requested.discard(p)
+            for then in self._waiting.pop(p, ()):
+                then()
+
     def _wants(self, partition: str) -> bool:
-        """Whether this node mirrors ``partition``."""
-        return True
+        """Whether this node mirrors ``partition``: followed, searched lately, or one of its owners."""
+        if partition in self._followers:
+            return True
+        served = self._served.get(partition)
+        if served is not None and time.monotonic() - served < self.idle:
+            return True
+        return self._owns(partition)
+
+    def _owns(self, partition: str) -> bool:
+        """Whether this node is one of ``partition``'s owners among the nodes it knows (cached
+        until the membership changes: a review asks for every known partition)."""
+        members = frozenset(self.peers)
+        if members != self._members:
+            self._members = members
+            self._owned.clear()
+        owned = self._owned.get(partition)
+        if owned is None:
+            owned = self._owned[partition] = self.node in owners(partition, [self.node, *members])
+        return owned
+
+    async def _review(self, client: Any, subscriber: Subscriber) -> None:
+        """Stop mirroring what no longer interests this node; mirror what it came to own."""
+        for p in [p for p in self.mirrored if not self._wants(p)]:
+            await self._unmirror(subscriber, p)
+        cold = [p for p in self.holders if p not in self.mirrored and self._wants(p)]
+        cold += [p for p in self._requested if p not in self.mirrored and p not in cold]
+        if cold:
+            await self._mirror(client, subscriber, cold)
+
+    async def _unmirror(self, subscriber: Subscriber, partition: str) -> None:
+        self.mirrored.discard(partition)
+        self._served.pop(partition, None)
+        for peer in self.peers.values():
+            peer.seqs.pop(partition, None)
+        await subscriber.unsubscribe([channel(partition)])
+        forgotten = self.registry.forget_project(project_of(partition), now_ms())
+        log.info("cluster.unmirrored", extra={"fields": {"partition": partition, "sessions": forgotten}})
+
+    async def _tick(self) -> None:
+        """Ask the applier to review interest now and then."""
+        interval = max(0.05, min(1.0, self.idle / 4))
+        while True:
+            await anyio.sleep(interval)
+            if self._commands is not None:
+                with contextlib.suppress(anyio.WouldBlock):  # a review is already queued
+                    self._commands.send_nowait((b"", b""))
 
     # -- running ----------------------------------------------------------------
 
@@ -425,6 +556,7 @@ class Cluster:
         send, receive = anyio.create_memory_object_stream[tuple[bytes, bytes]](BUFFER_BATCHES)
         async with send, receive, anyio.create_task_group() as tg:
             subscriber = self._subscriber = Subscriber(client, sharded, pubsub, tg, send)
+            self._commands = send
             try:
                 await subscriber.subscribe([CONTROL_CHANNEL])
                 await self._bootstrap(client, subscriber)
@@ -432,15 +564,25 @@ class Cluster:
                 tg.start_soon(self._publisher, client)
                 tg.start_soon(self._apply_messages, client, subscriber, receive)
                 tg.start_soon(self._watch_leases, client)
+                tg.start_soon(self._tick)
                 await anyio.sleep_forever()
             finally:
                 self._subscriber = None
+                self._commands = None
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1):
                     await subscriber.aclose()
 
     def _down(self) -> None:
         self.connected = False
         self._client = None
+        # What waits for a partition is answered with what this node holds.
+        self._release(list(self._waiting))
+        self._requested.clear()
+        # Starts not looked up are taken as starts.
+        unknown, self._unknown = self._unknown, {}
+        for waiters in unknown.values():
+            for then in waiters:
+                then(False)
 
     async def _bootstrap(self, client: Any, subscriber: Subscriber) -> None:
         # Redis lost this node's registration: it restarted empty, and every
@@ -449,8 +591,13 @@ class Cluster:
         lost = self.ready and await client.hget(NODES_KEY, self.node) is None
         await self._republish(client)
         # What this node mirrored before is read again where it moved (after an outage).
+        before = set(self.mirrored)
         self.mirrored.clear()
         await self._sync_cluster(client, subscriber)
+        for p in before - self.mirrored:
+            self.registry.forget_project(project_of(p), now_ms())
+            for peer in self.peers.values():
+                peer.seqs.pop(p, None)
         self._lenient_until = time.monotonic() + self.lease + BACKOFF_MAX * 1.5 if lost else 0.0
         heard = time.monotonic()
         for peer in self.peers.values():
@@ -495,7 +642,9 @@ class Cluster:
         # Peers this node knew of that Redis no longer lists are gone (e.g. Redis lost them
         # and they have not come back yet: their leases decide, in ``_watch_leases``).
         self.holders = holders
-        await self._mirror(client, subscriber, [p for p in holders if self._wants(p)])
+        wanted = {p for p in holders if self._wants(p)}
+        wanted.update(p for p in [*self._followers, *self._served, *self._requested] if self._wants(p))
+        await self._mirror(client, subscriber, sorted(wanted))
 
     async def _mirror(self, client: Any, subscriber: Subscriber, partitions: list[str]) -> None:
         """Subscribe to ``partitions`` (if not yet), then read each holder's part that moved."""
@@ -516,6 +665,7 @@ class Cluster:
             pairs += [(p, node) for node in sorted(names) if node in self.peers]
         await self._read_moved(client, pairs)
         self.mirrored.update(partitions)
+        self._release(partitions)
 
     async def _read_moved(self, client: Any, pairs: list[tuple[str, str]]) -> None:
         """Read the (partition, node) snapshots newer than what this node holds, pipelined."""
@@ -720,6 +870,8 @@ class Cluster:
             if self._pending and self.window:
                 # Gather what else changes within the window into the same batches.
                 await anyio.sleep(self.window)
+            if self._unknown:
+                await self._adopt(client)
             if self._pending or time.monotonic() - self._last_publish >= ping:
                 await self.flush(client)
 
@@ -768,12 +920,67 @@ class Cluster:
             self._last_publish = time.monotonic()
             self.published += len(sent)
 
+    async def _adopt(self, client: Any) -> None:
+        """Look up the sessions this node started in partitions it does not mirror: one found
+        in another node's part continues from that record (``Registry.adopt``)."""
+        unknown, self._unknown = self._unknown, {}
+        try:
+            by_part: dict[str, list[SessionKey]] = {}
+            for key in unknown:
+                by_part.setdefault(partition_of(key[0]), []).append(key)
+            parts = list(by_part)
+            pipe = client.pipeline(transaction=False)
+            for p in parts:
+                pipe.smembers(holders_key(p))
+            listed = await pipe.execute()
+            asked: list[tuple[str, SessionKey]] = []
+            pipe = client.pipeline(transaction=False)
+            for p, members in zip(parts, listed, strict=True):
+                for raw in members:
+                    node = raw.decode()
+                    if node == self.node or node not in self.peers:
+                        continue
+                    for key in by_part[p]:
+                        pipe.hget(records_key(p, node), key[1])
+                        pipe.hget(records_key(p, node), TOUCHED + key[1])
+                        asked.append((node, key))
+            found = await pipe.execute() if asked else []
+        except BaseException:
+            for key, waiters in unknown.items():
+                self._unknown.setdefault(key, []).extend(waiters)
+            raise
+        latest: dict[SessionKey, Session] = {}
+        for i, (node, key) in enumerate(asked):
+            value, touched = found[2 * i], found[2 * i + 1]
+            if value is None:
+                continue
+            fields = {key[1].encode(): value} | ({TOUCHED_B + key[1].encode(): touched} if touched else {})
+            for record in self._records(node, fields):
+                if key not in latest or record.lastActiveAt > latest[key].lastActiveAt:
+                    latest[key] = record
+        for record in latest.values():
+            self.registry.adopt(record)
+        self.adopted += len(latest)
+        for key, waiters in unknown.items():
+            for then in waiters:
+                then(key in latest)
+
     # -- mirroring -------------------------------------------------------------------
 
     async def _apply_messages(
         self, client: Any, subscriber: Subscriber, receive: MemoryObjectReceiveStream[tuple[bytes, bytes]]
     ) -> None:
         async for name, data in receive:
+            if not name:
+                # A command: mirror a partition (its name), or review interest.
+                if data:
+                    wanted = data.decode()
+                    if wanted not in self.mirrored:
+                        await self._mirror(client, subscriber, [wanted])
+                    self._release([wanted])
+                else:
+                    await self._review(client, subscriber)
+                continue
             if subscriber.overflowed:
                 # Messages were dropped: re-read every mirrored partition where it moved.
                 subscriber.overflowed = False

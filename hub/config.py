@@ -48,6 +48,8 @@ class Settings:
     node_id: str = ""
     # Seconds a node gathers its changes before publishing them as one batch (0 = at once).
     publish_window: float = 0.005
+    # Seconds a node keeps mirroring a project after its last search there (README, "Cluster").
+    mirror_idle: float = 300.0
     log_level: str = "info"
     log_format: str = "text"
     # Transport limits.
@@ -396,6 +398,12 @@ OPTIONS: Final[list[tuple[str, Any, str]]] = [
         "publish-window",
         _non_negative("publish-window", float),
         "seconds a cluster node gathers changes into one Redis batch (default 0.005, 0 = at once)",
+    ),
+    (
+        "mirror-idle",
+        _non_negative("mirror-idle", float),
+        "seconds a cluster node keeps mirroring a project after its last search there; agents "
+        "keep it mirrored while connected (default 300)",
     ),
     ("log-level", str.lower, "debug, info, warning or error (default info)"),
     ("log-format", str.lower, "text or json (default text)"),

@@ -9,7 +9,10 @@ I/O-free core:
 - ``AgentEndpoint`` (``/ws/agent/{projectKey}``): the ``FanOut`` and the
   ``Relay``; frames in are subscriptions and relay joins, leaves and sends;
   the fan-out's frames are queued by it and sent while the connection is not
-  paused, the relay's go at once within the agent's relay buffer.
+  paused, the relay's go at once within the agent's relay buffer. In a
+  cluster the agent keeps its project mirrored on this node while connected;
+  until the node mirrors it (a bootstrap of that project), the agent's frames
+  wait, so its first snapshot is the whole picture.
 """
 
 from __future__ import annotations
@@ -26,10 +29,13 @@ from .fanout import PONG, Agent, FanOut, Ping, Subscribe, subscription
 from .record import decode_frame, encode_error
 from .registry import Registry
 from .relay import Join, Leave, Relay, Send
+from .replication import Replication
 from .tracker import TrackerProtocol
 from .websocket import WebSocketConnection
 from .wire import ErrorCode, InputError
 
+# Frames an agent may send before its project is mirrored here; past it, one error each.
+BACKLOG_FRAMES: Final = 64
 # Binary frames carry a tab's relayed payloads; an agent has none to send.
 BINARY_REFUSED: Final = "binary frames are not supported here; send JSON text frames"
 
@@ -71,12 +77,15 @@ class TrackerEndpoint(TrackerProtocol):
 class AgentEndpoint:
     __slots__ = (
         "agent",
+        "backlog",
+        "conn",
         "fanout",
         "idle_timeout",
         "limits",
         "max_filters",
         "project_key",
         "relay",
+        "replication",
         "watcher",
     )
     keepalive = True
@@ -90,9 +99,12 @@ class AgentEndpoint:
         max_filters: int,
         idle_timeout: float | None,
         limits: Counter[str],
+        replication: Replication,
     ) -> None:
         self.fanout = fanout
         self.relay = relay
+        self.conn = conn
+        self.replication = replication
         self.project_key = project_key
         self.max_filters = max_filters
         self.idle_timeout = idle_timeout
@@ -100,8 +112,29 @@ class AgentEndpoint:
         self.limits = limits
         self.agent: Agent = fanout.add(conn)
         self.watcher = relay.add_agent(project_key, conn)
+        # Frames held until this node mirrors the project (None: it does).
+        self.backlog: list[tuple[bytes, int]] | None = None
+        replication.follow(project_key)
+        if not replication.when_mirrored(project_key, self._mirrored):
+            self.backlog = []
+
+    def _mirrored(self) -> None:
+        backlog, self.backlog = self.backlog, None
+        for data, now in backlog or ():
+            if not self.conn.open:
+                return
+            reply = self.receive(data, now)
+            if reply is not None:
+                self.conn.send(reply)
 
     def receive(self, data: bytes, now: int) -> bytes | None:
+        if self.backlog is not None:
+            if len(self.backlog) >= BACKLOG_FRAMES:
+                return encode_error(
+                    ErrorCode.LIMIT_EXCEEDED, "the project is being loaded on this node; send again shortly"
+                )
+            self.backlog.append((data, now))
+            return None
         try:
             msg = decode_frame(_agent_decoder, data)
             if isinstance(msg, Subscribe):
@@ -125,8 +158,10 @@ class AgentEndpoint:
         return encode_error(ErrorCode.UNSUPPORTED_BINARY, BINARY_REFUSED)
 
     def closed(self, now: int, timed_out: bool) -> None:
+        self.backlog = None
         self.fanout.remove(self.agent)
         self.relay.remove_agent(self.watcher)
+        self.replication.unfollow(self.project_key)
 
     def writable(self) -> None:
         self.fanout.deliver(self.agent)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import parse_qsl
@@ -20,6 +20,7 @@ from msgspec import Struct
 from .config import Settings
 from .index import LiveIndex
 from .record import Session
+from .replication import Replication, mirrored
 from .search import FIELD_NAMES, Query, QueryError, compare_text, parse_body, parse_params
 
 JSON: Final = "application/json"
@@ -206,3 +207,33 @@ def _suggestions_limit(raw: str) -> int:
     if not (len(raw) <= 3 and raw.isascii() and raw.isdigit() and 1 <= int(raw) <= AUTOCOMPLETE_MAX):
         raise QueryError(f"limit must be a whole number between 1 and {AUTOCOMPLETE_MAX}, got {raw[:40]!r}")
     return int(raw)
+
+
+def mirrored_first(
+    replication: Replication, param: str = "projectKey"
+) -> Callable[[Callable[[Request], Response]], Callable[[Request], Response | Awaitable[Response]]]:
+    """Wraps a handler of a project's data: it answers once this node mirrors the project
+    (``request.params[param]``): at once when it does, else deferred until its bootstrap
+    is done (a cold search in a cluster: README, "Cluster")."""
+
+    def wrap(handler: Callable[[Request], Response]) -> Callable[[Request], Response | Awaitable[Response]]:
+        def answer(request: Request) -> Response | Awaitable[Response]:
+            project_key = request.params[param]
+            if replication.mirrors(project_key) and replication.when_mirrored(project_key, _nothing):
+                return handler(request)
+            return _later(replication, project_key, handler, request)
+
+        return answer
+
+    return wrap
+
+
+def _nothing() -> None:
+    pass
+
+
+async def _later(
+    replication: Replication, project_key: str, handler: Callable[[Request], Response], request: Request
+) -> Response:
+    await mirrored(replication, project_key)
+    return handler(request)

@@ -78,6 +78,7 @@ from .relay import (
     Watcher,
     wrap,
 )
+from .replication import Replication
 from .socketio import Packet, PacketType, ProtocolError
 from .tracker import TrackerProtocol
 from .websocket import Heartbeat as Pinger
@@ -676,6 +677,7 @@ class AgentEndpoint(_Connection):
         relay: Relay,
         auth: AgentAuth,
         clock: Callable[[], float],
+        replication: Replication,
     ) -> None:
         super().__init__(conn, codec)
         self.hello = hello
@@ -683,6 +685,10 @@ class AgentEndpoint(_Connection):
         self.auth = auth
         self.clock = clock
         self.watcher: Watcher | None = None
+        # In a cluster the agent keeps its project mirrored here while connected: its join
+        # waits until this node holds the session's whole picture.
+        self.replication: Replication | None = replication
+        replication.follow(hello.project)
         # What the relay told it last of the session's tabs and other agents (``SocketIOCodec``).
         self.tabs_seen: set[str] | None = None
         self.agents_seen: dict[str, dict[str, Any]] | None = None
@@ -699,7 +705,12 @@ class AgentEndpoint(_Connection):
         watcher = self.watcher = self.relay.add_agent(hello.project, self)
         # Its Socket.IO id is its relay id: tabs name it in control answers (``control_granted``).
         self._connected(watcher.id)
-        self.relay.join(watcher, Join(hello.session_id, hello.info), now / 1000)
+        if self.replication is None or self.replication.when_mirrored(hello.project, self._join):
+            self._join()
+
+    def _join(self) -> None:
+        if self.watcher is not None:
+            self.relay.join(self.watcher, Join(self.hello.session_id, self.hello.info), self.clock())
 
     def _event(self, name: str, args: list[Raw], blobs: tuple[bytes, ...], size: int, now: int) -> None:
         watcher = self.watcher
@@ -730,6 +741,9 @@ class AgentEndpoint(_Connection):
 
     def closed(self, now: int, timed_out: bool) -> None:
         self._leave()
+        if self.replication is not None:
+            self.replication.unfollow(self.hello.project)
+            self.replication = None
 
     def writable(self) -> None:
         if self.watcher is not None:
@@ -784,7 +798,9 @@ class OpenReplay:
                 conn, self.codec, hello, self.registry, self.relay, project_id, self.counts, enrichment
             )
         else:
-            endpoint = AgentEndpoint(conn, self.codec, hello, self.relay, self.auth, self.clock)
+            endpoint = AgentEndpoint(
+                conn, self.codec, hello, self.relay, self.auth, self.clock, self.registry.replication
+            )
         # OpenReplay's first snapshot of a page is one message: frames as large as its payloads.
         conn.ws.max_message_size = options.max_payload
         opening = socketio.encode_open(

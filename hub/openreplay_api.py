@@ -25,7 +25,7 @@ import heapq
 import hmac
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Final
 
 import msgspec
@@ -35,7 +35,7 @@ from .config import Settings
 from .http_api import AUTOCOMPLETE_MAX, Request, Response, error, search_params
 from .index import BOOL_FIELDS, INT_FIELDS, LiveIndex
 from .record import MAX_JSON_DEPTH, Session, scalar_text, too_deep
-from .routes import RouteTable
+from .routes import HttpHandler, RouteTable
 from .search import (
     FIELD_NAMES,
     MAX_LIMIT,
@@ -67,6 +67,9 @@ DURATION: Final = "duration"
 TEXT_FIELDS: Final = tuple(sorted(STRING_FIELDS))
 
 Scalar = str | int | float | bool
+Handler = Callable[[Request], Response]
+# Wraps a handler so that it answers once this node mirrors the request's project.
+Warm = Callable[[Handler], Callable[[Request], Response | Awaitable[Response]]]
 
 
 class FilterSpec(Struct, forbid_unknown_fields=False):
@@ -259,19 +262,34 @@ class OpenReplayApi:
         limits: Counter[str],
         on_search: Callable[[float], None] | None = None,
     ) -> None:
+        self.settings = settings
         self.key = settings.assist_key.encode()
         self.max_filters = settings.max_filters
         self.index = index
         self.limits = limits
         self.on_search = on_search
 
-    def register(self, routes: RouteTable) -> None:
+    def register(self, routes: RouteTable, warm: Warm | None = None) -> None:
+        """``warm``: in a cluster, answers a known project's request once this node mirrors it
+        (``http_api.mirrored_first``); a wrong key or an unknown project is answered at once."""
+
+        def guarded(handler: Handler) -> HttpHandler:
+            if warm is None:
+                return handler
+            warmed = warm(handler)
+
+            def answer(request: Request) -> Response | Awaitable[Response]:
+                known = self.settings.project_id(request.params["project"]) is not None
+                return warmed(request) if known and self._key_ok(request) else handler(request)
+
+            return answer
+
         # The literal autocomplete paths first: the table tries routes in order.
-        routes.http(LIVE_AUTOCOMPLETE, get=self.autocomplete)
-        routes.http(LIST_AUTOCOMPLETE, get=self.autocomplete)
-        routes.http(LIVE, get=self.sessions, post=self.sessions)
-        routes.http(LIVE_SESSION, get=self.session)
-        routes.http(LIST_SESSION, get=self.session)
+        routes.http(LIVE_AUTOCOMPLETE, get=guarded(self.autocomplete))
+        routes.http(LIST_AUTOCOMPLETE, get=guarded(self.autocomplete))
+        routes.http(LIVE, get=guarded(self.sessions), post=guarded(self.sessions))
+        routes.http(LIVE_SESSION, get=guarded(self.session))
+        routes.http(LIST_SESSION, get=guarded(self.session))
 
     def _key_ok(self, request: Request) -> bool:
         return hmac.compare_digest(request.params["assistKey"].encode(), self.key)

@@ -101,15 +101,20 @@ def snapshot_needed(held: int | None, seq: int, base: int) -> bool:
     return held is None or (seq > held and base > held)
 
 
+def owners(partition: str, nodes: Iterable[str], count: int = 2) -> list[str]:
+    """The nodes that answer for ``partition`` among ``nodes``, first the owner, then its
+    backup (rendezvous hashing: a node joining or leaving moves only the partitions it wins
+    or held). Both mirror the partition, so a dead owner's ends are still seen."""
+    scored = sorted(
+        ((hashlib.blake2b(f"{partition}\0{node}".encode(), digest_size=8).digest(), node) for node in nodes),
+        reverse=True,
+    )
+    return [node for _, node in scored[:count]]
+
+
 def owner(partition: str, nodes: Iterable[str]) -> str | None:
-    """The node that answers for ``partition`` among ``nodes`` (rendezvous hashing: a node
-    joining or leaving moves only the partitions it wins or held)."""
-    best: tuple[bytes, str] | None = None
-    for node in nodes:
-        score = hashlib.blake2b(f"{partition}\0{node}".encode(), digest_size=8).digest()
-        if best is None or score > best[0]:
-            best = (score, node)
-    return None if best is None else best[1]
+    found = owners(partition, nodes, 1)
+    return found[0] if found else None
 
 
 class Verdict(IntEnum):

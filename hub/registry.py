@@ -71,6 +71,11 @@ _MIRRORED: Final = tuple(
     )
 )
 
+# Fields a resumed session takes from its earlier record where this node has none.
+_ADOPTED: Final = tuple(
+    f.name for f in msgspec.structs.fields(Session) if f.name in _MIRRORED and f.default is None
+)
+
 # A tab's activity: (what it reported last, None for a new tab; what it reports now).
 Activity = tuple[bool | None, bool]
 
@@ -560,6 +565,33 @@ class Registry:
                 continue
             self._set_remote(key, h, node, None)
             self._retab(session, key, h, now)
+
+    def adopt(self, record: Session) -> bool:
+        """``record``: another node's part of a session this node started without knowing of it
+        (its project is not mirrored here), read from Redis. The start was a resume: the session
+        goes on from the record (its first start, page views, active time, and fields this
+        node's trackers have not set). Returns whether the session changed."""
+        key = (record.projectKey, record.sessionID)
+        session = self.index.get(*key)
+        if session is None or key not in self._local:
+            return False
+        changes: dict[str, Any] = {}
+        if record.timestamp < session.timestamp:
+            changes["timestamp"] = record.timestamp
+        # This node counted the page it started on: the same page as the record's is no new one.
+        changes["pageViews"] = record.pageViews + session.pageViews - (session.url == record.url)
+        changes["activeTime"] = record.activeTime + session.activeTime
+        for name in _ADOPTED:
+            if getattr(session, name) is None and getattr(record, name) is not None:
+                changes[name] = getattr(record, name)
+        if record.metadata:
+            changes["metadata"] = record.metadata | session.metadata
+        changes = {k: v for k, v in changes.items() if getattr(session, k) != v}
+        if not changes:
+            return False
+        self._apply(session, changes)
+        self.replication.held(session)
+        return True
 
     def forget_project(self, project_key: str, now: int) -> int:
         """Stop mirroring ``project_key``: other nodes' parts of its sessions are forgotten,

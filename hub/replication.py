@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+import anyio
+
 from .record import Session
 from .wire import EndReason
 
@@ -45,6 +47,19 @@ class Replication(Protocol):
     def add_metrics(self, gauge: AddMetric, counter: AddMetric) -> None:
         """Register the backend's own metrics."""
 
+    def mirrors(self, project_key: str) -> bool:
+        """Whether this node's index holds the project's whole picture (not only its own part)."""
+
+    def when_mirrored(self, project_key: str, then: Callable[[], None]) -> bool:
+        """This node serves the project now (a search): True when it mirrors it; else False,
+        and ``then`` runs once it does (or cannot: Redis unreachable)."""
+
+    def follow(self, project_key: str) -> None:
+        """An agent of this node follows the project: it stays mirrored until ``unfollow``."""
+
+    def unfollow(self, project_key: str) -> None:
+        """One ``follow`` less."""
+
 
 class LocalReplication:
     """One process holds everything: nothing to publish, always ready."""
@@ -68,3 +83,22 @@ class LocalReplication:
 
     def add_metrics(self, gauge: AddMetric, counter: AddMetric) -> None:
         pass
+
+    def mirrors(self, project_key: str) -> bool:
+        return True
+
+    def when_mirrored(self, project_key: str, then: Callable[[], None]) -> bool:
+        return True
+
+    def follow(self, project_key: str) -> None:
+        pass
+
+    def unfollow(self, project_key: str) -> None:
+        pass
+
+
+async def mirrored(replication: Replication, project_key: str) -> None:
+    """Until ``replication`` mirrors the project (at once when it does)."""
+    event = anyio.Event()
+    if not replication.when_mirrored(project_key, event.set):
+        await event.wait()

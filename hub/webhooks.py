@@ -326,8 +326,21 @@ class Webhooks:
     # -- Listener: decide, build, enqueue; nothing else ---------------------------
 
     def session_started(self, session: Session) -> None:
-        if self.registry.holds((session.projectKey, session.sessionID)) and not self._draining():
+        if not self.registry.holds((session.projectKey, session.sessionID)) or self._draining():
+            return
+        cluster = self.cluster
+        if cluster is None:
             self._take_on(WebhookType.STARTED, session, None)
+            return
+        # Where the node does not mirror the project, the start may resume a session held
+        # elsewhere (the cluster looks it up in Redis first): a resume sends nothing.
+        record = msgspec.structs.replace(session)
+
+        def decided(resumed: bool) -> None:
+            if not resumed:
+                self._take_on(WebhookType.STARTED, record, None)
+
+        cluster.after_adoption(session, decided)
 
     def session_changed(self, session: Session, changes: Mapping[str, object]) -> None:
         pass
@@ -336,7 +349,11 @@ class Webhooks:
         pass
 
     def session_ended(self, session: Session, reason: EndReason) -> None:
-        # In a cluster every node that sees the end claims it; one sends (module docstring).
+        # In a cluster every node that sees the end claims it; one sends (module docstring). A
+        # node that does not mirror the project sees only its own part: its end may be none.
+        cluster = self.cluster
+        if cluster is not None and not cluster.mirrors(session.projectKey):
+            return
         if not self._draining():
             self._take_on(WebhookType.ENDED, session, reason)
 

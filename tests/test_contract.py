@@ -341,6 +341,7 @@ SAMPLES = {
     "node-lease": "7",
     "node-id": "node-7",
     "publish-window": "0.05",
+    "mirror-idle": "120",
     "log-level": "debug",
     "log-format": "json",
     "max-frame": "4096",

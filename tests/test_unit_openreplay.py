@@ -36,6 +36,7 @@ from hub.openreplay import (
     update_of,
 )
 from hub.relay import Codec, Join, Limits, Relay, Up, codec_of
+from hub.replication import LocalReplication
 from hub.wire import EndReason, InputError
 from tests.helpers import recording_registry
 
@@ -144,7 +145,9 @@ class World:
         )
         assert isinstance(hello, AgentHello)
         conn = Conn()
-        endpoint = AgentEndpoint(conn, self.codec, hello, self.relay, self.auth, lambda: now / 1000)  # type: ignore[arg-type]
+        endpoint = AgentEndpoint(
+            conn, self.codec, hello, self.relay, self.auth, lambda: now / 1000, LocalReplication()  # type: ignore[arg-type]
+        )
         endpoint.receive(b"40" + json.dumps({"token": token}).encode(), now)
         return endpoint, conn
 

@@ -7,6 +7,7 @@ from hub.partitions import (
     channel,
     holders_key,
     owner,
+    owners,
     parse_seq,
     partition_of_channel,
     records_key,
@@ -76,3 +77,12 @@ def test_owners_spread_and_move_only_what_a_joining_node_wins() -> None:
     assert owner("x", []) is None
     # The same answer in every process (not Python's salted hash).
     assert owner("shop", ["a", "b", "c"]) == owner("shop", ["c", "b", "a"])
+
+
+def test_a_partition_has_an_owner_and_a_backup_and_losing_the_owner_promotes_the_backup() -> None:
+    nodes = [f"n{i}" for i in range(5)]
+    for p in (f"project-{i}" for i in range(50)):
+        first, backup = owners(p, nodes)
+        assert first == owner(p, nodes) and backup != first
+        assert owners(p, [n for n in nodes if n != first])[0] == backup
+    assert owners("x", ["solo"]) == ["solo"]

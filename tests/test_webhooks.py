@@ -307,8 +307,26 @@ def cluster_hooks() -> tuple[Webhooks, Cluster, Clock]:
     settings = Settings(redis_url="redis://127.0.0.1:1", node_id="n1", webhook_urls=(URL,))
     registry = recording_registry()[0]
     cluster = Cluster(settings, registry)  # no I/O until run()
+    cluster.ready = True
+    cluster.mirrored.add("p1")  # as p1's owner: it sees every start and end of p1
     webhooks, _, clock = hooks(registry, cluster, redis_url=settings.redis_url)
     return webhooks, cluster, clock
+
+
+def test_a_node_that_does_not_mirror_the_project_sends_no_end_and_a_start_only_if_not_a_resume() -> None:
+    webhooks, cluster, _ = cluster_hooks()
+    cluster.mirrored.clear()
+    registry = webhooks.registry
+    session, _ = registry.start("p1", 0, Start(sessionID="s", timestamp=5), T0, True)
+    registry.start("p1", 0, Start(sessionID="r", timestamp=5), T0, True)
+    # Its own view of an end may be none (a tab resumed on another node): the owners decide.
+    registry.end(session, EndReason.ENDED)
+    assert not webhooks.intake and set(cluster._unknown) == {("p1", "s"), ("p1", "r")}
+    # The lookup in Redis found "r" held elsewhere: a resume; "s" was new.
+    for key, waiters in cluster._unknown.items():
+        for then in waiters:
+            then(key[1] == "r")
+    assert [(e.kind, e.key[1]) for e, _ in webhooks.intake] == [(WebhookType.STARTED, "s")]
 
 
 def test_in_a_cluster_events_wait_for_their_claim() -> None:

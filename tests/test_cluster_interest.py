@@ -1,0 +1,156 @@
+"""Interest (CONTRACT §5, README "Cluster"): a node mirrors a project only while it serves it.
+
+Real hub processes over real redis-server (and a real 3-master Redis Cluster). Project p1's
+owner and backup (``partitions.owners``) always mirror it; the third node is cold until a
+search or an agent comes, answers exactly as the others then, and forgets the project's
+other sessions after ``--mirror-idle`` without ending them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from contextlib import ExitStack
+from typing import Any
+
+import pytest
+import websockets
+
+from hub.partitions import owners
+from tests.helpers import HubProcess, wait_for
+from tests.redis_server import RedisCluster, RedisServer, have_redis
+from tests.test_cluster import agent, node, sessions_of, tracker, wait_agreed
+from tests.test_ops import scrape, value
+
+pytestmark = pytest.mark.skipif(not have_redis(), reason="redis-server is not installed")
+
+IDLE = 1.0
+NAMES = ("n0", "n1", "n2")
+
+
+def _roles() -> tuple[list[str], str]:
+    """p1's owner and backup, and the node that owes it nothing."""
+    mirrors = owners("p1", NAMES)
+    (cold,) = [n for n in NAMES if n not in mirrors]
+    return mirrors, cold
+
+
+async def _metric(hub: HubProcess, name: str) -> float:
+    return value(await scrape(hub.port), name)
+
+
+async def test_a_cold_node_answers_its_first_search_whole_then_forgets_after_the_idle_time() -> None:
+    mirrors, cold_name = _roles()
+    with RedisServer() as redis, ExitStack() as stack:
+        hubs = {n: stack.enter_context(node(redis.url, n, "--mirror-idle", str(IDLE))) for n in NAMES}
+        for hub in hubs.values():
+            hub.wait_ready(path="/readyz")
+        warm, cold = hubs[mirrors[0]], hubs[cold_name]
+        trackers = [await tracker(hubs[mirrors[i % 2]].port, f"s{i}", userID=f"u{i}") for i in range(6)]
+        own = await tracker(cold.port, "mine")
+        await wait_for(lambda: _metric(warm, "hub_live_sessions"), what="the warm node holds sessions")
+        view = await wait_agreed([warm, hubs[mirrors[1]]], {f"s{i}" for i in range(6)} | {"mine"})
+        # The cold node holds only its own tracker's session, and mirrors nothing.
+        assert await _metric(cold, "hub_cluster_mirrored_partitions") == 0
+        assert await _metric(cold, "hub_live_sessions") == 1
+
+        # Its first search bootstraps p1 and answers exactly as a warm node.
+        assert await sessions_of(cold.port) == view
+        assert await _metric(cold, "hub_cluster_mirrored_partitions") == 1
+        await trackers[0].send(json.dumps({"type": "update", "userID": "changed"}))
+        await wait_agreed([warm, cold], until=lambda v: v["s0"]["userID"] == "changed")
+
+        # Idle: the others' sessions are forgotten here, not ended (the warm nodes keep them).
+        async def forgotten() -> bool:
+            return await _metric(cold, "hub_cluster_mirrored_partitions") == 0
+
+        await wait_for(forgotten, timeout=IDLE + 5, what="p1 unmirrored after the idle time")
+        assert await _metric(cold, "hub_live_sessions") == 1
+        assert set(await sessions_of(warm.port)) == set(view)
+        for ws in [*trackers, own]:
+            await ws.close()
+
+
+async def test_an_agent_keeps_the_project_mirrored_while_connected_and_gets_the_whole_snapshot() -> None:
+    mirrors, cold_name = _roles()
+    with RedisServer() as redis, ExitStack() as stack:
+        hubs = {n: stack.enter_context(node(redis.url, n, "--mirror-idle", str(IDLE))) for n in NAMES}
+        for hub in hubs.values():
+            hub.wait_ready(path="/readyz")
+        warm, cold = hubs[mirrors[0]], hubs[cold_name]
+        ws = [await tracker(warm.port, f"a{i}") for i in range(3)]
+        await wait_agreed([warm], {"a0", "a1", "a2"})
+        async with agent(cold.port) as log:
+            snapshot = log.frames[0]
+            assert {s["sessionID"] for s in snapshot["sessions"]} == {"a0", "a1", "a2"}
+            # Past the idle time the agent still holds the project here and sees changes.
+            await asyncio.sleep(IDLE * 2.5)
+            assert await _metric(cold, "hub_cluster_mirrored_partitions") == 1
+            late = await tracker(warm.port, "late")
+            await wait_for(lambda: "late" in log.started(), what="the agent sees a start on another node")
+            await ws[0].send(json.dumps({"type": "end"}))
+            await wait_for(lambda: log.ends().get("a0") == "ended", what="and an end")
+
+        async def released() -> bool:
+            return await _metric(cold, "hub_cluster_mirrored_partitions") == 0
+
+        await wait_for(released, timeout=IDLE + 5, what="p1 unmirrored once the agent left")
+        for w in [*ws[1:], late]:
+            await w.close()
+
+
+async def test_partitions_spread_over_a_redis_cluster_s_masters() -> None:
+    projects = [f"proj{i}" for i in range(12)]
+    with RedisCluster() as redis, ExitStack() as stack:
+        hub = stack.enter_context(node(redis.url, "n0"))
+        hub.wait_ready(path="/readyz")
+        conns: list[Any] = []
+        for p in projects:
+            ws = await websockets.connect(f"ws://127.0.0.1:{hub.port}/ws/tracker/{p}")
+            await ws.send(json.dumps({"type": "start", "sessionID": f"s-{p}"}))
+            assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "started"
+            conns.append(ws)
+
+        def keys_per_master() -> list[int]:
+            counts = []
+            for n in redis.nodes:
+                out = subprocess.run(
+                    ["redis-cli", "-p", str(n.port), "--scan", "--pattern", "{p:*}:s:n0"],
+                    capture_output=True, text=True, timeout=5,
+                ).stdout  # fmt: skip
+                counts.append(len(out.split()))
+            return counts
+
+        def spread_when_all_written() -> list[int] | None:
+            counts = keys_per_master()
+            return counts if sum(counts) == len(projects) else None
+
+        spread = await wait_for(spread_when_all_written)
+        # Each project's records live on its slot's master: more than one master holds some.
+        assert sum(1 for c in spread if c) >= 2, spread
+        for ws in conns:
+            await ws.close()
+
+
+async def test_a_tab_resuming_on_a_node_that_does_not_mirror_the_project_continues_its_session() -> None:
+    mirrors, cold_name = _roles()
+    with RedisServer() as redis, ExitStack() as stack:
+        hubs = {n: stack.enter_context(node(redis.url, n)) for n in NAMES}
+        for hub in hubs.values():
+            hub.wait_ready(path="/readyz")
+        warm, cold = hubs[mirrors[0]], hubs[cold_name]
+        ws = await tracker(warm.port, "r", url="https://shop.test/a", userID="ann")
+        await ws.send(json.dumps({"type": "update", "url": "https://shop.test/b"}))
+        before = (await wait_agreed([warm], until=lambda v: v.get("r", {}).get("pageViews") == 2))["r"]
+        await ws.close()
+        await wait_agreed([warm], until=lambda v: v["r"]["connected"] is False)
+        # The tab comes back on the node that does not mirror p1, on the same page.
+        back = await tracker(cold.port, "r", url="https://shop.test/b")
+        view = await wait_agreed([warm], until=lambda v: v["r"]["connected"] is True)
+        after = view["r"]
+        assert after["timestamp"] == before["timestamp"]
+        assert after["pageViews"] == 2 and after["userID"] == "ann"
+        assert after["activeTime"] >= before["activeTime"]
+        assert await _metric(cold, "hub_cluster_adopted_sessions_total") == 1
+        await back.close()
