@@ -455,6 +455,12 @@ class Cluster:
     def mirrors(self, project_key: str) -> bool:
         return partition_of(project_key) in self.mirrored
 
+    def answers_for(self, project_key: str) -> bool:
+        """Whether this node decides the project's ends: it mirrors it, or owns it (and is
+        about to mirror it: a partition it just started holding)."""
+        p = partition_of(project_key)
+        return p in self.mirrored or self._owns(p)
+
     def when_mirrored(self, project_key: str, then: Callable[[], None]) -> bool:
         p = partition_of(project_key)
         self._served[p] = time.monotonic()
@@ -501,7 +507,10 @@ class Cluster:
         served = self._served.get(partition)
         if served is not None and time.monotonic() - served < self.idle:
             return True
-        return self._owns(partition)
+        return (partition in self.holders or self._held_here(partition)) and self._owns(partition)
+
+    def _held_here(self, partition: str) -> bool:
+        return bool(self._in_redis.get(partition)) or partition in self._pending
 
     def _owns(self, partition: str) -> bool:
         """Whether this node is one of ``partition``'s owners among the nodes it knows (cached
@@ -517,9 +526,14 @@ class Cluster:
 
     async def _review(self, client: Any, subscriber: Subscriber) -> None:
         """Stop mirroring what no longer interests this node; mirror what it came to own."""
+        for p in [p for p, nodes in self.holders.items() if not nodes and not self._held_here(p)]:
+            # No node holds it any more (they left or died): nothing to mirror or own.
+            del self.holders[p]
+            self._owned.pop(p, None)
         for p in [p for p in self.mirrored if not self._wants(p)]:
             await self._unmirror(subscriber, p)
-        cold = [p for p in self.holders if p not in self.mirrored and self._wants(p)]
+        known = [*self.holders, *(p for p in self._in_redis if p not in self.holders)]
+        cold = [p for p in known if p not in self.mirrored and self._wants(p)]
         cold += [p for p in self._requested if p not in self.mirrored and p not in cold]
         if cold:
             await self._mirror(client, subscriber, cold)
@@ -915,8 +929,10 @@ class Cluster:
                     keys.discard((project_of(p), sid))
                 keys.update(key for key, _ in up)
                 self._acked[p] = seq
-                if up:
+                if up and p not in self._announced:
                     self._announced.add(p)
+                    if p not in self.mirrored and self._owns(p):
+                        self._request(p)  # a partition this node owns: mirror it now
             self._last_publish = time.monotonic()
             self.published += len(sent)
 

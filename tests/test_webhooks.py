@@ -25,6 +25,7 @@ import websockets
 
 from hub.cluster import Cluster, Peer
 from hub.config import ConfigError, Settings, parse_settings
+from hub.partitions import owners
 from hub.record import Session, Start, Update
 from hub.registry import Registry
 from hub.webhooks import (
@@ -316,6 +317,10 @@ def cluster_hooks() -> tuple[Webhooks, Cluster, Clock]:
 def test_a_node_that_does_not_mirror_the_project_sends_no_end_and_a_start_only_if_not_a_resume() -> None:
     webhooks, cluster, _ = cluster_hooks()
     cluster.mirrored.clear()
+    # p1's owners are n2 and n3 (partitions.owners): this node only holds some of its sessions.
+    cluster.peers["n2"] = Peer("e2", 0.0)
+    cluster.peers["n3"] = Peer("e3", 0.0)
+    assert owners("p1", ["n1", "n2", "n3"]) == ["n3", "n2"]
     registry = webhooks.registry
     session, _ = registry.start("p1", 0, Start(sessionID="s", timestamp=5), T0, True)
     registry.start("p1", 0, Start(sessionID="r", timestamp=5), T0, True)
