@@ -86,6 +86,36 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--projects", default="loadtest", help="project keys, comma-separated")
         p.add_argument(
+            "--projects-zipf",
+            type=int,
+            default=0,
+            metavar="N",
+            help="N projects zipf-00 … with Zipf-like sizes (the largest 40%%), checked per project; "
+            "agents and searches on every project (replaces --projects)",
+        )
+        p.add_argument(
+            "--allowance",
+            type=float,
+            help="seconds a failing check may retry within, for propagation between nodes "
+            "(default 0; 1 with --projects-zipf)",
+        )
+        p.add_argument(
+            "--redis",
+            action="store_true",
+            help="with --spawn hub: start a redis-server on a free port and give the hubs --redis-url",
+        )
+        p.add_argument(
+            "--fresh-searches",
+            action="store_true",
+            help="each search on a new connection (with --workers, it lands on any worker)",
+        )
+        p.add_argument(
+            "--steady-skip",
+            type=float,
+            default=20.0,
+            help="seconds of the hold before the steady CPU window (which runs to the hold's end)",
+        )
+        p.add_argument(
             "--api-key", default=os.environ.get("HUB_API_KEY", ""), help="organization API key [HUB_API_KEY]"
         )
         p.add_argument("-n", "--trackers", type=int, help="tracker sessions")
@@ -149,6 +179,11 @@ def options(args: argparse.Namespace) -> Options:
         sharded=args.sharded,
         check_interval=args.check_interval,
         connect_timeout=args.connect_timeout,
+        projects_zipf=args.projects_zipf,
+        allowance=args.allowance if args.allowance is not None else (1.0 if args.projects_zipf else 0.0),
+        redis=args.redis,
+        fresh_searches=args.fresh_searches,
+        steady_skip=args.steady_skip,
         out=args.out,
         quiet=args.quiet,
     )

@@ -12,14 +12,14 @@ import json
 import math
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import msgspec
 
 from .options import Options
 from .stats import Latencies
-from .swarm import Report, Settled, WorkerConfig, WorkerMessage
+from .swarm import AgentSets, Report, Settled, WorkerConfig, WorkerMessage
 
 PER_PROCESS: Final = 15_000  # connections per worker process (fd limit 20,000)
 
@@ -45,6 +45,9 @@ class Totals:
     agents_open: int
     agent_events: Counter[str]
     backlog: int
+    # With --projects-zipf: per "target:project", live sessions and starts in flight.
+    live_by: Counter[str] = field(default_factory=Counter)
+    starting_by: Counter[str] = field(default_factory=Counter)
 
 
 class WorkerProcess:
@@ -56,6 +59,7 @@ class WorkerProcess:
         self.last: Report | None = None
         self.settled: Settled | None = None
         self.got_settled = asyncio.Event()
+        self.agent_sets: asyncio.Queue[AgentSets] = asyncio.Queue()
 
     def send(self, cmd: dict[str, Any]) -> None:
         assert self.proc.stdin is not None
@@ -104,6 +108,9 @@ class Fleet:
                 deadline=deadline,
                 agent_filters=AGENT_FILTERS,
                 probe_interval=probe,
+                agent_ordinal=alo,
+                project_weights=opts.project_weights,
+                per_project=opts.per_project,
             )
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "loadtest", "_worker",
@@ -126,6 +133,9 @@ class Fleet:
                 worker.settled = msg
                 worker.got_settled.set()
                 continue
+            if isinstance(msg, AgentSets):
+                worker.agent_sets.put_nowait(msg)
+                continue
             worker.last = msg
             self.ended.update(msg.ended)
             self.latencies.add("connect", msg.connect_ms)
@@ -138,10 +148,14 @@ class Fleet:
         sent: Counter[str] = Counter()
         errors: Counter[str] = Counter()
         events: Counter[str] = Counter()
+        live_by: Counter[str] = Counter()
+        starting_by: Counter[str] = Counter()
         for r in reports:
             sent.update(r.sent)
             errors.update(r.errors)
             events.update(r.agent_events)
+            live_by.update(r.live_by)
+            starting_by.update(r.starting_by)
         return Totals(
             connected=sum(r.connected for r in reports),
             live=sum(r.live for r in reports),
@@ -153,6 +167,8 @@ class Fleet:
             agents_open=sum(r.agents_open for r in reports),
             agent_events=events,
             backlog=sum(r.backlog for r in reports),
+            live_by=live_by,
+            starting_by=starting_by,
         )
 
     def samples(self) -> list[tuple[int, str, str]]:
@@ -180,6 +196,21 @@ class Fleet:
         waits = [asyncio.wait_for(w.got_settled.wait(), 60) for w in self.workers]
         await asyncio.gather(*waits, return_exceptions=True)
         return [w.settled for w in self.workers if w.settled is not None]
+
+    async def agent_sets(self) -> list[tuple[int, int, str, set[str]]]:
+        """Per whole-project agent (--projects-zipf): (ordinal, target, project, sessions it holds live)."""
+        for w in self.workers:
+            while not w.agent_sets.empty():
+                w.agent_sets.get_nowait()
+            w.send({"cmd": "agents"})
+        out: list[tuple[int, int, str, set[str]]] = []
+        for w in self.workers:
+            try:
+                msg = await asyncio.wait_for(w.agent_sets.get(), 30)
+            except TimeoutError:
+                continue
+            out += [(n, target, project, set(ids)) for n, target, project, ids in msg.agents]
+        return out
 
     async def stop(self) -> None:
         """The workers end their sessions and exit; killed after 15 s."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -14,6 +15,26 @@ MAX_AGENTS: Final = 5_000
 MAX_DURATION: Final = 3_600.0
 MAX_QPS: Final = 5_000.0
 SOURCES: Final = 250  # 127.0.0.1 .. 127.0.0.250
+ZIPF_TOP: Final = 0.4  # --projects-zipf: the largest project's share of the trackers
+MAX_ALLOWANCE: Final = 10.0
+
+
+def zipf_weights(n: int, top: float = ZIPF_TOP) -> list[float]:
+    """Shares of ``n`` projects, the k-th ∝ 1/k^s with s such that the first holds ``top`` (≥ 1/n)."""
+    if n <= 1:
+        return [1.0] * n
+    top = max(top, 1.0 / n)
+
+    def share(s: float) -> float:
+        return 1.0 / sum(math.exp(-s * math.log(k)) for k in range(1, n + 1))
+
+    lo, hi = 0.0, 20.0  # share(s) grows with s, from 1/n at s = 0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if share(mid) < top else (lo, mid)
+    weights = [math.exp(-lo * math.log(k)) for k in range(1, n + 1)]
+    total = sum(weights)
+    return [w / total for w in weights]
 
 
 class UsageError(ValueError):
@@ -50,6 +71,14 @@ class Options:
     connect_timeout: float = 10.0
     out: str = ""
     quiet: bool = False
+    # Trackers over this many projects ``zipf-00`` … with Zipf-like sizes (the largest ZIPF_TOP);
+    # checks per project, agents and searches on every project. 0 = ``projects`` round-robin.
+    projects_zipf: int = 0
+    project_weights: list[float] = field(default_factory=list)  # set by validate() with projects_zipf
+    allowance: float = 0.0  # seconds a check may retry within (propagation between nodes)
+    redis: bool = False  # start a redis-server on a free port; spawned hubs get --redis-url
+    fresh_searches: bool = False  # each search on a new connection (lands on any --workers worker)
+    steady_skip: float = 20.0  # seconds of the hold before the steady CPU window starts
     # ingest only
     ladder: list[float] = field(default_factory=list)
     step: float = 4.0
@@ -82,6 +111,20 @@ class Options:
             raise UsageError("--ramp and --heartbeat must be >= 0, --jitter in [0, 1)")
         if self.trackers > PER_SOURCE * SOURCES:
             raise UsageError("too many trackers for the source addresses")
+        if not 0 <= self.projects_zipf <= 1000:
+            raise UsageError("--projects-zipf must be 0-1000")
+        if not 0 <= self.allowance <= MAX_ALLOWANCE:
+            raise UsageError(f"--allowance must be 0-{MAX_ALLOWANCE:.0f} s")
+        if self.redis and self.spawn != "hub":
+            raise UsageError("--redis starts a Redis for hubs this run spawns: use it with --spawn hub")
+        if self.projects_zipf:
+            self.projects = [f"zipf-{k:02d}" for k in range(self.projects_zipf)]
+            self.project_weights = zipf_weights(self.projects_zipf)
+
+    @property
+    def per_project(self) -> bool:
+        """Checks count and compare per project (with --projects-zipf)."""
+        return self.projects_zipf > 0
 
     @property
     def ramp_time(self) -> float:

@@ -11,13 +11,15 @@ redraws the live view; the result file is assembled in ``result``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .checks import Checks
 from .fleet import Fleet
+from .hubmetrics import per_worker, workers_of
 from .ingest import run_ingest
 from .live_view import LiveView
 from .options import Options
@@ -27,14 +29,23 @@ from .searches import HubSearch, SearchLoad
 from .stats import Latencies
 from .timeseries import Timeseries
 
+if TYPE_CHECKING:
+    from tests.redis_server import RedisServer
+
 
 class Run:
     """A swarm scenario against hubs that are up: ``opts.targets`` are theirs."""
 
-    def __init__(self, opts: Options, servers: list[Server], t0: float) -> None:
+    def __init__(
+        self, opts: Options, servers: list[Server], t0: float, redis: RedisServer | None = None
+    ) -> None:
         self.opts = opts
         self.servers = servers
         self.t0 = t0
+        self.redis = redis
+        self.redis_usage = (
+            HubUsage(Watched([redis.proc.pid])) if redis is not None and redis.proc is not None else None
+        )
         pids = (
             [server.proc.pid for server in servers]
             or opts.hub_pids
@@ -50,6 +61,9 @@ class Run:
         self.timeseries = Timeseries(t0)
         self.live_at: float | None = None  # wall clock when the swarm first reported every tracker live
         self.registered_at: float | None = None  # storm: when the hub's total first held them all
+        # The steady window (the hold after --steady-skip): each process's CPU seconds at its ends.
+        self.steady: dict[str, Any] = {}
+        self.processes: dict[str, Any] = {}  # per hub process at the settled state, /metrics per worker
 
     async def watch_registered(self) -> None:
         """Storm: poll the hub's total until it holds every tracker."""
@@ -71,6 +85,7 @@ class Run:
         loop = asyncio.get_running_loop()
         watcher = loop.create_task(self.watch_registered()) if opts.scenario == "storm" else None
         hold_until: float | None = None
+        steady_from: float | None = None
         last_tick = time.monotonic()
         last_check = 0.0
         hard_stop = time.monotonic() + opts.ramp_time + opts.duration + 90
@@ -93,9 +108,14 @@ class Run:
                 view.show(point, agg.errors, (self.checks.count_mismatches, self.checks.sample_missing))
                 if hold_until is None and agg.ramped:
                     hold_until = now + opts.duration
+                    steady_from = now + min(opts.steady_skip, opts.duration / 2)
                     if opts.qps > 0 and searchable:
                         self.searches.start()
+                if steady_from is not None and now >= steady_from and "start" not in self.steady:
+                    self.steady["start"] = await self.cpu_snapshot()
                 if (hold_until is not None and now >= hold_until) or now >= hard_stop:
+                    if "start" in self.steady:
+                        self.steady["end"] = await self.cpu_snapshot()
                     break
                 if self.fleet.exited():
                     view.warn("a swarm worker exited early")
@@ -107,8 +127,39 @@ class Run:
         agg = self.fleet.totals()
         if self.usage is not None:
             self.usage.settle()
+            await self.describe_processes()
+        if self.redis_usage is not None:
+            self.redis_usage.settle()
         await self.fleet.stop()
         return swarm_result(self, agg, final, load_before, overflows_before)
+
+    async def cpu_snapshot(self) -> dict[str, Any]:
+        """Monotonic time, CPU seconds per watched hub process and of Redis, and the live count."""
+
+        def read() -> dict[str, Any]:
+            hub = self.usage.watched.per_process() if self.usage is not None else {}
+            redis = self.redis_usage.watched.cpu_seconds() if self.redis_usage is not None else None
+            return {
+                "at": time.monotonic(),
+                "hub": {pid: p["cpu_s"] for pid, p in hub.items()},
+                "redis_cpu_s": redis,
+            }
+
+        snap = await asyncio.to_thread(read)
+        snap["live"] = self.fleet.totals().live
+        return snap
+
+    async def describe_processes(self) -> None:
+        """Each hub process's RSS and CPU, and with --spawn hub each worker's /metrics."""
+        assert self.usage is not None
+        self.processes["hub"] = await asyncio.to_thread(self.usage.watched.per_process)
+        if self.servers and self.opts.spawn == "hub":
+            workers = workers_of(self.opts.hub_args)
+            scraped: list[dict[str, Any]] = []
+            for server in self.servers:
+                with contextlib.suppress(Exception):
+                    scraped += [{"port": server.port, **m} for m in await per_worker(server.url, workers)]
+            self.processes["metrics"] = scraped
 
 
 async def run(opts: Options) -> dict[str, Any]:
@@ -119,13 +170,20 @@ async def run(opts: Options) -> dict[str, Any]:
     load_before = os.getloadavg()
     overflows_before = listen_overflows()
     servers: list[Server] = []
-    if opts.spawn in ("hub", "baseline"):
-        opts.api_key = opts.api_key or "loadtest-key"
-        servers = await start_servers(opts.spawn, opts.hubs, opts.api_key, opts.hub_args, opts.grace)
-        opts.targets = [server.url for server in servers]
-        opts.sharded = opts.sharded or opts.hubs > 1
+    redis = None
     try:
-        r = Run(opts, servers, t0)
+        if opts.redis:
+            # A redis-server of the run's own on a free port, nothing persisted (never 6379).
+            from tests.redis_server import RedisServer
+
+            redis = RedisServer()
+            opts.hub_args = f"{opts.hub_args} --redis-url {redis.url}".strip()
+        if opts.spawn in ("hub", "baseline"):
+            opts.api_key = opts.api_key or "loadtest-key"
+            servers = await start_servers(opts.spawn, opts.hubs, opts.api_key, opts.hub_args, opts.grace)
+            opts.targets = [server.url for server in servers]
+            opts.sharded = opts.sharded or (opts.hubs > 1 and not opts.redis)
+        r = Run(opts, servers, t0, redis)
         try:
             return await r.execute(load_before, overflows_before)
         finally:
@@ -134,3 +192,5 @@ async def run(opts: Options) -> dict[str, Any]:
     finally:
         for server in servers:
             server.stop()
+        if redis is not None:
+            redis.__exit__()

@@ -113,6 +113,19 @@ class Watched:
         """RSS, CPU percent since the last sample, and (when asked) open fds; run off the event loop."""
         return self.rss(), self.cpu_percent(), self.fds() if with_fds else None
 
+    def per_process(self) -> dict[int, dict[str, float | str]]:
+        """Each process: its command line's tail, RSS (MiB) and CPU seconds so far."""
+        out: dict[int, dict[str, float | str]] = {}
+        for proc in self.processes():
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                t = proc.cpu_times()
+                out[proc.pid] = {
+                    "cmd": " ".join(proc.cmdline()[-4:])[:120],
+                    "rss_mib": round(proc.memory_info().rss / 2**20, 1),
+                    "cpu_s": round(t.user + t.system, 3),
+                }
+        return out
+
     def fds(self) -> int:
         total = 0
         for proc in self.processes():

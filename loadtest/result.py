@@ -65,9 +65,65 @@ def swarm_result(
             "hub_cpu_s": usage.cpu_seconds_used() if usage is not None else None,
             "hub_max_cpu_pct": points.peak("hub_cpu_pct", None),
             "hub_max_fds": points.peak("hub_fds", None),
+            "steady": steady(run.steady),
+            "redis": redis_usage(run),
         },
+        "projects": projects(run),
+        "processes": run.processes,
         "checks": run.checks.record(final),
         "timeseries": points.points,
+    }
+
+
+def steady(snaps: dict[str, Any]) -> dict[str, Any] | None:
+    """The steady window: seconds, live sessions, hub CPU % of one core (in all and per process), Redis's."""
+    if "start" not in snaps or "end" not in snaps:
+        return None
+    a, b = snaps["start"], snaps["end"]
+    seconds = b["at"] - a["at"]
+    if seconds <= 0:
+        return None
+    per = {
+        str(pid): round(100 * (b["hub"][pid] - cpu) / seconds, 1)
+        for pid, cpu in a["hub"].items()
+        if pid in b["hub"]
+    }
+    out: dict[str, Any] = {
+        "seconds": round(seconds, 1),
+        "live": [a["live"], b["live"]],
+        "hub_cpu_pct": round(sum(per.values()), 1),
+        "hub_cpu_pct_per_process": per,
+    }
+    if a["redis_cpu_s"] is not None and b["redis_cpu_s"] is not None:
+        out["redis_cpu_pct"] = round(100 * (b["redis_cpu_s"] - a["redis_cpu_s"]) / seconds, 1)
+    return out
+
+
+def redis_usage(run: Run) -> dict[str, Any] | None:
+    """The run's own redis-server: its RSS growth per live session and CPU seconds used."""
+    usage = run.redis_usage
+    if usage is None or usage.settled_rss is None:
+        return None
+    live = run.fleet.totals().live
+    return {"memory": usage.memory(live), "cpu_s": usage.cpu_seconds_used()}
+
+
+def projects(run: Run) -> dict[str, Any] | None:
+    """With --projects-zipf: each project's share, trackers, and searches (count, p50/p99)."""
+    opts = run.opts
+    if not opts.per_project:
+        return None
+    trackers: dict[str, int] = {}
+    for key, n in run.checks.trackers_by.items():
+        project = key.split(":", 1)[1]
+        trackers[project] = trackers.get(project, 0) + n
+    return {
+        p: {
+            "share": round(w, 4),
+            "trackers": trackers.get(p, 0),
+            "search_ms": percentiles(run.searches.by_project.get(p, [])),
+        }
+        for p, w in zip(opts.projects, opts.project_weights, strict=True)
     }
 
 

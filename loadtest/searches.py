@@ -18,49 +18,83 @@ from .client import HttpClient
 from .options import Options
 from .stats import Latencies
 
-POOL: Final = 8  # keep-alive HTTP connections per target
+POOL: Final = 8  # keep-alive HTTP connections per target, shared by its projects (at least 2 each)
 
 
 class HubSearch:
-    """``/public/{project}/assist/sessions`` on each target, over a pool of connections per target."""
+    """``/public/{project}/assist/sessions`` on each target, a pool of connections per target and project.
+
+    A connection serves one project: with ``--workers`` it is handed once to the
+    worker that owns the project and stays there, so a check never makes another
+    worker mirror the project.
+    """
 
     def __init__(self, targets: list[str], projects: list[str], api_key: str) -> None:
         self.projects = projects
-        self.clients = [HttpClient(url, api_key) for url in targets for _ in range(POOL)]
-        self.pools: list[asyncio.Queue[HttpClient]] = []
-        for t in range(len(targets)):
-            pool: asyncio.Queue[HttpClient] = asyncio.Queue()
-            for client in self.clients[t * POOL : (t + 1) * POOL]:
-                pool.put_nowait(client)
-            self.pools.append(pool)
+        self.targets = targets
+        self.api_key = api_key
+        per = max(2, POOL // max(1, len(projects)))
+        self.clients: list[HttpClient] = []
+        self.pools: dict[tuple[int, str], asyncio.Queue[HttpClient]] = {}
+        for t, url in enumerate(targets):
+            for project in projects:
+                pool: asyncio.Queue[HttpClient] = asyncio.Queue()
+                for _ in range(per):
+                    client = HttpClient(url, api_key)
+                    self.clients.append(client)
+                    pool.put_nowait(client)
+                self.pools[t, project] = pool
 
     async def timed(
-        self, target: int, project: str, body: dict[str, Any] | None, query: str = ""
+        self, target: int, project: str, body: dict[str, Any] | None, query: str = "", fresh: bool = False
     ) -> tuple[Any, float]:
-        """The answer's ``data`` (a GET without a body) and the monotonic time the request was written."""
-        # A keep-alive connection carries one request at a time: wait for a free one.
-        pool = self.pools[target]
-        client = await pool.get()
+        """The answer's ``data`` (a GET without a body) and the monotonic time the request was written.
+
+        ``fresh``: on a new connection, closed after; the time returned is when its connect began.
+        """
         path = f"/public/{project}/assist/sessions{query}"
-        try:
-            if body is None:
-                status, payload = await client.request("GET", path)
-            else:
-                status, payload = await client.request("POST", path, json.dumps(body).encode())
-        finally:
-            pool.put_nowait(client)
+        encoded = None if body is None else json.dumps(body).encode()
+        if fresh:
+            client = HttpClient(self.targets[target], self.api_key)
+            began = time.monotonic()
+            try:
+                status, payload = await self._request(client, path, encoded)
+            finally:
+                client.close()
+            sent_at = began
+        else:
+            # A keep-alive connection carries one request at a time: wait for a free one.
+            pool = self.pools.get((target, project))
+            if pool is None:  # a project the swarm was not told about: the first project's pool
+                pool = self.pools[target, self.projects[0]]
+            client = await pool.get()
+            try:
+                status, payload = await self._request(client, path, encoded)
+            finally:
+                pool.put_nowait(client)
+            sent_at = client.sent_at
         if status != 200:
             raise RuntimeError(f"HTTP {status}: {payload[:200]!r}")
-        return json.loads(payload)["data"], client.sent_at
+        return json.loads(payload)["data"], sent_at
+
+    @staticmethod
+    async def _request(client: HttpClient, path: str, body: bytes | None) -> tuple[int, bytes]:
+        if body is None:
+            return await client.request("GET", path)
+        return await client.request("POST", path, body)
 
     async def search(self, target: int, project: str, body: dict[str, Any]) -> Any:
         data, _ = await self.timed(target, project, body)
         return data
 
+    async def total(self, target: int, project: str) -> int:
+        """The hub's total of one project on one target."""
+        return int((await self.search(target, project, {"limit": 1}))["total"])
+
     async def totals(self) -> list[int]:
         """Per target: the hub's total over the swarm's projects."""
         totals = []
-        for target in range(len(self.pools)):
+        for target in range(len(self.targets)):
             total = 0
             for project in self.projects:
                 data = await self.search(target, project, {"limit": 1})
@@ -129,10 +163,12 @@ class SearchLoad:
     def __init__(self, api: HubSearch, opts: Options, latencies: Latencies) -> None:
         self.api = api
         self.qps = opts.qps
+        self.fresh = opts.fresh_searches
         self.targets = len(opts.targets)
         self.projects = opts.projects
         self.latencies = latencies
         self.by_kind: dict[str, list[float]] = {}
+        self.by_project: dict[str, list[float]] = {}
         self.errors: Counter[str] = Counter()
         self.stopping = False
         self.task: asyncio.Task[None] | None = None
@@ -168,13 +204,14 @@ class SearchLoad:
         target = random.randrange(self.targets)
         project = random.choice(self.projects)
         try:
-            _, sent_at = await self.api.timed(target, project, body, query)
+            _, sent_at = await self.api.timed(target, project, body, query, fresh=self.fresh)
         except Exception as exc:
             self.errors[type(exc).__name__ + ": " + str(exc)[:80]] += 1
             return
-        # From the request's write to its answer; the swarm's own lag before the write is kept apart
-        # (the orchestrator's loop also reads reports and samples the hub's processes).
+        # From the request's write (--fresh-searches: its connect) to its answer; the swarm's own lag
+        # before that is kept apart (the orchestrator's loop also reads reports and samples the hub).
         ms = (time.monotonic() - sent_at) * 1000
         self.latencies.add("search_lag", [(sent_at - due) * 1000])
         self.latencies.add("search", [ms])
         self.by_kind.setdefault(kind, []).append(ms)
+        self.by_project.setdefault(project, []).append(ms)

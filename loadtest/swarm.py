@@ -10,7 +10,9 @@ sends heartbeats, churn is drawn per tick, and the connections are callbacks.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import errno
+import itertools
 import random
 import sys
 import time
@@ -39,6 +41,7 @@ class WorkerConfig(msgspec.Struct):
     trackers: int
     agents: int = 0
     first_agent: int = 0
+    agent_ordinal: int = 0  # this worker's first agent among the swarm's agents
     ramp: float = 0.0  # tracker connects per second for this worker; 0 = all at once
     heartbeat: float = 30.0  # seconds; 0 = no scheduled heartbeats (ingest drives them)
     jitter: float = 0.2
@@ -54,6 +57,11 @@ class WorkerConfig(msgspec.Struct):
     deadline: float = 120.0  # seconds from start: the worker stops by itself then
     agent_filters: list[list[dict[str, Any]]] = []
     probe_interval: float = 0.0  # ingest: seconds between start round trips
+    # --projects-zipf: the projects' shares (a tracker's project is drawn from them by its index),
+    # live and starting counts reported per project, agents spread over every project (each
+    # project's agents take the filters in turn, the first the whole project) with "batch": true.
+    project_weights: list[float] = []
+    per_project: bool = False
 
 
 class Report(msgspec.Struct, tag="report"):
@@ -76,6 +84,9 @@ class Report(msgspec.Struct, tag="report"):
     sample: list[tuple[int, str, str]]
     ended: list[str]  # sessions ended by churn since the last report
     first_connect_at: float  # wall clock of the first connect attempt (0 = none yet)
+    # With per_project: live sessions ("target:project" → count) and starts in flight likewise.
+    live_by: dict[str, int] = {}
+    starting_by: dict[str, int] = {}
 
 
 class Settled(msgspec.Struct, tag="settled"):
@@ -84,7 +95,14 @@ class Settled(msgspec.Struct, tag="settled"):
     transitional: int  # trackers still connecting or restarting when settling gave up
 
 
-WorkerMessage = Report | Settled
+class AgentSets(msgspec.Struct, tag="agent_sets"):
+    """Per whole-project agent (per_project): the sessions its snapshot and stream say are live."""
+
+    worker: int
+    agents: list[tuple[int, int, str, list[str]]]  # (agent ordinal, target index, project, sessionIDs)
+
+
+WorkerMessage = Report | Settled | AgentSets
 
 
 class Reply(msgspec.Struct):
@@ -97,6 +115,7 @@ class AgentMessage(msgspec.Struct):
     sessions: list[dict[str, Any]] | None = None
     session: dict[str, Any] | None = None
     changes: dict[str, Any] | None = None
+    sessionID: str | None = None
 
 
 T = TypeVar("T")
@@ -124,14 +143,33 @@ def source_address(index: int) -> str:
     return f"127.0.0.{1 + index // PER_SOURCE}"
 
 
+GOLDEN: Final = 0.6180339887498949
+
+
+def weighted_project(index: int, cumulative: list[float]) -> int:
+    """Tracker ``index``'s project: its golden-ratio point in the projects' cumulative shares.
+
+    The points ``index * GOLDEN mod 1`` fill [0, 1) evenly, so any run of consecutive
+    indexes (a worker's share, the first n trackers) splits over the projects as the shares do.
+    """
+    return min(bisect.bisect_right(cumulative, (index * GOLDEN) % 1.0), len(cumulative) - 1)
+
+
 class Tracker:
     """One simulated browser session: its main connection and its churn."""
 
-    __slots__ = ("conn", "counted", "due", "gen", "idx", "lost_at", "probing", "sid", "state", "t0", "w")
+    __slots__ = (
+        "conn", "counted", "due", "gen", "idx", "lost_at", "probing", "project", "sid", "state", "t0", "w",
+    )  # fmt: skip
 
     def __init__(self, w: Worker, idx: int) -> None:
         self.w = w
         self.idx = idx
+        projects = w.cfg.projects
+        if w.cumulative:
+            self.project = projects[weighted_project(idx, w.cumulative)]
+        else:
+            self.project = projects[idx % len(projects)] if projects else ""
         self.gen = 0
         self.sid = f"lt{w.cfg.seed}-{idx}-0"
         self.conn: WsConn | None = None
@@ -145,10 +183,6 @@ class Tracker:
     @property
     def target(self) -> int:
         return self.idx % len(self.w.cfg.targets)
-
-    @property
-    def project(self) -> str:
-        return self.w.cfg.projects[self.idx % len(self.w.cfg.projects)]
 
     def start_frame(self) -> bytes:
         i = self.idx
@@ -301,12 +335,20 @@ class Tab:
 class Agent:
     """An assist agent: subscribes with filters, counts the stream, times the fan-out."""
 
-    __slots__ = ("conn", "filters", "idx", "snapshot", "t0", "w")
+    __slots__ = ("batch", "conn", "filters", "idx", "live", "n", "project", "snapshot", "t0", "target", "w")
 
-    def __init__(self, w: Worker, idx: int, filters: list[dict[str, Any]]) -> None:
+    def __init__(
+        self, w: Worker, idx: int, filters: list[dict[str, Any]], n: int = 0, project: str | None = None
+    ) -> None:
         self.w = w
-        self.idx = idx
+        self.idx = idx  # its connection's index (source address)
+        self.n = n  # its ordinal among the swarm's agents
         self.filters = filters
+        self.target = idx % len(w.cfg.targets) if w.cfg.targets else 0
+        self.project = project if project is not None else w.cfg.projects[idx % len(w.cfg.projects)]
+        self.batch = w.cfg.per_project
+        # A whole-project agent (per_project) keeps the sessions it is told are live.
+        self.live: set[str] | None = set() if w.cfg.per_project and not filters else None
         self.conn: WsConn | None = None
         self.t0 = 0.0
         self.snapshot = False
@@ -315,7 +357,10 @@ class Agent:
         self.conn = conn
         self.w.agents_open += 1
         self.t0 = time.perf_counter()
-        conn.send(_encode({"type": "subscribe", "filters": self.filters}))
+        subscribe: dict[str, Any] = {"type": "subscribe", "filters": self.filters}
+        if self.batch:
+            subscribe["batch"] = True
+        conn.send(_encode(subscribe))
         self.w.sent["subscribe"] += 1
 
     def on_message(self, conn: WsConn, data: bytes) -> None:
@@ -325,6 +370,15 @@ class Agent:
             return
         w.agent_events[msg.type] += 1
         now = time.time() * 1000
+        live = self.live
+        if live is not None:
+            if msg.type == "snapshot":
+                live.clear()
+                live.update(s["sessionID"] for s in msg.sessions or ())
+            elif msg.type == "session.start" and msg.session is not None:
+                live.add(msg.session["sessionID"])
+            elif msg.type == "session.end" and msg.sessionID is not None:
+                live.discard(msg.sessionID)
         if msg.type == "snapshot":
             w.snapshot_ms.append((time.perf_counter() - self.t0) * 1000)
             w.agent_events["snapshot_sessions"] += len(msg.sessions or ())
@@ -354,11 +408,27 @@ class Worker:
         self.cfg = cfg
         self.loop = asyncio.get_running_loop()
         random.seed(cfg.seed * 1000 + cfg.worker)
+        self.cumulative = list(itertools.accumulate(cfg.project_weights)) if cfg.project_weights else []
         self.trackers = [Tracker(self, cfg.first + i) for i in range(cfg.trackers)]
-        self.agents = [
-            Agent(self, cfg.first_agent + i, random.choice(cfg.agent_filters) if cfg.agent_filters else [])
-            for i in range(cfg.agents)
-        ]
+        if cfg.per_project:
+            # Agent n follows project n % P with filter (n // P) % F: a few on every project.
+            p, f = len(cfg.projects), max(1, len(cfg.agent_filters))
+            self.agents = [
+                Agent(
+                    self,
+                    cfg.first_agent + i,
+                    cfg.agent_filters[(n // p) % f] if cfg.agent_filters else [],
+                    n=n,
+                    project=cfg.projects[n % p],
+                )
+                for i, n in enumerate(range(cfg.agent_ordinal, cfg.agent_ordinal + cfg.agents))
+            ]
+        else:
+            filters = cfg.agent_filters
+            self.agents = [
+                Agent(self, cfg.first_agent + i, random.choice(filters) if filters else [])
+                for i in range(cfg.agents)
+            ]
         self.wheel: dict[int, list[Tracker]] = {}
         self.live = 0
         self.starting = 0
@@ -435,8 +505,8 @@ class Worker:
     async def _connect_agent(self, agent: Agent) -> None:
         try:
             await ws_connect(
-                self.cfg.targets[agent.idx % len(self.cfg.targets)],
-                f"/ws/agent/{self.cfg.projects[agent.idx % len(self.cfg.projects)]}",
+                self.cfg.targets[agent.target],
+                f"/ws/agent/{agent.project}",
                 agent,
                 source=source_address(agent.idx),
                 headers=[("Authorization", f"Bearer {self.cfg.api_key}")],
@@ -576,6 +646,14 @@ class Worker:
 
     def report(self) -> Report:
         live = [t for t in random.sample(self.trackers, min(20, len(self.trackers))) if t.state == LIVE]
+        live_by: Counter[str] = Counter()
+        starting_by: Counter[str] = Counter()
+        if self.cfg.per_project:
+            for t in self.trackers:
+                if t.counted:
+                    live_by[f"{t.target}:{t.project}"] += 1
+                if t.state == STARTING:
+                    starting_by[f"{t.target}:{t.project}"] += 1
         report = Report(
             worker=self.cfg.worker,
             t=time.time(),
@@ -596,6 +674,8 @@ class Worker:
             sample=[(t.target, t.project, t.sid) for t in live],
             ended=self.ended,
             first_connect_at=self.first_connect_at,
+            live_by=dict(live_by),
+            starting_by=dict(starting_by),
         )
         self.connect_ms, self.probe_ms, self.fanout_ms, self.snapshot_ms, self.ended = [], [], [], [], []
         return report
@@ -654,6 +734,9 @@ class Worker:
                 self.rate = float(cmd["value"])
             elif cmd.get("cmd") == "settle":
                 self.spawn(self.settle())
+            elif cmd.get("cmd") == "agents":
+                sets = [(a.n, a.target, a.project, sorted(a.live)) for a in self.agents if a.live is not None]
+                self.emit(AgentSets(worker=self.cfg.worker, agents=sets))
             elif cmd.get("cmd") == "stop":
                 break
         await self.stop()

@@ -6,6 +6,7 @@ band, a per-second point, latencies, what fails a run, a worker's decoding.
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -15,13 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 
-from loadtest.checks import band, failed
+from loadtest.checks import band, failed, project_band
 from loadtest.fleet import Totals
+from loadtest.options import zipf_weights
 from loadtest.stats import Latencies, pct
-from loadtest.swarm import AgentMessage, Reply, Worker, WorkerConfig
+from loadtest.swarm import AgentMessage, Reply, Worker, WorkerConfig, weighted_project
 from loadtest.timeseries import Timeseries
 from tests.helpers import API_KEY, HubProcess, http
+from tests.redis_server import have_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -273,3 +277,126 @@ def test_independent_hubs_add_up(tmp_path: Path) -> None:
     assert result["options"]["sharded"] and len(result["options"]["targets"]) == 2
     final = result["checks"]["final"]
     assert final["ok"] and final["hub_total"] == 120 and result["checks"]["count_mismatches"] == 0
+
+
+# --projects-zipf (issue 16, figure 1): projects of Zipf-like sizes, checks per project -------------
+
+
+def test_zipf_shares_put_40_percent_on_the_largest_and_any_run_of_trackers_splits_alike() -> None:
+    weights = zipf_weights(20)
+    assert abs(weights[0] - 0.4) < 1e-6 and abs(sum(weights) - 1) < 1e-9
+    assert all(a > b for a, b in itertools.pairwise(weights))
+    assert zipf_weights(2) == [0.5, 0.5] and zipf_weights(1) == [1.0]
+    cumulative = list(itertools.accumulate(weights))
+    # A worker's share (consecutive indexes) splits over the projects as the shares do.
+    counts = Counter(weighted_project(i, cumulative) for i in range(30_000, 45_000))
+    assert len(counts) == 20
+    for k, share in enumerate(weights):
+        assert abs(counts[k] / 15_000 - share) < 0.002, k
+
+
+def test_project_band_reads_the_keys_it_is_given() -> None:
+    def by(live: dict[str, int], starting: dict[str, int], ramped: bool = True) -> Totals:
+        t = totals(sum(live.values()), sum(starting.values()), ramped)
+        t.live_by, t.starting_by = Counter(live), Counter(starting)
+        return t
+
+    before = by({"0:a": 10, "0:b": 5}, {"0:a": 2})
+    after = by({"0:a": 11, "0:b": 5}, {"0:a": 1})
+    assert project_band(before, after, ["0:a"], 100) == (10, 12)
+    assert project_band(before, after, ["0:b"], 100) == (5, 5)
+    assert project_band(by({"0:a": 3}, {}, ramped=False), after, ["0:a"], 40) == (3, 40)
+
+
+def zipf_checks_pass(result: dict[str, Any], live: int, projects: int) -> dict[str, Any]:
+    checks = result["checks"]
+    assert checks["allowance_s"] == 1.0
+    assert checks["count_checks"] > 0 and checks["count_mismatches"] == 0, checks
+    assert checks["sampled"] > 0 and checks["sample_missing"] == 0, checks
+    final = checks["final"]
+    assert final["ok"] and final["expected"] == live, final
+    assert sorted(final["by_project"]) == [f"zipf-{k:02d}" for k in range(projects)]
+    assert sum(p["expected"] for p in final["by_project"].values()) == live
+    largest = final["by_project"]["zipf-00"]["expected"]
+    assert largest == max(p["expected"] for p in final["by_project"].values())
+    assert result["projects"]["zipf-00"]["trackers"] == largest
+    return final
+
+
+@pytest.mark.skipif(not have_redis(), reason="redis-server is not installed")
+def test_zipf_projects_over_workers_with_a_redis_of_its_own(tmp_path: Path) -> None:
+    out = tmp_path / "zipf.json"
+    proc = loadtest(
+        "mixed", "--spawn", "hub", "--redis", "--hub-args", "--workers 2", "--projects-zipf", "4",
+        "-n", "240", "--agents", "8", "--qps", "20", "--fresh-searches", "--duration", "4",
+        "--steady-skip", "1", "--check-interval", "0.5", "--quiet", "--out", str(out),
+        timeout=120,
+    )  # fmt: skip
+    assert out.exists(), proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert proc.returncode == 0, result["checks"]
+    # Its own redis-server on a free port, handed to the hub: never 6379.
+    hub_args = result["options"]["hub_args"]
+    assert "--redis-url redis://127.0.0.1:" in hub_args and ":6379" not in hub_args
+    assert not result["options"]["sharded"]
+    final = zipf_checks_pass(result, 240, 4)
+    # Two agents per project; each project's first follows the whole project and holds every session.
+    agents = final["agents"]
+    assert agents == {**agents, "whole_project_agents": 4, "projects_covered": 4, "sessions_held": 240}
+    summary = result["summary"]
+    assert summary["agents_open"] == 8 and summary["errors"] == {} and summary["search_errors"] == {}
+    searched = {p for p, v in result["projects"].items() if v["search_ms"]["n"]}
+    assert searched == {f"zipf-0{k}" for k in range(4)}
+    steady = summary["steady"]
+    assert steady["seconds"] >= 1 and steady["live"] == [240, 240] and "redis_cpu_pct" in steady
+    assert len(steady["hub_cpu_pct_per_process"]) == 3  # the parent and its 2 workers
+    assert summary["redis"]["memory"]["live"] == 240
+    # Every worker's /metrics: each holds its own trackers, and the index covers what it mirrors.
+    metrics = result["processes"]["metrics"]
+    assert [m["hub_worker_index"] for m in metrics] == [0, 1]
+    assert sum(m["hub_local_sessions"] for m in metrics) == 240
+    assert all(m["hub_live_sessions"] >= m["hub_local_sessions"] for m in metrics)
+    assert sum(m['hub_handoff_total{result="received"}'] for m in metrics) > 0
+
+
+def test_zipf_projects_over_independent_hubs_add_up(tmp_path: Path) -> None:
+    out = tmp_path / "zipf-sharded.json"
+    proc = loadtest(
+        "mixed", "--spawn", "hub", "--hubs", "2", "--projects-zipf", "3", "-n", "150", "--agents", "6",
+        "--qps", "10", "--duration", "3", "--check-interval", "0.5", "--quiet", "--out", str(out),
+        timeout=120,
+    )  # fmt: skip
+    assert out.exists(), proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert proc.returncode == 0, result["checks"]
+    assert result["options"]["sharded"]
+    final = zipf_checks_pass(result, 150, 3)
+    assert final["hub_total"] == 150
+    assert all(sum(p["hub_total"]) == p["expected"] for p in final["by_project"].values())
+    # Sharded: an agent holds its own hub's part of its project.
+    agents = final["agents"]
+    assert agents["ok"] and agents["whole_project_agents"] == 3 and 0 < agents["sessions_held"] < 150
+    assert len(result["processes"]["metrics"]) == 2
+
+
+def test_the_allowance_does_not_hide_a_hub_that_loses_sessions(tmp_path: Path) -> None:
+    # As test_hub_that_loses_sessions_is_reported, per project: dropped sessions end after 1 s on the hub,
+    # the swarm comes back within 0.2-5 s; a 1 s allowance must not cover it.
+    with HubProcess("--api-key", API_KEY, "--grace", "1", "--sweep-interval", "0.1") as hub:
+        hub.wait_ready()
+        rc, result = run_against(
+            hub, "trackers", tmp_path / "x.json", "-n", "100", "--drops", "30", "--duration", "4",
+            "--projects-zipf", "3",
+        )  # fmt: skip
+        assert rc == 1
+        checks = result["checks"]
+        assert checks["allowance_s"] == 1.0 and checks["count_mismatches"] > 0
+        example = checks["count_mismatch_examples"][0]
+        assert example["project"].startswith("zipf-") and example["hub_total"] < example["believed"][0]
+
+
+def test_zipf_options_are_checked() -> None:
+    proc = loadtest("trackers", "--redis", "--api-key", "k")
+    assert proc.returncode == 2 and "--redis" in proc.stderr
+    proc = loadtest("trackers", "--spawn", "hub", "--allowance", "60")
+    assert proc.returncode == 2 and "--allowance" in proc.stderr
