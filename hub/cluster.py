@@ -65,13 +65,13 @@ from .partitions import (
     CONTROL_CHANNEL,
     NODES_KEY,
     TOUCHED,
+    Partitioner,
     Verdict,
     channel,
     holders_key,
     lease_key,
     owners,
     parse_seq,
-    partition_of,
     partition_of_channel,
     parts_key,
     project_of,
@@ -330,6 +330,9 @@ class Cluster:
         self.url = settings.redis_url
         self.registry = registry
         self.index = registry.index
+        # Which partition each session is in (its project, or a bucket of it).
+        self.parts = Partitioner(settings.project_buckets)
+        registry.part_of = self.parts.of
         self.node = settings.node_id or default_node_id()
         # Told of each peer found dead or lost (e.g. the relay, which forgets its agents and tabs).
         self.node_gone: list[Callable[[str], None]] = []
@@ -388,7 +391,7 @@ class Cluster:
     def _mark(self, key: SessionKey, mark: int | EndReason) -> None:
         if self.leaving:
             return
-        pending = self._pending.setdefault(partition_of(key[0]), {})
+        pending = self._pending.setdefault(self.parts.of(key), {})
         if mark == TOUCH and key in pending:
             return
         pending[key] = mark
@@ -403,7 +406,7 @@ class Cluster:
     def _new_here(self, key: SessionKey) -> bool:
         """A session this node holds and has not published, in a partition it does not mirror:
         it may live on elsewhere (a tab that reconnected here)."""
-        p = partition_of(key[0])
+        p = self.parts.of(key)
         return p not in self.mirrored and key not in self._in_redis.get(p, ()) and self.ready
 
     def after_adoption(self, session: Session, then: Callable[[bool], None]) -> None:
@@ -422,7 +425,7 @@ class Cluster:
         key = _key_of(session)
         if reason is not None:
             self._mark(key, reason)
-        elif key in self._in_redis.get(partition_of(key[0]), ()):
+        elif key in self._in_redis.get(self.parts.of(key), ()):
             # Resumed or ended elsewhere: the flush finds it no longer held and takes it back.
             self._mark(key, RECORD)
 
@@ -453,35 +456,49 @@ class Cluster:
     # -- interest: which partitions this node mirrors ----------------------------------
 
     def mirrors(self, project_key: str) -> bool:
-        return partition_of(project_key) in self.mirrored
+        return all(p in self.mirrored for p in self.parts.of_project(project_key))
 
-    def answers_for(self, project_key: str) -> bool:
-        """Whether this node decides the project's ends: it mirrors it, or owns it (and is
-        about to mirror it: a partition it just started holding)."""
-        p = partition_of(project_key)
+    def answers_for(self, session: Session) -> bool:
+        """Whether this node decides the session's end: it mirrors its partition, or owns it
+        (and is about to mirror it: a partition it just started holding)."""
+        p = self.parts.of(_key_of(session))
         return p in self.mirrored or self._owns(p)
 
     def when_mirrored(self, project_key: str, then: Callable[[], None]) -> bool:
-        p = partition_of(project_key)
-        self._served[p] = time.monotonic()
-        if p in self.mirrored or not self.connected:
+        now = time.monotonic()
+        cold = []
+        for p in self.parts.of_project(project_key):
+            self._served[p] = now
+            if p not in self.mirrored:
+                cold.append(p)
+        if not cold or not self.connected:
             return True  # warm, or Redis unreachable: what this node holds is the answer
-        self._waiting.setdefault(p, []).append(then)
-        self._request(p)
+        left = len(cold)
+
+        def one_done() -> None:
+            nonlocal left
+            left -= 1
+            if left == 0:
+                then()
+
+        for p in cold:
+            self._waiting.setdefault(p, []).append(one_done)
+            self._request(p)
         return False
 
     def follow(self, project_key: str) -> None:
-        p = partition_of(project_key)
-        self._followers[p] += 1
-        if p not in self.mirrored:
-            self._request(p)
+        for p in self.parts.of_project(project_key):
+            self._followers[p] += 1
+            if p not in self.mirrored:
+                self._request(p)
 
     def unfollow(self, project_key: str) -> None:
-        p = partition_of(project_key)
-        self._followers[p] -= 1
-        if self._followers[p] <= 0:
-            del self._followers[p]
-            self._served[p] = time.monotonic()  # its idle time starts now
+        now = time.monotonic()
+        for p in self.parts.of_project(project_key):
+            self._followers[p] -= 1
+            if self._followers[p] <= 0:
+                del self._followers[p]
+                self._served[p] = now  # its idle time starts now
 
     def _request(self, partition: str) -> None:
         """Ask the applier to mirror ``partition`` (it reads partitions one at a time, in order
@@ -544,7 +561,7 @@ class Cluster:
         for peer in self.peers.values():
             peer.seqs.pop(partition, None)
         await subscriber.unsubscribe([channel(partition)])
-        forgotten = self.registry.forget_project(project_of(partition), now_ms())
+        forgotten = self.registry.forget_part(partition, now_ms())
         log.info("cluster.unmirrored", extra={"fields": {"partition": partition, "sessions": forgotten}})
 
     async def _tick(self) -> None:
@@ -609,7 +626,7 @@ class Cluster:
         self.mirrored.clear()
         await self._sync_cluster(client, subscriber)
         for p in before - self.mirrored:
-            self.registry.forget_project(project_of(p), now_ms())
+            self.registry.forget_part(p, now_ms())
             for peer in self.peers.values():
                 peer.seqs.pop(p, None)
         self._lenient_until = time.monotonic() + self.lease + BACKOFF_MAX * 1.5 if lost else 0.0
@@ -727,7 +744,7 @@ class Cluster:
             if peer is None:
                 peer = self.peers[node] = Peer(epoch, time.monotonic())
             self.reads += 1
-            self.registry.reconcile(node, self._records(node, found[2 * i + 1]), now, project_of(p))
+            self.registry.reconcile(node, self._records(node, found[2 * i + 1]), now, p)
             peer.seqs[p] = number
             done.add((p, node))
         return done
@@ -803,7 +820,7 @@ class Cluster:
             pending, self._pending = self._pending, {}
             held: dict[str, list[Session]] = {}
             for session in self.registry.held():
-                held.setdefault(partition_of(session.projectKey), []).append(session)
+                held.setdefault(self.parts.of(_key_of(session)), []).append(session)
             try:
                 # A previous process under this id may have left keys: they are rewritten
                 # (emptied) too, so no mirror takes them for this process's.
@@ -943,7 +960,7 @@ class Cluster:
         try:
             by_part: dict[str, list[SessionKey]] = {}
             for key in unknown:
-                by_part.setdefault(partition_of(key[0]), []).append(key)
+                by_part.setdefault(self.parts.of(key), []).append(key)
             parts = list(by_part)
             pipe = client.pipeline(transaction=False)
             for p in parts:
@@ -1060,7 +1077,7 @@ class Cluster:
         if batch.kind == BatchKind.BYE:
             # Its part of this partition waits out its grace (the node's BYE on the control
             # channel may come later: it is draining).
-            self.registry.move_node(node, now, project_of(p))
+            self.registry.move_node(node, now, p)
             peer.seqs.pop(p, None)
             return
         seen = verdict(peer.seqs.get(p), batch.seq, batch.kind, batch.base)

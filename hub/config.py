@@ -50,6 +50,8 @@ class Settings:
     publish_window: float = 0.005
     # Seconds a node keeps mirroring a project after its last search there (README, "Cluster").
     mirror_idle: float = 300.0
+    # Project -> partitions its sessions are split into by sessionID (README, "Cluster").
+    project_buckets: Mapping[str, int] | None = None
     log_level: str = "info"
     log_format: str = "text"
     # Transport limits.
@@ -122,6 +124,26 @@ class Projects(dict[str, int]):
     def __init__(self) -> None:
         super().__init__()
         self.api_keys: dict[str, tuple[str, ...]] = {}
+
+
+# Buckets a large project may be split into, at most.
+MAX_BUCKETS: Final = 1024
+
+
+def parse_buckets(text: str) -> dict[str, int]:
+    """``key=N,...``: a project's sessions split into N partitions by sessionID."""
+    buckets: dict[str, int] = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, count = item.partition("=")
+        if not sep or not PROJECT_KEY_RE.fullmatch(key):
+            raise argparse.ArgumentTypeError(f"expected projectKey=buckets, got {item!r}")
+        if not count.isdigit() or not 1 <= int(count) <= MAX_BUCKETS:
+            raise argparse.ArgumentTypeError(f"buckets of {key!r} must be 1-{MAX_BUCKETS}, got {count!r}")
+        buckets[key] = int(count)
+    return buckets
 
 
 def parse_projects(text: str) -> Projects:
@@ -398,6 +420,12 @@ OPTIONS: Final[list[tuple[str, Any, str]]] = [
         "publish-window",
         _non_negative("publish-window", float),
         "seconds a cluster node gathers changes into one Redis batch (default 0.005, 0 = at once)",
+    ),
+    (
+        "project-buckets",
+        parse_buckets,
+        "key=N,...: split a large project's sessions into N cluster partitions by sessionID; "
+        "the same on every node (default: one partition a project)",
     ),
     (
         "mirror-idle",

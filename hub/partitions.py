@@ -1,7 +1,9 @@
 """Partitions of the cluster's shared state: names, owners, and what a batch means to a mirror.
 
-The live sessions of one project are one partition. Every Redis key and the
-channel of a partition carry its own hash tag ``{p:<project>}``, so a Redis
+The live sessions of one project are one partition; a project given buckets
+(``--project-buckets``) is split by ``crc32(sessionID) % buckets`` into
+partitions ``<project>#<bucket>``. Every Redis key and the channel of a
+partition carry its own hash tag ``{p:<partition>}``, so a Redis
 Cluster spreads partitions over its masters by slot while one partition's
 keys stay in one slot (its writes are atomic there). Node-level keys stay
 small, under the ``{hub}`` tag. README, "Cluster", tells the whole layout:
@@ -20,12 +22,15 @@ No I/O here: ``cluster.py`` does the talking.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+import zlib
+from collections.abc import Iterable, Mapping
 from enum import IntEnum
 from typing import Final
 
 from .wire import BatchKind
 
+# Between a project key and its bucket in a partition's name (not a project key character).
+BUCKET: Final = "#"
 NODES_KEY: Final = "{hub}:nodes"
 CONTROL_CHANNEL: Final = "{hub}:ctl"
 # In a partition's hash, "@sessionID" holds a heartbeat's lastActiveAt beside the
@@ -33,13 +38,32 @@ CONTROL_CHANNEL: Final = "{hub}:ctl"
 TOUCHED: Final = "@"
 
 
-def partition_of(project_key: str) -> str:
-    """The partition of a project's sessions."""
-    return project_key
+class Partitioner:
+    """Which partition a session is in: its project's, or one of its project's buckets."""
+
+    __slots__ = ("buckets",)
+
+    def __init__(self, buckets: Mapping[str, int] | None = None) -> None:
+        # Project -> its bucket count (every node must agree: a setting, not a guess).
+        self.buckets = {k: n for k, n in (buckets or {}).items() if n > 1}
+
+    def of(self, key: tuple[str, str]) -> str:
+        """The partition of session ``key`` = (projectKey, sessionID)."""
+        count = self.buckets.get(key[0])
+        if count is None:
+            return key[0]
+        return f"{key[0]}{BUCKET}{zlib.crc32(key[1].encode()) % count}"
+
+    def of_project(self, project_key: str) -> list[str]:
+        """Every partition of a project."""
+        count = self.buckets.get(project_key)
+        if count is None:
+            return [project_key]
+        return [f"{project_key}{BUCKET}{b}" for b in range(count)]
 
 
 def project_of(partition: str) -> str:
-    return partition
+    return partition.partition(BUCKET)[0]
 
 
 def _tag(partition: str) -> str:

@@ -25,7 +25,7 @@ over holdings, kept by those same methods:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, Protocol
 
 import msgspec
@@ -78,6 +78,10 @@ _ADOPTED: Final = tuple(
 
 # A tab's activity: (what it reported last, None for a new tab; what it reports now).
 Activity = tuple[bool | None, bool]
+
+
+def _project_of(key: SessionKey) -> str:
+    return key[0]
 
 
 class Listener(Protocol):
@@ -162,8 +166,10 @@ class Registry:
         # Indexes over holdings: those held here, those in their grace, each peer's.
         self._local: set[SessionKey] = set()
         self._waiting: dict[SessionKey, Holding] = {}
-        # Each peer's sessions by project: a partition (project) is synced, moved and forgotten alone.
+        # Each peer's sessions by partition (``part_of``): a partition is synced, moved and
+        # forgotten alone. The cluster sets ``part_of``; by default a project is one.
         self._by_node: dict[str, dict[str, set[SessionKey]]] = {}
+        self.part_of: Callable[[SessionKey], str] = _project_of
 
     def is_live(self, session: Session) -> bool:
         return self.index.get(session.projectKey, session.sessionID) is session
@@ -184,17 +190,18 @@ class Registry:
             self._unindex(node, key)
         else:
             if node not in h.remote:
-                self._by_node.setdefault(node, {}).setdefault(key[0], set()).add(key)
+                self._by_node.setdefault(node, {}).setdefault(self.part_of(key), set()).add(key)
             h.remote[node] = tabs
 
     def _unindex(self, node: str, key: SessionKey) -> None:
-        projects = self._by_node.get(node)
-        if projects is not None:
-            keys = projects.get(key[0])
+        parts = self._by_node.get(node)
+        if parts is not None:
+            part = self.part_of(key)
+            keys = parts.get(part)
             if keys is not None:
                 keys.discard(key)
                 if not keys:
-                    del projects[key[0]]
+                    del parts[part]
 
     def _begin_grace(self, key: SessionKey, h: Holding, deadline: int, reason: EndReason) -> None:
         """No tab left anywhere; a grace already running keeps its deadline."""
@@ -420,12 +427,12 @@ class Registry:
         found = (self.index.get(*key) for key in self._local)
         return [s for s in found if s is not None]
 
-    def sessions_of(self, node: str, project_key: str | None = None) -> set[SessionKey]:
-        """``node``'s sessions as this node mirrors them (of one project, or all)."""
-        projects = self._by_node.get(node, {})
-        if project_key is not None:
-            return set(projects.get(project_key, ()))
-        return {key for keys in projects.values() for key in keys}
+    def sessions_of(self, node: str, part: str | None = None) -> set[SessionKey]:
+        """``node``'s sessions as this node mirrors them (of one partition, or all)."""
+        parts = self._by_node.get(node, {})
+        if part is not None:
+            return set(parts.get(part, ()))
+        return {key for keys in parts.values() for key in keys}
 
     def remote_upsert(self, node: str, record: Session, now: int) -> None:
         """``node`` holds ``record`` with ``record.tabs`` tabs; ``record`` may be indexed as is."""
@@ -555,10 +562,10 @@ class Registry:
             self._by_node.pop(node, None)
         return dropped
 
-    def move_node(self, node: str, now: int, project_key: str | None = None) -> None:
-        """``node`` is leaving (its sessions of one project, or all): they wait out their
+    def move_node(self, node: str, now: int, part: str | None = None) -> None:
+        """``node`` is leaving (its sessions of one partition, or all): they wait out their
         grace for their trackers to come back."""
-        for key in self.sessions_of(node, project_key):
+        for key in self.sessions_of(node, part):
             h = self._holdings.get(key)
             session = self.index.get(*key)
             if h is None or session is None:
@@ -593,15 +600,15 @@ class Registry:
         self.replication.held(session)
         return True
 
-    def forget_project(self, project_key: str, now: int) -> int:
-        """Stop mirroring ``project_key``: other nodes' parts of its sessions are forgotten,
+    def forget_part(self, part: str, now: int) -> int:
+        """Stop mirroring partition ``part``: other nodes' parts of its sessions are forgotten,
         not ended. No listener hears of a session that leaves the index this way (it lives on
         where it is held, and no agent of this node follows the project); one this node holds
         keeps only its part here. Returns how many sessions left the index."""
         forgotten = 0
         kept: set[SessionKey] = set()
         for node in list(self._by_node):
-            for key in list(self._by_node[node].get(project_key, ())):
+            for key in list(self._by_node[node].get(part, ())):
                 h = self._holdings.get(key)
                 session = self.index.get(*key)
                 if h is None or session is None:
@@ -620,11 +627,11 @@ class Registry:
                 self._retab(session, key, h, now)
         return forgotten
 
-    def reconcile(self, node: str, records: list[Session], now: int, project_key: str | None = None) -> None:
-        """``node`` holds exactly ``records`` (its snapshot, of one project or all): add, change
-        and end to match."""
+    def reconcile(self, node: str, records: list[Session], now: int, part: str | None = None) -> None:
+        """``node`` holds exactly ``records`` (its snapshot, of one partition or all): add,
+        change and end to match."""
         keys = {(r.projectKey, r.sessionID) for r in records}
-        gone = [key for key in self.sessions_of(node, project_key) if key not in keys]
+        gone = [key for key in self.sessions_of(node, part) if key not in keys]
         for project_key, session_id in gone:
             self.remote_remove(node, project_key, session_id, None, now)
         for record in records:

@@ -352,7 +352,7 @@ class Webhooks:
         # In a cluster every node that sees the end claims it; one sends (module docstring). A
         # node that does not mirror the project sees only its own part: its end may be none.
         cluster = self.cluster
-        if cluster is not None and not cluster.answers_for(session.projectKey):
+        if cluster is not None and not cluster.answers_for(session):
             return
         if not self._draining():
             self._take_on(WebhookType.ENDED, session, reason)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import websockets
 
-from hub.partitions import owners
+from hub.partitions import Partitioner, owners
 from tests.helpers import HubProcess, wait_for
 from tests.redis_server import RedisCluster, RedisServer, have_redis
 from tests.test_cluster import agent, node, sessions_of, tracker, wait_agreed
@@ -154,3 +154,38 @@ async def test_a_tab_resuming_on_a_node_that_does_not_mirror_the_project_continu
         assert after["activeTime"] >= before["activeTime"]
         assert await _metric(cold, "hub_cluster_adopted_sessions_total") == 1
         await back.close()
+
+
+async def test_a_project_in_buckets_is_answered_whole_by_a_node_that_owned_only_some() -> None:
+    buckets = Partitioner({"p1": 4}).of_project("p1")
+    owned = {n: {b for b in buckets if n in owners(b, NAMES)} for n in NAMES}
+    partial = next(n for n in NAMES if len(owned[n]) < len(buckets))
+    with RedisCluster() as redis, ExitStack() as stack:
+        args = ("--project-buckets", "p1=4", "--mirror-idle", str(IDLE))
+        hubs = {n: stack.enter_context(node(redis.url, n, *args)) for n in NAMES}
+        for hub in hubs.values():
+            hub.wait_ready(path="/readyz")
+        others = [n for n in NAMES if n != partial]
+        ws = [await tracker(hubs[others[i % 2]].port, f"b{i}") for i in range(24)]
+        expect = {f"b{i}" for i in range(24)}
+        warm = hubs[others[0]]
+        await wait_agreed([warm], expect, timeout=10)
+        # Every bucket's records live under its own hash tag, spread over the masters.
+        found = {k for n in redis.nodes for k in _keys(n.port, "{p:p1#*}:s:*")}
+        assert {k.split("}")[0] for k in found} == {f"{{p:{b}" for b in buckets}
+        cold = hubs[partial]
+        assert await _metric(cold, "hub_cluster_mirrored_partitions") == len(owned[partial])
+        assert set(await sessions_of(cold.port)) == expect
+        assert await _metric(cold, "hub_cluster_mirrored_partitions") == len(buckets)
+        async with agent(cold.port) as log:
+            assert {s["sessionID"] for s in log.frames[0]["sessions"]} == expect
+        for w in ws:
+            await w.close()
+
+
+def _keys(port: int, pattern: str) -> list[str]:
+    out = subprocess.run(
+        ["redis-cli", "-p", str(port), "--scan", "--pattern", pattern],
+        capture_output=True, text=True, timeout=5,
+    ).stdout  # fmt: skip
+    return out.split()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import zlib
+from collections import Counter
+
 from hub.partitions import (
+    Partitioner,
     Verdict,
     channel,
     holders_key,
@@ -10,6 +14,7 @@ from hub.partitions import (
     owners,
     parse_seq,
     partition_of_channel,
+    project_of,
     records_key,
     seq_key,
     seq_value,
@@ -86,3 +91,16 @@ def test_a_partition_has_an_owner_and_a_backup_and_losing_the_owner_promotes_the
         assert first == owner(p, nodes) and backup != first
         assert owners(p, [n for n in nodes if n != first])[0] == backup
     assert owners("x", ["solo"]) == ["solo"]
+
+
+def test_a_project_with_buckets_splits_its_sessions_by_session_id_the_same_everywhere() -> None:
+    parts = Partitioner({"big": 4, "small": 1})
+    assert parts.of(("small", "s1")) == "small" and parts.of_project("small") == ["small"]
+    assert parts.of(("other", "s1")) == "other"
+    assert parts.of_project("big") == ["big#0", "big#1", "big#2", "big#3"]
+    spread = Counter(parts.of(("big", f"session-{i}")) for i in range(4000))
+    assert set(spread) == set(parts.of_project("big")) and min(spread.values()) > 800
+    # Stable across processes (not Python's salted hash), and each bucket its own hash tag.
+    assert parts.of(("big", "abc")) == f"big#{zlib.crc32(b'abc') % 4}"
+    assert len({_slot_tag(records_key(p, "n1")) for p in parts.of_project("big")}) == 4
+    assert project_of("big#3") == "big" and project_of("small") == "small"

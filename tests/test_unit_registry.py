@@ -347,10 +347,10 @@ def test_reconcile_and_move_of_one_project_leave_the_peer_s_other_projects() -> 
     registry.remote_upsert("b", record("one"), now=1)
     registry.remote_upsert("b", record("two", projectKey="p2"), now=1)
     events.take()
-    registry.reconcile("b", [], now=5, project_key="p1")
+    registry.reconcile("b", [], now=5, part="p1")
     assert events.take() == [("ended", "one", EndReason.ENDED)]
     assert registry.sessions_of("b") == {("p2", "two")}
-    registry.move_node("b", now=6, project_key="p2")
+    registry.move_node("b", now=6, part="p2")
     assert registry.sessions_of("b") == set() and registry.waiting == 1
 
 
@@ -363,12 +363,12 @@ def test_forgetting_a_project_drops_peers_parts_silently_and_keeps_this_node_s()
     assert mine.tabs == 3
     events.take()
     replication.take()
-    assert registry.forget_project("p1", now=3) == 1
+    assert registry.forget_part("p1", now=3) == 1
     # Not ended: no listener hears of the session that left, the one held here keeps its tab.
     assert events.take() == [("changed", "both", {"tabs": 1})]
     assert registry.index.get("p1", "theirs") is None and registry.is_live(mine) and mine.tabs == 1
     assert registry.sessions_of("b") == {("p2", "other")}
     assert replication.take() == []
     # A later snapshot of the project brings the peer's part back.
-    registry.reconcile("b", [record("both", tabs=2), record("theirs")], now=4, project_key="p1")
+    registry.reconcile("b", [record("both", tabs=2), record("theirs")], now=4, part="p1")
     assert mine.tabs == 3 and registry.index.get("p1", "theirs") is not None
