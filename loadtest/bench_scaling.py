@@ -50,6 +50,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import statistics
 import sys
@@ -64,7 +65,7 @@ import msgspec
 import psutil
 import redis
 
-from hub.partitions import owners, partition_of
+from hub.partitions import owners
 from loadtest.client import HttpClient, WsConn, ws_connect
 from tests.redis_server import RedisCluster, RedisServer
 
@@ -123,7 +124,8 @@ def serving(
     serves = {n: set((followed or {}).get(n, ())) for n in names}
     for p, total in enumerate(totals):
         if total:
-            for node in owners(partition_of(project(p)), names):
+            # A project without buckets (--project-buckets) is one partition, named after it.
+            for node in owners(project(p), names):
                 serves[node].add(p)
     return serves
 
@@ -215,11 +217,11 @@ class Node:
         """This node's unlabelled Prometheus samples."""
         return (await self.scrape()).values
 
-    async def search(self, key: str, page: int = 1, timeout: float = 30.0) -> bytes:
+    async def search(self, key: str, page: int = 1, timeout: float = 30.0, limit: int = PAGE) -> bytes:
         """One page of ``key``'s live sessions as this node answers a search, ordered by
         sessionID: nodes that hold the same records answer the same bytes."""
         assert self.http is not None
-        body = json.dumps({"sort": "sessionID", "order": "asc", "limit": PAGE, "page": page})
+        body = json.dumps({"sort": "sessionID", "order": "asc", "limit": limit, "page": page})
         status, raw = await self.http.request(
             "POST", f"/public/{key}/assist/sessions", body.encode(), timeout=timeout
         )
@@ -255,6 +257,7 @@ class Load:
     rate: float
     update_share: float
     hub_args: list[str] = field(default_factory=list)
+    fill_rate: float = 0.0
 
 
 class Nodes:
@@ -277,7 +280,7 @@ class Nodes:
                 sys.executable, "-m", "loadtest.scaling_node",
                 "--sessions", str(count),
                 "--projects", str(load.projects), "--rate", str(load.rate),
-                "--update-share", str(load.update_share), "--",
+                "--update-share", str(load.update_share), "--fill-rate", str(load.fill_rate), "--",
                 "--port", "0", "--api-key", API_KEY, "--redis-url", self.redis_url, "--node-id", name,
                 "--log-level", "warning", "--metrics-per-project", "true", *load.hub_args, *(hub_args or []),
                 stdout=asyncio.subprocess.PIPE, stderr=stderr, env=env, cwd=ROOT,
@@ -498,7 +501,11 @@ async def case_scaling(args: argparse.Namespace, workdir: Path) -> dict[str, Any
         log(f"scaling: {size} nodes x {args.sessions} sessions, {args.rate}/s each (load {loadavg()})")
         with RedisServer() as server:
             nodes = Nodes(
-                server.url, Load(args.sessions, args.projects, args.rate, args.update_share), workdir
+                server.url,
+                Load(
+                    args.sessions, args.projects, args.rate, args.update_share, args.hub_args, args.fill_rate
+                ),
+                workdir,
             )
             try:
                 rows.append(await _scaling_size(args, server, nodes, size))
@@ -609,7 +616,14 @@ async def case_spread(args: argparse.Namespace, workdir: Path) -> dict[str, Any]
     log(f"spread: 3-master Redis Cluster, {args.spread_nodes} nodes, {args.spread_projects} projects")
     load_before = loadavg()
     with RedisCluster() as cluster:
-        load = Load(args.spread_sessions, args.spread_projects, args.rate, args.update_share)
+        load = Load(
+            args.spread_sessions,
+            args.spread_projects,
+            args.rate,
+            args.update_share,
+            args.hub_args,
+            args.fill_rate,
+        )
         nodes = Nodes(cluster.url, load, workdir)
         try:
             members = await nodes.start(args.spread_nodes, timeout=90)
@@ -675,7 +689,7 @@ def _slots_of(port: int, projects: int) -> dict[int, int]:
         ranges.append((int(start), int(end), int(master[1])))
     counts: Counter[int] = Counter()
     for p in range(projects):
-        slot = int(client.execute_command("CLUSTER", "KEYSLOT", "{p:" + partition_of(project(p)) + "}"))
+        slot = int(client.execute_command("CLUSTER", "KEYSLOT", "{p:" + project(p) + "}"))
         counts.update(m for s, e, m in ranges if s <= slot <= e)
     return dict(counts)
 
@@ -700,7 +714,11 @@ async def case_join(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         client = redis.Redis(port=server.port)
         client.config_set("client-output-buffer-limit", args.pubsub_limit)
         limit = client.config_get("client-output-buffer-limit")["client-output-buffer-limit"]
-        nodes = Nodes(server.url, Load(per_node, args.projects, rate, args.update_share), workdir)
+        nodes = Nodes(
+            server.url,
+            Load(per_node, args.projects, rate, args.update_share, args.hub_args, args.fill_rate),
+            workdir,
+        )
         try:
             members = await nodes.start(args.join_nodes, timeout=120)
             total = per_node * args.join_nodes
@@ -823,7 +841,16 @@ async def case_restart(args: argparse.Namespace, workdir: Path) -> dict[str, Any
     load_before = loadavg()
     with RedisServer() as server:
         nodes = Nodes(
-            server.url, Load(args.restart_sessions, args.projects, args.rate, args.update_share), workdir
+            server.url,
+            Load(
+                args.restart_sessions,
+                args.projects,
+                args.rate,
+                args.update_share,
+                args.hub_args,
+                args.fill_rate,
+            ),
+            workdir,
         )
         try:
             members = await nodes.start(n, timeout=90)
@@ -1104,8 +1131,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     cases = {"scaling": case_scaling, "spread": case_spread, "join": case_join, "restart": case_restart}
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as tmp:
+        workdir = args.logs or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
         for name in args.cases:
-            result[name] = await cases[name](args, Path(tmp))
+            result[name] = await cases[name](args, workdir)
             if name == "scaling":
                 result["scaling"]["changes_per_node"] = args.rate
     result["load_at_end"] = loadavg()
@@ -1126,6 +1155,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=1 / 3,
         help="share of changes that are record updates, the rest heartbeats",
+    )
+    parser.add_argument(
+        "--fill-rate", type=float, default=0.0, help="sessions each node starts per second (0: at once)"
+    )
+    parser.add_argument(
+        "--hub-args", default="", help="more `hub serve` flags for every node, e.g. '--node-lease 30'"
     )
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of changes before a measurement")
     parser.add_argument("--sizes", default="4,8,16", help="scaling: node counts")
@@ -1160,6 +1195,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--restart-timeout", type=float, default=30.0, help="restart: seconds to wait for agreement"
     )
+    parser.add_argument("--logs", type=Path, help="keep the nodes' logs in this directory")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench-scaling-partitioned.json")
     parser.add_argument("--plot", type=Path, default=RESULTS / "plots" / "cluster-scaling-partitioned.png")
     args = parser.parse_args(argv)
@@ -1168,6 +1204,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown cases: {', '.join(sorted(unknown))}")
     args.sizes = [int(s) for s in args.sizes.split(",")]
+    args.hub_args = shlex.split(args.hub_args)
     return args
 
 

@@ -90,7 +90,10 @@ class Changer:
                 project = project_of(i, self.args.projects)
                 session, _ = registry.start(project, 0, start_of(self.node, i), now_ms(), attach=True)
                 self.sessions.append(session)
-            await anyio.sleep(window * 2)
+            # --fill-rate: starts per second, as a swarm's trackers would arrive (0: a chunk
+            # every two publish windows).
+            pace = FILL_CHUNK / self.args.fill_rate if self.args.fill_rate > 0 else 0.0
+            await anyio.sleep(max(window * 2, pace))
 
     async def change(self) -> None:
         """``--rate`` changes/s in ticks of ``--tick`` s, round robin over the sessions."""
@@ -169,6 +172,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "--projects", type=int, default=32, help="project keys p00.. the sessions spread over"
     )
     parser.add_argument("--rate", type=float, default=100.0, help="changes per second on this node")
+    parser.add_argument(
+        "--fill-rate", type=float, default=0.0, help="sessions started per second (0: as fast as it goes)"
+    )
     parser.add_argument(
         "--update-share", type=float, default=1 / 3, help="share of changes that are record updates"
     )

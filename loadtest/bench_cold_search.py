@@ -1,0 +1,220 @@
+"""Issue 16's figure 6: a cold search on a cluster node that does not mirror the project.
+
+Three real hub nodes (``loadtest.scaling_node`` processes: ``hub.app.Hub`` as
+``hub serve`` builds it, its index filled through its registry, no tracker
+sockets) on one ``redis-server`` (free port, ``tests/redis_server.py``). One
+project, ``p00``, holds ``--sizes`` sessions, half on each of two *holders*;
+the third node holds none, is not one of the project's two owners (its name is
+picked with ``hub.partitions.owners``) and has no agent: it does not mirror
+the project. Then, ``--reps`` times:
+
+1. wait until the third node mirrors nothing (``hub_cluster_mirrored_partitions``
+   0: its ``--mirror-idle`` ran out since its last search);
+2. search the project there (cold: the node subscribes, reads both holders'
+   parts from Redis, then answers), timed at the client;
+3. search it there again (warm), and on a holder (warm, for the ratio);
+4. the three answers compared byte for byte (the sessions do not change
+   unless ``--rate``).
+
+Reported per size: p50 (and min/max) of the first and second search and of
+the holder's, the ratio second/holder, snapshot reads per cold search
+(``hub_cluster_partition_reads_total``), against the targets 0.2 / 0.5 / 2 s
+at 1k / 10k / 100k.
+
+    python -m loadtest.bench_cold_search                     # 1k, 10k, 100k
+    python -m loadtest.bench_cold_search --sizes 1000,10000 --reps 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from hub.partitions import owners
+from loadtest.bench_scaling import RESULTS, Load, Node, Nodes, filled, loadavg, log, settled
+from tests.redis_server import RedisServer
+
+PROJECT = "p00"  # scaling_node's project of every session with --projects 1
+HOLDERS = ("h0", "h1")
+TARGETS = {1_000: 0.2, 10_000: 0.5, 100_000: 2.0}
+
+
+def cold_name() -> str:
+    """A node name that is not one of the project's owners beside the holders."""
+    for i in range(1000):
+        name = f"c{i}"
+        if name not in owners(PROJECT, [*HOLDERS, name]):
+            return name
+    raise RuntimeError("no name found that does not own the project")
+
+
+async def until_idle(node: Node, timeout: float) -> float:
+    """Seconds until ``node`` mirrors no partition (and so holds none of the project)."""
+    began = time.monotonic()
+    while True:
+        s = await node.scrape()
+        if s.values.get("hub_cluster_mirrored_partitions") == 0 and not s.projects.get(PROJECT):
+            return time.monotonic() - began
+        if time.monotonic() - began > timeout:
+            raise RuntimeError(f"node {node.name} still mirrors after {timeout} s: {s.values}")
+        await asyncio.sleep(0.05)
+
+
+async def timed(node: Node, limit: int, timeout: float) -> tuple[float, bytes]:
+    began = time.perf_counter()
+    answer = await node.search(PROJECT, limit=limit, timeout=timeout)
+    return time.perf_counter() - began, answer
+
+
+async def case(args: argparse.Namespace, size: int, workdir: Path) -> dict[str, Any]:
+    half = size // len(HOLDERS)
+    total = half * len(HOLDERS)
+    log(f"cold search: {total:,} sessions on {len(HOLDERS)} holders (load {loadavg()})")
+    load_before = loadavg()
+    with RedisServer() as server:
+        nodes = Nodes(server.url, Load(half, 1, args.rate, 1 / 3), workdir)
+        try:
+            holders = [await nodes.spawn(name) for name in HOLDERS]
+            name = cold_name()
+            cold = await nodes.spawn(name, sessions=0, hub_args=["--mirror-idle", str(args.mirror_idle)])
+            await filled([*holders, cold], timeout=60 + total / 1000)
+            serves = {h.name: {0} for h in holders} | {cold.name: set()}
+            fill_s = await settled([*holders, cold], serves, [total], timeout=60 + total / 1000)
+            reps: list[dict[str, Any]] = []
+            for _ in range(args.reps):
+                idle_s = await until_idle(cold, args.mirror_idle + 30)
+                reads0 = (await cold.metrics()).get("hub_cluster_partition_reads_total", 0.0)
+                first_s, first = await timed(cold, args.limit, args.timeout)
+                second_s, second = await timed(cold, args.limit, args.timeout)
+                warm_s, warm = await timed(holders[0], args.limit, args.timeout)
+                reads1 = (await cold.metrics()).get("hub_cluster_partition_reads_total", 0.0)
+                reps.append(
+                    {
+                        "first_s": first_s,
+                        "second_s": second_s,
+                        "warm_s": warm_s,
+                        "waited_idle_s": round(idle_s, 2),
+                        "snapshot_reads": reads1 - reads0,
+                        "equal": first == second == warm,
+                    }
+                )
+            rss = psutil.Process(cold.proc.pid).memory_info().rss / 2**20
+        finally:
+            await nodes.close()
+
+    def summary(key: str) -> dict[str, float]:
+        values = [r[key] for r in reps]
+        return {"p50": statistics.median(values), "min": min(values), "max": max(values)}
+
+    first, second, warm = summary("first_s"), summary("second_s"), summary("warm_s")
+    result = {
+        "sessions": total,
+        "holders": list(HOLDERS),
+        "cold_node": name,
+        "owners": owners(PROJECT, [*HOLDERS, name]),
+        "reps": len(reps),
+        "fill_and_settle_s": round(fill_s, 2),
+        "first": first,
+        "second": second,
+        "warm_node": warm,
+        "second_over_warm": second["p50"] / warm["p50"],
+        "target_first_p50_s": TARGETS.get(total),
+        "snapshot_reads_per_cold_search": sorted({r["snapshot_reads"] for r in reps}),
+        "answers_equal": all(r["equal"] for r in reps),
+        "cold_node_rss_mib": round(rss, 1),
+        "runs": reps,
+        "load_before": load_before,
+        "load_after": loadavg(),
+    }
+    log(
+        f"  first p50 {first['p50'] * 1000:.1f} ms, second {second['p50'] * 1000:.2f} ms, "
+        f"warm node {warm['p50'] * 1000:.2f} ms"
+    )
+    return result
+
+
+def report(result: dict[str, Any]) -> str:
+    out = [
+        "| sessions | reps | **first search p50** (min - max) | target | second p50 (min - max) "
+        "| warm node p50 | second / warm | reads per cold search | answers equal | load before → after |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["sizes"]:
+        f, s, w = r["first"], r["second"], r["warm_node"]
+        target = f"≤ {r['target_first_p50_s']} s" if r["target_first_p50_s"] else "-"
+        out.append(
+            f"| {r['sessions']:,} | {r['reps']} | **{f['p50'] * 1000:.1f} ms** "
+            f"({f['min'] * 1000:.1f} - {f['max'] * 1000:.1f}) | {target} "
+            f"| {s['p50'] * 1000:.2f} ms ({s['min'] * 1000:.2f} - {s['max'] * 1000:.2f}) "
+            f"| {w['p50'] * 1000:.2f} ms | {r['second_over_warm']:.2f} "
+            f"| {', '.join(f'{x:.0f}' for x in r['snapshot_reads_per_cold_search'])} "
+            f"| {r['answers_equal']} | {r['load_before']} → {r['load_after']} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "command": " ".join(["python -m loadtest.bench_cold_search", *sys.argv[1:]]),
+        "cpus": psutil.cpu_count(),
+        "mirror_idle_s": args.mirror_idle,
+        "limit": args.limit,
+        "rate_per_holder": args.rate,
+        "load_at_start": loadavg(),
+        "sizes": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-cold-search-") as tmp:
+        for size in args.sizes:
+            result["sizes"].append(await case(args, size, Path(tmp)))
+    result["load_at_end"] = loadavg()
+    return result
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", default="1000,10000,100000", help="sessions in the project")
+    parser.add_argument("--reps", type=int, default=7, help="cold searches per size")
+    parser.add_argument(
+        "--mirror-idle",
+        type=float,
+        default=1.0,
+        help="the cold node's --mirror-idle: it forgets the project that long after a search",
+    )
+    parser.add_argument("--limit", type=int, default=50, help="sessions per answer page")
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="changes/s on each holder (0: answers compared exactly)"
+    )
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds a search may take")
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench-cold-search.json")
+    args = parser.parse_args(argv)
+    args.sizes = [int(s) for s in args.sizes.split(",")]
+    return args
+
+
+def main() -> None:
+    args = parse()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    result = asyncio.run(run(args))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(report(result))
+
+
+if __name__ == "__main__":
+    main()
