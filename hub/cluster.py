@@ -80,6 +80,7 @@ from .partitions import (
     seq_value,
     snapshot_needed,
     verdict,
+    where_key,
 )
 from .record import Session, active_time
 from .registry import Registry, SessionKey
@@ -101,24 +102,45 @@ BUFFER_BATCHES: Final = 100_000
 # While Redis stays unreachable, one log line per interval (with the count), not one per retry.
 LOG_EVERY_S: Final = 30.0
 
-# One partition's batch, atomically in its slot. KEYS: records, seq, holders, channel.
-# ARGV: node, "epoch:seq", PUBLISH or SPUBLISH, the message, mode (0 changes, 1 rewrite,
+# One partition's batch, atomically in its slot. KEYS: records, seq, holders, channel, where.
+# ARGV: node, "epoch:seq:base", PUBLISH or SPUBLISH, the message, mode (0 changes, 1 rewrite,
 # 2 goodbye: the node's keys of the partition go), n, n (field, value) pairs, fields to delete.
+# ``where`` maps each sessionID to the node that last wrote its record (a start elsewhere
+# finds it in one read: ``Cluster._adopt``); a node's entries go with its records.
 LIBRARY: Final = """#!lua name=hub
+local function unplace(records, where, node)
+  for _, f in ipairs(redis.call('HKEYS', records)) do
+    if string.byte(f, 1) ~= 64 and redis.call('HGET', where, f) == node then
+      redis.call('HDEL', where, f)
+    end
+  end
+end
 local function batch(keys, args)
-  local records, seq, holders, channel = keys[1], keys[2], keys[3], keys[4]
-  local mode = args[5]
-  if mode ~= '0' then redis.call('UNLINK', records) end
+  local records, seq, holders, channel, where = keys[1], keys[2], keys[3], keys[4], keys[5]
+  local node, mode = args[1], args[5]
+  if mode ~= '0' then
+    unplace(records, where, node)
+    redis.call('UNLINK', records)
+  end
   local i, n = 7, tonumber(args[6])
+  local stop = i + 2 * n
   while n > 0 do
     local m = math.min(n, 256)
     redis.call('HSET', records, unpack(args, i, i + 2 * m - 1))
     i, n = i + 2 * m, n - m
   end
+  for k = 7, stop - 1, 2 do
+    if string.byte(args[k], 1) ~= 64 then redis.call('HSET', where, args[k], node) end
+  end
   while i <= #args do
     local j = math.min(i + 511, #args)
     redis.call('HDEL', records, unpack(args, i, j))
     i = j + 1
+  end
+  for k = stop, #args do
+    if string.byte(args[k], 1) ~= 64 and redis.call('HGET', where, args[k]) == node then
+      redis.call('HDEL', where, args[k])
+    end
   end
   if mode == '2' then
     redis.call('UNLINK', seq)
@@ -126,14 +148,21 @@ local function batch(keys, args)
     redis.call('SET', seq, args[2])
   end
   if redis.call('EXISTS', records) == 1 then
-    redis.call('SADD', holders, args[1])
+    redis.call('SADD', holders, node)
   else
-    redis.call('SREM', holders, args[1])
+    redis.call('SREM', holders, node)
   end
   redis.call(args[3], channel, args[4])
   return 1
 end
+local function forget(keys, args)
+  unplace(keys[1], keys[4], args[1])
+  redis.call('UNLINK', keys[1], keys[2])
+  redis.call('SREM', keys[3], args[1])
+  return 1
+end
 redis.register_function('hub_batch', batch)
+redis.register_function('hub_forget', forget)
 """
 MODE_CHANGES: Final = "0"
 MODE_REWRITE: Final = "1"
@@ -790,10 +819,11 @@ class Cluster:
             seq_key(partition, self.node),
             holders_key(partition),
             channel(partition),
+            where_key(partition),
         )
         value = seq_value(self.epoch, seq, seq if base is None else base)
         args = [self.node, value, self._publish_command(), message, mode]
-        pipe.fcall("hub_batch", 4, *keys, *args, len(sets) // 2, *sets, *deletes)
+        pipe.fcall("hub_batch", len(keys), *keys, *args, len(sets) // 2, *sets, *deletes)
 
     def _announce(self, pipe: Any, partitions: list[str], hello: bool = False) -> None:
         """List partitions this node now has keys in, and tell mirrors (``{hub}:ctl``); a
@@ -955,7 +985,8 @@ class Cluster:
 
     async def _adopt(self, client: Any) -> None:
         """Look up the sessions this node started in partitions it does not mirror: one found
-        in another node's part continues from that record (``Registry.adopt``)."""
+        in another node's part (the partition's directory says whose) continues from that
+        record (``Registry.adopt``). Two pipelined round trips for all of them."""
         unknown, self._unknown = self._unknown, {}
         try:
             by_part: dict[str, list[SessionKey]] = {}
@@ -964,19 +995,18 @@ class Cluster:
             parts = list(by_part)
             pipe = client.pipeline(transaction=False)
             for p in parts:
-                pipe.smembers(holders_key(p))
-            listed = await pipe.execute()
+                pipe.hmget(where_key(p), [key[1] for key in by_part[p]])
+            placed = await pipe.execute()
             asked: list[tuple[str, SessionKey]] = []
             pipe = client.pipeline(transaction=False)
-            for p, members in zip(parts, listed, strict=True):
-                for raw in members:
-                    node = raw.decode()
-                    if node == self.node or node not in self.peers:
+            for p, nodes in zip(parts, placed, strict=True):
+                for key, raw in zip(by_part[p], nodes, strict=True):
+                    node = raw.decode() if raw is not None else None
+                    if node is None or node == self.node or node not in self.peers:
                         continue
-                    for key in by_part[p]:
-                        pipe.hget(records_key(p, node), key[1])
-                        pipe.hget(records_key(p, node), TOUCHED + key[1])
-                        asked.append((node, key))
+                    pipe.hget(records_key(p, node), key[1])
+                    pipe.hget(records_key(p, node), TOUCHED + key[1])
+                    asked.append((node, key))
             found = await pipe.execute() if asked else []
         except BaseException:
             for key, waiters in unknown.items():
@@ -1127,9 +1157,10 @@ class Cluster:
         parts = [raw.decode() for raw in await client.smembers(parts_key(node))]
         pipe = client.pipeline(transaction=False)
         for p in parts:
-            # UNLINK: a big hash is freed in the background, not in Redis's one thread.
-            _unlink(pipe, records_key(p, node), seq_key(p, node))
-            pipe.srem(holders_key(p), node)
+            # Its entries in the partition's directory, then its keys (UNLINK: a big hash is
+            # freed in the background, not in Redis's one thread).
+            keys = (records_key(p, node), seq_key(p, node), holders_key(p), where_key(p))
+            pipe.fcall("hub_forget", len(keys), *keys, node)
         pipe.hdel(NODES_KEY, node)
         _unlink(pipe, parts_key(node))
         await pipe.execute()

@@ -12,6 +12,8 @@ small, under the ``{hub}`` tag. README, "Cluster", tells the whole layout:
   ``lastActiveAt`` of heartbeats since (field ``@sessionID``);
 - ``{p:X}:seq:<node>`` — ``<epoch>:<seq>``: the node's last batch of X those reflect;
 - ``{p:X}:nodes`` — the nodes whose hash of X is not empty (what a reader reads);
+- ``{p:X}:where`` — sessionID → the node that last wrote its record (a start on a
+  node that does not mirror X looks its session up there);
 - ``{p:X}:ch`` — the channel of X's batches (sharded pub/sub on a Redis Cluster);
 - ``{hub}:nodes`` (node → epoch), ``{hub}:lease:<node>``, ``{hub}:parts:<node>``
   (the partitions the node has keys in) and ``{hub}:ctl``, the control channel.
@@ -80,6 +82,10 @@ def seq_key(partition: str, node: str) -> str:
 
 def holders_key(partition: str) -> str:
     return f"{_tag(partition)}:nodes"
+
+
+def where_key(partition: str) -> str:
+    return f"{_tag(partition)}:where"
 
 
 def channel(partition: str) -> str:

@@ -15,12 +15,13 @@ from contextlib import ExitStack
 from typing import Any
 
 import pytest
+import redis as redis_sync
 import websockets
 
 from hub.partitions import Partitioner, owners
 from tests.helpers import HubProcess, wait_for
 from tests.redis_server import RedisCluster, RedisServer, have_redis
-from tests.test_cluster import agent, node, sessions_of, tracker, wait_agreed
+from tests.test_cluster import LEASE, agent, node, sessions_of, tracker, wait_agreed
 from tests.test_ops import scrape, value
 
 pytestmark = pytest.mark.skipif(not have_redis(), reason="redis-server is not installed")
@@ -189,3 +190,25 @@ def _keys(port: int, pattern: str) -> list[str]:
         capture_output=True, text=True, timeout=5,
     ).stdout  # fmt: skip
     return out.split()
+
+
+async def test_the_directory_of_a_partition_follows_its_records_and_a_dead_node_s_are_removed() -> None:
+    with RedisServer() as redis, ExitStack() as stack:
+        first = stack.enter_context(node(redis.url, "n0"))
+        second = stack.enter_context(node(redis.url, "n1"))
+        for hub in (first, second):
+            hub.wait_ready(path="/readyz")
+        client = redis_sync.Redis(port=redis.port)
+        ws = await tracker(first.port, "d1")
+        other = await tracker(second.port, "d2")
+        await wait_for(lambda: client.hgetall("{p:p1}:where") == {b"d1": b"n0", b"d2": b"n1"})
+        await ws.send(json.dumps({"type": "end"}))
+        await wait_for(lambda: client.hgetall("{p:p1}:where") == {b"d2": b"n1"})
+        back = await tracker(first.port, "d3")
+        await wait_for(lambda: client.hget("{p:p1}:where", "d3") == b"n0")
+        first.kill()
+        # Past the lease the survivor reaps the dead node's keys, its directory entries with them.
+        await wait_for(lambda: client.hgetall("{p:p1}:where") == {b"d2": b"n1"}, timeout=LEASE + 5)
+        assert not client.exists("{p:p1}:s:n0")
+        await other.close()
+        await back.close()

@@ -20,6 +20,7 @@ from hub.partitions import (
     seq_value,
     snapshot_needed,
     verdict,
+    where_key,
 )
 from hub.wire import BatchKind
 
@@ -30,6 +31,7 @@ def _slot_tag(key: str) -> str:
 
 def test_every_key_and_the_channel_of_a_partition_share_its_hash_tag() -> None:
     keys = [records_key("shop", "n1"), seq_key("shop", "n1"), holders_key("shop"), channel("shop")]
+    keys.append(where_key("shop"))
     assert {_slot_tag(k) for k in keys} == {"p:shop"}
     assert _slot_tag(records_key("blog", "n1")) != _slot_tag(records_key("shop", "n1"))
     assert partition_of_channel(channel("my.shop-1")) == "my.shop-1"
