@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="seconds of the hold before the steady CPU window (which runs to the hold's end)",
         )
         p.add_argument(
+            "--steady-window",
+            type=float,
+            default=0.0,
+            help="instead: the hold's last S seconds, searches stopped and checks paused (heartbeat load)",
+        )
+        p.add_argument(
             "--api-key", default=os.environ.get("HUB_API_KEY", ""), help="organization API key [HUB_API_KEY]"
         )
         p.add_argument("-n", "--trackers", type=int, help="tracker sessions")
@@ -184,6 +190,7 @@ def options(args: argparse.Namespace) -> Options:
         redis=args.redis,
         fresh_searches=args.fresh_searches,
         steady_skip=args.steady_skip,
+        steady_window=args.steady_window,
         out=args.out,
         quiet=args.quiet,
     )

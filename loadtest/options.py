@@ -79,6 +79,9 @@ class Options:
     redis: bool = False  # start a redis-server on a free port; spawned hubs get --redis-url
     fresh_searches: bool = False  # each search on a new connection (lands on any --workers worker)
     steady_skip: float = 20.0  # seconds of the hold before the steady CPU window starts
+    # > 0: the steady window is instead the hold's last this many seconds, searches stopped and
+    # checks paused there (the hub's CPU at heartbeat load, agents connected).
+    steady_window: float = 0.0
     # ingest only
     ladder: list[float] = field(default_factory=list)
     step: float = 4.0
@@ -113,6 +116,8 @@ class Options:
             raise UsageError("too many trackers for the source addresses")
         if not 0 <= self.projects_zipf <= 1000:
             raise UsageError("--projects-zipf must be 0-1000")
+        if self.steady_skip < 0 or self.steady_window < 0:
+            raise UsageError("--steady-skip and --steady-window must be >= 0")
         if not 0 <= self.allowance <= MAX_ALLOWANCE:
             raise UsageError(f"--allowance must be 0-{MAX_ALLOWANCE:.0f} s")
         if self.redis and self.spawn != "hub":

@@ -86,6 +86,7 @@ class Run:
         watcher = loop.create_task(self.watch_registered()) if opts.scenario == "storm" else None
         hold_until: float | None = None
         steady_from: float | None = None
+        quiet = False  # --steady-window: searches stopped and checks paused for the window
         last_tick = time.monotonic()
         last_check = 0.0
         hard_stop = time.monotonic() + opts.ramp_time + opts.duration + 90
@@ -98,7 +99,7 @@ class Run:
                 if self.live_at is None and agg.live >= opts.trackers:
                     self.live_at = time.time()
                 hub_total = None
-                if now - last_check >= opts.check_interval and searchable:
+                if now - last_check >= opts.check_interval and searchable and not quiet:
                     last_check = now
                     hub_total = await self.checks.count()
                     await self.checks.sample()
@@ -108,11 +109,18 @@ class Run:
                 view.show(point, agg.errors, (self.checks.count_mismatches, self.checks.sample_missing))
                 if hold_until is None and agg.ramped:
                     hold_until = now + opts.duration
-                    steady_from = now + min(opts.steady_skip, opts.duration / 2)
+                    if opts.steady_window > 0:
+                        steady_from = hold_until - min(opts.steady_window, opts.duration)
+                    else:
+                        steady_from = now + min(opts.steady_skip, opts.duration / 2)
                     if opts.qps > 0 and searchable:
                         self.searches.start()
                 if steady_from is not None and now >= steady_from and "start" not in self.steady:
+                    if opts.steady_window > 0:
+                        quiet = True
+                        await self.searches.stop()
                     self.steady["start"] = await self.cpu_snapshot()
+                    self.steady["quiet"] = quiet
                 if (hold_until is not None and now >= hold_until) or now >= hard_stop:
                     if "start" in self.steady:
                         self.steady["end"] = await self.cpu_snapshot()

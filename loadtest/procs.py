@@ -9,6 +9,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -203,9 +204,20 @@ class Server:
             ]  # fmt: skip
         else:
             self.args = [sys.executable, "-m", "loadtest.baseline", "--port", str(self.port)]
-        self.proc = subprocess.Popen(
-            self.args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        # Its log goes to a file, never a pipe nobody reads: a hub that logs more than a pipe
+        # holds (64 KiB of warnings under load) would block on its next write.
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - kept open for the process's life
+            prefix=f"loadtest-{kind}-", suffix=".log", delete=False
         )
+        self.proc = subprocess.Popen(self.args, env=env, stdout=subprocess.DEVNULL, stderr=self.log)
+
+    def log_tail(self, chars: int = 2000) -> str:
+        """The end of the server's log (stderr)."""
+        try:
+            with open(self.log.name, errors="replace") as f:
+                return f.read()[-chars:]
+        except OSError:
+            return ""
 
     @property
     def url(self) -> str:
@@ -220,8 +232,7 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read() if self.proc.stderr else ""
-                raise RuntimeError(f"{self.kind} exited {self.proc.returncode}: {err.strip()[-2000:]}")
+                raise RuntimeError(f"{self.kind} exited {self.proc.returncode}: {self.log_tail().strip()}")
             try:
                 reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
                 writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
@@ -250,3 +261,4 @@ class Server:
         for child in children:
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
+        self.log.close()

@@ -34,7 +34,12 @@ def swarm_result(
     return {
         "scenario": opts.scenario,
         "options": opts.record(),
-        "server": {"spawned": opts.spawn, "command": run.servers[0].command if run.servers else None},
+        "server": {
+            "spawned": opts.spawn,
+            "command": run.servers[0].command if run.servers else None,
+            # Each server's log (stderr, --log-level warning): where it is and how it ends.
+            "logs": [{"path": srv.log.name, "tail": srv.log_tail(1500)} for srv in run.servers],
+        },
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - elapsed)),
         "seconds": round(elapsed, 2),
         "machine": machine(load_before),
@@ -90,6 +95,7 @@ def steady(snaps: dict[str, Any]) -> dict[str, Any] | None:
     }
     out: dict[str, Any] = {
         "seconds": round(seconds, 1),
+        "quiet": bool(snaps.get("quiet")),
         "live": [a["live"], b["live"]],
         "hub_cpu_pct": round(sum(per.values()), 1),
         "hub_cpu_pct_per_process": per,

@@ -363,7 +363,8 @@ def test_zipf_projects_over_independent_hubs_add_up(tmp_path: Path) -> None:
     out = tmp_path / "zipf-sharded.json"
     proc = loadtest(
         "mixed", "--spawn", "hub", "--hubs", "2", "--projects-zipf", "3", "-n", "150", "--agents", "6",
-        "--qps", "10", "--duration", "3", "--check-interval", "0.5", "--quiet", "--out", str(out),
+        "--qps", "10", "--duration", "4", "--steady-window", "2", "--check-interval", "0.5", "--quiet",
+        "--out", str(out),
         timeout=120,
     )  # fmt: skip
     assert out.exists(), proc.stderr[-3000:]
@@ -377,6 +378,12 @@ def test_zipf_projects_over_independent_hubs_add_up(tmp_path: Path) -> None:
     agents = final["agents"]
     assert agents["ok"] and agents["whole_project_agents"] == 3 and 0 < agents["sessions_held"] < 150
     assert len(result["processes"]["metrics"]) == 2
+    # The steady window was the hold's last 2 s, quiet: no search and no check ran in it.
+    steady = result["summary"]["steady"]
+    assert steady["quiet"] and 1.5 <= steady["seconds"] <= 3.5 and len(steady["hub_cpu_pct_per_process"]) == 2
+    last = result["timeseries"][-1]
+    assert last["search_p50"] is None and "hub_total" not in last
+    assert 0 < result["summary"]["search_ms"]["n"] <= 10 * 2.5  # 10/s for the hold's first 2 s only
 
 
 def test_the_allowance_does_not_hide_a_hub_that_loses_sessions(tmp_path: Path) -> None:
