@@ -994,7 +994,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 [r[f"{key}_mean"] for r in baseline["rows"]],
                 "s--",
                 color="tab:gray",
-                label="full mirror (baseline), mean",
+                label="full mirror (--baseline run), mean",
             )
         ax.set_xlabel("nodes")
         ax.set_xticks(sorted({*sizes, *(r["nodes"] for r in (baseline or {}).get("rows", []))}))
@@ -1006,6 +1006,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.suptitle(
         f"Cluster partitioned by project: {first['sessions_per_node']:,} sessions per node, "
         f"{result['changes_per_node']:.0f} changes/s per node, agents on 2 projects per node"
+        + ("\n(the baseline is another run: CPU compares within a line, not across)" if baseline else "")
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
