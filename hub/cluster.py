@@ -107,7 +107,12 @@ LOG_EVERY_S: Final = 30.0
 # 2 goodbye: the node's keys of the partition go), n, n (field, value) pairs, fields to delete.
 # ``where`` maps each sessionID to the node that last wrote its record (a start elsewhere
 # finds it in one read: ``Cluster._adopt``); a node's entries go with its records.
-LIBRARY: Final = """#!lua name=hub
+# The library and its functions carry a version: a node of a newer release loading its own
+# (FUNCTION LOAD REPLACE) never replaces what the running nodes of the older one call.
+LIBRARY_VERSION: Final = 2
+BATCH: Final = f"hub_batch_v{LIBRARY_VERSION}"
+FORGET: Final = f"hub_forget_v{LIBRARY_VERSION}"
+LIBRARY: Final = f"""#!lua name=hub_v{LIBRARY_VERSION}
 local function unplace(records, where, node)
   for _, f in ipairs(redis.call('HKEYS', records)) do
     if string.byte(f, 1) ~= 64 and redis.call('HGET', where, f) == node then
@@ -161,12 +166,16 @@ local function forget(keys, args)
   redis.call('SREM', keys[3], args[1])
   return 1
 end
-redis.register_function('hub_batch', batch)
-redis.register_function('hub_forget', forget)
+redis.register_function('{BATCH}', batch)
+redis.register_function('{FORGET}', forget)
 """
 MODE_CHANGES: Final = "0"
 MODE_REWRITE: Final = "1"
 MODE_GOODBYE: Final = "2"
+
+
+class LeaseLost(RedisError):
+    """This node's lease ran out while it ran: it must write its records again."""
 
 
 def default_node_id() -> str:
@@ -725,6 +734,12 @@ class Cluster:
             pairs += [(p, node) for node in sorted(names) if node in self.peers]
         await self._read_moved(client, pairs)
         self.mirrored.update(partitions)
+        now = time.monotonic()
+        for p in partitions:
+            if p in self._served:
+                # A search's idle time counts from its answer, not from its arrival: a
+                # bootstrap longer than --mirror-idle is not forgotten as it completes.
+                self._served[p] = now
         self._release(partitions)
 
     async def _read_moved(self, client: Any, pairs: list[tuple[str, str]]) -> None:
@@ -823,7 +838,13 @@ class Cluster:
         )
         value = seq_value(self.epoch, seq, seq if base is None else base)
         args = [self.node, value, self._publish_command(), message, mode]
-        pipe.fcall("hub_batch", len(keys), *keys, *args, len(sets) // 2, *sets, *deletes)
+        command = ("FCALL", BATCH, len(keys), *keys, *args, len(sets) // 2, *sets, *deletes)
+        if self._sharded:
+            # Routed by its first key; left to itself, redis-py's cluster pipeline asks the
+            # default node for the keys of an FCALL (COMMAND GETKEYS with the whole call).
+            pipe.execute_command(*command, target_nodes=self._client.get_node_from_key(keys[0]))
+        else:
+            pipe.execute_command(*command)
 
     def _announce(self, pipe: Any, partitions: list[str], hello: bool = False) -> None:
         """List partitions this node now has keys in, and tell mirrors (``{hub}:ctl``); a
@@ -965,8 +986,10 @@ class Cluster:
                     self._call(pipe, p, seq, message, MODE_CHANGES, sets, deletes)
                     sent.append((p, seq, up, gone))
                 self._announce(pipe, [p for p, _, up, _ in sent if up])
-                pipe.set(lease_key(self.node), self.epoch, px=self.lease_ms)
-                await pipe.execute()
+                # GET: the lease's value before, None once it ran out (peers may have reaped
+                # this node's keys meanwhile: see below).
+                pipe.set(lease_key(self.node), self.epoch, px=self.lease_ms, get=True)
+                results = await pipe.execute()
             except BaseException:
                 self._restore(pending)
                 raise
@@ -982,6 +1005,12 @@ class Cluster:
                         self._request(p)  # a partition this node owns: mirror it now
             self._last_publish = time.monotonic()
             self.published += len(sent)
+            if results[-1] is None and not final:
+                # This node could not refresh its lease for a whole lease (a stall, Redis
+                # answering late): peers took it for dead and may have removed its keys.
+                # Start over: the next session rewrites every partition it holds.
+                log.warning("cluster.lease_lost", extra={"fields": {"node": self.node}})
+                raise LeaseLost(f"the lease of {self.node} ran out before it was refreshed")
 
     async def _adopt(self, client: Any) -> None:
         """Look up the sessions this node started in partitions it does not mirror: one found
@@ -1160,7 +1189,7 @@ class Cluster:
             # Its entries in the partition's directory, then its keys (UNLINK: a big hash is
             # freed in the background, not in Redis's one thread).
             keys = (records_key(p, node), seq_key(p, node), holders_key(p), where_key(p))
-            pipe.fcall("hub_forget", len(keys), *keys, node)
+            pipe.fcall(FORGET, len(keys), *keys, node)
         pipe.hdel(NODES_KEY, node)
         _unlink(pipe, parts_key(node))
         await pipe.execute()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 from typing import Any
 
@@ -114,3 +115,22 @@ async def test_after_a_redis_restart_each_node_reads_a_peer_at_most_once() -> No
         assert snapshot_reads <= count * (count - 1) // 2, reads
         for ws in live:
             await ws.close()
+
+
+async def test_a_node_stalled_past_its_lease_writes_its_sessions_again() -> None:
+    with RedisServer() as redis, cluster(redis.url, 2) as nodes:
+        watcher, stalled = nodes
+        ws = [await tracker(stalled.port, f"st{i}") for i in range(5)]
+        expect = {f"st{i}" for i in range(5)}
+        await wait_agreed(nodes, expect)
+        os.kill(stalled.proc.pid, signal.SIGSTOP)
+        try:
+            # Its peer takes it for dead (node_lost) and reaps its keys.
+            await wait_agreed([watcher], set(), timeout=LEASE + 5)
+            await wait_for(lambda: not redis_sync.Redis(port=redis.port).exists("{p:p1}:s:n1"), timeout=5)
+        finally:
+            os.kill(stalled.proc.pid, signal.SIGCONT)
+        # Back, it finds its lease ran out and writes its partitions again: its sessions return.
+        await wait_agreed(nodes, expect, timeout=10)
+        for w in ws:
+            await w.close()
