@@ -596,11 +596,16 @@ class Cluster:
     async def _unmirror(self, subscriber: Subscriber, partition: str) -> None:
         self.mirrored.discard(partition)
         self._served.pop(partition, None)
+        await subscriber.unsubscribe([channel(partition)])
+        forgotten = self._forget(partition)
+        log.info("cluster.unmirrored", extra={"fields": {"partition": partition, "sessions": forgotten}})
+
+    def _forget(self, partition: str) -> int:
+        """Forget the others' sessions of a partition no longer mirrored, and where their
+        batches had got to; how many sessions left the index."""
         for peer in self.peers.values():
             peer.seqs.pop(partition, None)
-        await subscriber.unsubscribe([channel(partition)])
-        forgotten = self.registry.forget_part(partition, now_ms())
-        log.info("cluster.unmirrored", extra={"fields": {"partition": partition, "sessions": forgotten}})
+        return self.registry.forget_part(partition, now_ms())
 
     async def _tick(self) -> None:
         """Ask the applier to review interest now and then."""
@@ -664,9 +669,7 @@ class Cluster:
         self.mirrored.clear()
         await self._sync_cluster(client, subscriber)
         for p in before - self.mirrored:
-            self.registry.forget_part(p, now_ms())
-            for peer in self.peers.values():
-                peer.seqs.pop(p, None)
+            self._forget(p)
         self._lenient_until = time.monotonic() + self.lease + BACKOFF_MAX * 1.5 if lost else 0.0
         heard = time.monotonic()
         for peer in self.peers.values():
@@ -700,12 +703,7 @@ class Cluster:
             if lease is None:
                 await self._forget_dead(client, node)
                 continue
-            peer = self.peers.get(node)
-            if peer is not None and peer.epoch != nodes[node]:
-                self._drop(node, EndReason.NODE_LOST)  # restarted under the same id
-                peer = None
-            if peer is None:
-                self.peers[node] = Peer(nodes[node], time.monotonic())
+            self._peer(node, nodes[node])
             for raw in parts:
                 holders.setdefault(raw.decode(), set()).add(node)
         # Peers this node knew of that Redis no longer lists are gone (e.g. Redis lost them
@@ -781,12 +779,7 @@ class Cluster:
             if seq is None:
                 continue
             epoch, number, _ = seq
-            peer = self.peers.get(node)
-            if peer is not None and peer.epoch != epoch:
-                self._drop(node, EndReason.NODE_LOST)
-                peer = None
-            if peer is None:
-                peer = self.peers[node] = Peer(epoch, time.monotonic())
+            peer = self._peer(node, epoch)
             self.reads += 1
             self.registry.reconcile(node, self._records(node, found[2 * i + 1]), now, p)
             peer.seqs[p] = number
@@ -854,7 +847,11 @@ class Cluster:
             return
         if new:
             pipe.sadd(parts_key(self.node), *new)
-        message = _encode(Control(self.node, self.epoch, BatchKind.HOLDS, new))
+        self._tell(pipe, BatchKind.HOLDS, new)
+
+    def _tell(self, pipe: Any, kind: BatchKind, partitions: list[str]) -> None:
+        """Publish a control message of this node on ``{hub}:ctl``."""
+        message = _encode(Control(self.node, self.epoch, kind, partitions))
         if self._sharded:
             pipe.spublish(CONTROL_CHANNEL, message)
         else:
@@ -1232,11 +1229,7 @@ class Cluster:
                 self._seq[p] = seq
                 message = _encode(_BatchOut(self.node, self.epoch, p, seq, BatchKind.BYE, [], [], []))
                 self._call(pipe, p, seq, message, MODE_GOODBYE, [], [])
-            bye = _encode(Control(self.node, self.epoch, BatchKind.BYE, []))
-            if self._sharded:
-                pipe.spublish(CONTROL_CHANNEL, bye)
-            else:
-                pipe.publish(CONTROL_CHANNEL, bye)
+            self._tell(pipe, BatchKind.BYE, [])
             pipe.hdel(NODES_KEY, self.node)
             _unlink(pipe, lease_key(self.node), parts_key(self.node))
             await pipe.execute()
