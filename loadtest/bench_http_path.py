@@ -18,9 +18,9 @@ import argparse
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
+
+from loadtest import bench_instructions
 
 CHILD = r"""
 import gc, sys, time
@@ -82,25 +82,12 @@ KINDS = {"search": "GET search, 200 sessions, limit 10", "healthz": "GET /health
 def run_child(tree: str, kind: str, rounds: int, child: str, callgrind: bool) -> tuple[int, float]:
     """(instructions, wall µs per request) of one child run."""
     # One hash seed: dict and set layouts, so instruction counts, repeat.
-    env = {**os.environ, "PYTHONPATH": tree, "PYTHONHASHSEED": "0"}
-    with tempfile.TemporaryDirectory() as out:
-        command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/cg"] if callgrind else []
-        proc = subprocess.run(
-            [*command, sys.executable, child, kind, str(rounds)],
-            env=env,
-            cwd=out,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    wall = re.search(r"wall ([\d.]+)", proc.stderr)
+    stderr = bench_instructions.run_child(tree, kind, rounds, child, callgrind, {"PYTHONHASHSEED": "0"})
     if not callgrind:
+        wall = re.search(r"wall ([\d.]+)", stderr)
         assert wall is not None
         return 0, float(wall.group(1))
-    found = re.search(r"Collected : (\d+)", proc.stderr)
-    if found is None:
-        raise SystemExit(f"no instruction count from valgrind:\n{proc.stderr[-2000:]}")
-    return int(found.group(1)), 0.0
+    return bench_instructions.collected(stderr), 0.0
 
 
 def main() -> None:

@@ -83,22 +83,34 @@ OPS = {"heartbeat": 500, "change": 200}  # operations per round
 ROUNDS = 10
 
 
-def instructions(tree: str, kind: str, rounds: int, child: str) -> int:
-    env = {**os.environ, "PYTHONPATH": tree}
+def run_child(
+    tree: str, kind: str, rounds: int, child: str, callgrind: bool = True, env: dict[str, str] | None = None
+) -> str:
+    """The stderr of ``child kind rounds`` run on ``tree``'s hub (under callgrind or not)."""
+    full_env = {**os.environ, "PYTHONPATH": tree, **(env or {})}
     with tempfile.TemporaryDirectory() as out:
-        command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/cg"]
+        command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/cg"] if callgrind else []
         proc = subprocess.run(
             [*command, sys.executable, child, kind, str(rounds)],
-            env=env,
+            env=full_env,
             cwd=out,
             capture_output=True,
             text=True,
             check=True,
         )
-    found = re.search(r"Collected : (\d+)", proc.stderr)
+    return proc.stderr
+
+
+def collected(stderr: str) -> int:
+    """The instructions callgrind counted, from its stderr."""
+    found = re.search(r"Collected : (\d+)", stderr)
     if found is None:
-        raise SystemExit(f"no instruction count from valgrind:\n{proc.stderr[-2000:]}")
+        raise SystemExit(f"no instruction count from valgrind:\n{stderr[-2000:]}")
     return int(found.group(1))
+
+
+def instructions(tree: str, kind: str, rounds: int, child: str) -> int:
+    return collected(run_child(tree, kind, rounds, child))
 
 
 def main() -> None:
