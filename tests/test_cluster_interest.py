@@ -21,7 +21,7 @@ import websockets
 from hub.partitions import Partitioner, owners
 from tests.helpers import HubProcess, wait_for
 from tests.redis_server import RedisCluster, RedisServer, have_redis
-from tests.test_cluster import LEASE, agent, node, sessions_of, tracker, wait_agreed
+from tests.test_cluster import LEASE, agent, cluster, node, sessions_of, tracker, wait_agreed
 from tests.test_ops import scrape, value
 
 pytestmark = pytest.mark.skipif(not have_redis(), reason="redis-server is not installed")
@@ -43,10 +43,8 @@ async def _metric(hub: HubProcess, name: str) -> float:
 
 async def test_a_cold_node_answers_its_first_search_whole_then_forgets_after_the_idle_time() -> None:
     mirrors, cold_name = _roles()
-    with RedisServer() as redis, ExitStack() as stack:
-        hubs = {n: stack.enter_context(node(redis.url, n, "--mirror-idle", str(IDLE))) for n in NAMES}
-        for hub in hubs.values():
-            hub.wait_ready(path="/readyz")
+    with RedisServer() as redis, cluster(redis.url, len(NAMES), "--mirror-idle", str(IDLE)) as nodes:
+        hubs = dict(zip(NAMES, nodes, strict=True))
         warm, cold = hubs[mirrors[0]], hubs[cold_name]
         trackers = [await tracker(hubs[mirrors[i % 2]].port, f"s{i}", userID=f"u{i}") for i in range(6)]
         own = await tracker(cold.port, "mine")
@@ -75,10 +73,8 @@ async def test_a_cold_node_answers_its_first_search_whole_then_forgets_after_the
 
 async def test_an_agent_keeps_the_project_mirrored_while_connected_and_gets_the_whole_snapshot() -> None:
     mirrors, cold_name = _roles()
-    with RedisServer() as redis, ExitStack() as stack:
-        hubs = {n: stack.enter_context(node(redis.url, n, "--mirror-idle", str(IDLE))) for n in NAMES}
-        for hub in hubs.values():
-            hub.wait_ready(path="/readyz")
+    with RedisServer() as redis, cluster(redis.url, len(NAMES), "--mirror-idle", str(IDLE)) as nodes:
+        hubs = dict(zip(NAMES, nodes, strict=True))
         warm, cold = hubs[mirrors[0]], hubs[cold_name]
         ws = [await tracker(warm.port, f"a{i}") for i in range(3)]
         await wait_agreed([warm], {"a0", "a1", "a2"})
@@ -136,10 +132,8 @@ async def test_partitions_spread_over_a_redis_cluster_s_masters() -> None:
 
 async def test_a_tab_resuming_on_a_node_that_does_not_mirror_the_project_continues_its_session() -> None:
     mirrors, cold_name = _roles()
-    with RedisServer() as redis, ExitStack() as stack:
-        hubs = {n: stack.enter_context(node(redis.url, n)) for n in NAMES}
-        for hub in hubs.values():
-            hub.wait_ready(path="/readyz")
+    with RedisServer() as redis, cluster(redis.url, len(NAMES)) as nodes:
+        hubs = dict(zip(NAMES, nodes, strict=True))
         warm, cold = hubs[mirrors[0]], hubs[cold_name]
         ws = await tracker(warm.port, "r", url="https://shop.test/a", userID="ann")
         await ws.send(json.dumps({"type": "update", "url": "https://shop.test/b"}))
@@ -161,11 +155,9 @@ async def test_a_project_in_buckets_is_answered_whole_by_a_node_that_owned_only_
     buckets = Partitioner({"p1": 4}).of_project("p1")
     owned = {n: {b for b in buckets if n in owners(b, NAMES)} for n in NAMES}
     partial = next(n for n in NAMES if len(owned[n]) < len(buckets))
-    with RedisCluster() as redis, ExitStack() as stack:
-        args = ("--project-buckets", "p1=4", "--mirror-idle", str(IDLE))
-        hubs = {n: stack.enter_context(node(redis.url, n, *args)) for n in NAMES}
-        for hub in hubs.values():
-            hub.wait_ready(path="/readyz")
+    args = ("--project-buckets", "p1=4", "--mirror-idle", str(IDLE))
+    with RedisCluster() as redis, cluster(redis.url, len(NAMES), *args) as nodes:
+        hubs = dict(zip(NAMES, nodes, strict=True))
         others = [n for n in NAMES if n != partial]
         ws = [await tracker(hubs[others[i % 2]].port, f"b{i}") for i in range(24)]
         expect = {f"b{i}" for i in range(24)}
