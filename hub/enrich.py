@@ -99,7 +99,7 @@ import ipaddress
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator, Mapping
 from socket import AF_INET, AF_INET6, inet_ntop, inet_pton
-from typing import Any, Final, NamedTuple, TypeVar, overload
+from typing import Any, Final, Generic, NamedTuple, TypeVar, overload
 
 import maxminddb
 from ua_parser import load_lazy_builtins
@@ -189,6 +189,35 @@ class CacheInfo(NamedTuple):
     currsize: int
 
 
+class Lru(Generic[T]):
+    """A bounded map, the least recently used entry out first; counts lookups found and not."""
+
+    __slots__ = ("_items", "hits", "misses", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[str, T] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: str) -> T | None:
+        found = self._items.get(key)
+        if found is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return found
+
+    def put(self, key: str, value: T) -> None:
+        items = self._items
+        items[key] = value
+        if len(items) > self.size:
+            items.popitem(last=False)
+
+    def info(self) -> CacheInfo:
+        return CacheInfo(self.hits, self.misses, self.size, len(self._items))
+
+
 class Agent:
     """One User-Agent string and what is parsed from it so far: ``parsed`` tells the domains done,
     ``fields`` the record fields they found (shared: read, never handed out)."""
@@ -213,9 +242,7 @@ class UserAgents:
         self._browser = resolver.ua.extract
         self._system = resolver.os.extract
         self._device = resolver.de.extract
-        self._size = cache_size
-        self._agents: OrderedDict[str, Agent] = OrderedDict()
-        self._hits = self._misses = 0
+        self._agents: Lru[Agent] = Lru(cache_size)
         # New strings not parsed yet, and the domains read since the last batch.
         self._fresh: list[Agent] = []
         self.wanted = 0
@@ -228,16 +255,11 @@ class UserAgents:
         ua = header.strip()[:MAX_STRING]
         if not ua:
             return None
-        agents = self._agents
-        agent = agents.get(ua)
+        agent = self._agents.get(ua)
         if agent is not None:
-            agents.move_to_end(ua)
-            self._hits += 1
             return agent
-        self._misses += 1
-        agent = agents[ua] = Agent(ua)
-        if len(agents) > self._size:
-            agents.popitem(last=False)
+        agent = Agent(ua)
+        self._agents.put(ua, agent)
         if len(self._fresh) < BATCH_MAX:
             self._fresh.append(agent)
         return agent
@@ -275,7 +297,7 @@ class UserAgents:
         return agent.fields
 
     def cache_info(self) -> CacheInfo:
-        return CacheInfo(self._hits, self._misses, self._size, len(self._agents))
+        return self._agents.info()
 
     def _parse(self, agent: Agent, domains: int) -> None:
         todo = domains & ~agent.parsed
@@ -337,8 +359,7 @@ class GeoIP:
     def __init__(self, path: str, cache_size: int = GEO_CACHE_SIZE) -> None:
         self._reader = maxminddb.open_database(path, maxminddb.MODE_AUTO)
         self._size = cache_size
-        self._places: OrderedDict[str, dict[str, str]] = OrderedDict()
-        self._hits = self._misses = 0
+        self._places: Lru[dict[str, str]] = Lru(cache_size)
         # Per IP version: (prefix length, shift, networks of that length by address >> shift).
         self._lengths: dict[int, list[tuple[int, int, dict[int, dict[str, str]]]]] = {4: [], 6: []}
         self._by_length: dict[int, dict[int, dict[int, dict[str, str]]]] = {4: {}, 6: {}}
@@ -349,13 +370,9 @@ class GeoIP:
     def place(self, address: _Address) -> dict[str, str]:
         """The location of an address, shared with the cache: not to change."""
         text = address[2]
-        places = self._places
-        found = places.get(text)
+        found = self._places.get(text)
         if found is not None:
-            places.move_to_end(text)
-            self._hits += 1
             return found
-        self._misses += 1
         value = address[1]
         for _, shift, networks in self._lengths[address[0]]:
             found = networks.get(value >> shift)
@@ -363,9 +380,7 @@ class GeoIP:
                 break
         else:
             found = self._lookup(address)
-        places[text] = found
-        if len(places) > self._size:
-            places.popitem(last=False)
+        self._places.put(text, found)
         return found
 
     def fields(self, address: str) -> dict[str, str]:
@@ -382,7 +397,7 @@ class GeoIP:
         return _location(record)
 
     def cache_info(self) -> CacheInfo:
-        return CacheInfo(self._hits, self._misses, self._size, len(self._places))
+        return self._places.info()
 
     def close(self) -> None:
         self._reader.close()
