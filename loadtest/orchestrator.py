@@ -121,6 +121,10 @@ class Run:
                         await self.searches.stop()
                     self.steady["start"] = await self.cpu_snapshot()
                     self.steady["quiet"] = quiet
+                    if opts.steady_window > 0 and hold_until is not None:
+                        # Stopping the searches waits for those in flight: the window still
+                        # lasts what was asked.
+                        hold_until = max(hold_until, self.steady["start"]["at"] + opts.steady_window)
                 if (hold_until is not None and now >= hold_until) or now >= hard_stop:
                     if "start" in self.steady:
                         self.steady["end"] = await self.cpu_snapshot()

@@ -77,7 +77,8 @@ async def test_an_agent_keeps_the_project_mirrored_while_connected_and_gets_the_
         hubs = dict(zip(NAMES, nodes, strict=True))
         warm, cold = hubs[mirrors[0]], hubs[cold_name]
         ws = [await tracker(warm.port, f"a{i}") for i in range(3)]
-        await wait_agreed([warm], {"a0", "a1", "a2"})
+        # Published: the backup mirrors them (the cold node reads what Redis holds).
+        await wait_agreed([warm, hubs[mirrors[1]]], {"a0", "a1", "a2"})
         async with agent(cold.port) as log:
             snapshot = log.frames[0]
             assert {s["sessionID"] for s in snapshot["sessions"]} == {"a0", "a1", "a2"}
