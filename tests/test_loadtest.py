@@ -349,7 +349,7 @@ def test_zipf_projects_over_workers_with_a_redis_of_its_own(tmp_path: Path) -> N
     assert searched == {f"zipf-0{k}" for k in range(4)}
     steady = summary["steady"]
     # The mixed swarm ends and restarts sessions: one restarting at a snapshot is not live then.
-    assert steady["seconds"] >= 1 and 236 <= min(steady["live"]) <= max(steady["live"]) == 240
+    assert steady["seconds"] >= 1 and 236 <= min(steady["live"]) <= max(steady["live"]) <= 240
     assert "redis_cpu_pct" in steady
     assert len(steady["hub_cpu_pct_per_process"]) == 3  # the parent and its 2 workers
     assert summary["redis"]["memory"]["live"] == 240
