@@ -11,8 +11,9 @@ Writes: each ``--publish-window`` the node groups its pending changes by
 partition; per partition one call of the ``hub_batch`` Redis Function writes
 the records (a heartbeat only a ``@sessionID`` field: its lastActiveAt), the
 sequence number and publishes the batch, atomically in the partition's slot;
-all partitions' calls and the node's lease go in one pipeline (a Redis
-Cluster pipeline sends each to its slot's master). Channels are sharded
+all partitions' calls go in one pipeline (a Redis Cluster pipeline sends each
+to its slot's master), with the node's lease every lease/4. Heartbeats alone
+wait up to ``--touch-window`` (one batch then carries many of them). Channels are sharded
 pub/sub on a Redis Cluster (one connection per master), plain pub/sub on
 one Redis.
 
@@ -402,8 +403,14 @@ class Cluster:
         self._departed: set[tuple[str, str]] = set()
         self._wake = anyio.Event()
         self._lock = anyio.Lock()
-        self._last_publish = 0.0
         self.window = settings.publish_window
+        # Heartbeats wait up to ``touch_window`` (from the first pending one) unless a
+        # change goes out sooner: one batch carries many, and lastActiveAt lags that much.
+        self.touch_window = settings.touch_window
+        self._touched_at: float | None = None
+        # When the lease was last refreshed (every lease/4, not every batch: it lives on the
+        # ``{hub}`` tag's master).
+        self._lease_at = 0.0
         # Peers' missing leases are not believed until then (after a bootstrap).
         self._lenient_until = 0.0
         self._link = Link(self.url, "cluster")
@@ -420,6 +427,9 @@ class Cluster:
         # before their record goes out (a resume?), and what waits for the answer.
         self._unknown: dict[SessionKey, list[Callable[[bool], None]]] = {}
         self.adopted = 0  # starts found to be resumes of sessions held elsewhere
+        # Owners mirror a partition whatever they serve, so a dead node's sessions are
+        # reported ended by a survivor: only webhooks need that (README, "Webhooks").
+        self.owner_count = 2 if settings.webhook_urls or settings.webhooks_file else 0
         # Whether this node owns each partition, for the membership in ``_members``.
         self._members: frozenset[str] = frozenset()
         self._owned: dict[str, bool] = {}
@@ -430,7 +440,14 @@ class Cluster:
         if self.leaving:
             return
         pending = self._pending.setdefault(self.parts.of(key), {})
-        if mark == TOUCH and key in pending:
+        if mark == TOUCH:
+            if key in pending:
+                return
+            pending[key] = mark
+            if self._touched_at is None:
+                self._touched_at = time.monotonic()
+                if not self.touch_window:
+                    self._wake.set()
             return
         pending[key] = mark
         self._wake.set()
@@ -570,13 +587,17 @@ class Cluster:
     def _owns(self, partition: str) -> bool:
         """Whether this node is one of ``partition``'s owners among the nodes it knows (cached
         until the membership changes: a review asks for every known partition)."""
+        if not self.owner_count:
+            return False
         members = frozenset(self.peers)
         if members != self._members:
             self._members = members
             self._owned.clear()
         owned = self._owned.get(partition)
         if owned is None:
-            owned = self._owned[partition] = self.node in owners(partition, [self.node, *members])
+            owned = self._owned[partition] = self.node in owners(
+                partition, [self.node, *members], self.owner_count
+            )
         return owned
 
     async def _review(self, client: Any, subscriber: Subscriber) -> None:
@@ -866,6 +887,8 @@ class Cluster:
         """
         async with self._lock:
             pending, self._pending = self._pending, {}
+            self._touched_at = None
+            started = time.monotonic()
             held: dict[str, list[Session]] = {}
             for session in self.registry.held():
                 held.setdefault(self.parts.of(_key_of(session)), []).append(session)
@@ -905,7 +928,7 @@ class Cluster:
             self._announced = set(partitions)
             self._in_redis = {p: {_key_of(s) for s in held.get(p, ())} for p in partitions}
             self._acked.update(seqs)
-            self._last_publish = time.monotonic()
+            self._lease_at = started
             self.published += len(partitions)
 
     def _changes(
@@ -933,6 +956,8 @@ class Cluster:
             mine = self._pending.setdefault(p, {})
             for key, mark in marks.items():
                 mine.setdefault(key, mark)
+        if self._pending and self._touched_at is None:
+            self._touched_at = time.monotonic()  # restored heartbeats go out with the next batch
 
     def _record(self, session: Session) -> bytes:
         """The session as this node holds it: its own tabs and their activity, not the cluster's."""
@@ -944,14 +969,19 @@ class Cluster:
     async def _publisher(self, client: Any) -> None:
         ping = max(self.lease / 4, 0.01)
         while not self.leaving:
-            with anyio.move_on_after(ping):
+            due = self._lease_at + ping
+            if self._touched_at is not None:
+                due = min(due, self._touched_at + self.touch_window)
+            with anyio.move_on_after(max(0.0, due - time.monotonic())):
                 await self._wake.wait()
-            if self._pending and self.window:
+            if self._wake.is_set() and self.window:
                 # Gather what else changes within the window into the same batches.
                 await anyio.sleep(self.window)
             if self._unknown:
                 await self._adopt(client)
-            if self._pending or time.monotonic() - self._last_publish >= ping:
+            now = time.monotonic()
+            touches_due = self._touched_at is not None and now - self._touched_at >= self.touch_window
+            if self._wake.is_set() or touches_due or now - self._lease_at >= ping:
                 await self.flush(client)
 
     async def flush(self, client: Any, final: bool = False) -> None:
@@ -961,6 +991,9 @@ class Cluster:
                 return  # nothing may follow the goodbye
             self._wake = anyio.Event()
             pending, self._pending = self._pending, {}
+            self._touched_at = None
+            started = time.monotonic()
+            refresh = final or started - self._lease_at >= self.lease / 4
             sent: list[tuple[str, int, list[tuple[SessionKey, Raw]], Gone]] = []
             try:
                 pipe = client.pipeline(transaction=False)
@@ -983,10 +1016,11 @@ class Cluster:
                     self._call(pipe, p, seq, message, MODE_CHANGES, sets, deletes)
                     sent.append((p, seq, up, gone))
                 self._announce(pipe, [p for p, _, up, _ in sent if up])
-                # GET: the lease's value before, None once it ran out (peers may have reaped
-                # this node's keys meanwhile: see below).
-                pipe.set(lease_key(self.node), self.epoch, px=self.lease_ms, get=True)
-                results = await pipe.execute()
+                if refresh:
+                    # GET: the lease's value before, None once it ran out (peers may have
+                    # reaped this node's keys meanwhile: see below).
+                    pipe.set(lease_key(self.node), self.epoch, px=self.lease_ms, get=True)
+                results = await pipe.execute() if len(pipe) else []
             except BaseException:
                 self._restore(pending)
                 raise
@@ -1000,8 +1034,10 @@ class Cluster:
                     self._announced.add(p)
                     if p not in self.mirrored and self._owns(p):
                         self._request(p)  # a partition this node owns: mirror it now
-            self._last_publish = time.monotonic()
             self.published += len(sent)
+            if not refresh:
+                return
+            self._lease_at = started
             if results[-1] is None and not final:
                 # This node could not refresh its lease for a whole lease (a stall, Redis
                 # answering late): peers took it for dead and may have removed its keys.

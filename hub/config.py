@@ -48,6 +48,9 @@ class Settings:
     node_id: str = ""
     # Seconds a node gathers its changes before publishing them as one batch (0 = at once).
     publish_window: float = 0.005
+    # Seconds a node gathers heartbeats (lastActiveAt only) before publishing them; a
+    # change to a record goes out within the publish window and takes them along.
+    touch_window: float = 0.25
     # Seconds a node keeps mirroring a project after its last search there (README, "Cluster").
     mirror_idle: float = 300.0
     # Project -> partitions its sessions are split into by sessionID (README, "Cluster").
@@ -420,6 +423,12 @@ OPTIONS: Final[list[tuple[str, Any, str]]] = [
         "publish-window",
         _non_negative("publish-window", float),
         "seconds a cluster node gathers changes into one Redis batch (default 0.005, 0 = at once)",
+    ),
+    (
+        "touch-window",
+        _non_negative("touch-window", float),
+        "seconds a cluster node gathers heartbeats (lastActiveAt only) into one batch; other "
+        "changes go out within the publish window and take them along (default 0.25)",
     ),
     (
         "project-buckets",

@@ -4,9 +4,10 @@ Three real hub nodes (``loadtest.scaling_node`` processes: ``hub.app.Hub`` as
 ``hub serve`` builds it, its index filled through its registry, no tracker
 sockets) on one ``redis-server`` (free port, ``tests/redis_server.py``). One
 project, ``p00``, holds ``--sizes`` sessions, half on each of two *holders*;
-the third node holds none, is not one of the project's two owners (its name is
-picked with ``hub.partitions.owners``) and has no agent: it does not mirror
-the project. Then, ``--reps`` times:
+the third node holds none and has no agent: it does not mirror the project
+(the nodes run without webhooks, so the project has no owners that mirror it
+regardless). The first holder is searched once first, so it mirrors the
+project (warm). Then, ``--reps`` times:
 
 1. wait until the third node mirrors nothing (``hub_cluster_mirrored_partitions``
    0: its ``--mirror-idle`` ran out since its last search);
@@ -41,22 +42,13 @@ from typing import Any
 
 import psutil
 
-from hub.partitions import owners
 from loadtest.bench_scaling import RESULTS, Load, Node, Nodes, filled, loadavg, log, settled
 from tests.redis_server import RedisServer
 
 PROJECT = "p00"  # scaling_node's project of every session with --projects 1
 HOLDERS = ("h0", "h1")
+COLD = "c0"
 TARGETS = {1_000: 0.2, 10_000: 0.5, 100_000: 2.0}
-
-
-def cold_name() -> str:
-    """A node name that is not one of the project's owners beside the holders."""
-    for i in range(1000):
-        name = f"c{i}"
-        if name not in owners(PROJECT, [*HOLDERS, name]):
-            return name
-    raise RuntimeError("no name found that does not own the project")
 
 
 async def until_idle(node: Node, timeout: float) -> float:
@@ -98,11 +90,13 @@ async def case(args: argparse.Namespace, size: int, workdir: Path) -> dict[str, 
         nodes = Nodes(server.url, Load(half, 1, args.rate, 1 / 3), workdir)
         try:
             holders = [await nodes.spawn(name) for name in HOLDERS]
-            name = cold_name()
-            cold = await nodes.spawn(name, sessions=0, hub_args=["--mirror-idle", str(args.mirror_idle)])
+            cold = await nodes.spawn(COLD, sessions=0, hub_args=["--mirror-idle", str(args.mirror_idle)])
             await filled([*holders, cold], timeout=60 + total / 1000)
-            serves = {h.name: {0} for h in holders} | {cold.name: set()}
+            serves: dict[str, set[int]] = {n.name: set() for n in [*holders, cold]}
             fill_s = await settled([*holders, cold], serves, [total], timeout=60 + total / 1000)
+            # The first holder serves the project from now on (searched within its idle time).
+            await timed(holders[0], args.limit, args.timeout)
+            await settled([holders[0]], {holders[0].name: {0}}, [total], timeout=60 + total / 1000)
             reps: list[dict[str, Any]] = []
             for _ in range(args.reps):
                 idle_s = await until_idle(cold, args.mirror_idle + 30)
@@ -134,8 +128,7 @@ async def case(args: argparse.Namespace, size: int, workdir: Path) -> dict[str, 
     result = {
         "sessions": total,
         "holders": list(HOLDERS),
-        "cold_node": name,
-        "owners": owners(PROJECT, [*HOLDERS, name]),
+        "cold_node": COLD,
         "reps": len(reps),
         "fill_and_settle_s": round(fill_s, 2),
         "first": first,

@@ -7,10 +7,10 @@ cluster partitioned by project) runs exactly as it does behind trackers.
 Redis runs on free ports (never 6379), from ``tests/redis_server.py``.
 
 A node mirrors a project (holds the other nodes' sessions of it) only while
-it serves it: an agent of its own follows the project, a search of it within
-``--mirror-idle``, or it is one of the project's two owners
-(``hub.partitions.owners`` over the live nodes). The bench computes what each
-node serves (owners + its agents' projects), waits until each node mirrors
+it serves it: an agent of its own follows the project, or a search of it
+within ``--mirror-idle`` (the nodes run without webhooks, so no partition has
+owners that mirror it regardless). The bench computes what each node serves
+(its agents' projects), waits until each node mirrors
 exactly that many partitions and holds every session of each (the labelled
 ``hub_project_live_sessions``), and compares answers only among the nodes
 serving a project: searching a project on any other node would make it
@@ -21,13 +21,14 @@ mirror the project and change what is measured. Cases:
   to each of its 2 served projects; per-node CPU over a steady window and RSS,
   the ratio of the largest size to the smallest, a plot (with the full-mirror
   baseline of ``--baseline`` beside it).
-- ``spread`` (figure 3): a local 3-master Redis Cluster, 100 projects: per
-  master commands/s and bytes/s (INFO commandstats / stats deltas), max/mean.
+- ``spread`` (figure 3): a local 3-master Redis Cluster, 100 projects, each
+  followed by agents on two nodes: per master commands/s and bytes/s (INFO
+  commandstats / stats deltas), max/mean.
 - ``join`` (figure 4): a cluster holding 50k sessions changing 5k times/s,
   Redis's ``client-output-buffer-limit pubsub 4mb 2mb 5``; a new node joins:
   ready or not, how long, the largest subscriber output buffer meanwhile; then
   every project is searched on it (each search a cold one: it mirrors the
-  project first) and compared with one of the project's owners.
+  project first) and compared with another node's answer.
 - ``restart`` (figure 5): 8 nodes, agents as in ``scaling``, Redis killed and
   restarted empty while the nodes keep changing their sessions; partition
   snapshot reads (HGETALL of ``{p:X}:s:<holder>``) per (partition, holder,
@@ -65,7 +66,6 @@ import msgspec
 import psutil
 import redis
 
-from hub.partitions import owners
 from loadtest.client import HttpClient, WsConn, ws_connect
 from tests.redis_server import RedisCluster, RedisServer
 
@@ -116,18 +116,18 @@ def followed_by(names: list[str], projects: int) -> dict[str, set[int]]:
     return {name: {2 * i % projects, (2 * i + 1) % projects} for i, name in enumerate(names)}
 
 
+def followed_twice(names: list[str], projects: int) -> dict[str, set[int]]:
+    """Every project followed by agents on two nodes: project p on nodes p and p+1 (mod n)."""
+    n = len(names)
+    return {name: {p for p in range(projects) if i in (p % n, (p + 1) % n)} for i, name in enumerate(names)}
+
+
 def serving(
     names: list[str], totals: list[int], followed: dict[str, set[int]] | None = None
 ) -> dict[str, set[int]]:
-    """What each node mirrors: the projects it owns among ``names`` (rendezvous hashing, as
-    the hub computes it) and those its agents follow. A project nobody holds is no partition."""
-    serves = {n: set((followed or {}).get(n, ())) for n in names}
-    for p, total in enumerate(totals):
-        if total:
-            # A project without buckets (--project-buckets) is one partition, named after it.
-            for node in owners(project(p), names):
-                serves[node].add(p)
-    return serves
+    """What each node mirrors: the projects its agents follow, of those some node holds (a
+    project without buckets is one partition, named after it)."""
+    return {n: {p for p in (followed or {}).get(n, ()) if totals[p]} for n in names}
 
 
 # -- nodes ---------------------------------------------------------------------
@@ -438,11 +438,12 @@ class Agent:
         self.closed = code if code is not None else -1
 
 
-async def connect_agents(nodes: list[Node], projects: int) -> tuple[list[Agent], list[WsConn]]:
-    """One agent on each project a node's agents follow (``followed_by``)."""
+async def connect_agents(
+    nodes: list[Node], followed: dict[str, set[int]]
+) -> tuple[list[Agent], list[WsConn]]:
+    """One agent on each project a node's agents follow."""
     agents: list[Agent] = []
     conns: list[WsConn] = []
-    followed = followed_by([n.name for n in nodes], projects)
     for node in nodes:
         for p in sorted(followed[node.name]):
             agent = Agent()
@@ -547,8 +548,9 @@ async def _scaling_size(
     members = await nodes.start(size, timeout=60 + total / 500)
     names = [n.name for n in members]
     totals = expected_totals([args.sessions] * size, args.projects)
-    agents, conns = await connect_agents(members, args.projects)
-    serves = serving(names, totals, followed_by(names, args.projects))
+    followed = followed_by(names, args.projects)
+    agents, conns = await connect_agents(members, followed)
+    serves = serving(names, totals, followed)
     settle_s = await settled(members, serves, totals, timeout=60 + total / 500)
     await asyncio.sleep(args.warmup)
     load_before = loadavg()
@@ -630,7 +632,9 @@ async def case_spread(args: argparse.Namespace, workdir: Path) -> dict[str, Any]
             total = args.spread_nodes * args.spread_sessions
             names = [n.name for n in members]
             totals = expected_totals([args.spread_sessions] * len(members), args.spread_projects)
-            await settled(members, serving(names, totals), totals, timeout=60 + total / 500)
+            followed = followed_twice(names, args.spread_projects)
+            _, conns = await connect_agents(members, followed)
+            await settled(members, serving(names, totals, followed), totals, timeout=60 + total / 500)
             await asyncio.sleep(args.warmup)
             ports = [n.port for n in cluster.nodes]
             before = [traffic(p) for p in ports]
@@ -639,6 +643,8 @@ async def case_spread(args: argparse.Namespace, workdir: Path) -> dict[str, Any]
             elapsed = time.monotonic() - t0
             after = [traffic(p) for p in ports]
             slots = _slots_of(cluster.nodes[0].port, args.spread_projects)
+            for conn in conns:
+                conn.abort()
         finally:
             await nodes.close()
     masters = []
@@ -747,8 +753,6 @@ async def case_join(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                         ready_s = time.monotonic() - spawned
                         break
                     await asyncio.sleep(0.05)
-            # What the joiner owns among the 5 (it took those from their earlier owners).
-            after = serving([*names, joiner.name], totals)
             result: dict[str, Any] = {
                 "nodes": args.join_nodes,
                 "sessions": total,
@@ -756,8 +760,6 @@ async def case_join(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 "pubsub_limit": limit,
                 "listening_s": listening_s,
                 "ready_s": ready_s,
-                "joiner_owns": len(after[joiner.name]),
-                "joiner_owns_sessions": sum(totals[p] for p in after[joiner.name]),
             }
             if ready_s is not None:
                 s = await joiner.scrape()
@@ -766,8 +768,8 @@ async def case_join(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     "held_sessions": s.values.get("hub_live_sessions"),
                     "partition_reads": s.values.get("hub_cluster_partition_reads_total"),
                 }
-                # While changing: every project searched on the joiner (cold where it is not an
-                # owner: it mirrors the project first), its sessions (ids) against an owner's.
+                # While changing: every project searched on the joiner (cold: it mirrors the
+                # project first), its sessions (ids) against a member's (which mirrors it then).
                 cold_s: list[float] = []
                 equal = True
                 held = 0
@@ -775,7 +777,7 @@ async def case_join(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     began = time.monotonic()
                     pages = await joiner.project_pages(project(p))
                     cold_s.append(time.monotonic() - began)
-                    reference = next(m for m in members if p in after[m.name])
+                    reference = members[p % len(members)]
                     ids = [r["sessionID"] for r in records(pages)]
                     held += len(ids)
                     equal = equal and ids == [
@@ -799,7 +801,11 @@ async def case_join(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 # the first poll then compares settled answers (a poll of 50k records takes seconds).
                 await asyncio.sleep(1.0)
                 # The joiner serves every project now (searched within --mirror-idle).
-                serves = {m.name: after[m.name] for m in members} | {joiner.name: set(range(args.projects))}
+                serves = {
+                    m.name: {p for p in range(args.projects) if p % len(members) == i}
+                    for i, m in enumerate(members)
+                }
+                serves[joiner.name] = set(range(args.projects))
                 result["after_pause"] = await agree([*members, joiner], serves, totals, paused, 30)
         finally:
             await nodes.close()
@@ -857,8 +863,8 @@ async def case_restart(args: argparse.Namespace, workdir: Path) -> dict[str, Any
             names = [m.name for m in members]
             total = n * args.restart_sessions
             totals = expected_totals([args.restart_sessions] * n, args.projects)
-            followed = followed_by(names, args.projects) if args.restart_agents else {}
-            agents, conns = await connect_agents(members, args.projects) if followed else ([], [])
+            followed = followed_twice(names, args.projects) if args.restart_agents else {}
+            agents, conns = await connect_agents(members, followed) if followed else ([], [])
             serves = serving(names, totals, followed)
             await settled(members, serves, totals, timeout=60 + total / 500)
             await asyncio.sleep(args.warmup)
@@ -1071,13 +1077,13 @@ def report(result: dict[str, Any]) -> str:
         j = result["join"]
         searches = j.get("joiner_searches_s")
         out += [
-            "| sessions | changes/s | pub/sub limit | listening | ready | joiner owns (sessions) "
+            "| sessions | changes/s | pub/sub limit | listening | ready | mirrored at ready (sessions) "
             "| peak subscriber buffer | buffer-limit closes | searches on the joiner p50 / max "
             "| ids equal while changing | agree after pause | records differing |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
             f"| {j['sessions']:,} | {j['changes_per_s']:,.0f} | {j['pubsub_limit'].split('pubsub ')[-1]} "
             f"| {_seconds(j['listening_s'])} | {_seconds(j['ready_s'])} "
-            f"| {j['joiner_owns']} ({j['joiner_owns_sessions']:,}) "
+            f"| {_at_ready(j)} "
             f"| {j['peak_subscriber_omem_bytes'] / 2**20:.2f} MiB | {j['buffer_limit_closes_in_redis_log']} "
             + (
                 f"| {searches['first_page_and_rest_p50']:.2f} / {searches['max']:.2f} s "
@@ -1109,6 +1115,13 @@ def report(result: dict[str, Any]) -> str:
             "",
         ]
     return "\n".join(out)
+
+
+def _at_ready(join: dict[str, Any]) -> str:
+    at = join.get("joiner_at_ready")
+    if at is None:
+        return "-"
+    return f"{at['mirrored_partitions']:.0f} ({at['held_sessions']:,.0f})"
 
 
 def _seconds(value: float | None) -> str:
@@ -1191,7 +1204,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--restart-agents",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="restart: agents on 2 projects per node, as in scaling",
+        help="restart: agents on every project, on 2 nodes each",
     )
     parser.add_argument(
         "--restart-timeout", type=float, default=30.0, help="restart: seconds to wait for agreement"

@@ -11,17 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from hub.partitions import owners
-from loadtest.bench_cold_search import HOLDERS, PROJECT, cold_name
 from tests.redis_server import have_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(not have_redis(), reason="needs redis-server and redis-cli")
-
-
-def test_the_cold_node_is_no_owner() -> None:
-    assert set(owners(PROJECT, [*HOLDERS, cold_name()])) == set(HOLDERS)
 
 
 def test_cold_then_warm_searches(tmp_path: Path) -> None:

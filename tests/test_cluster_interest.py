@@ -1,9 +1,11 @@
 """Interest (CONTRACT §5, README "Cluster"): a node mirrors a project only while it serves it.
 
-Real hub processes over real redis-server (and a real 3-master Redis Cluster). Project p1's
-owner and backup (``partitions.owners``) always mirror it; the third node is cold until a
-search or an agent comes, answers exactly as the others then, and forgets the project's
-other sessions after ``--mirror-idle`` without ending them.
+Real hub processes over real redis-server (and a real 3-master Redis Cluster). Without
+webhooks no node mirrors project p1 unless it serves it: the node of p1's trackers holds
+them and publishes them; a search or an agent makes another node mirror p1, which answers
+exactly as any other then, and forgets the others' sessions after ``--mirror-idle``
+without ending them. With webhooks, p1's two owners (``partitions.owners``) mirror it
+whatever they serve: one of them reports a dead node's sessions ended.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import websockets
 
 from hub.partitions import Partitioner, owners
 from tests.helpers import HubProcess, wait_for
-from tests.redis_server import RedisCluster, RedisServer, have_redis
+from tests.redis_server import RedisCluster, RedisServer, free_port, have_redis
 from tests.test_cluster import LEASE, agent, cluster, node, sessions_of, tracker, wait_agreed
 from tests.test_ops import scrape, value
 
@@ -30,55 +32,61 @@ IDLE = 1.0
 NAMES = ("n0", "n1", "n2")
 
 
-def _roles() -> tuple[list[str], str]:
-    """p1's owner and backup, and the node that owes it nothing."""
-    mirrors = owners("p1", NAMES)
-    (cold,) = [n for n in NAMES if n not in mirrors]
-    return mirrors, cold
-
-
 async def _metric(hub: HubProcess, name: str) -> float:
     return value(await scrape(hub.port), name)
 
 
-async def test_a_cold_node_answers_its_first_search_whole_then_forgets_after_the_idle_time() -> None:
-    mirrors, cold_name = _roles()
-    with RedisServer() as redis, cluster(redis.url, len(NAMES), "--mirror-idle", str(IDLE)) as nodes:
-        hubs = dict(zip(NAMES, nodes, strict=True))
-        warm, cold = hubs[mirrors[0]], hubs[cold_name]
-        trackers = [await tracker(hubs[mirrors[i % 2]].port, f"s{i}", userID=f"u{i}") for i in range(6)]
-        own = await tracker(cold.port, "mine")
-        await wait_for(lambda: _metric(warm, "hub_live_sessions"), what="the warm node holds sessions")
-        view = await wait_agreed([warm, hubs[mirrors[1]]], {f"s{i}" for i in range(6)} | {"mine"})
-        # The cold node holds only its own tracker's session, and mirrors nothing.
-        assert await _metric(cold, "hub_cluster_mirrored_partitions") == 0
-        assert await _metric(cold, "hub_live_sessions") == 1
+async def _published(redis: RedisServer, counts: dict[str, int], partition: str = "p1") -> None:
+    """Until each node's part of ``partition`` in Redis holds ``counts[node]`` records."""
+    client = redis_sync.Redis(port=redis.port)
 
-        # Its first search bootstraps p1 and answers exactly as a warm node.
+    def written() -> bool:
+        for name, count in counts.items():
+            fields = client.hkeys(f"{{p:{partition}}}:s:{name}")
+            if sum(1 for f in fields if not f.startswith(b"@")) != count:
+                return False
+        return True
+
+    await wait_for(written, what=f"{counts} published")
+    client.close()
+
+
+async def test_a_cold_node_answers_its_first_search_whole_then_forgets_after_the_idle_time() -> None:
+    with RedisServer() as redis, cluster(redis.url, len(NAMES), "--mirror-idle", str(IDLE)) as nodes:
+        holder, third, cold = nodes
+        trackers = [await tracker(holder.port, f"s{i}") for i in range(6)]
+        own = await tracker(cold.port, "mine")
+        await _published(redis, {"n0": 6, "n2": 1})
+        # Without webhooks nobody mirrors p1: each node holds only its own trackers' sessions.
+        for hub, held in ((holder, 6), (third, 0), (cold, 1)):
+            assert await _metric(hub, "hub_cluster_mirrored_partitions") == 0
+            assert await _metric(hub, "hub_live_sessions") == held
+
+        # A first search bootstraps p1 and answers whole, on either node.
+        view = await sessions_of(third.port)
+        assert set(view) == {f"s{i}" for i in range(6)} | {"mine"}
         assert await sessions_of(cold.port) == view
         assert await _metric(cold, "hub_cluster_mirrored_partitions") == 1
         await trackers[0].send(json.dumps({"type": "update", "userID": "changed"}))
-        await wait_agreed([warm, cold], until=lambda v: v["s0"]["userID"] == "changed")
+        await wait_agreed([third, cold], until=lambda v: v["s0"]["userID"] == "changed")
 
-        # Idle: the others' sessions are forgotten here, not ended (the warm nodes keep them).
+        # Idle: the others' sessions are forgotten here, not ended (their node keeps them).
         async def forgotten() -> bool:
             return await _metric(cold, "hub_cluster_mirrored_partitions") == 0
 
         await wait_for(forgotten, timeout=IDLE + 5, what="p1 unmirrored after the idle time")
         assert await _metric(cold, "hub_live_sessions") == 1
-        assert set(await sessions_of(warm.port)) == set(view)
+        assert await _metric(holder, "hub_live_sessions") == 6
+        assert set(await sessions_of(third.port)) == set(view)
         for ws in [*trackers, own]:
             await ws.close()
 
 
 async def test_an_agent_keeps_the_project_mirrored_while_connected_and_gets_the_whole_snapshot() -> None:
-    mirrors, cold_name = _roles()
     with RedisServer() as redis, cluster(redis.url, len(NAMES), "--mirror-idle", str(IDLE)) as nodes:
-        hubs = dict(zip(NAMES, nodes, strict=True))
-        warm, cold = hubs[mirrors[0]], hubs[cold_name]
+        warm, _, cold = nodes
         ws = [await tracker(warm.port, f"a{i}") for i in range(3)]
-        # Published: the backup mirrors them (the cold node reads what Redis holds).
-        await wait_agreed([warm, hubs[mirrors[1]]], {"a0", "a1", "a2"})
+        await _published(redis, {"n0": 3})
         async with agent(cold.port) as log:
             snapshot = log.frames[0]
             assert {s["sessionID"] for s in snapshot["sessions"]} == {"a0", "a1", "a2"}
@@ -96,6 +104,29 @@ async def test_an_agent_keeps_the_project_mirrored_while_connected_and_gets_the_
         await wait_for(released, timeout=IDLE + 5, what="p1 unmirrored once the agent left")
         for w in [*ws[1:], late]:
             await w.close()
+
+
+async def test_with_webhooks_a_project_s_two_owners_mirror_it_whatever_they_serve() -> None:
+    hook = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens: deliveries fail, and are retried
+    first, backup = owners("p1", NAMES)
+    with (
+        RedisServer() as redis,
+        cluster(redis.url, len(NAMES), "--webhook-urls", hook, "--webhook-secret", "s") as nodes,
+    ):
+        hubs = dict(zip(NAMES, nodes, strict=True))
+        (other,) = [n for n in NAMES if n not in (first, backup)]
+        ws = await tracker(hubs[other].port, "w0")
+
+        async def owners_mirror() -> bool:
+            return all(
+                [await _metric(hubs[n], "hub_cluster_mirrored_partitions") == 1 for n in (first, backup)]
+            )
+
+        await wait_for(owners_mirror, what="p1's owners mirror it")
+        for name in (first, backup):
+            await wait_for(lambda n=name: _metric(hubs[n], "hub_live_sessions"), what=f"{name} holds w0")
+        assert await _metric(hubs[other], "hub_cluster_mirrored_partitions") == 0
+        await ws.close()
 
 
 async def test_partitions_spread_over_a_redis_cluster_s_masters() -> None:
@@ -132,10 +163,8 @@ async def test_partitions_spread_over_a_redis_cluster_s_masters() -> None:
 
 
 async def test_a_tab_resuming_on_a_node_that_does_not_mirror_the_project_continues_its_session() -> None:
-    mirrors, cold_name = _roles()
     with RedisServer() as redis, cluster(redis.url, len(NAMES)) as nodes:
-        hubs = dict(zip(NAMES, nodes, strict=True))
-        warm, cold = hubs[mirrors[0]], hubs[cold_name]
+        warm, _, cold = nodes  # the searches on the first make it mirror p1
         ws = await tracker(warm.port, "r", url="https://shop.test/a", userID="ann")
         await ws.send(json.dumps({"type": "update", "url": "https://shop.test/b"}))
         before = (await wait_agreed([warm], until=lambda v: v.get("r", {}).get("pageViews") == 2))["r"]
@@ -152,23 +181,18 @@ async def test_a_tab_resuming_on_a_node_that_does_not_mirror_the_project_continu
         await back.close()
 
 
-async def test_a_project_in_buckets_is_answered_whole_by_a_node_that_owned_only_some() -> None:
+async def test_a_project_in_buckets_is_answered_whole_by_a_cold_node() -> None:
     buckets = Partitioner({"p1": 4}).of_project("p1")
-    owned = {n: {b for b in buckets if n in owners(b, NAMES)} for n in NAMES}
-    partial = next(n for n in NAMES if len(owned[n]) < len(buckets))
     args = ("--project-buckets", "p1=4", "--mirror-idle", str(IDLE))
     with RedisCluster() as redis, cluster(redis.url, len(NAMES), *args) as nodes:
-        hubs = dict(zip(NAMES, nodes, strict=True))
-        others = [n for n in NAMES if n != partial]
-        ws = [await tracker(hubs[others[i % 2]].port, f"b{i}") for i in range(24)]
+        warm, other, cold = nodes
+        ws = [await tracker((warm, other)[i % 2].port, f"b{i}") for i in range(24)]
         expect = {f"b{i}" for i in range(24)}
-        warm = hubs[others[0]]
         await wait_agreed([warm], expect, timeout=10)
         # Every bucket's records live under its own hash tag, spread over the masters.
         found = {k for n in redis.nodes for k in _keys(n.port, "{p:p1#*}:s:*")}
         assert {k.split("}")[0] for k in found} == {f"{{p:{b}" for b in buckets}
-        cold = hubs[partial]
-        assert await _metric(cold, "hub_cluster_mirrored_partitions") == len(owned[partial])
+        assert await _metric(cold, "hub_cluster_mirrored_partitions") == 0
         assert set(await sessions_of(cold.port)) == expect
         assert await _metric(cold, "hub_cluster_mirrored_partitions") == len(buckets)
         async with agent(cold.port) as log:
