@@ -158,6 +158,10 @@ async def test_cluster_metrics_tell_own_from_mirrored_sessions() -> None:
         ws = await tracker(nodes[0].port, "c1")
 
         async def mirrored() -> Samples | None:
+            # A search makes the far node mirror p1 (it serves it now), and answers once c1 is there.
+            found = await http(nodes[1].port, "POST", "/public/p1/assist/sessions", {"limit": 10})
+            if found.json()["data"]["total"] != 1:
+                return None
             m = await scrape(nodes[1].port)
             return m if value(m, "hub_live_sessions") == 1 else None
 
