@@ -131,6 +131,34 @@ class FieldIndex:
             bucket.add(sid)  # type: ignore[union-attr]
         self.count += 1
 
+    def add_many(self, keys: list[FieldValue | None], sids: list[str]) -> None:
+        """``add(key, sid)`` for each pair whose key is not None: grouped by key first, so a
+        value many sessions hold grows its set once."""
+        grouped: dict[FieldValue, list[str]] = {}
+        for key, sid in zip(keys, sids, strict=True):
+            if key is not None:
+                group = grouped.get(key)
+                if group is None:
+                    grouped[key] = [sid]
+                else:
+                    group.append(sid)
+        buckets = self.buckets
+        for key, group in grouped.items():
+            bucket = buckets.get(key)
+            if bucket is None and len(group) == 1:
+                self.add(key, group[0])
+                continue
+            if bucket is None:
+                buckets[key] = set(group)
+                if self._hay is not None:
+                    self._added.add(key)
+                    self._check_hay()
+            elif type(bucket) is str:
+                buckets[key] = {bucket, *group}
+            else:
+                bucket.update(group)  # type: ignore[union-attr]
+            self.count += len(group)
+
     def discard(self, key: FieldValue, sid: str) -> None:
         bucket = self.buckets[key]
         if type(bucket) is str:
@@ -242,6 +270,27 @@ class _Project:
         for mkey, value in s.metadata.items():
             self._meta_add(mkey, value, sid)
         insort(self.order, (s.timestamp, sid))
+
+    def add_new(self, batch: list[Session]) -> None:
+        """Index sessions none of which is indexed yet (a partition read whole): field by
+        field over the batch, and the order sorted once instead of an insert each."""
+        sids = [s.sessionID for s in batch]
+        self.sessions.update(zip(sids, batch, strict=True))
+        for name, fi in self.fields.items():
+            values = [getattr(s, name) for s in batch]
+            if name in INT_FIELDS:
+                keys: list[FieldValue | None] = values
+            else:
+                # Each distinct value's key once: most fields hold few distinct values.
+                key_of = scalar_text if name in BOOL_FIELDS else _text_key
+                distinct = {v: key_of(v) for v in set(values)}
+                keys = [distinct[v] for v in values]
+            fi.add_many(keys, sids)
+        for s, sid in zip(batch, sids, strict=True):
+            for mkey, value in s.metadata.items():
+                self._meta_add(mkey, value, sid)
+        self.order += [(s.timestamp, sid) for s, sid in zip(batch, sids, strict=True)]
+        self.order.sort()  # two sorted runs: timsort merges them in linear time
 
     def remove(self, s: Session) -> None:
         sid = s.sessionID
@@ -530,6 +579,17 @@ class LiveIndex:
         if project is not None and project.sessions.get(session.sessionID) is session:
             return project
         return None
+
+    def add_new(self, sessions: list[Session]) -> None:
+        """Index many sessions, none of them indexed yet: as ``add`` each, faster."""
+        by_project: dict[str, list[Session]] = {}
+        for session in sessions:
+            by_project.setdefault(session.projectKey, []).append(session)
+        for project_key, batch in by_project.items():
+            project = self._projects.get(project_key)
+            if project is None:
+                project = self._projects[project_key] = _Project()
+            project.add_new(batch)
 
     def add(self, session: Session) -> None:
         """Index ``session``; one already live under its sessionID is replaced."""

@@ -440,13 +440,7 @@ class Registry:
         h = self._holdings.get(key)
         session = self.index.get(*key)
         if h is None or session is None:
-            h = self._holdings[key] = Holding()
-            self._set_remote(key, h, node, record.tabs)
-            self._set_remote_active(h, node, record.active)
-            record.tabs = h.tabs
-            record.connected = record.tabs > 0
-            if not record.connected:
-                self._begin_grace(key, h, now + self.grace_ms, EndReason.DISCONNECTED)
+            self._hold_new(node, key, record, now)
             self.index.add(record)
             for listener in self.listeners:
                 listener.session_started(record)
@@ -600,6 +594,17 @@ class Registry:
         self.replication.held(session)
         return True
 
+    def _hold_new(self, node: str, key: SessionKey, record: Session, now: int) -> None:
+        """A holding for ``node``'s ``record``, a session not in the index yet (the caller
+        indexes it)."""
+        h = self._holdings[key] = Holding()
+        self._set_remote(key, h, node, record.tabs)
+        self._set_remote_active(h, node, record.active)
+        record.tabs = h.tabs
+        record.connected = record.tabs > 0
+        if not record.connected:
+            self._begin_grace(key, h, now + self.grace_ms, EndReason.DISCONNECTED)
+
     def forget_part(self, part: str, now: int) -> int:
         """Stop mirroring partition ``part``: other nodes' parts of its sessions are forgotten,
         not ended. No listener hears of a session that leaves the index this way (it lives on
@@ -634,5 +639,17 @@ class Registry:
         gone = [key for key in self.sessions_of(node, part) if key not in keys]
         for project_key, session_id in gone:
             self.remote_remove(node, project_key, session_id, None, now)
+        new: list[Session] = []
         for record in records:
-            self.remote_upsert(node, record, now)
+            key = (record.projectKey, record.sessionID)
+            if self.index.get(*key) is not None:
+                self.remote_upsert(node, record, now)  # held already (by this node or another)
+            elif key in keys:
+                keys.discard(key)  # once: a snapshot names each session once
+                self._hold_new(node, key, record, now)
+                new.append(record)
+        # A partition read whole mostly lands in an empty index: indexed in one go.
+        self.index.add_new(new)
+        for record in new:
+            for listener in self.listeners:
+                listener.session_started(record)

@@ -128,6 +128,13 @@ class IndexMachine(RuleBasedStateMachine):
         self.index.add(s)
         self.live[(s.projectKey, s.sessionID)] = s
 
+    @rule(batch=st.lists(sessions(), max_size=6))
+    def add_new(self, batch: list[Session]) -> None:
+        # Sessions not live yet, each once (a partition's snapshot read whole).
+        fresh = {(s.projectKey, s.sessionID): s for s in batch if (s.projectKey, s.sessionID) not in self.live}
+        self.index.add_new(list(fresh.values()))
+        self.live.update(fresh)
+
     @rule(data=st.data())
     def remove(self, data: st.DataObject) -> None:
         if self.live:
@@ -230,6 +237,28 @@ def test_many_sessions_with_churn_match_brute_force() -> None:
                     limit=rng.choice((10, 10, 50, 1000)),
                 )
                 assert_same(index, live, "p", q)
+
+
+def test_sessions_indexed_in_one_go_are_indexed_as_one_by_one() -> None:
+    rng = random.Random(9)
+    batch = [_random_session(rng, n) for n in range(3000)]
+    one_by_one, in_one_go = LiveIndex(), LiveIndex()
+    for s in batch[:1000]:
+        one_by_one.add(s)
+        in_one_go.add(s)
+    for fi in in_one_go._projects["p"].fields.values():
+        fi.keys_containing(["user1"])  # its haystack built: new values must reach it
+    for s in batch[1000:]:
+        one_by_one.add(s)
+    in_one_go.add_new(batch[1000:])
+    a, b = one_by_one._projects["p"], in_one_go._projects["p"]
+    assert a.order == b.order and a.sessions == b.sessions
+    for name, fi in a.fields.items():
+        assert (fi.buckets, fi.count) == (b.fields[name].buckets, b.fields[name].count), name
+        assert fi.keys_containing(["user1", "@"]) == b.fields[name].keys_containing(["user1", "@"])
+    assert {k: (fi.buckets, fi.count) for k, fi in a.meta.items()} == {
+        k: (fi.buckets, fi.count) for k, fi in b.meta.items()
+    }
 
 
 def test_other_field_sorts_when_sessions_arrive_in_that_order() -> None:
