@@ -59,7 +59,8 @@ WATCHED_RCVBUF_MIN: Final = 256 << 10
 class Hub:
     def __init__(self, settings: Settings, workers: Workers | None = None) -> None:
         self.settings = settings
-        self.index = LiveIndex()
+        # A cluster node indexes a project only while it serves it (README, "Cluster").
+        self.index = LiveIndex(lazy=bool(settings.redis_url))
         # Built once per process: the User-Agent rules compile and the GeoIP database opens here.
         self.enricher = Enricher(settings.geoip_db, settings.trusted_proxies)
         self.registry = Registry(

@@ -503,6 +503,12 @@ class Cluster:
         gauge("hub_cluster_peers", "Peer nodes this node hears from.", lambda: len(self.peers))
         gauge("hub_cluster_mirrored_partitions", "Partitions this node mirrors.", lambda: len(self.mirrored))
         gauge(
+            "hub_cluster_indexed_projects",
+            "Projects whose sessions this node indexes for search (those it serves); of the "
+            "others it keeps its own sessions only.",
+            lambda: sum(1 for p in self.index.projects() if self.index.indexed(p)),
+        )
+        gauge(
             "hub_cluster_peer_silence_seconds",
             "Seconds since the last message of the quietest peer: the replication lag bound "
             "(peers refresh their lease at least every node-lease/4).",
@@ -620,6 +626,10 @@ class Cluster:
         self._served.pop(partition, None)
         await subscriber.unsubscribe([channel(partition)])
         forgotten = self._forget(partition)
+        project = project_of(partition)
+        if not any(p in self.mirrored for p in self.parts.of_project(project)):
+            # Served no more: its own sessions here need no indexes (the next query builds them).
+            self.index.unindex(project)
         log.info("cluster.unmirrored", extra={"fields": {"partition": partition, "sessions": forgotten}})
 
     def _forget(self, partition: str) -> int:

@@ -243,11 +243,14 @@ def _restrict(cands: set[str] | frozenset[str], buckets: list[Bucket]) -> set[st
 
 
 class _Project:
-    __slots__ = ("fields", "meta", "order", "sessions", "stale")
+    __slots__ = ("fields", "indexed", "meta", "order", "sessions", "stale")
 
-    def __init__(self) -> None:
+    def __init__(self, indexed: bool = True) -> None:
         self.sessions: dict[str, Session] = {}
-        self.fields = {f: FieldIndex(f in INT_FIELDS) for f in FILTERABLE}
+        # Unindexed: only ``sessions`` is kept (fields, meta and order empty) until a query
+        # needs the rest (``index_all``).
+        self.indexed = indexed
+        self.fields = {f: FieldIndex(f in INT_FIELDS) for f in FILTERABLE} if indexed else {}
         self.meta: dict[str, FieldIndex] = {}
         # activeTime moves with every heartbeat of an active session but is
         # rarely searched: a touch notes the value its index still holds here
@@ -260,9 +263,22 @@ class _Project:
         # little to add a dependency for.
         self.order: list[tuple[int, str]] = []
 
+    def index_all(self) -> None:
+        """Build the indexes of the sessions held (an unindexed project's first query)."""
+        self.indexed = True
+        self.fields = {f: FieldIndex(f in INT_FIELDS) for f in FILTERABLE}
+        self.add_new(list(self.sessions.values()))
+
+    def unindex(self) -> None:
+        """Keep the sessions only (their indexes are most of their memory)."""
+        self.indexed = False
+        self.fields, self.meta, self.order, self.stale = {}, {}, [], {}
+
     def add(self, s: Session) -> None:
         sid = s.sessionID
         self.sessions[sid] = s
+        if not self.indexed:
+            return
         for name, fi in self.fields.items():
             key = field_key(s, name)
             if key is not None:
@@ -276,6 +292,8 @@ class _Project:
         field over the batch, and the order sorted once instead of an insert each."""
         sids = [s.sessionID for s in batch]
         self.sessions.update(zip(sids, batch, strict=True))
+        if not self.indexed:
+            return
         for name, fi in self.fields.items():
             values = [getattr(s, name) for s in batch]
             if name in INT_FIELDS:
@@ -295,6 +313,8 @@ class _Project:
     def remove(self, s: Session) -> None:
         sid = s.sessionID
         del self.sessions[sid]
+        if not self.indexed:
+            return
         indexed = self.stale.pop(sid, None)
         for name, fi in self.fields.items():
             key = indexed if name == ACTIVE_TIME and indexed is not None else field_key(s, name)
@@ -327,7 +347,7 @@ class _Project:
     def set_field(self, s: Session, name: str, value: Any) -> None:
         fi = self.fields.get(name)
         if fi is None:
-            if name == "metadata":
+            if name == "metadata" and self.indexed:
                 self._set_metadata(s, value)
             else:
                 setattr(s, name, value)
@@ -360,7 +380,7 @@ class _Project:
     # -- search --------------------------------------------------------------
 
     def touch_active_time(self, s: Session, value: int) -> None:
-        if s.sessionID not in self.stale:
+        if self.indexed and s.sessionID not in self.stale:
             self.stale[s.sessionID] = s.activeTime
         s.activeTime = value
 
@@ -551,9 +571,14 @@ def _top(keys: list[Any], count: int, descending: bool) -> list[Any]:
 
 
 class LiveIndex:
-    """Live sessions of every project, with inverted indexes per project."""
+    """Live sessions of every project, with inverted indexes per project.
 
-    def __init__(self) -> None:
+    ``lazy`` (a cluster node): a project's indexes are built at its first query, and
+    dropped by ``unindex`` when the node stops serving it; until then only its sessions
+    are kept (a node holds its own trackers' sessions of projects other nodes serve)."""
+
+    def __init__(self, lazy: bool = False) -> None:
+        self.lazy = lazy
         self._projects: dict[str, _Project] = {}
 
     def __len__(self) -> int:
@@ -574,6 +599,30 @@ class LiveIndex:
     def projects(self) -> list[str]:
         return list(self._projects)
 
+    def _ready(self, project_key: str) -> _Project | None:
+        """The project, indexed (built now if it was not)."""
+        project = self._projects.get(project_key)
+        if project is not None and not project.indexed:
+            project.index_all()
+        return project
+
+    def _project(self, project_key: str) -> _Project:
+        project = self._projects.get(project_key)
+        if project is None:
+            project = self._projects[project_key] = _Project(indexed=not self.lazy)
+        return project
+
+    def unindex(self, project_key: str) -> None:
+        """Drop a project's indexes, keeping its sessions (a lazy index only: the next
+        query builds them again)."""
+        project = self._projects.get(project_key)
+        if self.lazy and project is not None:
+            project.unindex()
+
+    def indexed(self, project_key: str) -> bool:
+        project = self._projects.get(project_key)
+        return project is not None and project.indexed
+
     def _indexed(self, session: Session) -> _Project | None:
         project = self._projects.get(session.projectKey)
         if project is not None and project.sessions.get(session.sessionID) is session:
@@ -586,16 +635,11 @@ class LiveIndex:
         for session in sessions:
             by_project.setdefault(session.projectKey, []).append(session)
         for project_key, batch in by_project.items():
-            project = self._projects.get(project_key)
-            if project is None:
-                project = self._projects[project_key] = _Project()
-            project.add_new(batch)
+            self._project(project_key).add_new(batch)
 
     def add(self, session: Session) -> None:
         """Index ``session``; one already live under its sessionID is replaced."""
-        project = self._projects.get(session.projectKey)
-        if project is None:
-            project = self._projects[session.projectKey] = _Project()
+        project = self._project(session.projectKey)
         old = project.sessions.get(session.sessionID)
         if old is not None:
             project.remove(old)
@@ -623,7 +667,7 @@ class LiveIndex:
     def touch(self, session: Session, now: int, active_time: int | None = None) -> None:
         """Refresh lastActiveAt, and activeTime when given: no other field is re-indexed."""
         project = self._indexed(session)
-        if project is None:
+        if project is None or not project.indexed:
             session.lastActiveAt = now
             if active_time is not None:
                 session.activeTime = active_time
@@ -639,7 +683,7 @@ class LiveIndex:
 
     def metadata_keys(self, project_key: str) -> list[str]:
         """The metadata keys some live session of the project holds."""
-        project = self._projects.get(project_key)
+        project = self._ready(project_key)
         return list(project.meta) if project is not None else []
 
     def values(
@@ -654,7 +698,7 @@ class LiveIndex:
         values lower-cased; each is answered as one of the sessions holding it
         spells it (an int as its digits).
         """
-        project = self._projects.get(project_key)
+        project = self._ready(project_key)
         if project is None:
             return []
         if field == ACTIVE_TIME and key is None:
@@ -680,7 +724,7 @@ class LiveIndex:
 
     def search(self, project_key: str, query: Query) -> tuple[int, list[Session]]:
         """``(total before paging, the page)`` of a project's matching sessions."""
-        project = self._projects.get(project_key)
+        project = self._ready(project_key)
         if project is None:
             return 0, []
         project.reads_active_time(query.criteria, query.sort)
@@ -694,7 +738,7 @@ class LiveIndex:
 
     def matching(self, project_key: str, criteria: tuple[Criterion, ...]) -> list[Session]:
         """Every session of a project matching all ``criteria``, in no order."""
-        project = self._projects.get(project_key)
+        project = self._ready(project_key)
         if project is None:
             return []
         project.reads_active_time(criteria)

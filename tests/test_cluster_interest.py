@@ -61,12 +61,15 @@ async def test_a_cold_node_answers_its_first_search_whole_then_forgets_after_the
         for hub, held in ((holder, 6), (third, 0), (cold, 1)):
             assert await _metric(hub, "hub_cluster_mirrored_partitions") == 0
             assert await _metric(hub, "hub_live_sessions") == held
+            # Nor does it index them: it keeps its own sessions to publish them, no more.
+            assert await _metric(hub, "hub_cluster_indexed_projects") == 0
 
         # A first search bootstraps p1 and answers whole, on either node.
         view = await sessions_of(third.port)
         assert set(view) == {f"s{i}" for i in range(6)} | {"mine"}
         assert await sessions_of(cold.port) == view
         assert await _metric(cold, "hub_cluster_mirrored_partitions") == 1
+        assert await _metric(cold, "hub_cluster_indexed_projects") == 1
         await trackers[0].send(json.dumps({"type": "update", "userID": "changed"}))
         await wait_agreed([third, cold], until=lambda v: v["s0"]["userID"] == "changed")
 
@@ -76,7 +79,10 @@ async def test_a_cold_node_answers_its_first_search_whole_then_forgets_after_the
 
         await wait_for(forgotten, timeout=IDLE + 5, what="p1 unmirrored after the idle time")
         assert await _metric(cold, "hub_live_sessions") == 1
+        assert await _metric(cold, "hub_cluster_indexed_projects") == 0
         assert await _metric(holder, "hub_live_sessions") == 6
+        # Searched again after the idle time, it mirrors p1 again and indexes its own too.
+        assert await sessions_of(cold.port) == await sessions_of(third.port)
         assert set(await sessions_of(third.port)) == set(view)
         for ws in [*trackers, own]:
             await ws.close()

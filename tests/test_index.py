@@ -118,10 +118,16 @@ def assert_same(index: LiveIndex, live: dict[tuple[str, str], Session], project:
 
 
 class IndexMachine(RuleBasedStateMachine):
-    @initialize()
-    def setup(self) -> None:
-        self.index = LiveIndex()
+    @initialize(lazy=st.booleans())
+    def setup(self, lazy: bool) -> None:
+        # Lazy (a cluster node's): a project is indexed at its first query, unindexed at will.
+        self.index = LiveIndex(lazy=lazy)
         self.live: dict[tuple[str, str], Session] = {}
+
+    @rule(project=st.sampled_from(PROJECTS))
+    def unindex(self, project: str) -> None:
+        self.index.unindex(project)
+        assert self.index.indexed(project) == (not self.index.lazy and self.index.count(project) > 0)
 
     @rule(s=sessions())
     def add(self, s: Session) -> None:
