@@ -417,6 +417,54 @@ def new_session(msg: Start, session_id: str, project_key: str, project_id: int, 
     return session
 
 
+# Text fields most sessions of a project share a few values of (a browser, a country, a
+# page): each distinct value is kept once (``Strings``), not once per session and copy.
+SHARED_FIELDS: Final = (
+    "pageTitle", "url", "referrer", "trackerVersion", "userOs", "userBrowser", "userBrowserVersion",
+    "userDevice", "userDeviceType", "userCountry", "userState", "userCity", "language",
+    "environment", "appVersion", "userAgent",
+)  # fmt: skip
+
+
+class Strings:
+    """One copy of each recurring text value of the records (``SHARED_FIELDS`` and metadata
+    values): tens of bytes a field a session. Bounded: full, it starts over (records keep
+    the copies they point to)."""
+
+    __slots__ = ("limit", "values")
+
+    def __init__(self, limit: int = 65_536) -> None:
+        self.limit = limit
+        self.values: dict[str, str] = {}
+
+    def get(self, value: str) -> str:
+        values = self.values
+        found = values.get(value)
+        if found is None:
+            if len(values) >= self.limit:
+                values.clear()
+            found = values[value] = value
+        return found
+
+    def share(self, session: Session) -> None:
+        """Point ``session``'s recurring values at their shared copies."""
+        for name in SHARED_FIELDS:
+            value = getattr(session, name)
+            if value:
+                setattr(session, name, self.get(value))
+        if session.metadata:
+            session.metadata = {key: self.get(value) for key, value in session.metadata.items()}
+
+    def share_changes(self, changes: dict[str, Any]) -> None:
+        for name in SHARED_FIELDS:
+            value = changes.get(name)
+            if value:
+                changes[name] = self.get(value)
+        metadata = changes.get("metadata")
+        if metadata:
+            changes["metadata"] = {key: self.get(value) for key, value in metadata.items()}
+
+
 def encode_error(code: ErrorCode, message: str) -> bytes:
     return msgspec.json.encode(ErrorFrame(code=code, message=message))
 

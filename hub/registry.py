@@ -35,6 +35,7 @@ from .index import LiveIndex
 from .record import (
     Session,
     Start,
+    Strings,
     Update,
     active_time,
     changes_of,
@@ -172,6 +173,8 @@ class Registry:
         self.grace_ms = grace_ms
         self.max_sessions_per_project = max_sessions_per_project
         self.listeners: list[Listener] = []
+        # One copy of each recurring text value of the records held.
+        self.strings = Strings()
         self.replication: Replication = replication if replication is not None else LocalReplication()
         # One Holding per indexed session.
         self._holdings: dict[SessionKey, Holding] = {}
@@ -264,6 +267,7 @@ class Registry:
             if limit and self.index.count(project_key) >= limit:
                 raise ProjectFull(limit)
             session = new_session(msg, session_id, project_key, project_id, now)
+            self.strings.share(session)
             h = self._holdings[key] = Holding()
             self._set_here(key, h, 1)
             h.idle = 0 if session.active else 1
@@ -331,6 +335,7 @@ class Registry:
         if not changes:
             self._touch(session, now)
             return
+        self.strings.share_changes(changes)
         # activeTime moves with lastActiveAt while active, a rule listeners apply
         # themselves (README, "The session record"): it is in the changes only
         # when that rule would be wrong, on a resume (a grace never counts).
@@ -448,6 +453,7 @@ class Registry:
 
     def remote_upsert(self, node: str, record: Session, now: int) -> None:
         """``node`` holds ``record`` with ``record.tabs`` tabs; ``record`` may be indexed as is."""
+        self.strings.share(record)
         key = (record.projectKey, record.sessionID)
         h = self._holdings.get(key)
         session = self.index.get(*key)
@@ -655,6 +661,7 @@ class Registry:
                 self.remote_upsert(node, record, now)  # held already (by this node or another)
             elif key in keys:
                 keys.discard(key)  # once: a snapshot names each session once
+                self.strings.share(record)
                 self._hold_new(node, key, record, now)
                 new.append(record)
         # A partition read whole mostly lands in an empty index: indexed in one go.

@@ -137,7 +137,8 @@ class IndexMachine(RuleBasedStateMachine):
     @rule(batch=st.lists(sessions(), max_size=6))
     def add_new(self, batch: list[Session]) -> None:
         # Sessions not live yet, each once (a partition's snapshot read whole).
-        fresh = {(s.projectKey, s.sessionID): s for s in batch if (s.projectKey, s.sessionID) not in self.live}
+        fresh = {(s.projectKey, s.sessionID): s for s in batch}
+        fresh = {key: s for key, s in fresh.items() if key not in self.live}
         self.index.add_new(list(fresh.values()))
         self.live.update(fresh)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from hub.record import Session, Start
+from hub.record import Session, Start, Strings, Update
 from hub.registry import ProjectFull
 from hub.wire import EndReason, ErrorCode
 from tests.helpers import recording_registry
@@ -372,3 +372,36 @@ def test_forgetting_a_project_drops_peers_parts_silently_and_keeps_this_node_s()
     # A later snapshot of the project brings the peer's part back.
     registry.reconcile("b", [record("both", tabs=2), record("theirs")], now=4, part="p1")
     assert mine.tabs == 3 and registry.index.get("p1", "theirs") is not None
+
+
+# -- memory: recurring values kept once ----------------------------------------------
+
+
+def test_recurring_text_values_are_kept_once_across_local_and_mirrored_records() -> None:
+    registry, _, _ = recording_registry()
+    # Decoded apart, as two trackers' frames and a peer's record are: equal, not the same object.
+    browser, page = "".join(["Fire", "fox"]), "".join(["https://shop.test/", "a"])
+    a, _ = registry.start(
+        "p1", 0, start("a", userBrowser=browser, url=page, metadata={"plan": "pro"}), 1, True
+    )
+    b, _ = registry.start("p1", 0, start("b", userBrowser="Fire" + "fox"[:3], url=page[:]), 1, True)
+    registry.remote_upsert(
+        "n2", record("c", userBrowser="".join(["Fir", "efox"]), metadata={"plan": "".join("pro")}), 1
+    )
+    c = registry.index.get("p1", "c")
+    assert c is not None
+    assert a.userBrowser is b.userBrowser is c.userBrowser
+    assert a.metadata["plan"] is c.metadata["plan"]
+    # An update brings its values to the shared copies too.
+    registry.update(b, Update(userBrowser="".join(["Sa", "fari"])), 2)
+    registry.update(a, Update(userBrowser="".join(["Saf", "ari"])), 2)
+    assert a.userBrowser == "Safari" and a.userBrowser is b.userBrowser
+
+
+def test_the_shared_values_are_bounded() -> None:
+    strings = Strings(limit=3)
+    for n in range(10):
+        strings.get(f"value-{n}")
+        assert len(strings.values) <= 3
+    kept = strings.get("".join(["x", "y"]))
+    assert strings.get("".join(["x", "y"])) is kept
