@@ -19,6 +19,7 @@ from __future__ import annotations
 import heapq
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterable, Iterator
+from collections.abc import Set as AbstractSet
 from itertools import accumulate, islice
 from operator import attrgetter, itemgetter
 from typing import Any, Final
@@ -48,7 +49,9 @@ WALK_PER_SORT: Final = 16
 # A bucket: the one session holding a value, or the set of them. Most values
 # of high-cardinality fields (sessionID, userID, timestamps) are held by one
 # session, and a lone str costs nothing beyond the dict entry.
-Bucket = str | set[str]
+Bucket = str | dict[str, None]
+# Session ids a query matched: a bucket itself (read only), or a set made for the query.
+Ids = set[str] | frozenset[str] | dict[str, None]
 # What a field index is keyed by: an int field's int, any other field's text.
 FieldValue = str | int
 _EMPTY: Final[frozenset[str]] = frozenset()
@@ -126,9 +129,9 @@ class FieldIndex:
                 self._added.add(key)
                 self._check_hay()
         elif type(bucket) is str:
-            self.buckets[key] = {bucket, sid}
+            self.buckets[key] = {bucket: None, sid: None}
         else:
-            bucket.add(sid)  # type: ignore[union-attr]
+            bucket[sid] = None  # type: ignore[index]
         self.count += 1
 
     def add_many(self, keys: list[FieldValue | None], sids: list[str]) -> None:
@@ -149,14 +152,14 @@ class FieldIndex:
                 self.add(key, group[0])
                 continue
             if bucket is None:
-                buckets[key] = set(group)
+                buckets[key] = dict.fromkeys(group)
                 if self._hay is not None:
                     self._added.add(key)
                     self._check_hay()
             elif type(bucket) is str:
-                buckets[key] = {bucket, *group}
+                buckets[key] = dict.fromkeys((bucket, *group))
             else:
-                bucket.update(group)  # type: ignore[union-attr]
+                bucket.update(dict.fromkeys(group))  # type: ignore[union-attr]
             self.count += len(group)
 
     def discard(self, key: FieldValue, sid: str) -> None:
@@ -167,7 +170,7 @@ class FieldIndex:
                 self._stale += 1
                 self._check_hay()
         else:
-            bucket.discard(sid)  # type: ignore[union-attr]
+            del bucket[sid]  # type: ignore[union-attr]
             if len(bucket) == 1:
                 self.buckets[key] = next(iter(bucket))
         self.count -= 1
@@ -217,20 +220,26 @@ def _size(buckets: Iterable[Bucket]) -> int:
     return sum(1 if type(b) is str else len(b) for b in buckets)
 
 
-def _union(buckets: list[Bucket]) -> set[str] | frozenset[str]:
+def _common(ids: Ids, bucket: dict[str, None]) -> AbstractSet[str]:
+    """``ids`` ∩ ``bucket``, probing the larger from the smaller (dict views and sets
+    intersect that way in C)."""
+    return (ids.keys() if isinstance(ids, dict) else ids) & bucket.keys()
+
+
+def _union(buckets: list[Bucket]) -> Ids:
     """The sessions of ``buckets``; may be a bucket itself, so read it only."""
-    if len(buckets) == 1 and type(buckets[0]) is not str:
-        return buckets[0]  # type: ignore[return-value]
+    if len(buckets) == 1 and isinstance(first := buckets[0], dict):
+        return first
     out: set[str] = set()
     for b in buckets:
         if type(b) is str:
             out.add(b)
         else:
-            out |= b  # type: ignore[arg-type]
+            out.update(b)
     return out
 
 
-def _restrict(cands: set[str] | frozenset[str], buckets: list[Bucket]) -> set[str] | frozenset[str]:
+def _restrict(cands: Ids, buckets: list[Bucket]) -> Ids:
     """``cands`` ∩ the union of ``buckets``, without building that union."""
     out: set[str] = set()
     for b in buckets:
@@ -238,7 +247,7 @@ def _restrict(cands: set[str] | frozenset[str], buckets: list[Bucket]) -> set[st
             if b in cands:
                 out.add(b)
         else:
-            out |= cands & b  # type: ignore[operator]
+            out |= _common(cands, b)  # type: ignore[arg-type]
     return out
 
 
@@ -401,7 +410,7 @@ class _Project:
     def _index_of(self, c: Criterion) -> FieldIndex | None:
         return self.meta.get(c.key) if c.key is not None else self.fields[c.field]
 
-    def match(self, criteria: tuple[Criterion, ...]) -> set[str] | frozenset[str] | None:
+    def match(self, criteria: tuple[Criterion, ...]) -> Ids | None:
         """The matching session ids; None means every session of the project."""
         n = len(self.sessions)
         exact: list[tuple[int, Criterion, list[Bucket] | None, FieldIndex]] = []
@@ -422,7 +431,7 @@ class _Project:
             else:
                 contains.append((c, fi))
         exact.sort(key=itemgetter(0))
-        cands: set[str] | frozenset[str] | None = None
+        cands: Ids | None = None
         for size, c, exact_buckets, fi in exact:
             buckets = exact_buckets if exact_buckets is not None else list(fi.buckets.values())
             if cands is None:
@@ -448,12 +457,12 @@ class _Project:
         sessions = self.sessions
         return {sid for sid in cands if c.matches(sessions[sid])}
 
-    def page(self, matched: set[str] | frozenset[str] | None, q: Query) -> list[Session]:
+    def page(self, matched: Ids | None, q: Query) -> list[Session]:
         ids = self._timestamp_page(matched, q) if q.sort == "timestamp" else self._sorted_page(matched, q)
         sessions = self.sessions
         return [sessions[sid] for sid in ids]
 
-    def _timestamp_page(self, matched: set[str] | frozenset[str] | None, q: Query) -> list[str]:
+    def _timestamp_page(self, matched: Ids | None, q: Query) -> list[str]:
         order, n = self.order, len(self.order)
         start, stop = q.offset, q.offset + q.limit
         if matched is None:
@@ -479,7 +488,7 @@ class _Project:
         keys = [(sessions[sid].timestamp, sid) for sid in matched]
         return [sid for _, sid in _top(keys, stop, q.descending)[start:stop]]
 
-    def _sorted_page(self, matched: set[str] | frozenset[str] | None, q: Query) -> list[str]:
+    def _sorted_page(self, matched: Ids | None, q: Query) -> list[str]:
         field, desc, stop = q.sort, q.descending, q.offset + q.limit
         if field in INT_FIELDS:
             if matched is None:
@@ -519,7 +528,7 @@ class _Project:
                 break
         return ids[q.offset : stop]
 
-    def _int_matched_page(self, field: str, matched: set[str] | frozenset[str], q: Query) -> list[str] | None:
+    def _int_matched_page(self, field: str, matched: Ids, q: Query) -> list[str] | None:
         """A page of ``matched`` by an int field, from the field's index; None when
         the matches are too sparse for it (sorting them is then cheaper).
 
@@ -533,7 +542,7 @@ class _Project:
         value: Any
         for value in islice(reversed(buckets) if desc else iter(buckets), len(matched)):
             bucket = buckets[value]
-            hits = (bucket in matched) if type(bucket) is str else len(matched.intersection(bucket))
+            hits = (bucket in matched) if type(bucket) is str else len(_common(matched, bucket))  # type: ignore[arg-type]
             if hits:
                 seen += hits
                 if weakest is None or (value < weakest if desc else value > weakest):
@@ -551,7 +560,7 @@ class _Project:
                 if bucket in matched:
                     ids.append(bucket)
             else:
-                ids += sorted(matched.intersection(bucket), reverse=desc)
+                ids += sorted(_common(matched, bucket), reverse=desc)  # type: ignore[arg-type]
             if len(ids) >= stop:
                 break
         return ids[q.offset : stop]
