@@ -1279,7 +1279,9 @@ class Cluster:
                 self._call(pipe, p, seq, message, MODE_GOODBYE, [], [])
             self._tell(pipe, BatchKind.BYE, [])
             pipe.hdel(NODES_KEY, self.node)
-            _unlink(pipe, lease_key(self.node), parts_key(self.node))
+            # The lease is left to run out: a peer whose lease check runs before it reads the
+            # BYE would take a missing lease for a death (node_lost for sessions that move).
+            _unlink(pipe, parts_key(self.node))
             await pipe.execute()
 
 
