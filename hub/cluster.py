@@ -37,7 +37,6 @@ believed until they have had time to come back (lease + the longest backoff).
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import os
 import random
@@ -45,7 +44,7 @@ import secrets
 import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
@@ -63,6 +62,7 @@ from redis.retry import Retry
 
 from .clock import now_ms
 from .config import Settings
+from .index import collector_paused
 from .partitions import (
     CONTROL_CHANNEL,
     NODES_KEY,
@@ -813,7 +813,7 @@ class Cluster:
             epoch, number, _ = seq
             peer = self._peer(node, epoch)
             self.reads += 1
-            with _collector_paused():
+            with collector_paused():
                 self.registry.reconcile(node, self._records(node, found[2 * i + 1]), now, p)
             peer.seqs[p] = number
             done.add((p, node))
@@ -1283,20 +1283,6 @@ class Cluster:
             # BYE would take a missing lease for a death (node_lost for sessions that move).
             _unlink(pipe, parts_key(self.node))
             await pipe.execute()
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """A part read whole creates a few objects per session at once, none of them garbage:
-    the cyclic collector would walk the whole heap several times meanwhile (a third of the
-    time of a 100k-session read, measured)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 class Link:

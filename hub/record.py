@@ -9,6 +9,7 @@ import functools
 import re
 import uuid
 from collections.abc import Mapping
+from operator import attrgetter
 from typing import Annotated, Any, Final, TypeVar
 
 import msgspec
@@ -426,6 +427,9 @@ SHARED_FIELDS: Final = (
 )  # fmt: skip
 
 
+_shared_values: Final = attrgetter(*SHARED_FIELDS)
+
+
 class Strings:
     """One copy of each recurring text value of the records (``SHARED_FIELDS`` and metadata
     values): tens of bytes a field a session. Bounded: full, it starts over (records keep
@@ -448,10 +452,11 @@ class Strings:
 
     def share(self, session: Session) -> None:
         """Point ``session``'s recurring values at their shared copies."""
-        for name in SHARED_FIELDS:
-            value = getattr(session, name)
+        for name, value in zip(SHARED_FIELDS, _shared_values(session), strict=True):
             if value:
-                setattr(session, name, self.get(value))
+                shared = self.get(value)
+                if shared is not value:
+                    setattr(session, name, shared)
         if session.metadata:
             session.metadata = {key: self.get(value) for key, value in session.metadata.items()}
 
