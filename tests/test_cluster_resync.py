@@ -21,6 +21,7 @@ import redis as redis_sync
 from tests.helpers import HubProcess, wait_for
 from tests.redis_server import RedisServer, have_redis
 from tests.test_cluster import agent, cluster, tracker, wait_agreed
+from tests.test_ops import scrape, value
 
 pytestmark = pytest.mark.skipif(not have_redis(), reason="redis-server is not installed")
 
@@ -93,6 +94,33 @@ async def test_a_heartbeat_stores_only_last_active_at() -> None:
             view = await wait_agreed([only, late], {"beating"})
             assert view["beating"]["pageTitle"] == "Cart"
         await ws.close()
+
+
+async def test_heartbeats_wait_for_the_touch_window_and_go_out_in_one_batch() -> None:
+    with RedisServer() as redis, cluster(redis.url, 2, "--touch-window", "0.5") as nodes:
+        near = nodes[0]
+        beating = [await tracker(near.port, f"h{i}") for i in range(5)]
+        ids = {f"h{i}" for i in range(5)}
+        first = await wait_agreed(nodes, ids)  # the far node mirrors p1 from its first search
+
+        def batches(metrics: Any) -> float:
+            return value(metrics, "hub_redis_published_batches_total")
+
+        before = batches(await scrape(near.port))
+        await asyncio.sleep(0.01)
+        for ws in beating:
+            # 50 ms apart: past the publish window each time, all within the touch window.
+            await ws.send(json.dumps({"type": "heartbeat"}))
+            await asyncio.sleep(0.05)
+        # Each new lastActiveAt reaches the far node (both answer the same)...
+        def moved(view: Any) -> bool:
+            return all(view[i]["lastActiveAt"] > first[i]["lastActiveAt"] for i in ids)
+
+        await wait_agreed(nodes, until=moved, timeout=3)
+        # ... all five in one batch.
+        assert batches(await scrape(near.port)) - before == 1
+        for ws in beating:
+            await ws.close()
 
 
 async def test_after_a_redis_restart_each_node_reads_a_peer_at_most_once() -> None:
