@@ -342,7 +342,7 @@ SAMPLES = {
     "node-lease": "7",
     "node-id": "node-7",
     "publish-window": "0.05",
-    "touch-window": "0.5",
+    "touch-window": "0.75",
     "mirror-idle": "120",
     "project-buckets": "shop=8",
     "log-level": "debug",
