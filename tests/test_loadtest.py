@@ -356,7 +356,10 @@ def test_zipf_projects_over_workers_with_a_redis_of_its_own(tmp_path: Path) -> N
     # Every worker's /metrics: each holds its own trackers, and the index covers what it mirrors.
     metrics = result["processes"]["metrics"]
     assert [m["hub_worker_index"] for m in metrics] == [0, 1]
-    assert sum(m["hub_local_sessions"] for m in metrics) == 240
+    # A tab that came back on the other worker is held there, and waits out its grace on the
+    # one it left (which does not mirror the project, so it does not see the resume).
+    local = sum(m["hub_local_sessions"] for m in metrics)
+    assert 240 <= local <= 240 + sum(m["hub_disconnected_sessions"] for m in metrics)
     assert all(m["hub_live_sessions"] >= m["hub_local_sessions"] for m in metrics)
     assert sum(m['hub_handoff_total{result="received"}'] for m in metrics) > 0
 
