@@ -262,15 +262,17 @@ def _restrict(cands: Ids, buckets: list[Bucket]) -> Ids:
 
 
 class _Project:
-    __slots__ = ("fields", "indexed", "meta", "order", "sessions", "stale")
+    __slots__ = ("fields", "indexed", "meta", "meta_built", "order", "sessions", "stale")
 
     def __init__(self, indexed: bool = True) -> None:
         self.sessions: dict[str, Session] = {}
-        # Unindexed: only ``sessions`` is kept (fields, meta and order empty) until a query
-        # needs the rest (``index_all``).
+        # Unindexed (a lazy index's project): only ``sessions`` is kept until a query needs
+        # more (``index_all`` builds the order); then each field's index, and the metadata
+        # indexes, are built at their first use. An eager project has them all from the start.
         self.indexed = indexed
         self.fields = {f: FieldIndex(f in INT_FIELDS) for f in FILTERABLE} if indexed else {}
         self.meta: dict[str, FieldIndex] = {}
+        self.meta_built = indexed
         # activeTime moves with every heartbeat of an active session but is
         # rarely searched: a touch notes the value its index still holds here
         # (sessionID -> indexed activeTime), and a query that reads activeTime
@@ -283,15 +285,34 @@ class _Project:
         self.order: list[tuple[int, str]] = []
 
     def index_all(self) -> None:
-        """Build the indexes of the sessions held (an unindexed project's first query)."""
+        """Index the sessions held by timestamp (an unindexed project's first query); the
+        fields' indexes follow at their first use (``field``, ``meta_index``)."""
         self.indexed = True
-        self.fields = {f: FieldIndex(f in INT_FIELDS) for f in FILTERABLE}
-        self.add_new(list(self.sessions.values()))
+        self.order = sorted((s.timestamp, sid) for sid, s in self.sessions.items())
 
     def unindex(self) -> None:
         """Keep the sessions only (their indexes are most of their memory)."""
-        self.indexed = False
+        self.indexed = self.meta_built = False
         self.fields, self.meta, self.order, self.stale = {}, {}, [], {}
+
+    def field(self, name: str) -> FieldIndex:
+        """The index of field ``name``, built now from the sessions if it was not."""
+        fi = self.fields.get(name)
+        if fi is None:
+            fi = self.fields[name] = FieldIndex(name in INT_FIELDS)
+            batch = list(self.sessions.values())
+            with collector_paused():
+                self._index_field(name, fi, batch, [s.sessionID for s in batch])
+        return fi
+
+    def meta_index(self, key: str) -> FieldIndex | None:
+        """The index of metadata ``key`` (the metadata indexes built now if they were not)."""
+        if not self.meta_built:
+            self.meta_built = True
+            batch = list(self.sessions.values())
+            with collector_paused():
+                self._index_meta(batch, [s.sessionID for s in batch])
+        return self.meta.get(key)
 
     def add(self, s: Session) -> None:
         sid = s.sessionID
@@ -302,8 +323,9 @@ class _Project:
             key = field_key(s, name)
             if key is not None:
                 fi.add(key, sid)
-        for mkey, value in s.metadata.items():
-            self._meta_add(mkey, value, sid)
+        if self.meta_built:
+            for mkey, value in s.metadata.items():
+                self._meta_add(mkey, value, sid)
         insort(self.order, (s.timestamp, sid))
 
     def add_new(self, batch: list[Session]) -> None:
@@ -314,15 +336,25 @@ class _Project:
         if not self.indexed:
             return
         for name, fi in self.fields.items():
-            values = [getattr(s, name) for s in batch]
-            if name in INT_FIELDS:
-                keys: list[FieldValue | None] = values
-            else:
-                # Each distinct value's key once: most fields hold few distinct values.
-                key_of = scalar_text if name in BOOL_FIELDS else _text_key
-                distinct = {v: key_of(v) for v in set(values)}
-                keys = [distinct[v] for v in values]
-            fi.add_many(keys, sids)
+            self._index_field(name, fi, batch, sids)
+        if self.meta_built:
+            self._index_meta(batch, sids)
+        self.order += [(s.timestamp, sid) for s, sid in zip(batch, sids, strict=True)]
+        self.order.sort()  # two sorted runs: timsort merges them in linear time
+
+    @staticmethod
+    def _index_field(name: str, fi: FieldIndex, batch: list[Session], sids: list[str]) -> None:
+        values = [getattr(s, name) for s in batch]
+        if name in INT_FIELDS:
+            keys: list[FieldValue | None] = values
+        else:
+            # Each distinct value's key once: most fields hold few distinct values.
+            key_of = scalar_text if name in BOOL_FIELDS else _text_key
+            distinct = {v: key_of(v) for v in set(values)}
+            keys = [distinct[v] for v in values]
+        fi.add_many(keys, sids)
+
+    def _index_meta(self, batch: list[Session], sids: list[str]) -> None:
         by_key: defaultdict[str, tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
         for s, sid in zip(batch, sids, strict=True):
             for mkey, value in s.metadata.items():
@@ -337,8 +369,6 @@ class _Project:
                 if meta_fi is None:
                     meta_fi = self.meta[mkey] = FieldIndex(False)
                 meta_fi.add_many(meta_keys, meta_sids)
-        self.order += [(s.timestamp, sid) for s, sid in zip(batch, sids, strict=True)]
-        self.order.sort()  # two sorted runs: timsort merges them in linear time
 
     def remove(self, s: Session) -> None:
         sid = s.sessionID
@@ -350,8 +380,9 @@ class _Project:
             key = indexed if name == ACTIVE_TIME and indexed is not None else field_key(s, name)
             if key is not None:
                 fi.discard(key, sid)
-        for mkey, value in s.metadata.items():
-            self._meta_discard(mkey, value, sid)
+        if self.meta_built:
+            for mkey, value in s.metadata.items():
+                self._meta_discard(mkey, value, sid)
         self._order_discard(s.timestamp, sid)
 
     def _order_discard(self, timestamp: int, sid: str) -> None:
@@ -375,19 +406,22 @@ class _Project:
                 del self.meta[mkey]
 
     def set_field(self, s: Session, name: str, value: Any) -> None:
-        fi = self.fields.get(name)
-        if fi is None:
-            if name == "metadata" and self.indexed:
+        if name == "metadata":
+            if self.meta_built:
                 self._set_metadata(s, value)
             else:
-                setattr(s, name, value)
+                s.metadata = value
+            return
+        if name == "timestamp" and self.indexed:
+            self._order_discard(s.timestamp, s.sessionID)
+            insort(self.order, (value, s.sessionID))
+        fi = self.fields.get(name)
+        if fi is None:
+            setattr(s, name, value)
             return
         old = field_key(s, name)
         if name == ACTIVE_TIME:
             old = self.stale.pop(s.sessionID, old)
-        if name == "timestamp":
-            self._order_discard(s.timestamp, s.sessionID)
-            insort(self.order, (value, s.sessionID))
         setattr(s, name, value)
         new = field_key(s, name)
         if old != new:
@@ -410,14 +444,16 @@ class _Project:
     # -- search --------------------------------------------------------------
 
     def touch_active_time(self, s: Session, value: int) -> None:
-        if self.indexed and s.sessionID not in self.stale:
+        if ACTIVE_TIME in self.fields and s.sessionID not in self.stale:
             self.stale[s.sessionID] = s.activeTime
         s.activeTime = value
 
     def settle(self) -> None:
         """Bring the activeTime index up to date with the records (before a query reads it)."""
         stale, self.stale = self.stale, {}
-        fi, sessions = self.fields[ACTIVE_TIME], self.sessions
+        fi, sessions = self.fields.get(ACTIVE_TIME), self.sessions
+        if fi is None:
+            return  # not built yet: it will be from the records as they are
         for sid, indexed in stale.items():
             value = sessions[sid].activeTime
             if value != indexed:
@@ -429,7 +465,7 @@ class _Project:
             self.settle()
 
     def _index_of(self, c: Criterion) -> FieldIndex | None:
-        return self.meta.get(c.key) if c.key is not None else self.fields[c.field]
+        return self.meta_index(c.key) if c.key is not None else self.field(c.field)
 
     def match(self, criteria: tuple[Criterion, ...]) -> Ids | None:
         """The matching session ids; None means every session of the project."""
@@ -537,7 +573,7 @@ class _Project:
         # lie at or beyond the weakest of them. The keys inserted last (first)
         # make a tight bound for clock-driven fields like lastActiveAt, and a
         # C-level filter then leaves few keys to order.
-        buckets, desc, stop = self.fields[field].buckets, q.descending, q.offset + q.limit
+        buckets, desc, stop = self.field(field).buckets, q.descending, q.offset + q.limit
         seed: list[Any] = list(islice(reversed(buckets) if desc else iter(buckets), stop))
         bound: Any = min(seed) if desc else max(seed)
         keys: list[Any] = list(filter(bound.__le__ if desc else bound.__ge__, buckets))
@@ -558,7 +594,7 @@ class _Project:
         at least ``stop`` matches lie at or beyond it. A C-level filter keeps
         the keys within the bound; only those are ordered and read.
         """
-        buckets, desc, stop = self.fields[field].buckets, q.descending, q.offset + q.limit
+        buckets, desc, stop = self.field(field).buckets, q.descending, q.offset + q.limit
         seen, weakest = 0, None
         value: Any
         for value in islice(reversed(buckets) if desc else iter(buckets), len(matched)):
@@ -717,19 +753,24 @@ class LiveIndex:
             if active_time is not None:
                 session.activeTime = active_time
             return
-        fields = project.fields
-        sid = session.sessionID
-        fi = fields["lastActiveAt"]
-        fi.discard(session.lastActiveAt, sid)
-        session.lastActiveAt = now
-        fi.add(now, sid)
+        fi = project.fields.get("lastActiveAt")
+        if fi is None:
+            session.lastActiveAt = now
+        else:
+            sid = session.sessionID
+            fi.discard(session.lastActiveAt, sid)
+            session.lastActiveAt = now
+            fi.add(now, sid)
         if active_time is not None and active_time != session.activeTime:
             project.touch_active_time(session, active_time)
 
     def metadata_keys(self, project_key: str) -> list[str]:
         """The metadata keys some live session of the project holds."""
         project = self._ready(project_key)
-        return list(project.meta) if project is not None else []
+        if project is None:
+            return []
+        project.meta_index("")  # built, if it was not
+        return list(project.meta)
 
     def values(
         self, project_key: str, field: str, key: str | None, text: str, limit: int
@@ -746,9 +787,9 @@ class LiveIndex:
         project = self._ready(project_key)
         if project is None:
             return []
+        fi = project.meta_index(key) if key is not None else project.field(field)
         if field == ACTIVE_TIME and key is None:
             project.settle()
-        fi = project.meta.get(key) if key is not None else project.fields[field]
         if fi is None:
             return []
         buckets = fi.buckets

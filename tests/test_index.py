@@ -268,6 +268,31 @@ def test_sessions_indexed_in_one_go_are_indexed_as_one_by_one() -> None:
     }
 
 
+def test_a_lazy_index_builds_each_field_at_its_first_use() -> None:
+    rng = random.Random(5)
+    index = LiveIndex(lazy=True)
+    live = {("p", s.sessionID): s for s in (_random_session(rng, n) for n in range(2000))}
+    for s in live.values():
+        index.add(s)
+    project = index._projects["p"]
+    assert not index.indexed("p") and not project.fields and not project.order
+    every = Query(criteria=(), sort="timestamp", descending=True, page=1, limit=50)
+    assert_same(index, live, "p", every)
+    assert index.indexed("p") and not project.fields and not project.meta_built  # the order only
+    by_browser = Query(criteria=(parse_filter(FilterIn("userBrowser", "is", ["chrome"]), "f"),))
+    assert_same(index, live, "p", by_browser)
+    assert set(project.fields) == {"userBrowser"}
+    # Changes to fields not built yet are read from the records when they are built.
+    for s in list(live.values())[:300]:
+        index.apply(s, {"userCountry": "NZ", "metadata": {"plan": "gold"}})
+        index.touch(s, 9_000)
+    for name, value in (("userCountry", "nz"), ("plan", "gold"), ("lastActiveAt", "9000")):
+        q = Query(criteria=(parse_filter(FilterIn(name, "is", [value]), "f"),), limit=1000)
+        assert_same(index, live, "p", q)
+        assert index.search("p", q)[0] == 300
+    assert set(project.fields) == {"userBrowser", "userCountry", "lastActiveAt"} and project.meta_built
+
+
 def test_other_field_sorts_when_sessions_arrive_in_that_order() -> None:
     """Sessions indexed in the order of the sort field: the first sessions are the answer."""
     index = LiveIndex()
