@@ -21,7 +21,7 @@ import gc
 import heapq
 from bisect import bisect_left, bisect_right, insort
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Set as AbstractSet
 from itertools import accumulate, islice
 from operator import attrgetter, itemgetter
@@ -67,6 +67,12 @@ def _text_key(value: str | None) -> str | None:
     low = compare_text(value)
     # Reuse the record's own string when lowering changes nothing.
     return value if low == value else low
+
+
+def _keys_of(values: list[Any], key_of: Callable[[Any], FieldValue | None]) -> list[FieldValue | None]:
+    """``key_of`` each of ``values``, computed once per distinct value (most fields hold few)."""
+    distinct = {v: key_of(v) for v in set(values)}
+    return [distinct[v] for v in values]
 
 
 def field_key(session: Session, field: str) -> FieldValue | None:
@@ -286,7 +292,7 @@ class _Project:
 
     def index_all(self) -> None:
         """Index the sessions held by timestamp (an unindexed project's first query); the
-        fields' indexes follow at their first use (``field``, ``meta_index``)."""
+        fields' indexes follow at their first use (``field``, ``meta_indexes``)."""
         self.indexed = True
         self.order = sorted((s.timestamp, sid) for sid, s in self.sessions.items())
 
@@ -305,14 +311,14 @@ class _Project:
                 self._index_field(name, fi, batch, [s.sessionID for s in batch])
         return fi
 
-    def meta_index(self, key: str) -> FieldIndex | None:
-        """The index of metadata ``key`` (the metadata indexes built now if they were not)."""
+    def meta_indexes(self) -> dict[str, FieldIndex]:
+        """Each metadata key's index, built now if they were not."""
         if not self.meta_built:
             self.meta_built = True
             batch = list(self.sessions.values())
             with collector_paused():
                 self._index_meta(batch, [s.sessionID for s in batch])
-        return self.meta.get(key)
+        return self.meta
 
     def add(self, s: Session) -> None:
         sid = s.sessionID
@@ -346,13 +352,9 @@ class _Project:
     def _index_field(name: str, fi: FieldIndex, batch: list[Session], sids: list[str]) -> None:
         values = [getattr(s, name) for s in batch]
         if name in INT_FIELDS:
-            keys: list[FieldValue | None] = values
+            fi.add_many(values, sids)
         else:
-            # Each distinct value's key once: most fields hold few distinct values.
-            key_of = scalar_text if name in BOOL_FIELDS else _text_key
-            distinct = {v: key_of(v) for v in set(values)}
-            keys = [distinct[v] for v in values]
-        fi.add_many(keys, sids)
+            fi.add_many(_keys_of(values, scalar_text if name in BOOL_FIELDS else _text_key), sids)
 
     def _index_meta(self, batch: list[Session], sids: list[str]) -> None:
         by_key: defaultdict[str, tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
@@ -362,13 +364,9 @@ class _Project:
                 values_of.append(value)
                 sids_of.append(sid)
         for mkey, (meta_values, meta_sids) in by_key.items():
-            texts = {v: _text_key(v) for v in set(meta_values)}
-            meta_keys: list[FieldValue | None] = [texts[v] for v in meta_values]
+            meta_keys = _keys_of(meta_values, _text_key)
             if any(k is not None for k in meta_keys):
-                meta_fi = self.meta.get(mkey)
-                if meta_fi is None:
-                    meta_fi = self.meta[mkey] = FieldIndex(False)
-                meta_fi.add_many(meta_keys, meta_sids)
+                self._meta_of(mkey).add_many(meta_keys, meta_sids)
 
     def remove(self, s: Session) -> None:
         sid = s.sessionID
@@ -389,13 +387,16 @@ class _Project:
         item = (timestamp, sid)
         del self.order[bisect_left(self.order, item)]
 
+    def _meta_of(self, mkey: str) -> FieldIndex:
+        fi = self.meta.get(mkey)
+        if fi is None:
+            fi = self.meta[mkey] = FieldIndex(False)
+        return fi
+
     def _meta_add(self, mkey: str, value: str, sid: str) -> None:
         key = _text_key(value)
         if key is not None:
-            fi = self.meta.get(mkey)
-            if fi is None:
-                fi = self.meta[mkey] = FieldIndex(False)
-            fi.add(key, sid)
+            self._meta_of(mkey).add(key, sid)
 
     def _meta_discard(self, mkey: str, value: str, sid: str) -> None:
         key = _text_key(value)
@@ -465,7 +466,7 @@ class _Project:
             self.settle()
 
     def _index_of(self, c: Criterion) -> FieldIndex | None:
-        return self.meta_index(c.key) if c.key is not None else self.field(c.field)
+        return self.meta_indexes().get(c.key) if c.key is not None else self.field(c.field)
 
     def match(self, criteria: tuple[Criterion, ...]) -> Ids | None:
         """The matching session ids; None means every session of the project."""
@@ -748,7 +749,7 @@ class LiveIndex:
     def touch(self, session: Session, now: int, active_time: int | None = None) -> None:
         """Refresh lastActiveAt, and activeTime when given: no other field is re-indexed."""
         project = self._indexed(session)
-        if project is None or not project.indexed:
+        if project is None:
             session.lastActiveAt = now
             if active_time is not None:
                 session.activeTime = active_time
@@ -769,8 +770,7 @@ class LiveIndex:
         project = self._ready(project_key)
         if project is None:
             return []
-        project.meta_index("")  # built, if it was not
-        return list(project.meta)
+        return list(project.meta_indexes())
 
     def values(
         self, project_key: str, field: str, key: str | None, text: str, limit: int
@@ -787,7 +787,7 @@ class LiveIndex:
         project = self._ready(project_key)
         if project is None:
             return []
-        fi = project.meta_index(key) if key is not None else project.field(field)
+        fi = project.meta_indexes().get(key) if key is not None else project.field(field)
         if field == ACTIVE_TIME and key is None:
             project.settle()
         if fi is None:
