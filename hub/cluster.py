@@ -409,9 +409,10 @@ class Cluster:
         # change goes out sooner: one batch carries many, and lastActiveAt lags that much.
         self.touch_window = settings.touch_window
         self._touched_at: float | None = None
-        # When the lease was last refreshed (every lease/4, not every batch: it lives on the
-        # ``{hub}`` tag's master).
+        # When the lease was last refreshed, and how often (every lease/4, not every batch:
+        # it lives on the ``{hub}`` tag's master).
         self._lease_at = 0.0
+        self._refresh_every = max(self.lease / 4, 0.01)
         # Peers' missing leases are not believed until then (after a bootstrap).
         self._lenient_until = 0.0
         self._link = Link(self.url, "cluster")
@@ -979,9 +980,8 @@ class Cluster:
         return _encode(msgspec.structs.replace(session, tabs=tabs, connected=tabs > 0, active=active))
 
     async def _publisher(self, client: Any) -> None:
-        ping = max(self.lease / 4, 0.01)
         while not self.leaving:
-            due = self._lease_at + ping
+            due = self._lease_at + self._refresh_every
             if self._touched_at is not None:
                 due = min(due, self._touched_at + self.touch_window)
             with anyio.move_on_after(max(0.0, due - time.monotonic())):
@@ -993,7 +993,7 @@ class Cluster:
                 await self._adopt(client)
             now = time.monotonic()
             touches_due = self._touched_at is not None and now - self._touched_at >= self.touch_window
-            if self._wake.is_set() or touches_due or now - self._lease_at >= ping:
+            if self._wake.is_set() or touches_due or now - self._lease_at >= self._refresh_every:
                 await self.flush(client)
 
     async def flush(self, client: Any, final: bool = False) -> None:
@@ -1005,7 +1005,7 @@ class Cluster:
             pending, self._pending = self._pending, {}
             self._touched_at = None
             started = time.monotonic()
-            refresh = final or started - self._lease_at >= self.lease / 4
+            refresh = final or started - self._lease_at >= self._refresh_every
             sent: list[tuple[str, int, list[tuple[SessionKey, Raw]], Gone]] = []
             try:
                 pipe = client.pipeline(transaction=False)

@@ -458,7 +458,7 @@ class Strings:
                 if shared is not value:
                     setattr(session, name, shared)
         if session.metadata:
-            session.metadata = {key: self.get(value) for key, value in session.metadata.items()}
+            session.metadata = self._metadata(session.metadata)
 
     def share_changes(self, changes: dict[str, Any]) -> None:
         for name in SHARED_FIELDS:
@@ -467,7 +467,10 @@ class Strings:
                 changes[name] = self.get(value)
         metadata = changes.get("metadata")
         if metadata:
-            changes["metadata"] = {key: self.get(value) for key, value in metadata.items()}
+            changes["metadata"] = self._metadata(metadata)
+
+    def _metadata(self, metadata: dict[str, str]) -> dict[str, str]:
+        return {key: self.get(value) for key, value in metadata.items()}
 
 
 def encode_error(code: ErrorCode, message: str) -> bytes:

@@ -464,7 +464,7 @@ class Registry:
                 listener.session_started(record)
             return
         self._set_remote(key, h, node, record.tabs)
-        self._set_remote_active(h, node, record.active)
+        h.set_idle(node, not record.active)
         released = record.tabs > 0 and h.here == 0
         if released:
             # Resumed on that node: this node's grace for it is over.
@@ -497,10 +497,6 @@ class Registry:
                 listener.session_touched(session)
         if released:
             self.replication.released(session, None)
-
-    @staticmethod
-    def _set_remote_active(h: Holding, node: str, active: bool) -> None:
-        h.set_idle(node, not active)
 
     def _derive(
         self, session: Session, key: SessionKey, h: Holding, changes: dict[str, Any], now: int
@@ -614,7 +610,7 @@ class Registry:
         indexes it)."""
         h = self._holdings[key] = Holding()
         self._set_remote(key, h, node, record.tabs)
-        self._set_remote_active(h, node, record.active)
+        h.set_idle(node, not record.active)
         record.tabs = h.tabs
         record.connected = record.tabs > 0
         if not record.connected:
