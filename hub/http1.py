@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -339,7 +340,7 @@ class HttpConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
         server = self.server
-        server.connections.add(self)
+        server.add(self)
         if server.per_ip.admit(self.peer):
             self.admitted = True
         else:
@@ -397,6 +398,10 @@ class HttpConnection(asyncio.Protocol):
                 self._respond(event.response, keep_alive=False)
 
     # For the server ------------------------------------------------------
+
+    def next_expiry(self) -> float:
+        # Only ever moved later (each answer restarts it): the server's file stays a lower bound.
+        return self.deadline if self.transport is not None else math.inf
 
     def expire(self, now: float) -> None:
         """A client that does not finish its request (or send the next) in time is dropped."""
@@ -562,8 +567,8 @@ class HttpConnection(asyncio.Protocol):
         transport.write(handshake.serialize())
         # From here on the WebSocket connection owns the socket and the per-IP count.
         conn.admitted, self.admitted = self.admitted, False
-        server.connections.add(conn)
-        server.connections.discard(self)
+        server.add(conn)
+        server.forget(self)
         transport.set_protocol(conn)
         self.transport = None
         conn.start(routed, upgrade.rest)

@@ -7,7 +7,7 @@ which drives websockets' Sans-I/O ``ServerProtocol``. Admission (per-IP
 limit, token bucket) is ``admission.py``. This layer only moves bytes: what
 a frame or a request means is decided by an endpoint or a route's handler.
 
-``Server`` listens, holds the open connections and sweeps their deadlines.
+``Server`` listens, holds the open connections and sweeps their deadlines (``deadlines.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from .admission import PerIpLimit
 from .config import Settings
 from .counts import ConnectionCounts
+from .deadlines import Deadlines
 from .http1 import HttpConnection, LongHeads
 from .routes import RouteTable
 from .websocket import Endpoint, WebSocketConnection
@@ -58,6 +59,8 @@ class Server:
         # --workers: hands connections for another worker's project to it (handoff.py).
         self.handoff: Handoff | None = None
         self.connections: set[Connection] = set()
+        # When each connection's timers next need a look: a sweep visits only those.
+        self.deadlines: Deadlines[Connection] = Deadlines(settings.sweep_interval, time.monotonic())
         self.per_ip = PerIpLimit(settings.max_conns_per_ip)
         self.rate = settings.rate_limit
         self.burst = float(settings.rate_burst)
@@ -100,10 +103,21 @@ class Server:
         if self._server is not None:
             self._server.close()
 
+    def add(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        self.watch(conn)
+
+    def watch(self, conn: Connection) -> None:
+        """File ``conn`` by when its timers next need a look; called where one moved earlier."""
+        if conn in self.connections:
+            self.deadlines.set(conn, conn.next_expiry())
+
     def sweep(self) -> None:
+        """Enforce the deadlines that have passed: work for the connections due, not for all."""
         now = time.monotonic()
-        for conn in list(self.connections):
+        for conn in self.deadlines.due(now):
             conn.expire(now)
+            self.watch(conn)
 
     def close_all(self, code: int, reason: str) -> None:
         """WebSockets get a close frame with ``code``; HTTP connections are closed."""
@@ -112,6 +126,7 @@ class Server:
 
     def forget(self, conn: Connection) -> None:
         self.connections.discard(conn)
+        self.deadlines.discard(conn)
         if not self.connections and self._all_closed is not None:
             self._all_closed.set()
 

@@ -157,6 +157,10 @@ class Heartbeat:
     def connected(self) -> None:
         self.connect_by = math.inf
 
+    def next_poll(self) -> float:
+        """The earliest time ``poll`` could answer something."""
+        return min(self.connect_by, self.deadline, self.due)
+
     def poll(self, now: float) -> Beat | None:
         if now >= self.connect_by:
             return Beat.NOT_CONNECTED
@@ -258,6 +262,7 @@ class WebSocketConnection(asyncio.Protocol):
         self.last_seen = now = time.monotonic()
         if self.heartbeat is not None:
             self.heartbeat.begin(now)
+        self.server.watch(self)
         if self.greeting is not None:
             self.send(self.greeting)
             self.greeting = None
@@ -415,7 +420,10 @@ class WebSocketConnection(asyncio.Protocol):
                 transport.close()
                 return
         if ws.close_expected():
-            self.deadline = min(self.deadline, time.monotonic() + CLOSE_TIMEOUT_S)
+            at = time.monotonic() + CLOSE_TIMEOUT_S
+            if at < self.deadline:
+                self.deadline = at
+                self.server.watch(self)
 
     # For endpoints ------------------------------------------------------
 
@@ -460,6 +468,7 @@ class WebSocketConnection(asyncio.Protocol):
         if self.open:
             self.ws.send_close(code, reason)
             self.deadline = time.monotonic() + CLOSE_TIMEOUT_S
+            self.server.watch(self)
             self._flush()
 
     def abort(self) -> None:
@@ -500,6 +509,22 @@ class WebSocketConnection(asyncio.Protocol):
             sock.setsockopt(socket.SOL_SOCKET, option, size)
 
     # For the server ------------------------------------------------------
+
+    def next_expiry(self) -> float:
+        """The earliest time ``expire`` could act: a lower bound, as traffic only moves it later."""
+        if self.transport is None:
+            return math.inf
+        if self.ws.state is not OPEN:
+            return self.deadline
+        heartbeat = self.heartbeat
+        at = heartbeat.next_poll() if heartbeat is not None else math.inf
+        endpoint = self.endpoint
+        timeout = endpoint.idle_timeout if endpoint is not None else None
+        if endpoint is not None and timeout is not None:
+            if endpoint.keepalive and not self.pinged:
+                timeout /= 2
+            at = min(at, self.last_seen + timeout)
+        return at
 
     def expire(self, now: float) -> None:
         """Enforce the idle (or heartbeat) timeout, the keepalive ping, the close deadline
