@@ -24,6 +24,7 @@ from . import openapi, static, webhooks
 from .auth import Auth, origin_allowed
 from .clock import now_ms
 from .cluster import Cluster
+from .collector import Collector
 from .config import Settings
 from .counts import AGENT, TRACKER
 from .endpoints import AgentEndpoint, TrackerEndpoint
@@ -57,8 +58,12 @@ WATCHED_RCVBUF_MIN: Final = 256 << 10
 
 
 class Hub:
-    def __init__(self, settings: Settings, workers: Workers | None = None) -> None:
+    def __init__(
+        self, settings: Settings, workers: Workers | None = None, collector: Collector | None = None
+    ) -> None:
         self.settings = settings
+        # The process's garbage collector policy, when this hub is the process (run()).
+        self.collector = collector
         # A cluster node indexes a project only while it serves it (README, "Cluster").
         self.index = LiveIndex(lazy=bool(settings.redis_url))
         # Built once per process: the User-Agent rules compile and the GeoIP database opens here.
@@ -454,6 +459,8 @@ class Hub:
     def sweep(self) -> None:
         self.server.sweep()
         self.registry.sweep(now_ms())
+        if self.collector is not None:
+            self.collector.tick()
 
 
 class BindError(OSError):
@@ -464,11 +471,14 @@ def run(
     settings: Settings, sock: socket.socket | None = None, workers: Workers | None = None, **backend: Any
 ) -> None:
     """Serve until stopped; on ``sock`` when given (a ``--workers`` process), else host:port."""
-    hub = Hub(settings, workers)
+    collector = Collector(time.monotonic)
+    hub = Hub(settings, workers, collector)
     # What start-up built lives as long as the process (the User-Agent rules alone are
     # ~29 MB of objects): out of the collector's sight, a full collection no longer
-    # walks it while heartbeats flow.
+    # walks it while heartbeats flow; later full collections walk only what came
+    # since the last one (collector.py).
     gc.freeze()
+    collector.install()
     started = time.monotonic()
     anyio.run(hub.serve, sock, backend="asyncio", backend_options=backend)
     log.info("hub.stopped", extra={"fields": {"uptime_s": round(time.monotonic() - started, 1)}})

@@ -189,6 +189,9 @@ class TrackerProtocol:
     def closed(self, now: int, timed_out: bool) -> None:
         """The connection closed; a held session waits out its grace."""
         self._close_tab()
+        # An adapter's endpoint is its own sink (openreplay.TabEndpoint): let go of it, or
+        # the two stay a reference cycle for the collector to find (collector.py).
+        self.sink = None
         if self.session is not None:
             reason = EndReason.TIMEOUT if timed_out else EndReason.DISCONNECTED
             self.registry.detach(self.session, now, reason, self.active is not False)
