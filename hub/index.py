@@ -320,6 +320,20 @@ class _Project:
                 self._index_meta(batch, [s.sessionID for s in batch])
         return self.meta
 
+    def build_next(self) -> bool:
+        """Build one index this project does not have yet; False when it has them all."""
+        if not self.indexed:
+            self.index_all()
+            return True
+        for name in FILTERABLE:
+            if name not in self.fields:
+                self.field(name)
+                return True
+        if not self.meta_built:
+            self.meta_indexes()
+            return True
+        return False
+
     def add(self, s: Session) -> None:
         sid = s.sessionID
         self.sessions[sid] = s
@@ -700,6 +714,16 @@ class LiveIndex:
         project = self._projects.get(project_key)
         if self.lazy and project is not None:
             project.unindex()
+
+    def build_next(self, project_key: str) -> bool:
+        """Build one more of a lazy project's indexes (its order, a field's, or the metadata
+        ones), so that a project served for long has them before a query waits for one;
+        False once it has them all."""
+        project = self._projects.get(project_key)
+        if project is None:
+            return False
+        with collector_paused():
+            return project.build_next()
 
     def indexed(self, project_key: str) -> bool:
         project = self._projects.get(project_key)

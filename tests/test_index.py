@@ -21,7 +21,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from hub.index import LiveIndex
 from hub.record import SCALAR_FIELDS, Session, Start, decode_message
 from hub.registry import Registry
-from hub.search import FilterIn, Query, brute_force, parse_body, parse_filter, resolve_sort
+from hub.search import FILTERABLE, FilterIn, Query, brute_force, parse_body, parse_filter, resolve_sort
 from tests.helpers import running_hub, wait_for
 
 PROJECTS = ("p1", "p2")
@@ -291,6 +291,37 @@ def test_a_lazy_index_builds_each_field_at_its_first_use() -> None:
         assert_same(index, live, "p", q)
         assert index.search("p", q)[0] == 300
     assert set(project.fields) == {"userBrowser", "userCountry", "lastActiveAt"} and project.meta_built
+
+
+def test_build_next_builds_a_lazy_projects_indexes_one_at_a_time_to_an_eager_ones() -> None:
+    rng = random.Random(8)
+    lazy, eager = LiveIndex(lazy=True), LiveIndex()
+    sessions = [_random_session(rng, n) for n in range(1500)]
+    for s in sessions:
+        lazy.add(msgspec.structs.replace(s))  # a record of its own: changes apply to each
+        eager.add(s)
+    project = lazy._projects["p"]
+    steps = 0
+    while lazy.build_next("p"):
+        steps += 1
+        built = len(project.fields) + project.meta_built
+        assert built == steps - 1, "one index a step, the order first"
+        # Changes between steps reach the indexes built so far and the ones still to come.
+        for s in rng.sample(sessions, 20):
+            plan = rng.choice(["gold", "free"])
+            changes = {"userCountry": rng.choice(["NZ", "FR"]), "metadata": {"plan": plan}}
+            mine = lazy.get("p", s.sessionID)
+            assert mine is not None
+            lazy.apply(mine, changes)
+            eager.apply(s, changes)
+    assert steps == 1 + len(FILTERABLE) + 1 and not lazy.build_next("p") and not lazy.build_next("nope")
+    a, b = project, eager._projects["p"]
+    assert a.order == b.order
+    for name, fi in b.fields.items():
+        assert (a.fields[name].buckets, a.fields[name].count) == (fi.buckets, fi.count), name
+    assert {k: (fi.buckets, fi.count) for k, fi in a.meta.items()} == {
+        k: (fi.buckets, fi.count) for k, fi in b.meta.items()
+    }
 
 
 def test_other_field_sorts_when_sessions_arrive_in_that_order() -> None:
