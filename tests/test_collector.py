@@ -88,13 +88,18 @@ def test_a_frozen_cycle_is_reclaimed_by_the_intervals_full_walk(clean_gc: None) 
         collector.uninstall()
 
 
-def test_tick_collects_the_young_generations(clean_gc: None) -> None:
+def test_each_tick_collects_and_freezes_what_came_since_the_last(clean_gc: None) -> None:
     collector = Collector(lambda: 0.0)
-    young = [Node() for _ in range(300)]
-    assert gc.get_count()[0] > 0
-    collector.tick()
-    assert gc.get_count()[:2] == (0, 0)
-    del young
+    collector.install()
+    try:
+        collector.tick()
+        frozen = gc.get_freeze_count()
+        young = [Node() for _ in range(300)]
+        assert gc.get_count()[0] > 0
+        collector.tick()
+        assert gc.get_freeze_count() >= frozen + len(young) and collector.collections == 2
+    finally:
+        collector.uninstall()
 
 
 def hub_garbage() -> Counter[str]:
