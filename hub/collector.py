@@ -2,10 +2,10 @@
 
 CPython's full collection walks every tracked object with the event loop
 stopped: ~0.2 s in a hub holding 16,000 trackers (~25 tracked objects a
-connection, most of them websockets' protocol state), and one came every ~40 s,
-because each heartbeat replaces a few of its connection's objects (websockets'
-parser generators, the last frame), which live until the next one and so reach
-the oldest generation. Every search that arrived meanwhile waited it out.
+connection, most of them websockets' protocol state), and they keep coming:
+each heartbeat replaces a few of its connection's objects (websockets' parser
+generators, the last frame), which live until the next one and so reach the
+oldest generation. Every search that arrived meanwhile waited it out.
 
 Instead, each sweep (every ``--sweep-interval``) runs a collection and what
 survives it is frozen (``gc.freeze``): reachable then and long-lived, it is left
