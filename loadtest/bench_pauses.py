@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -34,7 +33,7 @@ API_KEY = "bench-pauses-key-123456"
 
 
 def _serve(port: int, out: Path, policy: bool) -> None:
-    """The hub process: hub serve with timers on its pauses; their log written at SIGTERM."""
+    """The hub process: hub serve with timers on its pauses; their log written once it stops."""
     from hub import app, server
     from hub.collector import Collector
 
@@ -67,14 +66,11 @@ def _serve(port: int, out: Path, policy: bool) -> None:
 
     server.Server.sweep = timed_sweep  # type: ignore[method-assign]
 
-    def write(*_: Any) -> None:
-        out.write_text(json.dumps(events))
-        os._exit(0)
-
-    signal.signal(signal.SIGTERM, write)
     from hub.cli import main
 
-    main(["--port", str(port), "--api-key", API_KEY, "--log-level", "warning"])
+    # SIGTERM drains the hub and main returns (the hub's own handler): then the log is written.
+    main(["serve", "--port", str(port), "--api-key", API_KEY, "--log-level", "warning"])
+    out.write_text(json.dumps(events))
 
 
 def _free_port() -> int:
