@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from hub.app import Hub
@@ -29,6 +30,18 @@ from hub.replication import AddMetric
 from hub.wire import EndReason
 
 API_KEY = "test-key-7f3a"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_bench(module: str, *args: str, out: Path, timeout: float) -> tuple[Any, str]:
+    """``python -m loadtest.MODULE ARGS --out OUT`` from the project root, which must exit 0:
+    the result it wrote, and what it printed."""
+    proc = subprocess.run(
+        [sys.executable, "-m", f"loadtest.{module}", *args, "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
 
 
 @dataclass

@@ -7,48 +7,36 @@ each started record and exits non-zero otherwise), and that it reports its numbe
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 from loadtest.bench_enrich import BEFORE_CASES, CASES, DIAGNOSTIC_CASES
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import run_bench
 
 
 def test_wired_cases_enrich_and_report(tmp_path: Path) -> None:
     out = tmp_path / "enrich.json"
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "loadtest.bench_enrich", "--wired", "--diagnose", "--rounds", "2",
-            "--trackers", "30", "--warmup", "25", "--distinct", "20", "--out", str(out),
-        ],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    result, printed = run_bench(
+        "bench_enrich", "--wired", "--diagnose", "--rounds", "2",
+        "--trackers", "30", "--warmup", "25", "--distinct", "20",
+        out=out, timeout=180,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
     assert set(result["cases"]) == {c.name for c in CASES + DIAGNOSTIC_CASES}
     for name, case in result["cases"].items():
         assert len(case["us_per_connect"]) == 2 and min(case["us_per_connect"]) > 0, name
         if name != "none":
             assert len(case["ratio_per_round"]) == 2 and case["ratio_of_bests"] > 0, name
     assert result["load_before"] and result["load_after"]
-    assert "x without" in proc.stdout
+    assert "x without" in printed
 
 
 def test_before_runs_the_with_cases_on_another_trees_hub_in_the_same_rounds(tmp_path: Path) -> None:
     out = tmp_path / "enrich.json"
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "loadtest.bench_enrich", "--wired", "--rounds", "1", "--trackers", "20",
-            "--warmup", "5", "--distinct", "10", "--before", "HEAD", "--out", str(out),
-        ],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    result, printed = run_bench(
+        "bench_enrich", "--wired", "--rounds", "1", "--trackers", "20",
+        "--warmup", "5", "--distinct", "10", "--before", "HEAD",
+        out=out, timeout=180,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
     assert set(result["cases"]) == {c.name for c in CASES + BEFORE_CASES}
     for case in BEFORE_CASES:
         assert len(result["cases"][case.name]["now_per_round"]) == 1
-    assert "ua now / before" in proc.stdout
+    assert "ua now / before" in printed

@@ -4,25 +4,18 @@ their sweeps and collections timed over the hold."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import run_bench
 
 
 def test_both_runs_are_timed_and_searched(tmp_path: Path) -> None:
     out = tmp_path / "pauses.json"
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "loadtest.bench_pauses", "--trackers", "300", "--ramp", "1000",
-            "--hold", "4", "--out", str(out),
-        ],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    result, _ = run_bench(
+        "bench_pauses", "--trackers", "300", "--ramp", "1000",
+        "--hold", "4",
+        out=out, timeout=180,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
     assert [r["policy"] for r in result["runs"]] == ["off", "on"]
     for run in result["runs"]:
         assert run["search_ms"]["n"] > 0

@@ -6,30 +6,22 @@ case relays what it should, byte for byte, and reports its numbers.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 from loadtest.bench_relay import CASES, THROUGHPUT_CASES
+from tests.helpers import run_bench
 from tests.redis_server import have_redis
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_case_relays_and_reports(tmp_path: Path) -> None:
     cases = [c for c in CASES if have_redis() or c != "latency-cross"]
     out = tmp_path / "relay.json"
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "loadtest.bench_relay", "--cases", ",".join(cases),
-            "--sessions", "4", "--hot-rate", "100", "--latency-duration", "1",
-            "--duration", "2", "--mb-per-s", "0.5", "--out", str(out),
-        ],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    result, _ = run_bench(
+        "bench_relay", "--cases", ",".join(cases),
+        "--sessions", "4", "--hot-rate", "100", "--latency-duration", "1",
+        "--duration", "2", "--mb-per-s", "0.5",
+        out=out, timeout=180,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
     assert set(result["cases"]) == set(cases)
     assert all(len(runs) == 1 for runs in result["cases"].values())
     cases_run = {name: runs[0] for name, runs in result["cases"].items()}

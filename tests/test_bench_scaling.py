@@ -7,38 +7,30 @@ case runs to its end, measures what it names and finds the nodes agreeing.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from loadtest.bench_scaling import CASES
+from tests.helpers import run_bench
 from tests.redis_server import have_redis
-
-ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(not have_redis(), reason="needs redis-server and redis-cli")
 
 
 def test_every_case_runs_and_reports(tmp_path: Path) -> None:
     out, png = tmp_path / "scaling.json", tmp_path / "scaling.png"
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "loadtest.bench_scaling", "--cases", ",".join(CASES),
-            "--sizes", "2,3", "--sessions", "50", "--projects", "4", "--rate", "50",
-            "--warmup", "0.5", "--seconds", "1",
-            "--spread-nodes", "2", "--spread-sessions", "50", "--spread-projects", "10",
-            "--spread-seconds", "1",
-            "--join-nodes", "2", "--join-sessions", "200", "--join-rate", "100",
-            "--restart-nodes", "3", "--restart-sessions", "50", "--restart-down", "0.5",
-            "--out", str(out), "--plot", str(png),
-        ],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    result, _ = run_bench(
+        "bench_scaling", "--cases", ",".join(CASES),
+        "--sizes", "2,3", "--sessions", "50", "--projects", "4", "--rate", "50",
+        "--warmup", "0.5", "--seconds", "1",
+        "--spread-nodes", "2", "--spread-sessions", "50", "--spread-projects", "10",
+        "--spread-seconds", "1",
+        "--join-nodes", "2", "--join-sessions", "200", "--join-rate", "100",
+        "--restart-nodes", "3", "--restart-sessions", "50", "--restart-down", "0.5",
+        "--plot", str(png),
+        out=out, timeout=240,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
     assert png.stat().st_size > 0
 
     scaling = result["scaling"]
