@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .procs import free_port
 from .stats import percentiles
 
 RESULTS = Path(__file__).parent / "results"
@@ -73,21 +74,13 @@ def _serve(port: int, out: Path, policy: bool) -> None:
     out.write_text(json.dumps(events))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _summary(durations: list[float]) -> dict[str, Any]:
     """Milliseconds: how many, percentiles, and their sum."""
     return {**percentiles([d * 1000 for d in durations]), "total_ms": round(sum(durations) * 1000, 1)}
 
 
 def one_run(args: argparse.Namespace, policy: bool, workdir: Path) -> dict[str, Any]:
-    port = _free_port()
+    port = free_port()
     events_file = workdir / f"events-{policy}.json"
     swarm_file = workdir / f"swarm-{policy}.json"
     hub_proc = subprocess.Popen(
@@ -102,6 +95,8 @@ def one_run(args: argparse.Namespace, policy: bool, workdir: Path) -> dict[str, 
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).read()
                 break
             except OSError:
+                if hub_proc.poll() is not None:
+                    raise SystemExit(f"the hub exited {hub_proc.returncode} before it was ready") from None
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
