@@ -294,7 +294,8 @@ class _Project:
         """Index the sessions held by timestamp (an unindexed project's first query); the
         fields' indexes follow at their first use (``field``, ``meta_indexes``)."""
         self.indexed = True
-        self.order = sorted((s.timestamp, sid) for sid, s in self.sessions.items())
+        with collector_paused():
+            self.order = sorted((s.timestamp, sid) for sid, s in self.sessions.items())
 
     def unindex(self) -> None:
         """Keep the sessions only (their indexes are most of their memory)."""
@@ -479,8 +480,9 @@ class _Project:
         if self.stale and (sort == ACTIVE_TIME or any(c.field == ACTIVE_TIME for c in criteria)):
             self.settle()
 
-    def _index_of(self, c: Criterion) -> FieldIndex | None:
-        return self.meta_indexes().get(c.key) if c.key is not None else self.field(c.field)
+    def index_of(self, field: str, key: str | None) -> FieldIndex | None:
+        """The index of ``field``, or of metadata ``key`` (None when no session holds it)."""
+        return self.meta_indexes().get(key) if key is not None else self.field(field)
 
     def match(self, criteria: tuple[Criterion, ...]) -> Ids | None:
         """The matching session ids; None means every session of the project."""
@@ -488,7 +490,7 @@ class _Project:
         exact: list[tuple[int, Criterion, list[Bucket] | None, FieldIndex]] = []
         contains: list[tuple[Criterion, FieldIndex]] = []
         for c in criteria:
-            fi = self._index_of(c)
+            fi = self.index_of(c.field, c.key)
             if fi is None or not fi.count:
                 return _EMPTY
             if not c.values:
@@ -698,8 +700,7 @@ class LiveIndex:
         """The project, indexed (built now if it was not)."""
         project = self._projects.get(project_key)
         if project is not None and not project.indexed:
-            with collector_paused():
-                project.index_all()
+            project.index_all()
         return project
 
     def _project(self, project_key: str) -> _Project:
@@ -720,10 +721,7 @@ class LiveIndex:
         ones), so that a project served for long has them before a query waits for one;
         False once it has them all."""
         project = self._projects.get(project_key)
-        if project is None:
-            return False
-        with collector_paused():
-            return project.build_next()
+        return project is not None and project.build_next()
 
     def indexed(self, project_key: str) -> bool:
         project = self._projects.get(project_key)
@@ -811,7 +809,7 @@ class LiveIndex:
         project = self._ready(project_key)
         if project is None:
             return []
-        fi = project.meta_indexes().get(key) if key is not None else project.field(field)
+        fi = project.index_of(field, key)
         if field == ACTIVE_TIME and key is None:
             project.settle()
         if fi is None:
