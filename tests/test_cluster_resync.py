@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import redis as redis_sync
 
+from hub.partitions import lease_key
 from tests.helpers import HubProcess, wait_for
 from tests.redis_server import RedisServer, have_redis
 from tests.test_cluster import agent, cluster, tracker, wait_agreed
@@ -97,7 +98,11 @@ async def test_a_heartbeat_stores_only_last_active_at() -> None:
 
 
 async def test_heartbeats_wait_for_the_touch_window_and_go_out_in_one_batch() -> None:
-    with RedisServer() as redis, cluster(redis.url, 2, "--touch-window", "0.5") as nodes:
+    # A lease refresh (every lease/4) publishes the pending touches with it, so the span of
+    # heartbeats below starts just after one and ends long before the next (lease 8 s: 2 s).
+    lease_ms = 8000
+    args = ("--touch-window", "0.5", "--node-lease", str(lease_ms / 1000))
+    with RedisServer() as redis, cluster(redis.url, 2, *args) as nodes:
         near = nodes[0]
         beating = [await tracker(near.port, f"h{i}") for i in range(5)]
         ids = {f"h{i}" for i in range(5)}
@@ -106,6 +111,8 @@ async def test_heartbeats_wait_for_the_touch_window_and_go_out_in_one_batch() ->
         def batches(metrics: Any) -> float:
             return value(metrics, "hub_redis_published_batches_total")
 
+        client = redis_sync.Redis(port=redis.port)
+        await wait_for(lambda: client.pttl(lease_key("n0")) > lease_ms - 300, timeout=5, interval=0.01)
         before = batches(await scrape(near.port))
         await asyncio.sleep(0.01)
         for ws in beating:
