@@ -23,7 +23,15 @@ from .hubmetrics import per_worker, workers_of
 from .ingest import run_ingest
 from .live_view import LiveView
 from .options import Options
-from .procs import HubUsage, Server, Watched, listen_overflows, pids_listening, start_servers
+from .procs import (
+    HubUsage,
+    Server,
+    Watched,
+    listen_overflows,
+    pids_listening,
+    run_queue_wait,
+    start_servers,
+)
 from .result import swarm_result
 from .searches import HubSearch, SearchLoad
 from .stats import Latencies
@@ -63,6 +71,7 @@ class Run:
         self.registered_at: float | None = None  # storm: when the hub's total first held them all
         # The steady window (the hold after --steady-skip): each process's CPU seconds at its ends.
         self.steady: dict[str, Any] = {}
+        self.search_window: dict[str, Any] = {}  # from the searches' start to their stop (--steady-window)
         self.processes: dict[str, Any] = {}  # per hub process at the settled state, /metrics per worker
 
     async def watch_registered(self) -> None:
@@ -114,12 +123,15 @@ class Run:
                     else:
                         steady_from = now + min(opts.steady_skip, opts.duration / 2)
                     if opts.qps > 0 and searchable:
+                        self.search_window["start"] = await self.cpu_snapshot()
                         self.searches.start()
                 if steady_from is not None and now >= steady_from and "start" not in self.steady:
                     if opts.steady_window > 0:
                         quiet = True
                         await self.searches.stop()
                     self.steady["start"] = await self.cpu_snapshot()
+                    if "start" in self.search_window and quiet:
+                        self.search_window["end"] = self.steady["start"]
                     self.steady["quiet"] = quiet
                     if opts.steady_window > 0 and hold_until is not None:
                         # Stopping the searches waits for those in flight: the window still
@@ -128,6 +140,8 @@ class Run:
                 if (hold_until is not None and now >= hold_until) or now >= hard_stop:
                     if "start" in self.steady:
                         self.steady["end"] = await self.cpu_snapshot()
+                    if "start" in self.search_window and "end" not in self.search_window:
+                        self.search_window["end"] = self.steady.get("end") or await self.cpu_snapshot()
                     break
                 if self.fleet.exited():
                     view.warn("a swarm worker exited early")
@@ -148,12 +162,16 @@ class Run:
     async def cpu_snapshot(self) -> dict[str, Any]:
         """Monotonic time, CPU seconds per watched hub process and of Redis, and the live count."""
 
+        swarm = [w.proc.pid for w in self.fleet.workers]
+
         def read() -> dict[str, Any]:
             hub = self.usage.watched.per_process() if self.usage is not None else {}
             redis = self.redis_usage.watched.cpu_seconds() if self.redis_usage is not None else None
             return {
                 "at": time.monotonic(),
                 "hub": {pid: p["cpu_s"] for pid, p in hub.items()},
+                "hub_wait": {pid: p["wait_s"] for pid, p in hub.items() if "wait_s" in p},
+                "swarm_wait": {pid: w for pid in swarm if (w := run_queue_wait(pid)) is not None},
                 "redis_cpu_s": redis,
             }
 

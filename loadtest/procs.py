@@ -61,6 +61,17 @@ def pids_listening(port: int) -> list[int]:
     )
 
 
+def run_queue_wait(pid: int) -> float | None:
+    """Seconds ``pid``'s threads have spent runnable but waiting for a CPU (``/proc/<pid>/schedstat``,
+    its second field): on a machine the load generator shares, the part of a latency no code of the
+    hub's can remove. None where the kernel does not keep schedstats."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 @dataclass
 class Watched:
     """CPU and RSS of a server: its processes and their children (hub workers)."""
@@ -115,7 +126,7 @@ class Watched:
         return self.rss(), self.cpu_percent(), self.fds() if with_fds else None
 
     def per_process(self) -> dict[int, dict[str, float | str]]:
-        """Each process: its command line's tail, RSS (MiB) and CPU seconds so far."""
+        """Each process: its command line's tail, RSS (MiB), CPU seconds and run-queue wait so far."""
         out: dict[int, dict[str, float | str]] = {}
         for proc in self.processes():
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
@@ -125,6 +136,9 @@ class Watched:
                     "rss_mib": round(proc.memory_info().rss / 2**20, 1),
                     "cpu_s": round(t.user + t.system, 3),
                 }
+                wait = run_queue_wait(proc.pid)
+                if wait is not None:
+                    out[proc.pid]["wait_s"] = round(wait, 4)
         return out
 
     def fds(self) -> int:

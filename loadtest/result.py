@@ -71,6 +71,7 @@ def swarm_result(
             "hub_max_cpu_pct": points.peak("hub_cpu_pct", None),
             "hub_max_fds": points.peak("hub_fds", None),
             "steady": steady(run.steady),
+            "search_window": search_window(run.search_window),
             "redis": redis_usage(run),
         },
         "projects": projects(run),
@@ -102,7 +103,36 @@ def steady(snaps: dict[str, Any]) -> dict[str, Any] | None:
     }
     if a["redis_cpu_s"] is not None and b["redis_cpu_s"] is not None:
         out["redis_cpu_pct"] = round(100 * (b["redis_cpu_s"] - a["redis_cpu_s"]) / seconds, 1)
+    out.update(run_queue(a, b, seconds))
     return out
+
+
+def run_queue(a: dict[str, Any], b: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """Time the hub's and the swarm's processes spent runnable but waiting for a CPU, in ms per
+    second of the window (summed over processes), and the hub's per ms of CPU it used: the share
+    of a request's latency that is the machine's queue, not the hub's code."""
+    out: dict[str, Any] = {}
+    for side in ("hub_wait", "swarm_wait"):
+        waited = [b[side][pid] - w for pid, w in a.get(side, {}).items() if pid in b.get(side, {})]
+        if waited:
+            out[f"{side}_ms_per_s"] = round(1000 * sum(waited) / seconds, 1)
+    cpu = sum(b["hub"][pid] - c for pid, c in a["hub"].items() if pid in b["hub"])
+    if "hub_wait_ms_per_s" in out and cpu > 0:
+        out["hub_wait_per_cpu"] = round(out["hub_wait_ms_per_s"] * seconds / 1000 / cpu, 2)
+    return out
+
+
+def search_window(snaps: dict[str, Any]) -> dict[str, Any] | None:
+    """While the searches ran: seconds, hub CPU % of one core, and the run-queue waits (``run_queue``)."""
+    if "start" not in snaps or "end" not in snaps:
+        return None
+    a, b = snaps["start"], snaps["end"]
+    seconds = b["at"] - a["at"]
+    if seconds <= 0:
+        return None
+    cpu = sum(b["hub"][pid] - c for pid, c in a["hub"].items() if pid in b["hub"])
+    window = {"seconds": round(seconds, 1), "hub_cpu_pct": round(100 * cpu / seconds, 1)}
+    return window | run_queue(a, b, seconds)
 
 
 def redis_usage(run: Run) -> dict[str, Any] | None:
