@@ -28,6 +28,7 @@ from .procs import (
     Server,
     Watched,
     listen_overflows,
+    niceness,
     pids_listening,
     run_queue_wait,
     start_servers,
@@ -172,6 +173,7 @@ class Run:
                 "hub": {pid: p["cpu_s"] for pid, p in hub.items()},
                 "hub_wait": {pid: p["wait_s"] for pid, p in hub.items() if "wait_s" in p},
                 "swarm_wait": {pid: w for pid in swarm if (w := run_queue_wait(pid)) is not None},
+                "swarm_nice": sorted({n for pid in swarm if (n := niceness(pid)) is not None}),
                 "redis_cpu_s": redis,
             }
 

@@ -72,6 +72,12 @@ def run_queue_wait(pid: int) -> float | None:
         return None
 
 
+def niceness(pid: int) -> int | None:
+    with contextlib.suppress(OSError):
+        return os.getpriority(os.PRIO_PROCESS, pid)
+    return None
+
+
 @dataclass
 class Watched:
     """CPU and RSS of a server: its processes and their children (hub workers)."""

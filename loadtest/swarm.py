@@ -13,6 +13,7 @@ import asyncio
 import bisect
 import errno
 import itertools
+import os
 import random
 import sys
 import time
@@ -66,6 +67,7 @@ class WorkerConfig(msgspec.Struct):
     # project's agents take the filters in turn, the first the whole project) with "batch": true.
     project_weights: list[float] = []
     per_project: bool = False
+    nice: int = 0  # --swarm-nice
 
 
 class Report(msgspec.Struct, tag="report"):
@@ -758,6 +760,8 @@ class Worker:
 async def _main() -> None:
     line = sys.stdin.buffer.readline()
     cfg = msgspec.json.decode(line, type=WorkerConfig)
+    if cfg.nice:
+        os.nice(cfg.nice)
     await Worker(cfg).run()
 
 
