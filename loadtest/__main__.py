@@ -122,11 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
             help="instead: the hold's last S seconds, searches stopped and checks paused (heartbeat load)",
         )
         p.add_argument(
-            "--swarm-nice",
-            type=int,
-            default=0,
-            help="run the swarm's processes at this niceness (0-19): the hub, and the orchestrator "
-            "that times its searches, come first for a CPU on a machine they share with the swarm",
+            "--swarm-idle",
+            action="store_true",
+            help="run the swarm's processes under SCHED_IDLE: the hub, and the orchestrator that "
+            "times its searches, come first for a CPU on a machine they share with the swarm",
         )
         p.add_argument(
             "--api-key", default=os.environ.get("HUB_API_KEY", ""), help="organization API key [HUB_API_KEY]"
@@ -198,7 +197,7 @@ def options(args: argparse.Namespace) -> Options:
         fresh_searches=args.fresh_searches,
         steady_skip=args.steady_skip,
         steady_window=args.steady_window,
-        swarm_nice=args.swarm_nice,
+        swarm_idle=args.swarm_idle,
         out=args.out,
         quiet=args.quiet,
     )

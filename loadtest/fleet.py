@@ -111,7 +111,7 @@ class Fleet:
                 agent_ordinal=alo,
                 project_weights=opts.project_weights,
                 per_project=opts.per_project,
-                nice=opts.swarm_nice,
+                idle=opts.swarm_idle,
             )
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "loadtest", "_worker",

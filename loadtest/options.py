@@ -82,9 +82,10 @@ class Options:
     # > 0: the steady window is instead the hold's last this many seconds, searches stopped and
     # checks paused there (the hub's CPU at heartbeat load, agents connected).
     steady_window: float = 0.0
-    # The swarm's processes at this niceness: the hub (and the orchestrator timing its searches)
-    # come first for a CPU, as on a machine of their own; the swarm still has every idle cycle.
-    swarm_nice: int = 0
+    # The swarm's processes under SCHED_IDLE: a hub process (or the orchestrator, which times the
+    # searches) that wakes takes the CPU from them at once, as on a machine of its own; the swarm
+    # still has every cycle they leave.
+    swarm_idle: bool = False
     # ingest only
     ladder: list[float] = field(default_factory=list)
     step: float = 4.0
@@ -119,8 +120,6 @@ class Options:
             raise UsageError("too many trackers for the source addresses")
         if not 0 <= self.projects_zipf <= 1000:
             raise UsageError("--projects-zipf must be 0-1000")
-        if not 0 <= self.swarm_nice <= 19:
-            raise UsageError("--swarm-nice must be 0-19")
         if self.steady_skip < 0 or self.steady_window < 0:
             raise UsageError("--steady-skip and --steady-window must be >= 0")
         if not 0 <= self.allowance <= MAX_ALLOWANCE:

@@ -28,8 +28,8 @@ from .procs import (
     Server,
     Watched,
     listen_overflows,
-    niceness,
     pids_listening,
+    policy,
     run_queue_wait,
     start_servers,
 )
@@ -173,7 +173,7 @@ class Run:
                 "hub": {pid: p["cpu_s"] for pid, p in hub.items()},
                 "hub_wait": {pid: p["wait_s"] for pid, p in hub.items() if "wait_s" in p},
                 "swarm_wait": {pid: w for pid in swarm if (w := run_queue_wait(pid)) is not None},
-                "swarm_nice": sorted({n for pid in swarm if (n := niceness(pid)) is not None}),
+                "swarm_policy": sorted({p for pid in swarm if (p := policy(pid)) is not None}),
                 "redis_cpu_s": redis,
             }
 

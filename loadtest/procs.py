@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Final
 
 import psutil
 
@@ -72,9 +73,14 @@ def run_queue_wait(pid: int) -> float | None:
         return None
 
 
-def niceness(pid: int) -> int | None:
+POLICIES: Final = {os.SCHED_OTHER: "normal", os.SCHED_BATCH: "batch", os.SCHED_IDLE: "idle"}
+
+
+def policy(pid: int) -> str | None:
+    """``pid``'s scheduling policy as the kernel has it."""
     with contextlib.suppress(OSError):
-        return os.getpriority(os.PRIO_PROCESS, pid)
+        found = os.sched_getscheduler(pid)
+        return POLICIES.get(found, str(found))
     return None
 
 

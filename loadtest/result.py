@@ -111,7 +111,7 @@ def run_queue(a: dict[str, Any], b: dict[str, Any], seconds: float) -> dict[str,
     """Time the hub's and the swarm's processes spent runnable but waiting for a CPU, in ms per
     second of the window (summed over processes), and the hub's per ms of CPU it used: the share
     of a request's latency that is the machine's queue, not the hub's code."""
-    out: dict[str, Any] = {"swarm_nice": b.get("swarm_nice", [])}
+    out: dict[str, Any] = {"swarm_policy": b.get("swarm_policy", [])}
     for side in ("hub_wait", "swarm_wait"):
         waited = [b[side][pid] - w for pid, w in a.get(side, {}).items() if pid in b.get(side, {})]
         if waited:

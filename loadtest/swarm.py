@@ -67,7 +67,7 @@ class WorkerConfig(msgspec.Struct):
     # project's agents take the filters in turn, the first the whole project) with "batch": true.
     project_weights: list[float] = []
     per_project: bool = False
-    nice: int = 0  # --swarm-nice
+    idle: bool = False  # --swarm-idle
 
 
 class Report(msgspec.Struct, tag="report"):
@@ -760,8 +760,8 @@ class Worker:
 async def _main() -> None:
     line = sys.stdin.buffer.readline()
     cfg = msgspec.json.decode(line, type=WorkerConfig)
-    if cfg.nice:
-        os.nice(cfg.nice)
+    if cfg.idle:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     await Worker(cfg).run()
 
 

@@ -369,7 +369,7 @@ def test_zipf_projects_over_independent_hubs_add_up(tmp_path: Path) -> None:
     proc = loadtest(
         "mixed", "--spawn", "hub", "--hubs", "2", "--projects-zipf", "3", "-n", "150", "--agents", "6",
         "--qps", "10", "--duration", "4", "--steady-window", "2", "--check-interval", "0.5", "--quiet",
-        "--swarm-nice", "3", "--out", str(out),
+        "--swarm-idle", "--out", str(out),
         timeout=120,
     )  # fmt: skip
     assert out.exists(), proc.stderr[-3000:]
@@ -394,7 +394,7 @@ def test_zipf_projects_over_independent_hubs_add_up(tmp_path: Path) -> None:
     searched = result["summary"]["search_window"]
     assert 0.5 <= searched["seconds"] <= 3.5 and searched["hub_cpu_pct"] > 0
     for window in (searched, steady):
-        assert window["swarm_nice"] == [3]  # as the kernel has it
+        assert window["swarm_policy"] == ["idle"]  # as the kernel has it
         assert window["hub_wait_ms_per_s"] >= 0 and window["swarm_wait_ms_per_s"] >= 0
         assert window["hub_wait_per_cpu"] >= 0
 
