@@ -402,7 +402,10 @@ class Cluster:
         self._announced: set[str] = set()
         # (node, epoch) of peers that said goodbye: their late batches are not news.
         self._departed: set[tuple[str, str]] = set()
-        self._wake = anyio.Event()
+        self._wake = anyio.Event()  # a change to publish within the publish window
+        # Set with ``_wake``, and by the first heartbeat after a batch: the publisher then
+        # sleeps to the touch window's end instead of to the next lease refresh.
+        self._stir = anyio.Event()
         self._lock = anyio.Lock()
         self.window = settings.publish_window
         # Heartbeats wait up to ``touch_window`` (from the first pending one) unless a
@@ -450,9 +453,11 @@ class Cluster:
                 self._touched_at = time.monotonic()
                 if not self.touch_window:
                     self._wake.set()
+                self._stir.set()
             return
         pending[key] = mark
         self._wake.set()
+        self._stir.set()
 
     def held(self, session: Session) -> None:
         key = _key_of(session)
@@ -986,11 +991,13 @@ class Cluster:
 
     async def _publisher(self, client: Any) -> None:
         while not self.leaving:
-            due = self._lease_at + self._refresh_every
-            if self._touched_at is not None:
-                due = min(due, self._touched_at + self.touch_window)
-            with anyio.move_on_after(max(0.0, due - time.monotonic())):
-                await self._wake.wait()
+            self._stir = anyio.Event()
+            if not self._wake.is_set():
+                due = self._lease_at + self._refresh_every
+                if self._touched_at is not None:
+                    due = min(due, self._touched_at + self.touch_window)
+                with anyio.move_on_after(max(0.0, due - time.monotonic())):
+                    await self._stir.wait()
             if self._wake.is_set() and self.window:
                 # Gather what else changes within the window into the same batches.
                 await anyio.sleep(self.window)
