@@ -50,7 +50,7 @@ class Settings:
     publish_window: float = 0.005
     # Seconds a node gathers heartbeats (lastActiveAt only) before publishing them; a
     # change to a record goes out within the publish window and takes them along.
-    touch_window: float = 0.5
+    touch_window: float = 2.0
     # Seconds a node keeps mirroring a project after its last search there (README, "Cluster").
     mirror_idle: float = 300.0
     # Project -> partitions its sessions are split into by sessionID (README, "Cluster").
@@ -428,7 +428,7 @@ OPTIONS: Final[list[tuple[str, Any, str]]] = [
         "touch-window",
         _non_negative("touch-window", float),
         "seconds a cluster node gathers heartbeats (lastActiveAt only) into one batch; other "
-        "changes go out within the publish window and take them along (default 0.5)",
+        "changes go out within the publish window and take them along (default 2)",
     ),
     (
         "project-buckets",
