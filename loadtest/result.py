@@ -81,19 +81,27 @@ def swarm_result(
     }
 
 
-def steady(snaps: dict[str, Any]) -> dict[str, Any] | None:
-    """The steady window: seconds, live sessions, hub CPU % of one core (in all and per process), Redis's."""
+def _span(snaps: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], float] | None:
+    """A window's first and last snapshots and the seconds between them (None if unfinished)."""
     if "start" not in snaps or "end" not in snaps:
         return None
     a, b = snaps["start"], snaps["end"]
     seconds = b["at"] - a["at"]
-    if seconds <= 0:
+    return (a, b, seconds) if seconds > 0 else None
+
+
+def _hub_cpu(a: dict[str, Any], b: dict[str, Any]) -> dict[Any, float]:
+    """CPU seconds each hub process (there at both snapshots) used between them."""
+    return {pid: b["hub"][pid] - cpu for pid, cpu in a["hub"].items() if pid in b["hub"]}
+
+
+def steady(snaps: dict[str, Any]) -> dict[str, Any] | None:
+    """The steady window: seconds, live sessions, hub CPU % of one core (in all and per process), Redis's."""
+    span = _span(snaps)
+    if span is None:
         return None
-    per = {
-        str(pid): round(100 * (b["hub"][pid] - cpu) / seconds, 1)
-        for pid, cpu in a["hub"].items()
-        if pid in b["hub"]
-    }
+    a, b, seconds = span
+    per = {str(pid): round(100 * cpu / seconds, 1) for pid, cpu in _hub_cpu(a, b).items()}
     out: dict[str, Any] = {
         "seconds": round(seconds, 1),
         "quiet": bool(snaps.get("quiet")),
@@ -116,7 +124,7 @@ def run_queue(a: dict[str, Any], b: dict[str, Any], seconds: float) -> dict[str,
         waited = [b[side][pid] - w for pid, w in a.get(side, {}).items() if pid in b.get(side, {})]
         if waited:
             out[f"{side}_ms_per_s"] = round(1000 * sum(waited) / seconds, 1)
-    cpu = sum(b["hub"][pid] - c for pid, c in a["hub"].items() if pid in b["hub"])
+    cpu = sum(_hub_cpu(a, b).values())
     if "hub_wait_ms_per_s" in out and cpu > 0:
         out["hub_wait_per_cpu"] = round(out["hub_wait_ms_per_s"] * seconds / 1000 / cpu, 2)
     return out
@@ -124,13 +132,11 @@ def run_queue(a: dict[str, Any], b: dict[str, Any], seconds: float) -> dict[str,
 
 def search_window(snaps: dict[str, Any]) -> dict[str, Any] | None:
     """While the searches ran: seconds, hub CPU % of one core, and the run-queue waits (``run_queue``)."""
-    if "start" not in snaps or "end" not in snaps:
+    span = _span(snaps)
+    if span is None:
         return None
-    a, b = snaps["start"], snaps["end"]
-    seconds = b["at"] - a["at"]
-    if seconds <= 0:
-        return None
-    cpu = sum(b["hub"][pid] - c for pid, c in a["hub"].items() if pid in b["hub"])
+    a, b, seconds = span
+    cpu = sum(_hub_cpu(a, b).values())
     window = {"seconds": round(seconds, 1), "hub_cpu_pct": round(100 * cpu / seconds, 1)}
     return window | run_queue(a, b, seconds)
 
