@@ -95,6 +95,10 @@ log = logging.getLogger("hub.cluster")
 TOUCH: Final = 0
 RECORD: Final = 1
 
+# Each batch's heartbeats wait a window drawn from [1 - TOUCH_JITTER, 1] x --touch-window:
+# nodes (and --workers) started together would otherwise publish, and load every mirror,
+# in step for as long as they run.
+TOUCH_JITTER: Final = 0.25
 BACKOFF_MIN: Final = 0.1
 BACKOFF_MAX: Final = 2.0
 TOUCHED_B: Final = TOUCHED.encode()
@@ -411,7 +415,7 @@ class Cluster:
         # Heartbeats wait up to ``touch_window`` (from the first pending one) unless a
         # change goes out sooner: one batch carries many, and lastActiveAt lags that much.
         self.touch_window = settings.touch_window
-        self._touched_at: float | None = None
+        self._touches_due: float | None = None
         # When the lease was last refreshed, and how often (every lease/4, not every batch:
         # it lives on the ``{hub}`` tag's master).
         self._lease_at = 0.0
@@ -449,8 +453,8 @@ class Cluster:
             if key in pending:
                 return
             pending[key] = mark
-            if self._touched_at is None:
-                self._touched_at = time.monotonic()
+            if self._touches_due is None:
+                self._touches_due = self._touch_deadline()
                 if not self.touch_window:
                     self._wake.set()
                 self._stir.set()
@@ -458,6 +462,9 @@ class Cluster:
         pending[key] = mark
         self._wake.set()
         self._stir.set()
+
+    def _touch_deadline(self) -> float:
+        return time.monotonic() + self.touch_window * (1 - TOUCH_JITTER * random.random())
 
     def held(self, session: Session) -> None:
         key = _key_of(session)
@@ -910,7 +917,7 @@ class Cluster:
         """
         async with self._lock:
             pending, self._pending = self._pending, {}
-            self._touched_at = None
+            self._touches_due = None
             started = time.monotonic()
             held: dict[str, list[Session]] = {}
             for session in self.registry.held():
@@ -979,8 +986,8 @@ class Cluster:
             mine = self._pending.setdefault(p, {})
             for key, mark in marks.items():
                 mine.setdefault(key, mark)
-        if self._pending and self._touched_at is None:
-            self._touched_at = time.monotonic()  # restored heartbeats go out with the next batch
+        if self._pending and self._touches_due is None:
+            self._touches_due = self._touch_deadline()  # restored heartbeats go out with the next batch
 
     def _record(self, session: Session) -> bytes:
         """The session as this node holds it: its own tabs and their activity, not the cluster's."""
@@ -994,8 +1001,8 @@ class Cluster:
             self._stir = anyio.Event()
             if not self._wake.is_set():
                 due = self._lease_at + self._refresh_every
-                if self._touched_at is not None:
-                    due = min(due, self._touched_at + self.touch_window)
+                if self._touches_due is not None:
+                    due = min(due, self._touches_due)
                 with anyio.move_on_after(max(0.0, due - time.monotonic())):
                     await self._stir.wait()
             if self._wake.is_set() and self.window:
@@ -1004,7 +1011,7 @@ class Cluster:
             if self._unknown:
                 await self._adopt(client)
             now = time.monotonic()
-            touches_due = self._touched_at is not None and now - self._touched_at >= self.touch_window
+            touches_due = self._touches_due is not None and now >= self._touches_due
             if self._wake.is_set() or touches_due or now - self._lease_at >= self._refresh_every:
                 await self.flush(client)
 
@@ -1015,7 +1022,7 @@ class Cluster:
                 return  # nothing may follow the goodbye
             self._wake = anyio.Event()
             pending, self._pending = self._pending, {}
-            self._touched_at = None
+            self._touches_due = None
             started = time.monotonic()
             refresh = final or started - self._lease_at >= self._refresh_every
             sent: list[tuple[str, int, list[tuple[SessionKey, Raw]], Gone]] = []
