@@ -26,7 +26,7 @@ from hub.config import Settings
 from hub.index import LiveIndex
 from hub.record import Session
 from hub.registry import Registry
-from hub.replication import AddMetric
+from hub.replication import LocalReplication
 from hub.wire import EndReason
 
 API_KEY = "test-key-7f3a"
@@ -316,10 +316,8 @@ class Events:
         return taken
 
 
-class RecordingReplication:
+class RecordingReplication(LocalReplication):
     """A ``hub.replication.Replication`` that records what the registry tells it."""
-
-    ready = True
 
     def __init__(self) -> None:
         self.log: list[tuple[Any, ...]] = []
@@ -332,15 +330,6 @@ class RecordingReplication:
 
     def released(self, session: Session, reason: EndReason | None) -> None:
         self.log.append(("released", session.sessionID, reason))
-
-    async def run(self) -> None:
-        pass
-
-    async def leave(self) -> None:
-        pass
-
-    def add_metrics(self, gauge: AddMetric, counter: AddMetric) -> None:
-        pass
 
     def take(self) -> list[tuple[Any, ...]]:
         taken, self.log = self.log, []
