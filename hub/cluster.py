@@ -1016,15 +1016,24 @@ class Cluster:
                 await self.flush(client)
 
     async def flush(self, client: Any, final: bool = False) -> None:
-        """Publish the pending changes, one batch per partition, and refresh the lease."""
+        """Publish the pending changes, one batch per partition, and refresh the lease when due.
+
+        A lease refresh with only heartbeats pending, their window still open, refreshes the
+        lease alone: publishing them then would add a batch per partition every lease/4, in
+        step on every node that started with this one.
+        """
         async with self._lock:
             if self.leaving and not final:
                 return  # nothing may follow the goodbye
-            self._wake = anyio.Event()
-            pending, self._pending = self._pending, {}
-            self._touches_due = None
             started = time.monotonic()
             refresh = final or started - self._lease_at >= self._refresh_every
+            touches_due = self._touches_due is not None and started >= self._touches_due
+            if final or self._wake.is_set() or touches_due:
+                self._wake = anyio.Event()
+                pending, self._pending = self._pending, {}
+                self._touches_due = None
+            else:
+                pending = {}
             sent: list[tuple[str, int, list[tuple[SessionKey, Raw]], Gone]] = []
             try:
                 pipe = client.pipeline(transaction=False)

@@ -99,8 +99,8 @@ async def test_a_heartbeat_stores_only_last_active_at() -> None:
 
 
 async def test_heartbeats_wait_for_the_touch_window_and_go_out_in_one_batch() -> None:
-    # A lease refresh (every lease/4) publishes the pending touches with it, so the span of
-    # heartbeats below starts just after one and ends long before the next (lease 12 s: 3 s).
+    # Lease refreshes (every lease/4) go out in the same pipelines: the span of heartbeats
+    # below starts just after one and ends long before the next (lease 12 s: 3 s).
     lease_ms = 12000
     args = ("--touch-window", "0.5", "--node-lease", str(lease_ms / 1000))
     with RedisServer() as redis, cluster(redis.url, 2, *args) as nodes:
@@ -122,6 +122,7 @@ async def test_heartbeats_wait_for_the_touch_window_and_go_out_in_one_batch() ->
             # (at least 0.375 s: 0.5 s less its jitter).
             await ws.send(json.dumps({"type": "heartbeat"}))
             await asyncio.sleep(0.03)
+
         # Each new lastActiveAt reaches the far node (both answer the same)...
         def moved(view: Any) -> bool:
             return all(view[i]["lastActiveAt"] > first[i]["lastActiveAt"] for i in ids)
@@ -132,6 +133,31 @@ async def test_heartbeats_wait_for_the_touch_window_and_go_out_in_one_batch() ->
         assert time.monotonic() - sent < 2.0
         # ... all five in one batch.
         assert batches(await scrape(near.port)) - before == 1
+        for ws in beating:
+            await ws.close()
+
+
+async def test_lease_refreshes_leave_heartbeats_to_their_window() -> None:
+    # Refreshes every 0.5 s (lease 2 s) within a touch window of 1.125-1.5 s: none of them
+    # publishes the waiting heartbeats; they go out once, when their window closes.
+    args = ("--touch-window", "1.5", "--node-lease", "2")
+    with RedisServer() as redis, cluster(redis.url, 2, *args) as nodes:
+        near = nodes[0]
+        beating = [await tracker(near.port, f"r{i}") for i in range(3)]
+        ids = {f"r{i}" for i in range(3)}
+        first = await wait_agreed(nodes, ids)
+        await asyncio.sleep(1.6)  # past the window of the starts' own heartbeats
+        before = value(await scrape(near.port), "hub_redis_published_batches_total")
+        sent = time.monotonic()
+        for ws in beating:
+            await ws.send(json.dumps({"type": "heartbeat"}))
+
+        def moved(view: Any) -> bool:
+            return all(view[i]["lastActiveAt"] > first[i]["lastActiveAt"] for i in ids)
+
+        await wait_agreed(nodes, until=moved, timeout=4)
+        assert time.monotonic() - sent >= 1.1  # not with the refreshes 0.5 and 1 s in
+        assert value(await scrape(near.port), "hub_redis_published_batches_total") - before == 1
         for ws in beating:
             await ws.close()
 
