@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -204,6 +205,25 @@ def options(args: argparse.Namespace) -> Options:
     return Options(**values)
 
 
+async def _terminable(opts: Options) -> dict[str, Any]:
+    """``run(opts)``, cancelled by SIGTERM: its ``finally`` then stops the hubs and the
+    redis-server it started (the signal's default would leave them running)."""
+    from .orchestrator import run
+
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    return await run(opts)
+
+
+def _run(opts: Options) -> dict[str, Any]:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(_terminable(opts))
+    return uvloop.run(_terminable(opts))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "_worker":
@@ -217,7 +237,6 @@ def main(argv: list[str] | None = None) -> int:
         return report_main(args.files, args.out, args.plots)
     from .checks import failed
     from .options import UsageError
-    from .orchestrator import run
     from .result import write
 
     try:
@@ -229,11 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loadtest: error: {exc}", file=sys.stderr)
         return 2
     try:
-        import uvloop
-
-        result = uvloop.run(run(opts))
-    except ImportError:
-        result = asyncio.run(run(opts))
+        result = _run(opts)
+    except asyncio.CancelledError:
+        print("loadtest: terminated (SIGTERM); the servers it started are stopped", file=sys.stderr)
+        return 128 + signal.SIGTERM
     out = write(result, opts)
     print(json.dumps({"result": out, **result["summary"]}, default=str)[:4000])
     checks = result.get("checks")
@@ -244,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

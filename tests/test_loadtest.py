@@ -6,6 +6,7 @@ band, a per-second point, latencies, what fails a run, a worker's decoding.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import psutil
 import pytest
 
 from loadtest.checks import band, failed, project_band
@@ -420,3 +422,33 @@ def test_zipf_options_are_checked() -> None:
     assert proc.returncode == 2 and "--redis" in proc.stderr
     proc = loadtest("trackers", "--spawn", "hub", "--allowance", "60")
     assert proc.returncode == 2 and "--allowance" in proc.stderr
+
+
+@pytest.mark.skipif(not have_redis(), reason="redis-server not installed")
+def test_sigterm_stops_what_the_run_started(tmp_path: Path) -> None:
+    args = ["trackers", "--spawn", "hub", "--redis", "--hub-args", "--workers 2", "-n", "20"]
+    args += ["--duration", "120", "--quiet", "--out", str(tmp_path / "t.json")]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loadtest", *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    run = psutil.Process(proc.pid)
+    started: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 60
+        # Its swarm starts once its redis-server and its hub (a parent and 2 workers) run.
+        while not any("_worker" in " ".join(p.cmdline()) for p in run.children()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+            time.sleep(0.1)
+        started = run.children(recursive=True)
+        assert any(p.name() == "redis-server" for p in started)
+        assert len(started) >= 5, started  # redis-server, the hub and its workers, the swarm
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 143 and "terminated" in stderr, stderr[-2000:]
+        _, alive = psutil.wait_procs(started, timeout=10)
+        assert not alive
+    finally:
+        for p in [run, *started]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
