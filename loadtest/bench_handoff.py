@@ -11,8 +11,16 @@ says which), then the project's search (``GET …/assist/sessions?limit=10``),
 timed from its write to its last byte. On worker 0 it is answered
 directly; on worker 1 its connection is handed to worker 0 first. A second
 search on the same connection is timed too: once handed off, a connection
-is the owner's, and answers at direct speed. Medians, p90 and p99 of each,
-and the ratios, are printed as a Markdown table.
+is the owner's, and answers at direct speed. Then ``--connections`` searches
+each on a new connection, timed from the connect to the answer's last byte
+(Figure 1's ``--fresh-searches``: the kernel picks the worker, half of them
+are handed off), with the hub workers' context switches per connection
+(each voluntary one is a wake-up). Medians, p90 and p99 of each, and the
+ratios, are printed as a Markdown table.
+
+``--spin N`` keeps N busy processes at normal priority while timing: on this
+2-core machine the hub then waits for a CPU at every wake-up, as it does
+under a swarm.
 """
 
 from __future__ import annotations
@@ -20,11 +28,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import re
 import statistics
 import time
 
+import psutil
 import websockets
 
 from hub.handoff import owner
@@ -56,12 +66,33 @@ async def timed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data
     return time.perf_counter() - started
 
 
+def spin() -> None:
+    while True:
+        pass
+
+
+async def fresh(port: int, data: bytes) -> float:
+    started = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await answer(reader)
+    took = time.perf_counter() - started
+    writer.close()
+    return took
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def run(connections: int, sessions: int) -> None:
+def switches(workers: list[psutil.Process]) -> tuple[int, int]:
+    """Voluntary and involuntary context switches of ``workers`` so far."""
+    counts = [w.num_ctx_switches() for w in workers]
+    return sum(c.voluntary for c in counts), sum(c.involuntary for c in counts)
+
+
+async def run(connections: int, sessions: int, spinners: int) -> None:
     with RedisServer() as redis, HubProcess(
         "--redis-url", redis.url, "--api-key", API_KEY, "--workers", "2", "--log-level", "warning",
         "--max-sessions-per-project", str(max(sessions, 1000)),
@@ -85,6 +116,9 @@ async def run(connections: int, sessions: int) -> None:
             if total == sessions:
                 break
             await asyncio.sleep(0.1)
+        spinning = [multiprocessing.Process(target=spin, daemon=True) for _ in range(spinners)]
+        for p in spinning:
+            p.start()
         load_before = os.getloadavg()
         first: dict[int, list[float]] = {0: [], 1: []}
         second: dict[int, list[float]] = {0: [], 1: []}
@@ -97,7 +131,13 @@ async def run(connections: int, sessions: int) -> None:
             first[worker].append(await timed(reader, writer, search))
             second[worker].append(await timed(reader, writer, search))
             writer.close()
+        workers = psutil.Process(hub.proc.pid).children()
+        before = switches(workers)
+        new = [await fresh(hub.port, search) for _ in range(connections)]
+        voluntary, involuntary = (after - was for after, was in zip(switches(workers), before, strict=True))
         load_after = os.getloadavg()
+        for p in spinning:
+            p.kill()
         for ws in trackers:
             await ws.close()
         hub.terminate()
@@ -107,13 +147,21 @@ async def run(connections: int, sessions: int) -> None:
         ratio = statistics.median(values) / statistics.median(base)
         return f"| {name} | {len(values)} | {med:.0f} | {p90:.0f} | {p99:.0f} | {ratio:.2f} |"
 
-    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; {sessions} sessions")
+    print(
+        f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; {sessions} sessions, "
+        f"{spinners} busy processes"
+    )
     print("| search | n | p50 µs | p90 µs | p99 µs | p50 / direct |")
     print("|---|---|---|---|---|---|")
     print(row("direct (accepted by the owner)", first[0], first[0]))
     print(row("handed off (accepted by the other worker)", first[1], first[0]))
     print(row("next search on a direct connection", second[0], first[0]))
     print(row("next search on a handed-off connection", second[1], first[0]))
+    print(row("new connection, connect to answer (either worker)", new, first[0]))
+    print(
+        f"new connections: the workers' context switches per connection, voluntary "
+        f"{voluntary / connections:.2f}, involuntary {involuntary / connections:.2f}"
+    )
 
 
 def main() -> None:
@@ -122,8 +170,9 @@ def main() -> None:
     )
     parser.add_argument("--connections", type=int, default=400)
     parser.add_argument("--sessions", type=int, default=200)
+    parser.add_argument("--spin", type=int, default=0, help="busy processes while timing")
     args = parser.parse_args()
-    asyncio.run(run(args.connections, args.sessions))
+    asyncio.run(run(args.connections, args.sessions, args.spin))
 
 
 if __name__ == "__main__":
