@@ -466,6 +466,9 @@ class Cluster:
     def _touch_deadline(self) -> float:
         return time.monotonic() + self.touch_window * (1 - TOUCH_JITTER * random.random())
 
+    def _touches_due_at(self, now: float) -> bool:
+        return self._touches_due is not None and now >= self._touches_due
+
     def held(self, session: Session) -> None:
         key = _key_of(session)
         if self._new_here(key):
@@ -1011,8 +1014,8 @@ class Cluster:
             if self._unknown:
                 await self._adopt(client)
             now = time.monotonic()
-            touches_due = self._touches_due is not None and now >= self._touches_due
-            if self._wake.is_set() or touches_due or now - self._lease_at >= self._refresh_every:
+            refresh = now - self._lease_at >= self._refresh_every
+            if self._wake.is_set() or self._touches_due_at(now) or refresh:
                 await self.flush(client)
 
     async def flush(self, client: Any, final: bool = False) -> None:
@@ -1027,8 +1030,7 @@ class Cluster:
                 return  # nothing may follow the goodbye
             started = time.monotonic()
             refresh = final or started - self._lease_at >= self._refresh_every
-            touches_due = self._touches_due is not None and started >= self._touches_due
-            if final or self._wake.is_set() or touches_due:
+            if final or self._wake.is_set() or self._touches_due_at(started):
                 self._wake = anyio.Event()
                 pending, self._pending = self._pending, {}
                 self._touches_due = None
