@@ -101,7 +101,8 @@ def steady(snaps: dict[str, Any]) -> dict[str, Any] | None:
     if span is None:
         return None
     a, b, seconds = span
-    per = {str(pid): round(100 * cpu / seconds, 1) for pid, cpu in _hub_cpu(a, b).items()}
+    used = _hub_cpu(a, b)
+    per = {str(pid): round(100 * cpu / seconds, 1) for pid, cpu in used.items()}
     out: dict[str, Any] = {
         "seconds": round(seconds, 1),
         "quiet": bool(snaps.get("quiet")),
@@ -111,20 +112,20 @@ def steady(snaps: dict[str, Any]) -> dict[str, Any] | None:
     }
     if a["redis_cpu_s"] is not None and b["redis_cpu_s"] is not None:
         out["redis_cpu_pct"] = round(100 * (b["redis_cpu_s"] - a["redis_cpu_s"]) / seconds, 1)
-    out.update(run_queue(a, b, seconds))
+    out.update(run_queue(a, b, seconds, sum(used.values())))
     return out
 
 
-def run_queue(a: dict[str, Any], b: dict[str, Any], seconds: float) -> dict[str, Any]:
+def run_queue(a: dict[str, Any], b: dict[str, Any], seconds: float, cpu: float) -> dict[str, Any]:
     """Time the hub's and the swarm's processes spent runnable but waiting for a CPU, in ms per
-    second of the window (summed over processes), and the hub's per ms of CPU it used: the share
-    of a request's latency that is the machine's queue, not the hub's code."""
+    second of the window (summed over processes), and the hub's per ms of the CPU (``cpu``
+    seconds) it used: the share of a request's latency that is the machine's queue, not the
+    hub's code."""
     out: dict[str, Any] = {"swarm_policy": b.get("swarm_policy", [])}
     for side in ("hub_wait", "swarm_wait"):
         waited = [b[side][pid] - w for pid, w in a.get(side, {}).items() if pid in b.get(side, {})]
         if waited:
             out[f"{side}_ms_per_s"] = round(1000 * sum(waited) / seconds, 1)
-    cpu = sum(_hub_cpu(a, b).values())
     if "hub_wait_ms_per_s" in out and cpu > 0:
         out["hub_wait_per_cpu"] = round(out["hub_wait_ms_per_s"] * seconds / 1000 / cpu, 2)
     return out
@@ -138,7 +139,7 @@ def search_window(snaps: dict[str, Any]) -> dict[str, Any] | None:
     a, b, seconds = span
     cpu = sum(_hub_cpu(a, b).values())
     window = {"seconds": round(seconds, 1), "hub_cpu_pct": round(100 * cpu / seconds, 1)}
-    return window | run_queue(a, b, seconds)
+    return window | run_queue(a, b, seconds, cpu)
 
 
 def redis_usage(run: Run) -> dict[str, Any] | None:
