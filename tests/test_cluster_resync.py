@@ -99,8 +99,9 @@ async def test_a_heartbeat_stores_only_last_active_at() -> None:
 
 
 async def test_heartbeats_wait_for_the_touch_window_and_go_out_in_one_batch() -> None:
-    # Lease refreshes (every lease/4) go out in the same pipelines: the span of heartbeats
-    # below starts just after one and ends long before the next (lease 12 s: 3 s).
+    # A publisher that missed the first heartbeat would sleep until the next lease refresh
+    # (every lease/4): the heartbeats below start just after one, so the next is >= 2.7 s
+    # away (lease 12 s: 3 s) and such a publisher shows, wherever the refreshes fall.
     lease_ms = 12000
     args = ("--touch-window", "0.5", "--node-lease", str(lease_ms / 1000))
     with RedisServer() as redis, cluster(redis.url, 2, *args) as nodes:
