@@ -44,7 +44,7 @@ import secrets
 import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
@@ -71,6 +71,7 @@ from .partitions import (
     Verdict,
     channel,
     holders_key,
+    inbox,
     lease_key,
     owners,
     parse_seq,
@@ -110,12 +111,14 @@ LOG_EVERY_S: Final = 30.0
 
 # One partition's batch, atomically in its slot. KEYS: records, seq, holders, channel, where.
 # ARGV: node, "epoch:seq:base", PUBLISH or SPUBLISH, the message, mode (0 changes, 1 rewrite,
-# 2 goodbye: the node's keys of the partition go), n, n (field, value) pairs, fields to delete.
+# 2 goodbye: the node's keys of the partition go), n, e, n (field, value) pairs, e sessionIDs
+# ended (by ``end``), fields to delete. Returns (sessionID, node) pairs, flat: the other nodes
+# holding a record of an ended session, to be told (``Cluster._tell_ended``).
 # ``where`` maps each sessionID to the node that last wrote its record (a start elsewhere
 # finds it in one read: ``Cluster._adopt``); a node's entries go with its records.
 # The library and its functions carry a version: a node of a newer release loading its own
 # (FUNCTION LOAD REPLACE) never replaces what the running nodes of the older one call.
-LIBRARY_VERSION: Final = 2
+LIBRARY_VERSION: Final = 3
 BATCH: Final = f"hub_batch_v{LIBRARY_VERSION}"
 FORGET: Final = f"hub_forget_v{LIBRARY_VERSION}"
 LIBRARY: Final = f"""#!lua name=hub_v{LIBRARY_VERSION}
@@ -133,22 +136,37 @@ local function batch(keys, args)
     unplace(records, where, node)
     redis.call('UNLINK', records)
   end
-  local i, n = 7, tonumber(args[6])
+  local i, n, e = 8, tonumber(args[6]), tonumber(args[7])
   local stop = i + 2 * n
   while n > 0 do
     local m = math.min(n, 256)
     redis.call('HSET', records, unpack(args, i, i + 2 * m - 1))
     i, n = i + 2 * m, n - m
   end
-  for k = 7, stop - 1, 2 do
+  for k = 8, stop - 1, 2 do
     if string.byte(args[k], 1) ~= 64 then redis.call('HSET', where, args[k], node) end
   end
+  -- Peers' records of the partition share its hash tag (and slot) with this node's.
+  local told = {{}}
+  if e > 0 then
+    local prefix = string.sub(records, 1, #records - #node)
+    local others = redis.call('SMEMBERS', holders)
+    for k = stop, stop + e - 1 do
+      for _, other in ipairs(others) do
+        if other ~= node and redis.call('HEXISTS', prefix .. other, args[k]) == 1 then
+          told[#told + 1] = args[k]
+          told[#told + 1] = other
+        end
+      end
+    end
+  end
+  i = stop + e
   while i <= #args do
     local j = math.min(i + 511, #args)
     redis.call('HDEL', records, unpack(args, i, j))
     i = j + 1
   end
-  for k = stop, #args do
+  for k = stop + e, #args do
     if string.byte(args[k], 1) ~= 64 and redis.call('HGET', where, args[k]) == node then
       redis.call('HDEL', where, args[k])
     end
@@ -164,7 +182,7 @@ local function batch(keys, args)
     redis.call('SREM', holders, node)
   end
   redis.call(args[3], channel, args[4])
-  return 1
+  return told
 end
 local function forget(keys, args)
   unplace(keys[1], keys[4], args[1])
@@ -220,6 +238,15 @@ class Batch(Struct, array_like=True):
     base: int = 0
 
 
+class Ended(Struct, array_like=True):
+    """On a node's inbox ``{hub}:in:<node>``: sessions (partition, sessionID) the sender
+    ended (by ``end``) that the node holds a part of."""
+
+    node: str
+    epoch: str
+    sessions: list[tuple[str, str]]
+
+
 class Control(Struct, array_like=True):
     """On ``{hub}:ctl``: HOLDS (the sender now has keys in ``partitions``) or BYE (it drains)."""
 
@@ -232,6 +259,7 @@ class Control(Struct, array_like=True):
 _encode: Final = msgspec.msgpack.Encoder().encode
 _decode_batch: Final = msgspec.msgpack.Decoder(Batch).decode
 _decode_control: Final = msgspec.msgpack.Decoder(Control).decode
+_decode_ended: Final = msgspec.msgpack.Decoder(Ended).decode
 _decode_session: Final = msgspec.msgpack.Decoder(Session).decode
 
 
@@ -381,6 +409,7 @@ class Cluster:
         # Told of each peer found dead or lost (e.g. the relay, which forgets its agents and tabs).
         self.node_gone: list[Callable[[str], None]] = []
         self.epoch = secrets.token_hex(6)
+        self._inbox = inbox(self.node).encode()
         self.lease = settings.node_lease
         self.lease_ms = max(1, int(settings.node_lease * 1000))
         self.ready = False  # bootstrapped once: /readyz
@@ -393,6 +422,7 @@ class Cluster:
         self.published = 0  # batches
         self.received = 0
         self.reads = 0  # partition snapshots read
+        self.told = 0  # sessions ended here that peers were told of (they held a part)
         self._client: Any = None
         self._sharded = False
         self._subscriber: Subscriber | None = None
@@ -509,6 +539,12 @@ class Cluster:
             "Starts on this node found to resume a session held elsewhere (in a project it does "
             "not mirror): the session went on from its earlier record.",
             lambda: self.adopted,
+        )
+        counter(
+            "hub_cluster_told_ended_sessions",
+            "Sessions ended on this node by their tracker that another node held a part of, "
+            "sent to that node's inbox.",
+            lambda: self.told,
         )
         counter(
             "hub_cluster_partition_reads",
@@ -685,7 +721,7 @@ class Cluster:
             subscriber = self._subscriber = Subscriber(client, sharded, pubsub, tg, send)
             self._commands = send
             try:
-                await subscriber.subscribe([CONTROL_CHANNEL])
+                await subscriber.subscribe([CONTROL_CHANNEL, inbox(self.node)])
                 await self._bootstrap(client, subscriber)
                 self._link.up()
                 tg.start_soon(self._publisher, client)
@@ -875,6 +911,7 @@ class Cluster:
         sets: list[Any],
         deletes: list[str],
         base: int | None = None,
+        ended: Sequence[str] = (),
     ) -> None:
         keys = (
             records_key(partition, self.node),
@@ -884,8 +921,8 @@ class Cluster:
             where_key(partition),
         )
         value = seq_value(self.epoch, seq, seq if base is None else base)
-        args = [self.node, value, self._publish_command(), message, mode]
-        command = ("FCALL", BATCH, len(keys), *keys, *args, len(sets) // 2, *sets, *deletes)
+        args = [self.node, value, self._publish_command(), message, mode, len(sets) // 2, len(ended)]
+        command = ("FCALL", BATCH, len(keys), *keys, *args, *sets, *ended, *deletes)
         if self._sharded:
             # Routed by its first key; left to itself, redis-py's cluster pipeline asks the
             # default node for the keys of an FCALL (COMMAND GETKEYS with the whole call).
@@ -975,7 +1012,9 @@ class Cluster:
         for key, mark in pending.items():
             session = self.index.get(*key)
             if isinstance(mark, str) or session is None or not self.registry.holds(key):
-                if key in in_redis:
+                # An end goes out even if this node's record did not (yet): another node
+                # may hold the session (e.g. the tab that resumed here left it waiting there).
+                if key in in_redis or mark is EndReason.ENDED:
                     gone.append((key[1], mark if isinstance(mark, str) else None))
             elif mark == TOUCH and key in in_redis:
                 touch.append((key[1], session.lastActiveAt))
@@ -1055,7 +1094,8 @@ class Cluster:
                         # A heartbeat stores its lastActiveAt alone, never the whole record.
                         sets += (TOUCHED + sid, at)
                     deletes = [f"{prefix}{sid}" for sid, _ in gone for prefix in ("", TOUCHED)]
-                    self._call(pipe, p, seq, message, MODE_CHANGES, sets, deletes)
+                    ended = [sid for sid, reason in gone if reason is EndReason.ENDED]
+                    self._call(pipe, p, seq, message, MODE_CHANGES, sets, deletes, ended=ended)
                     sent.append((p, seq, up, gone))
                 self._announce(pipe, [p for p, _, up, _ in sent if up])
                 if refresh:
@@ -1066,7 +1106,10 @@ class Cluster:
             except BaseException:
                 self._restore(pending)
                 raise
-            for p, seq, up, gone in sent:
+            told: dict[str, list[tuple[str, str]]] = {}
+            for (p, seq, up, gone), others in zip(sent, results, strict=False):
+                for sid, node in zip(others[::2], others[1::2], strict=True):
+                    told.setdefault(node.decode(), []).append((p, sid.decode()))
                 keys = self._in_redis.setdefault(p, set())
                 for sid, _ in gone:
                     keys.discard((project_of(p), sid))
@@ -1077,6 +1120,8 @@ class Cluster:
                     if p not in self.mirrored and self._owns(p):
                         self._request(p)  # a partition this node owns: mirror it now
             self.published += len(sent)
+            if told:
+                await self._tell_ended(client, told)
             if not refresh:
                 return
             self._lease_at = started
@@ -1086,6 +1131,28 @@ class Cluster:
                 # Start over: the next session rewrites every partition it holds.
                 log.warning("cluster.lease_lost", extra={"fields": {"node": self.node}})
                 raise LeaseLost(f"the lease of {self.node} ran out before it was refreshed")
+
+    async def _tell_ended(self, client: Any, told: dict[str, list[tuple[str, str]]]) -> None:
+        """Tell each node holding a part of sessions this node ended (by ``end``): one that
+        does not mirror their partition would keep its part, and publish it again."""
+        pipe = client.pipeline(transaction=False)
+        for node, sessions in told.items():
+            message = _encode(Ended(self.node, self.epoch, sessions))
+            if self._sharded:
+                pipe.spublish(inbox(node), message)
+            else:
+                pipe.publish(inbox(node), message)
+        await pipe.execute()
+        self.told += sum(len(sessions) for sessions in told.values())
+
+    def _ended_elsewhere(self, notice: Ended) -> None:
+        """A peer ended sessions this node holds a part of: end them here too (as the batch
+        on their channel does where it is mirrored)."""
+        if notice.node == self.node or (notice.node, notice.epoch) in self._departed:
+            return
+        now = now_ms()
+        for p, sid in notice.sessions:
+            self.registry.remote_remove(notice.node, project_of(p), sid, EndReason.ENDED, now)
 
     async def _adopt(self, client: Any) -> None:
         """Look up the sessions this node started in partitions it does not mirror: one found
@@ -1155,7 +1222,10 @@ class Cluster:
             partition = partition_of_channel(name.decode())
             try:
                 if partition is None:
-                    await self._control(client, subscriber, _decode_control(data))
+                    if name == self._inbox:
+                        self._ended_elsewhere(_decode_ended(data))
+                    else:
+                        await self._control(client, subscriber, _decode_control(data))
                     continue
                 batch = _decode_batch(data)
             except (msgspec.DecodeError, RecursionError):  # msgpack nested past the interpreter's limit

@@ -16,7 +16,8 @@ small, under the ``{hub}`` tag. README, "Cluster", tells the whole layout:
   node that does not mirror X looks its session up there);
 - ``{p:X}:ch`` — the channel of X's batches (sharded pub/sub on a Redis Cluster);
 - ``{hub}:nodes`` (node → epoch), ``{hub}:lease:<node>``, ``{hub}:parts:<node>``
-  (the partitions the node has keys in) and ``{hub}:ctl``, the control channel.
+  (the partitions the node has keys in), ``{hub}:ctl``, the control channel, and
+  ``{hub}:in:<node>``, the node's inbox (sessions a peer ended that it holds a part of).
 
 No I/O here: ``cluster.py`` does the talking.
 """
@@ -97,6 +98,11 @@ def partition_of_channel(name: str) -> str | None:
     if name.startswith("{p:") and name.endswith("}:ch"):
         return name[3:-4]
     return None
+
+
+def inbox(node: str) -> str:
+    """The channel of a node's notices: sessions a peer ended that the node holds a part of."""
+    return f"{{hub}}:in:{node}"
 
 
 def lease_key(node: str) -> str:

@@ -235,3 +235,53 @@ async def test_the_directory_of_a_partition_follows_its_records_and_a_dead_node_
         assert not client.exists("{p:p1}:s:n0")
         await other.close()
         await back.close()
+
+
+@pytest.mark.parametrize("redis_kind", [RedisServer, RedisCluster], ids=["one-redis", "redis-cluster"])
+async def test_an_end_reaches_the_session_s_tab_on_a_node_that_does_not_mirror_the_project(
+    redis_kind: type[RedisServer] | type[RedisCluster],
+) -> None:
+    # On a Redis Cluster the batch function finds the other node's record in the partition's
+    # slot, and the notice goes to that node's inbox, a shard channel.
+    with redis_kind() as redis, cluster(redis.url, 2) as nodes:
+        warm, cold = nodes  # the agent on the first makes it mirror p1
+        main = await tracker(warm.port, "e")
+        async with agent(warm.port) as log:
+            # A second tab of the session, on the node that does not mirror p1.
+            tab = await tracker(cold.port, "e")
+            await wait_agreed([warm], until=lambda v: v.get("e", {}).get("tabs") == 2)
+            await main.send(json.dumps({"type": "end"}))
+            await wait_for(lambda: log.ends().get("e") == "ended", what="the end")
+
+            # The tab's node ends its part too: the tab's close then publishes nothing that
+            # would bring the session back. A start after it, in the same partition (one
+            # channel, in order), shows the close has been heard.
+            async def let_go() -> bool:
+                return await _metric(cold, "hub_live_sessions") == 0
+
+            await wait_for(let_go, what="the tab's node lets e go")
+            assert await _metric(warm, "hub_cluster_told_ended_sessions_total") == 1
+            await tab.close()
+            marker = await tracker(cold.port, "marker")
+            await wait_for(lambda: "marker" in log.started(), what="the marker")
+            assert "e" not in await sessions_of(warm.port)
+            about_e = [f["type"] for f in log.frames if f.get("sessionID") == "e"]
+            assert about_e[-1] == "session.end" and about_e.count("session.end") == 1, about_e
+            assert "e" not in log.started()
+            await marker.close()
+
+
+async def test_a_session_resumed_and_ended_within_one_publish_window_ends_where_it_waited() -> None:
+    with RedisServer() as redis, cluster(redis.url, 2, "--publish-window", "0.3") as nodes:
+        warm, cold = nodes
+        ws = await tracker(warm.port, "r")
+        async with agent(warm.port) as log:
+            await ws.close()
+            await wait_agreed([warm], until=lambda v: v["r"]["connected"] is False)
+            # The tab comes back on the node that does not mirror p1 and ends the session
+            # before that node's record of it goes out.
+            back = await tracker(cold.port, "r")
+            await back.send(json.dumps({"type": "end"}))
+            await wait_for(lambda: log.ends().get("r") == "ended", what="the end where r waited")
+            assert "r" not in await sessions_of(warm.port)
+            await back.close()
