@@ -103,13 +103,19 @@ class Run:
         view = LiveView(f"loadtest {opts.scenario} — {', '.join(opts.targets)}", opts.quiet)
         with view:
             while True:
-                await asyncio.sleep(1.0)
+                tick = 1.0
+                if steady_from is not None and "start" not in self.steady:
+                    # Wake when the steady window starts, not up to a tick after it: the
+                    # searches stop on time, whatever the checks cost the loop.
+                    tick = min(tick, max(0.0, steady_from - time.monotonic()))
+                await asyncio.sleep(tick)
                 now = time.monotonic()
                 agg = self.fleet.totals()
                 if self.live_at is None and agg.live >= opts.trackers:
                     self.live_at = time.time()
                 hub_total = None
-                if now - last_check >= opts.check_interval and searchable and not quiet:
+                steady_due = steady_from is not None and now >= steady_from and "start" not in self.steady
+                if now - last_check >= opts.check_interval and searchable and not quiet and not steady_due:
                     last_check = now
                     hub_total = await self.checks.count()
                     await self.checks.sample()

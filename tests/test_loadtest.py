@@ -390,11 +390,12 @@ def test_zipf_projects_over_independent_hubs_add_up(tmp_path: Path) -> None:
     assert steady["quiet"] and 1.5 <= steady["seconds"] <= 3.5 and len(steady["hub_cpu_pct_per_process"]) == 2
     last = result["timeseries"][-1]
     assert last["search_p50"] is None and "hub_total" not in last
-    assert 0 < result["summary"]["search_ms"]["n"] <= 10 * 2.5  # 10/s for the hold's first 2 s only
     # The searches' window ends where the steady one starts; each side's wait for a CPU is read
     # from the kernel (/proc/<pid>/schedstat), for the hub per ms of CPU it used.
     searched = result["summary"]["search_window"]
     assert 0.5 <= searched["seconds"] <= 3.5 and searched["hub_cpu_pct"] > 0
+    # 10/s in that window only (the hold's first 2 s, later if the machine is slow).
+    assert 0 < result["summary"]["search_ms"]["n"] <= 10 * searched["seconds"] + 3
     for window in (searched, steady):
         assert window["swarm_policy"] == ["idle"]  # as the kernel has it
         assert window["hub_wait_ms_per_s"] >= 0 and window["swarm_wait_ms_per_s"] >= 0
