@@ -261,16 +261,16 @@ def _cors_origins(text: str) -> tuple[str, ...]:
     return origins
 
 
-def _number(name: str, kind: type, zero_ok: bool) -> Any:
-    """A flag converter: a number > 0, or >= 0 where 0 turns the feature off."""
+def _number(name: str, kind: type, zero: str | None) -> Any:
+    """A flag converter: a number > 0, or >= 0 where 0 means ``zero`` (e.g. "off")."""
 
     def conv(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if value < 0 or (value == 0 and not zero_ok):
-            bound = ">= 0 (0 = off)" if zero_ok else "> 0"
+        if value < 0 or (value == 0 and zero is None):
+            bound = f">= 0 (0 = {zero})" if zero is not None else "> 0"
             raise argparse.ArgumentTypeError(f"{name} must be {bound}, got {text!r}")
         return value
 
@@ -279,11 +279,11 @@ def _number(name: str, kind: type, zero_ok: bool) -> Any:
 
 
 def _positive(name: str, kind: type) -> Any:
-    return _number(name, kind, zero_ok=False)
+    return _number(name, kind, None)
 
 
-def _non_negative(name: str, kind: type) -> Any:
-    return _number(name, kind, zero_ok=True)
+def _non_negative(name: str, kind: type, zero: str = "off") -> Any:
+    return _number(name, kind, zero)
 
 
 def _bool(text: str) -> bool:
@@ -421,12 +421,12 @@ OPTIONS: Final[list[tuple[str, Any, str]]] = [
     ("node-id", _node_id, "this node's name in a cluster (default: hostname-pid)"),
     (
         "publish-window",
-        _non_negative("publish-window", float),
+        _non_negative("publish-window", float, "at once"),
         "seconds a cluster node gathers changes into one Redis batch (default 0.005, 0 = at once)",
     ),
     (
         "touch-window",
-        _non_negative("touch-window", float),
+        _non_negative("touch-window", float, "within the publish window"),
         "seconds a cluster node gathers heartbeats (lastActiveAt only) into one batch; other "
         "changes go out within the publish window and take them along (default 2)",
     ),
@@ -438,7 +438,7 @@ OPTIONS: Final[list[tuple[str, Any, str]]] = [
     ),
     (
         "mirror-idle",
-        _non_negative("mirror-idle", float),
+        _non_negative("mirror-idle", float, "only while agents follow it"),
         "seconds a cluster node keeps mirroring a project after its last search there; agents "
         "keep it mirrored while connected (default 300)",
     ),
@@ -499,7 +499,7 @@ OPTIONS: Final[list[tuple[str, Any, str]]] = [
     ),
     (
         "tracker-rcvbuf",
-        _non_negative("tracker-rcvbuf", int),
+        _non_negative("tracker-rcvbuf", int, "system default"),
         "socket receive buffer of tracker connections in bytes (default 16384, 0 = system default)",
     ),
     (

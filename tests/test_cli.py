@@ -21,6 +21,8 @@ from tests.helpers import API_KEY, HubProcess, http, run_hub
         (["serve", "--port", "70000"], {}, "port"),
         (["serve", "--bogus"], {}, "--bogus"),
         (["serve", "--grace", "-1"], {}, "grace"),
+        (["serve", "--rate-limit", "-1"], {}, "rate-limit must be >= 0 (0 = off)"),
+        (["serve", "--touch-window", "-1"], {}, "touch-window must be >= 0 (0 = within the publish window)"),
         (["serve", "--log-format", "xml"], {}, "log-format"),
         (["serve", "--workers", "2"], {}, "redis"),
         (["serve", "--projects", "bad key!"], {}, "projects"),
