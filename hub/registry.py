@@ -541,8 +541,11 @@ class Registry:
         self._set_remote(key, h, node, None)
         if reason is EndReason.ENDED or (h.orphan and reason is None):
             self._end(session, EndReason.ENDED, local=False)
-        elif reason is not None and (h.orphan or h.tabs == 0):
-            # Its grace ran out there; a tab that resumed elsewhere keeps it.
+        elif reason is not None and h.orphan:
+            # Its grace ran out there and no other node holds a part. A tab that resumed
+            # elsewhere keeps it, and so does another part waiting out its own grace: a node
+            # that does not mirror the project began its grace when its own tab left, not
+            # when the session's last tab closed (this node's sweep ends it then).
             self._end(session, reason, local=False)
         else:
             self._retab(session, key, h, now)

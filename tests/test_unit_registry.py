@@ -255,6 +255,28 @@ def test_a_peer_s_grace_running_out_spares_a_tab_that_resumed_here() -> None:
     assert events.take() == [] and replication.take() == []
 
 
+def test_a_peer_s_grace_running_out_leaves_the_session_to_the_last_tab_s_grace() -> None:
+    registry, events, replication = recording_registry()
+    registry.remote_upsert("x", record(tabs=1), now=1000)
+    # The tab moves to y; x, which does not mirror the project, keeps its part in its grace.
+    registry.remote_upsert("y", record(tabs=1), now=2000)
+    registry.remote_upsert("x", record(tabs=0), now=2000)
+    session = registry.index.get(*KEY)
+    assert session is not None and session.connected and session.tabs == 1
+    # The last tab closes on y: the session's grace starts now.
+    registry.remote_upsert("y", record(tabs=0), now=20_000)
+    assert not session.connected and registry.waiting == 1
+    events.take()
+    # x's grace runs out first: y's part still waits out its own.
+    registry.remote_remove("x", "p1", "s", EndReason.DISCONNECTED, now=2000 + GRACE)
+    assert registry.is_live(session) and registry.sessions_of("x") == set()
+    assert events.take() == []
+    assert registry.sweep(20_000 + GRACE - 1) == 0 and registry.is_live(session)
+    assert registry.sweep(20_000 + GRACE) == 1
+    assert events.take() == [("ended", "s", EndReason.DISCONNECTED)]
+    assert replication.take() == [], "each node ends its own part"
+
+
 def test_a_lost_node_ends_only_the_sessions_no_other_node_holds() -> None:
     registry, events, replication = recording_registry()
     registry.remote_upsert("b", record("only-b"), now=1)
