@@ -380,7 +380,11 @@ async def test_dashboard_renders_only_the_visible_rows(browser: BrowserContext) 
 async def test_dashboard_says_when_the_key_is_refused(browser: BrowserContext) -> None:
     async with running_hub() as h:
         page = await open_dashboard(browser, h, key="wrong-key")
-        await expect(page.locator("#status")).to_contain_text("could not connect")
+        status = page.locator("#status")
+        await expect(status).to_contain_text("could not connect")
+        # It stays said through the retries (the first comes within a second).
+        await page.wait_for_timeout(1500)
+        await expect(status).to_contain_text("could not connect")
 
 
 async def test_dashboard_suggests_live_values_as_you_type(browser: BrowserContext) -> None:

@@ -143,7 +143,7 @@
     store.setItem("hubDashboard.project", project);
     store.setItem("hubDashboard.key", key);
     disconnect();
-    everOpened = false;
+    if (attempt === 0) everOpened = false;  // a new project or key, not a retry
     var proto = location.protocol === "https:" ? "wss://" : "ws://";
     // Browsers cannot set headers on a WebSocket: the key goes as ?token=.
     var url = proto + location.host + "/ws/agent/" + encodeURIComponent(project) +
@@ -169,14 +169,14 @@
       if (ws !== sock) return;
       ws = null;
       if (watch) { watchState("disconnected: rejoins on reconnect", "bad"); schedule(); }
-      if (!everOpened && attempt === 0) {
-        // A refused handshake (401/404) is indistinguishable from a dead hub here.
-        setStatus("could not connect: check the API key and project", "bad");
-      }
       var delay = Math.random() * Math.min(30000, 1000 * Math.pow(2, attempt++));
-      if (everOpened || attempt > 1) {
-        setStatus("disconnected (" + (event.code || "no code") + "), retrying in " +
-          Math.ceil(delay / 1000) + " s", "bad");
+      var retrying = ", retrying in " + Math.ceil(delay / 1000) + " s";
+      if (everOpened) {
+        setStatus("disconnected (" + (event.code || "no code") + ")" + retrying, "bad");
+      } else {
+        // Never opened with this key and project: a refused handshake (401/404) is
+        // indistinguishable from a dead hub here. Said until it opens, not only once.
+        setStatus("could not connect: check the API key and project" + retrying, "bad");
       }
       retryTimer = setTimeout(connect, delay);
     };
