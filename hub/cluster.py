@@ -423,6 +423,7 @@ class Cluster:
         self.received = 0
         self.reads = 0  # partition snapshots read
         self.told = 0  # sessions ended here that peers were told of (they held a part)
+        self._untold: dict[str, list[tuple[str, str]]] = {}  # node -> (partition, sessionID)
         self._client: Any = None
         self._sharded = False
         self._subscriber: Subscriber | None = None
@@ -1106,7 +1107,7 @@ class Cluster:
             except BaseException:
                 self._restore(pending)
                 raise
-            told: dict[str, list[tuple[str, str]]] = {}
+            told, self._untold = self._untold, {}
             for (p, seq, up, gone), others in zip(sent, results, strict=False):
                 for sid, node in zip(others[::2], others[1::2], strict=True):
                     told.setdefault(node.decode(), []).append((p, sid.decode()))
@@ -1121,7 +1122,14 @@ class Cluster:
                         self._request(p)  # a partition this node owns: mirror it now
             self.published += len(sent)
             if told:
-                await self._tell_ended(client, told)
+                try:
+                    await self._tell_ended(client, told)
+                except BaseException:
+                    # Told with the next flush (in a lease/4 at most): a part left on a peer
+                    # would come back with that peer's next report.
+                    for node, sessions in told.items():
+                        self._untold.setdefault(node, []).extend(sessions)
+                    raise
             if not refresh:
                 return
             self._lease_at = started

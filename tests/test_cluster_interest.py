@@ -285,3 +285,34 @@ async def test_a_session_resumed_and_ended_within_one_publish_window_ends_where_
             await wait_for(lambda: log.ends().get("r") == "ended", what="the end where r waited")
             assert "r" not in await sessions_of(warm.port)
             await back.close()
+
+
+async def test_an_end_that_could_not_be_told_is_told_with_a_later_flush() -> None:
+    # n0 may not publish to n1's inbox at first (a Redis ACL): its notice fails after the
+    # batch landed, and goes out once it may.
+    with RedisServer() as redis:
+        admin = redis_sync.Redis(port=redis.port)
+        channels = ["&{hub}:ctl", "&{p:*}:ch", "&{hub}:in:n0"]
+        admin.execute_command("ACL", "SETUSER", "n0", "on", ">pw", "~*", "+@all", "resetchannels", *channels)
+        with ExitStack() as stack:
+            warm = stack.enter_context(node(f"redis://n0:pw@127.0.0.1:{redis.port}", "n0"))
+            cold = stack.enter_context(node(redis.url, "n1"))
+            for n in (warm, cold):
+                n.wait_ready(path="/readyz")
+            main = await tracker(warm.port, "e")
+            async with agent(warm.port) as log:
+                tab = await tracker(cold.port, "e")
+                await wait_agreed([warm], until=lambda v: v.get("e", {}).get("tabs") == 2)
+                await main.send(json.dumps({"type": "end"}))
+                await wait_for(lambda: log.ends().get("e") == "ended", what="the end")
+                await asyncio.sleep(1.0)
+                assert await _metric(cold, "hub_live_sessions") == 1, "not told yet"
+                admin.execute_command("ACL", "SETUSER", "n0", "&{hub}:in:n1")
+
+                async def let_go() -> bool:
+                    return await _metric(cold, "hub_live_sessions") == 0
+
+                await wait_for(let_go, timeout=LEASE + 5, what="the notice, told again")
+                assert await _metric(warm, "hub_cluster_told_ended_sessions_total") == 1
+                await tab.close()
+        admin.close()
