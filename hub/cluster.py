@@ -466,6 +466,9 @@ class Cluster:
         # Sessions this node started in partitions it does not mirror, to look up in Redis
         # before their record goes out (a resume?), and what waits for the answer.
         self._unknown: dict[SessionKey, list[Callable[[bool], None]]] = {}
+        # Those looked up and not published since: a change meanwhile (the adoption's own)
+        # must not look them up again (the record's page views and active time would count twice).
+        self._looked_up: set[SessionKey] = set()
         self.adopted = 0  # starts found to be resumes of sessions held elsewhere
         # Owners mirror a partition whatever they serve, so a dead node's sessions are
         # reported ended by a survivor: only webhooks need that (README, "Webhooks").
@@ -510,7 +513,12 @@ class Cluster:
         """A session this node holds and has not published, in a partition it does not mirror:
         it may live on elsewhere (a tab that reconnected here)."""
         p = self.parts.of(key)
-        return p not in self.mirrored and key not in self._in_redis.get(p, ()) and self.ready
+        return (
+            p not in self.mirrored
+            and key not in self._in_redis.get(p, ())
+            and key not in self._looked_up
+            and self.ready
+        )
 
     def after_adoption(self, session: Session, then: Callable[[bool], None]) -> None:
         """``then(resumed)`` once this node knows whether ``session``, which it just started,
@@ -998,6 +1006,7 @@ class Cluster:
                 raise
             self._announced = set(partitions)
             self._in_redis = {p: {_key_of(s) for s in held.get(p, ())} for p in partitions}
+            self._looked_up.clear()
             self._acked.update(seqs)
             self._lease_at = started
             self.published += len(partitions)
@@ -1121,6 +1130,8 @@ class Cluster:
                     if p not in self.mirrored and self._owns(p):
                         self._request(p)  # a partition this node owns: mirror it now
             self.published += len(sent)
+            for marks in pending.values():
+                self._looked_up.difference_update(marks)
             if told:
                 try:
                     await self._tell_ended(client, told)
@@ -1191,6 +1202,7 @@ class Cluster:
             for key, waiters in unknown.items():
                 self._unknown.setdefault(key, []).extend(waiters)
             raise
+        self._looked_up.update(unknown)
         latest: dict[SessionKey, Session] = {}
         for i, (node, key) in enumerate(asked):
             value, touched = found[2 * i], found[2 * i + 1]

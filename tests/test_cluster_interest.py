@@ -316,3 +316,21 @@ async def test_an_end_that_could_not_be_told_is_told_with_a_later_flush() -> Non
                 assert await _metric(warm, "hub_cluster_told_ended_sessions_total") == 1
                 await tab.close()
         admin.close()
+
+
+async def test_a_resumed_session_is_looked_up_once() -> None:
+    with RedisServer() as redis, cluster(redis.url, 2) as nodes:
+        warm, cold = nodes
+        main = await tracker(warm.port, "s")
+        async with agent(warm.port):
+            tab = await tracker(cold.port, "s")  # a second tab, on a node that does not mirror p1
+            await wait_agreed([warm], until=lambda v: v.get("s", {}).get("tabs") == 2)
+            await main.send(json.dumps({"type": "update", "userID": "ann"}))  # warm writes last
+            await wait_agreed([warm], until=lambda v: v["s"]["userID"] == "ann")
+            # The cold node's next batch (another session starting there) looks s up no more:
+            # looked up again, the record's page views and active time would count twice.
+            other = await tracker(cold.port, "other")
+            await wait_agreed([warm], until=lambda v: "other" in v)
+            assert await _metric(cold, "hub_cluster_adopted_sessions_total") == 1
+            for ws in (main, tab, other):
+                await ws.close()
