@@ -66,6 +66,7 @@ from .index import collector_paused
 from .partitions import (
     CONTROL_CHANNEL,
     NODES_KEY,
+    STAMPED,
     TOUCHED,
     Partitioner,
     Verdict,
@@ -86,7 +87,7 @@ from .partitions import (
     where_key,
 )
 from .record import Session, active_time
-from .registry import Registry, SessionKey
+from .registry import NO_STAMPS, Registry, SessionKey, Stamps
 from .replication import AddMetric
 from .wire import BatchKind, EndReason
 
@@ -103,6 +104,7 @@ TOUCH_JITTER: Final = 0.25
 BACKOFF_MIN: Final = 0.1
 BACKOFF_MAX: Final = 2.0
 TOUCHED_B: Final = TOUCHED.encode()
+STAMPED_B: Final = STAMPED.encode()
 # Messages read from the subscriptions and not applied yet (while a partition is
 # read); past it they are dropped and the mirrored partitions re-read where they moved.
 BUFFER_BATCHES: Final = 100_000
@@ -122,9 +124,14 @@ LIBRARY_VERSION: Final = 3
 BATCH: Final = f"hub_batch_v{LIBRARY_VERSION}"
 FORGET: Final = f"hub_forget_v{LIBRARY_VERSION}"
 LIBRARY: Final = f"""#!lua name=hub_v{LIBRARY_VERSION}
+-- A record's field is its sessionID; '@' (64) and '~' (126) prefix its heartbeats and stamps.
+local function is_record(f)
+  local b = string.byte(f, 1)
+  return b ~= 64 and b ~= 126
+end
 local function unplace(records, where, node)
   for _, f in ipairs(redis.call('HKEYS', records)) do
-    if string.byte(f, 1) ~= 64 and redis.call('HGET', where, f) == node then
+    if is_record(f) and redis.call('HGET', where, f) == node then
       redis.call('HDEL', where, f)
     end
   end
@@ -144,7 +151,7 @@ local function batch(keys, args)
     i, n = i + 2 * m, n - m
   end
   for k = 8, stop - 1, 2 do
-    if string.byte(args[k], 1) ~= 64 then redis.call('HSET', where, args[k], node) end
+    if is_record(args[k]) then redis.call('HSET', where, args[k], node) end
   end
   -- Peers' records of the partition share its hash tag (and slot) with this node's.
   local told = {{}}
@@ -167,7 +174,7 @@ local function batch(keys, args)
     i = j + 1
   end
   for k = stop + e, #args do
-    if string.byte(args[k], 1) ~= 64 and redis.call('HGET', where, args[k]) == node then
+    if is_record(args[k]) and redis.call('HGET', where, args[k]) == node then
       redis.call('HDEL', where, args[k])
     end
   end
@@ -224,6 +231,8 @@ class _BatchOut(Struct, array_like=True):
     # RELOAD: the sender's last batch of the partition known to have reached Redis. A
     # mirror holding at least that one lacks nothing the RELOAD does not carry.
     base: int = 0
+    # sessionID -> when fields of its record in ``up`` changed (where any did).
+    stamps: dict[str, dict[str, int]] = {}
 
 
 class Batch(Struct, array_like=True):
@@ -236,6 +245,7 @@ class Batch(Struct, array_like=True):
     touch: Touches
     gone: Gone
     base: int = 0
+    stamps: dict[str, dict[str, int]] = {}
 
 
 class Ended(Struct, array_like=True):
@@ -261,6 +271,7 @@ _decode_batch: Final = msgspec.msgpack.Decoder(Batch).decode
 _decode_control: Final = msgspec.msgpack.Decoder(Control).decode
 _decode_ended: Final = msgspec.msgpack.Decoder(Ended).decode
 _decode_session: Final = msgspec.msgpack.Decoder(Session).decode
+_decode_stamps: Final = msgspec.msgpack.Decoder(dict[str, int]).decode
 
 
 @dataclass
@@ -405,6 +416,7 @@ class Cluster:
         # Which partition each session is in (its project, or a bucket of it).
         self.parts = Partitioner(settings.project_buckets)
         registry.part_of = self.parts.of
+        registry.stamping = True
         self.node = settings.node_id or default_node_id()
         # Told of each peer found dead or lost (e.g. the relay, which forgets its agents and tabs).
         self.node_gone: list[Callable[[str], None]] = []
@@ -879,19 +891,26 @@ class Cluster:
             epoch, number, _ = seq
             peer = self._peer(node, epoch)
             self.reads += 1
+            records, stamps = self._records(node, found[2 * i + 1])
             with collector_paused():
-                self.registry.reconcile(node, self._records(node, found[2 * i + 1]), now, p)
+                self.registry.reconcile(node, records, now, p, stamps)
             peer.seqs[p] = number
             done.add((p, node))
         return done
 
     @staticmethod
-    def _records(node: str, fields: dict[bytes, bytes]) -> list[Session]:
+    def _records(node: str, fields: dict[bytes, bytes]) -> tuple[list[Session], dict[str, Stamps]]:
+        """A node's records (with its heartbeats since) from its hash's ``fields``, and the
+        stamps of those that have any."""
         records = []
+        stamps: dict[str, Stamps] = {}
         for name, value in fields.items():
             if name.startswith(TOUCHED_B):
                 continue
             try:
+                if name.startswith(STAMPED_B):
+                    stamps[name[1:].decode()] = _decode_stamps(value)
+                    continue
                 record = _decode_session(value)
             except (msgspec.DecodeError, RecursionError):
                 # Not a record any node writes: whoever else writes to Redis cannot stop the mirror.
@@ -903,7 +922,7 @@ class Cluster:
                 record.activeTime = active_time(record, int(touched))
                 record.lastActiveAt = max(record.lastActiveAt, int(touched))
             records.append(record)
-        return records
+        return records, stamps
 
     # -- publishing ----------------------------------------------------------------
 
@@ -989,12 +1008,13 @@ class Cluster:
                     message = _encode(
                         _BatchOut(
                             self.node, self.epoch, p, seq, BatchKind.RELOAD, [r for _, r in up], touch, gone,
-                            self._acked.get(p, 0),
+                            self._acked.get(p, 0), self._stamps(up),
                         )
                     )  # fmt: skip
                     sets: list[Any] = []
                     for s in held.get(p, ()):
-                        sets += (s.sessionID, self._record(s))
+                        key = _key_of(s)
+                        sets += self._fields(key, self._record(s), self.registry.stamps(key))
                     # Nothing changed since the last batch Redis took: a mirror holding that
                     # one need not read this rewrite.
                     same = not (up or touch or gone)
@@ -1040,6 +1060,21 @@ class Cluster:
                 mine.setdefault(key, mark)
         if self._pending and self._touches_due is None:
             self._touches_due = self._touch_deadline()  # restored heartbeats go out with the next batch
+
+    def _stamps(self, up: list[tuple[SessionKey, Raw]]) -> dict[str, dict[str, int]]:
+        """The stamps of the records in ``up`` that have any, by sessionID."""
+        out = {}
+        for key, _ in up:
+            stamps = self.registry.stamps(key)
+            if stamps:
+                out[key[1]] = dict(stamps)
+        return out
+
+    def _fields(self, key: SessionKey, record: bytes, stamps: Stamps) -> list[Any]:
+        """A record's fields in this node's hash: the record, and its stamps where it has any."""
+        if not stamps:
+            return [key[1], record]
+        return [key[1], record, STAMPED + key[1], _encode(stamps)]
 
     def _record(self, session: Session) -> bytes:
         """The session as this node holds it: its own tabs and their activity, not the cluster's."""
@@ -1095,15 +1130,18 @@ class Cluster:
                     seq = self._seq.get(p, 0) + 1
                     self._seq[p] = seq
                     records = [raw for _, raw in up]
-                    batch = _BatchOut(self.node, self.epoch, p, seq, BatchKind.OPS, records, touch, gone)
+                    stamps = self._stamps(up)
+                    batch = _BatchOut(
+                        self.node, self.epoch, p, seq, BatchKind.OPS, records, touch, gone, 0, stamps
+                    )
                     message = _encode(batch)
                     sets: list[Any] = []
                     for key, raw in up:
-                        sets += (key[1], bytes(raw))
+                        sets += self._fields(key, bytes(raw), stamps.get(key[1], NO_STAMPS))
                     for sid, at in touch:
                         # A heartbeat stores its lastActiveAt alone, never the whole record.
                         sets += (TOUCHED + sid, at)
-                    deletes = [f"{prefix}{sid}" for sid, _ in gone for prefix in ("", TOUCHED)]
+                    deletes = [f"{prefix}{sid}" for sid, _ in gone for prefix in ("", TOUCHED, STAMPED)]
                     ended = [sid for sid, reason in gone if reason is EndReason.ENDED]
                     self._call(pipe, p, seq, message, MODE_CHANGES, sets, deletes, ended=ended)
                     sent.append((p, seq, up, gone))
@@ -1194,26 +1232,25 @@ class Cluster:
                     node = raw.decode() if raw is not None else None
                     if node is None or node == self.node or node not in self.peers:
                         continue
-                    pipe.hget(records_key(p, node), key[1])
-                    pipe.hget(records_key(p, node), TOUCHED + key[1])
+                    pipe.hmget(records_key(p, node), [key[1], TOUCHED + key[1], STAMPED + key[1]])
                     asked.append((node, key))
             found = await pipe.execute() if asked else []
         except BaseException:
             for key, waiters in unknown.items():
                 self._unknown.setdefault(key, []).extend(waiters)
             raise
+        latest: dict[SessionKey, tuple[Session, Stamps]] = {}
         self._looked_up.update(unknown)
-        latest: dict[SessionKey, Session] = {}
-        for i, (node, key) in enumerate(asked):
-            value, touched = found[2 * i], found[2 * i + 1]
-            if value is None:
-                continue
-            fields = {key[1].encode(): value} | ({TOUCHED_B + key[1].encode(): touched} if touched else {})
-            for record in self._records(node, fields):
-                if key not in latest or record.lastActiveAt > latest[key].lastActiveAt:
-                    latest[key] = record
-        for record in latest.values():
-            self.registry.adopt(record)
+        for (node, key), values in zip(asked, found, strict=True):
+            names = (key[1], TOUCHED + key[1], STAMPED + key[1])
+            fields = {n.encode(): v for n, v in zip(names, values, strict=True) if v is not None}
+            records, stamped = self._records(node, fields)
+            for record in records:
+                if key not in latest or record.lastActiveAt > latest[key][0].lastActiveAt:
+                    latest[key] = (record, stamped.get(key[1], NO_STAMPS))
+        now = now_ms()
+        for record, stamps in latest.values():
+            self.registry.adopt(record, now, stamps)
         self.adopted += len(latest)
         for key, waiters in unknown.items():
             for then in waiters:
@@ -1325,8 +1362,9 @@ class Cluster:
         project = project_of(batch.partition)
         for session_id, reason in batch.gone:
             registry.remote_remove(node, project, session_id, reason, now)
+        stamps = batch.stamps
         for record in batch.up:
-            registry.remote_upsert(node, record, now)
+            registry.remote_upsert(node, record, now, stamps.get(record.sessionID, NO_STAMPS))
         for session_id, last_active in batch.touch:
             registry.remote_touch(project, session_id, last_active)
 

@@ -8,8 +8,9 @@ Cluster spreads partitions over its masters by slot while one partition's
 keys stay in one slot (its writes are atomic there). Node-level keys stay
 small, under the ``{hub}`` tag. README, "Cluster", tells the whole layout:
 
-- ``{p:X}:s:<node>`` — the node's records of X (field ``sessionID``) and the
-  ``lastActiveAt`` of heartbeats since (field ``@sessionID``);
+- ``{p:X}:s:<node>`` — the node's records of X (field ``sessionID``), the
+  ``lastActiveAt`` of heartbeats since (field ``@sessionID``) and when the record's
+  fields changed since the session started (field ``~sessionID``, where any did);
 - ``{p:X}:seq:<node>`` — ``<epoch>:<seq>``: the node's last batch of X those reflect;
 - ``{p:X}:nodes`` — the nodes whose hash of X is not empty (what a reader reads);
 - ``{p:X}:where`` — sessionID → the node that last wrote its record (a start on a
@@ -39,6 +40,8 @@ CONTROL_CHANNEL: Final = "{hub}:ctl"
 # In a partition's hash, "@sessionID" holds a heartbeat's lastActiveAt beside the
 # record ("sessionID"): a heartbeat never rewrites the record.
 TOUCHED: Final = "@"
+# And "~sessionID" when its fields changed since the session started (``registry.Stamps``).
+STAMPED: Final = "~"
 
 
 class Partitioner:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
+from types import MappingProxyType
 from typing import Any, Final, Protocol
 
 import msgspec
@@ -73,6 +74,14 @@ _MIRRORED: Final = tuple(
     )
 )
 
+_MIRRORED_SET: Final = frozenset(_MIRRORED)
+# When each field of a record last changed (ms), by whichever node changed it; a field
+# without a stamp has the value it started with. A session's parts on several nodes merge
+# field by field, the newest change winning: a node that does not mirror the project
+# reports its part with values it may not know were changed elsewhere since.
+Stamps = Mapping[str, int]
+NO_STAMPS: Final[Stamps] = MappingProxyType({})
+
 # Fields a resumed session takes from its earlier record where this node has none.
 _ADOPTED: Final = tuple(
     f.name for f in msgspec.structs.fields(Session) if f.name in _MIRRORED and f.default is None
@@ -110,7 +119,7 @@ _NO_NODES: Final[frozenset[str]] = frozenset()
 class Holding:
     """Who holds one live session: this node's tabs, each peer's tabs, and its grace."""
 
-    __slots__ = ("deadline", "here", "idle", "idle_nodes", "reason", "remote")
+    __slots__ = ("deadline", "here", "idle", "idle_nodes", "reason", "remote", "stamps")
 
     def __init__(self) -> None:
         # This node's tabs; 0: it waits out the session's grace here; None: not held here.
@@ -125,6 +134,17 @@ class Holding:
         # While no node holds a tab: when the grace runs out, and the end reason then.
         self.deadline: int | None = None
         self.reason = EndReason.DISCONNECTED
+        # Fields changed since the session started, and when (``Stamps``): none for most.
+        self.stamps: dict[str, int] | None = None
+
+    def stamp(self, stamps: Iterable[tuple[str, int]]) -> None:
+        """Keep the newest stamp of each field."""
+        mine = self.stamps
+        for name, at in stamps:
+            if mine is None:
+                mine = self.stamps = {}
+            if at > mine.get(name, 0):
+                mine[name] = at
 
     @property
     def tabs(self) -> int:
@@ -185,6 +205,8 @@ class Registry:
         # forgotten alone. The cluster sets ``part_of``; by default a project is one.
         self._by_node: dict[str, dict[str, set[SessionKey]]] = {}
         self.part_of: Callable[[SessionKey], str] = _project_of
+        # Whether local changes are stamped (``Stamps``): the cluster merges parts by them.
+        self.stamping = False
 
     def is_live(self, session: Session) -> bool:
         return self.index.get(session.projectKey, session.sessionID) is session
@@ -343,6 +365,9 @@ class Registry:
         if spent != derived_active_time(session, now):
             changes["activeTime"] = spent
         changes["lastActiveAt"] = now
+        h = self._holdings.get((session.projectKey, session.sessionID)) if self.stamping else None
+        if h is not None:
+            h.stamp((name, now) for name in changes if name in _MIRRORED_SET)
         self.index.apply(session, changes)
         if spent != session.activeTime:
             self.index.apply(session, {"activeTime": spent})
@@ -434,6 +459,11 @@ class Registry:
         h = self._holdings.get(key)
         return (h.here or 0) if h is not None else 0
 
+    def stamps(self, key: SessionKey) -> Stamps:
+        """When the session's fields changed since it started (what a record goes out with)."""
+        h = self._holdings.get(key)
+        return (h.stamps if h is not None else None) or NO_STAMPS
+
     def local_active(self, key: SessionKey, current: bool) -> bool:
         """Any of this node's tabs active; ``current`` while it holds none."""
         h = self._holdings.get(key)
@@ -451,14 +481,15 @@ class Registry:
             return set(parts.get(part, ()))
         return {key for keys in parts.values() for key in keys}
 
-    def remote_upsert(self, node: str, record: Session, now: int) -> None:
-        """``node`` holds ``record`` with ``record.tabs`` tabs; ``record`` may be indexed as is."""
+    def remote_upsert(self, node: str, record: Session, now: int, stamps: Stamps = NO_STAMPS) -> None:
+        """``node`` holds ``record`` with ``record.tabs`` tabs; ``record`` may be indexed as is.
+        ``stamps``: when its fields changed; one older than this node's keeps this node's value."""
         self.strings.share(record)
         key = (record.projectKey, record.sessionID)
         h = self._holdings.get(key)
         session = self.index.get(*key)
         if h is None or session is None:
-            self._hold_new(node, key, record, now)
+            self._hold_new(node, key, record, now, stamps)
             self.index.add(record)
             for listener in self.listeners:
                 listener.session_started(record)
@@ -470,10 +501,13 @@ class Registry:
             # Resumed on that node: this node's grace for it is over.
             self._set_here(key, h, None)
         changes: dict[str, Any] = {}
+        mine = h.stamps or NO_STAMPS
         for name in _MIRRORED:
             value = getattr(record, name)
-            if value != getattr(session, name):
+            if value != getattr(session, name) and stamps.get(name, 0) >= mine.get(name, 0):
                 changes[name] = value
+        if stamps:
+            h.stamp(stamps.items())
         if record.timestamp != session.timestamp and (
             record.timestamp < session.timestamp or (len(h.remote) == 1 and h.here is None)
         ):
@@ -581,11 +615,11 @@ class Registry:
             self._set_remote(key, h, node, None)
             self._retab(session, key, h, now)
 
-    def adopt(self, record: Session) -> bool:
+    def adopt(self, record: Session, now: int, stamps: Stamps = NO_STAMPS) -> bool:
         """``record``: another node's part of a session this node started without knowing of it
-        (its project is not mirrored here), read from Redis. The start was a resume: the session
-        goes on from the record (its first start, page views, active time, and fields this
-        node's trackers have not set). Returns whether the session changed."""
+        (its project is not mirrored here), read from Redis with its ``stamps``. The start was a
+        resume: the session goes on from the record (its first start, page views, active time,
+        and fields this node's trackers have not set). Returns whether the session changed."""
         key = (record.projectKey, record.sessionID)
         session = self.index.get(*key)
         if session is None or key not in self._local:
@@ -601,17 +635,29 @@ class Registry:
                 changes[name] = getattr(record, name)
         if record.metadata:
             changes["metadata"] = record.metadata | session.metadata
+        if record.userProperties:
+            changes["userProperties"] = record.userProperties | session.userProperties
         changes = {k: v for k, v in changes.items() if getattr(session, k) != v}
+        if changes:
+            self._apply(session, changes)
+        # The record's values kept their stamps; this node's that stay (its tracker's start)
+        # are the newest.
+        h = self._holdings[key]
+        h.stamp(stamps.items())
+        h.stamp((name, now) for name in _MIRRORED if getattr(session, name) != getattr(record, name))
         if not changes:
             return False
-        self._apply(session, changes)
         self.replication.held(session)
         return True
 
-    def _hold_new(self, node: str, key: SessionKey, record: Session, now: int) -> None:
+    def _hold_new(
+        self, node: str, key: SessionKey, record: Session, now: int, stamps: Stamps = NO_STAMPS
+    ) -> None:
         """A holding for ``node``'s ``record``, a session not in the index yet (the caller
         indexes it)."""
         h = self._holdings[key] = Holding()
+        if stamps:
+            h.stamp(stamps.items())
         self._set_remote(key, h, node, record.tabs)
         h.set_idle(node, not record.active)
         record.tabs = h.tabs
@@ -646,9 +692,17 @@ class Registry:
                 self._retab(session, key, h, now)
         return forgotten
 
-    def reconcile(self, node: str, records: list[Session], now: int, part: str | None = None) -> None:
+    def reconcile(
+        self,
+        node: str,
+        records: list[Session],
+        now: int,
+        part: str | None = None,
+        stamps: Mapping[str, Stamps] | None = None,
+    ) -> None:
         """``node`` holds exactly ``records`` (its snapshot, of one partition or all): add,
-        change and end to match."""
+        change and end to match. ``stamps``: each record's (by sessionID), where it has any."""
+        stamps = stamps or {}
         keys = {(r.projectKey, r.sessionID) for r in records}
         gone = [key for key in self.sessions_of(node, part) if key not in keys]
         for project_key, session_id in gone:
@@ -657,11 +711,12 @@ class Registry:
         for record in records:
             key = (record.projectKey, record.sessionID)
             if self.index.get(*key) is not None:
-                self.remote_upsert(node, record, now)  # held already (by this node or another)
+                # Held already (by this node or another).
+                self.remote_upsert(node, record, now, stamps.get(record.sessionID, NO_STAMPS))
             elif key in keys:
                 keys.discard(key)  # once: a snapshot names each session once
                 self.strings.share(record)
-                self._hold_new(node, key, record, now)
+                self._hold_new(node, key, record, now, stamps.get(record.sessionID, NO_STAMPS))
                 new.append(record)
         # A partition read whole mostly lands in an empty index: indexed in one go.
         self.index.add_new(new)

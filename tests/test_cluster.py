@@ -331,9 +331,10 @@ def _node_names(port: int) -> set[str]:
 
 
 def _held_per_node(port: int) -> dict[str, int] | None:
-    # Project p1's partition: each worker's hash of its records (and "@" heartbeat fields).
+    # Project p1's partition: each worker's hash of its records (and "@" heartbeat fields, "~"
+    # stamps).
     held = {
-        n: sum(not f.startswith("@") for f in _redis_cli(port, "hkeys", f"{{p:p1}}:s:{n}"))
+        n: sum(not f.startswith(("@", "~")) for f in _redis_cli(port, "hkeys", f"{{p:p1}}:s:{n}"))
         for n in ("w-0", "w-1")
     }
     return held if sum(held.values()) == 16 else None

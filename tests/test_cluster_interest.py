@@ -43,7 +43,7 @@ async def _published(redis: RedisServer, counts: dict[str, int], partition: str 
     def written() -> bool:
         for name, count in counts.items():
             fields = client.hkeys(f"{{p:{partition}}}:s:{name}")
-            if sum(1 for f in fields if not f.startswith(b"@")) != count:
+            if sum(1 for f in fields if not f.startswith((b"@", b"~"))) != count:
                 return False
         return True
 
@@ -316,6 +316,40 @@ async def test_an_end_that_could_not_be_told_is_told_with_a_later_flush() -> Non
                 assert await _metric(warm, "hub_cluster_told_ended_sessions_total") == 1
                 await tab.close()
         admin.close()
+
+
+@pytest.mark.parametrize("report", ["update", "close"])
+async def test_a_field_changed_through_one_node_stays_when_a_tab_on_a_node_not_mirroring_reports(
+    report: str,
+) -> None:
+    with RedisServer() as redis, cluster(redis.url, 3) as nodes:
+        warm, cold, late = nodes  # the agent on the first makes it mirror p1
+        main = await tracker(warm.port, "s", userID="first")
+        async with agent(warm.port):
+            # A second tab, on a node that does not mirror p1: it reads the session as it is.
+            tab = await tracker(cold.port, "s")
+            await wait_agreed([warm], until=lambda v: v.get("s", {}).get("tabs") == 2)
+            await main.send(json.dumps({"type": "update", "userID": "second"}))
+            await wait_agreed([warm], until=lambda v: v["s"]["userID"] == "second")
+            # The other tab reports: its node publishes its part, with the userID it read.
+            if report == "update":
+                await tab.send(json.dumps({"type": "update", "url": "https://shop.test/next"}))
+                await wait_agreed([warm], until=lambda v: v["s"]["url"] == "https://shop.test/next")
+            else:
+                await tab.close()
+                await wait_agreed([warm], until=lambda v: v["s"]["tabs"] == 1)
+            assert (await sessions_of(warm.port))["s"]["userID"] == "second"
+            # A node that reads both parts from Redis (its first search of p1) merges them alike.
+            view = await wait_agreed([warm, late])
+            assert view["s"]["userID"] == "second"
+            if report == "update":
+                # Its page views: the first page, then the new one (the resume counts none).
+                assert view["s"]["url"] == "https://shop.test/next" and view["s"]["pageViews"] == 2
+            # Looked up once: the record's page views and active time are not added twice.
+            assert await _metric(cold, "hub_cluster_adopted_sessions_total") == 1
+        await main.close()
+        if report == "update":
+            await tab.close()
 
 
 async def test_a_resumed_session_is_looked_up_once() -> None:

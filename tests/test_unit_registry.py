@@ -427,3 +427,63 @@ def test_the_shared_values_are_bounded() -> None:
         assert len(strings.values) <= 3
     kept = strings.get("".join(["x", "y"]))
     assert strings.get("".join(["x", "y"])) is kept
+
+
+# -- one session's parts on several nodes: field by field, the newest change wins ----------
+
+
+def test_one_process_stamps_nothing() -> None:
+    registry, _, _ = recording_registry()
+    session, _ = registry.start("p1", 0, start(userID="first"), now=1000, attach=True)
+    registry.update(session, Update(userID="second"), now=2000)
+    assert registry.stamps(KEY) == {}, "only a cluster merges parts"
+
+
+def test_a_peer_s_part_keeps_fields_changed_here_since_and_takes_its_newer_ones() -> None:
+    registry, events, replication = recording_registry()
+    registry.stamping = True  # as the cluster sets it
+    session, _ = registry.start("p1", 0, start(userID="first"), now=1000, attach=True)
+    registry.remote_upsert("b", record(userID="first"), now=1100)  # a second tab, on b
+    assert registry.stamps(KEY) == {}, "a field as it started has no stamp"
+    registry.update(session, Update(userID="second"), now=2000)
+    assert registry.stamps(KEY) == {"userID": 2000}
+    events.take(), replication.take()
+    # b did not see the change (it does not mirror the project): its part still says "first".
+    registry.remote_upsert("b", record(userID="first", url="/b", last=3000), now=3000, stamps={"url": 3000})
+    assert (session.userID, session.url) == ("second", "/b")
+    ((kind, _, changes),) = events.take()
+    assert kind == "changed" and changes["url"] == "/b" and "userID" not in changes
+    assert registry.stamps(KEY) == {"userID": 2000, "url": 3000}
+    # A later change on b wins.
+    registry.remote_upsert(
+        "b", record(userID="third", url="/b", last=4000), now=4000, stamps={"userID": 4000}
+    )
+    assert session.userID == "third" and registry.stamps(KEY) == {"userID": 4000, "url": 3000}
+    assert replication.take() == [], "what peers did is theirs to publish"
+
+
+@pytest.mark.parametrize("order", [("b", "c"), ("c", "b")])
+def test_parts_read_from_snapshots_merge_alike_in_any_order(order: tuple[str, str]) -> None:
+    registry, _, _ = recording_registry()
+    parts = {
+        "b": (record(userID="second", url="/a", pageTitle="A"), {"userID": 2000}),
+        "c": (record(userID="first", url="/c", pageTitle="C"), {"url": 3000}),
+    }
+    for node in order:
+        rec, stamps = parts[node]
+        registry.reconcile(node, [rec], now=5000, stamps={"s": stamps})
+    session = registry.index.get(*KEY)
+    assert session is not None and (session.userID, session.url, session.tabs) == ("second", "/c", 2)
+    # Unstamped on both (as each started): the last read keeps its value, as before stamps.
+    assert session.pageTitle == parts[order[1]][0].pageTitle
+
+
+def test_an_adopted_record_keeps_its_stamps_and_the_start_here_is_newer() -> None:
+    registry, _, _ = recording_registry()
+    registry.start("p1", 0, start(userID="mine"), now=5000, attach=True)
+    earlier = record(userID="theirs", pageTitle="P", url="/p", timestamp=100)
+    assert registry.adopt(earlier, now=5010, stamps={"pageTitle": 3000, "userID": 2000})
+    session = registry.index.get(*KEY)
+    assert session is not None and (session.userID, session.pageTitle) == ("mine", "P")
+    # pageViews: the record's page and this start's other page.
+    assert registry.stamps(KEY) == {"pageTitle": 3000, "userID": 5010, "pageViews": 5010}
