@@ -232,7 +232,7 @@ class _BatchOut(Struct, array_like=True):
     # mirror holding at least that one lacks nothing the RELOAD does not carry.
     base: int = 0
     # sessionID -> when fields of its record in ``up`` changed (where any did).
-    stamps: dict[str, dict[str, int]] = {}
+    stamps: dict[str, Stamps] = {}
 
 
 class Batch(Struct, array_like=True):
@@ -1061,14 +1061,10 @@ class Cluster:
         if self._pending and self._touches_due is None:
             self._touches_due = self._touch_deadline()  # restored heartbeats go out with the next batch
 
-    def _stamps(self, up: list[tuple[SessionKey, Raw]]) -> dict[str, dict[str, int]]:
+    def _stamps(self, up: list[tuple[SessionKey, Raw]]) -> dict[str, Stamps]:
         """The stamps of the records in ``up`` that have any, by sessionID."""
-        out = {}
-        for key, _ in up:
-            stamps = self.registry.stamps(key)
-            if stamps:
-                out[key[1]] = dict(stamps)
-        return out
+        stamps_of = self.registry.stamps
+        return {key[1]: stamps for key, _ in up if (stamps := stamps_of(key))}
 
     def _fields(self, key: SessionKey, record: bytes, stamps: Stamps) -> list[Any]:
         """A record's fields in this node's hash: the record, and its stamps where it has any."""
