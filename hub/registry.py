@@ -25,7 +25,7 @@ over holdings, kept by those same methods:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
 from types import MappingProxyType
 from typing import Any, Final, Protocol
@@ -79,8 +79,44 @@ _MIRRORED_SET: Final = frozenset(_MIRRORED)
 # without a stamp has the value it started with. A session's parts on several nodes merge
 # field by field, the newest change winning: a node that does not mirror the project
 # reports its part with values it may not know were changed elsewhere since.
+# ``metadata`` and ``userProperties`` are stamped by key ("metadata.<key>"; a removed
+# key's stamp stays): tabs on two nodes may set different keys of one map.
 Stamps = Mapping[str, int]
 NO_STAMPS: Final[Stamps] = MappingProxyType({})
+_MAPS: Final = frozenset(("metadata", "userProperties"))
+_ABSENT: Final = object()
+
+
+def _stamps_between(before: Session, after: Mapping[str, Any], now: int) -> Iterator[tuple[str, int]]:
+    """The stamps of changing ``before``'s fields to the values in ``after``, at ``now``."""
+    for name, value in after.items():
+        if name in _MAPS:
+            old: dict[str, Any] = getattr(before, name)
+            for key in old.keys() | value.keys():
+                if old.get(key, _ABSENT) != value.get(key, _ABSENT):
+                    yield f"{name}.{key}", now
+        elif name in _MIRRORED_SET:
+            yield name, now
+
+
+def _merged_map(
+    name: str, ours: dict[str, Any], theirs: dict[str, Any], our_stamps: Stamps, their_stamps: Stamps
+) -> dict[str, Any]:
+    """``ours`` with each key of ``theirs`` changed more recently there (a tie keeps a key
+    either side has: both as the session started)."""
+    merged = dict(ours)
+    for key in ours.keys() | theirs.keys():
+        mine, other = ours.get(key, _ABSENT), theirs.get(key, _ABSENT)
+        if mine == other:
+            continue
+        stamp = f"{name}.{key}"
+        at, at_here = their_stamps.get(stamp, 0), our_stamps.get(stamp, 0)
+        if at > at_here or (at == at_here and other is not _ABSENT):
+            if other is _ABSENT:
+                del merged[key]
+            else:
+                merged[key] = other
+    return merged
 
 # Fields a resumed session takes from its earlier record where this node has none.
 _ADOPTED: Final = tuple(
@@ -367,7 +403,7 @@ class Registry:
         changes["lastActiveAt"] = now
         h = self._holdings.get((session.projectKey, session.sessionID)) if self.stamping else None
         if h is not None:
-            h.stamp((name, now) for name in changes if name in _MIRRORED_SET)
+            h.stamp(_stamps_between(session, changes, now))
         self.index.apply(session, changes)
         if spent != session.activeTime:
             self.index.apply(session, {"activeTime": spent})
@@ -504,7 +540,14 @@ class Registry:
         mine = h.stamps or NO_STAMPS
         for name in _MIRRORED:
             value = getattr(record, name)
-            if value != getattr(session, name) and stamps.get(name, 0) >= mine.get(name, 0):
+            current = getattr(session, name)
+            if value == current:
+                continue
+            if name in _MAPS:
+                value = _merged_map(name, current, value, mine, stamps)
+                if value != current:
+                    changes[name] = value
+            elif stamps.get(name, 0) >= mine.get(name, 0):
                 changes[name] = value
         if stamps:
             h.stamp(stamps.items())
@@ -644,7 +687,8 @@ class Registry:
         # are the newest.
         h = self._holdings[key]
         h.stamp(stamps.items())
-        h.stamp((name, now) for name in _MIRRORED if getattr(session, name) != getattr(record, name))
+        kept = {n: getattr(session, n) for n in _MIRRORED if getattr(session, n) != getattr(record, n)}
+        h.stamp(_stamps_between(record, kept, now))
         if not changes:
             return False
         self.replication.held(session)

@@ -329,11 +329,12 @@ async def test_a_field_changed_through_one_node_stays_when_a_tab_on_a_node_not_m
             # A second tab, on a node that does not mirror p1: it reads the session as it is.
             tab = await tracker(cold.port, "s")
             await wait_agreed([warm], until=lambda v: v.get("s", {}).get("tabs") == 2)
-            await main.send(json.dumps({"type": "update", "userID": "second"}))
+            await main.send(json.dumps({"type": "update", "userID": "second", "metadata": {"plan": "pro"}}))
             await wait_agreed([warm], until=lambda v: v["s"]["userID"] == "second")
             # The other tab reports: its node publishes its part, with the userID it read.
             if report == "update":
-                await tab.send(json.dumps({"type": "update", "url": "https://shop.test/next"}))
+                update = {"type": "update", "url": "https://shop.test/next", "metadata": {"lang": "en"}}
+                await tab.send(json.dumps(update))
                 await wait_agreed([warm], until=lambda v: v["s"]["url"] == "https://shop.test/next")
             else:
                 await tab.close()
@@ -342,6 +343,10 @@ async def test_a_field_changed_through_one_node_stays_when_a_tab_on_a_node_not_m
             # A node that reads both parts from Redis (its first search of p1) merges them alike.
             view = await wait_agreed([warm, late])
             assert view["s"]["userID"] == "second"
+            # Metadata merges key by key: each tab's key stays.
+            assert view["s"]["metadata"] == (
+                {"plan": "pro", "lang": "en"} if report == "update" else {"plan": "pro"}
+            )
             if report == "update":
                 # Its page views: the first page, then the new one (the resume counts none).
                 assert view["s"]["url"] == "https://shop.test/next" and view["s"]["pageViews"] == 2

@@ -487,3 +487,24 @@ def test_an_adopted_record_keeps_its_stamps_and_the_start_here_is_newer() -> Non
     assert session is not None and (session.userID, session.pageTitle) == ("mine", "P")
     # pageViews: the record's page and this start's other page.
     assert registry.stamps(KEY) == {"pageTitle": 3000, "userID": 5010, "pageViews": 5010}
+
+
+def test_metadata_merges_key_by_key_newest_first_and_a_removal_is_a_change() -> None:
+    registry, _, _ = recording_registry()
+    registry.stamping = True
+    session, _ = registry.start("p1", 0, start(metadata={"os": "mac"}), now=1000, attach=True)
+    registry.remote_upsert("b", record(metadata={"os": "mac", "ab": "x"}), now=1100)
+    assert session.metadata == {"os": "mac", "ab": "x"}, "keys as each part started: both kept"
+    registry.update(session, Update(metadata={"plan": "pro"}), now=2000)
+    assert registry.stamps(KEY) == {"metadata.plan": 2000}
+    # b did not see plan (it does not mirror the project) and set lang since.
+    b_map = {"os": "mac", "ab": "x", "lang": "en"}
+    registry.remote_upsert("b", record(metadata=b_map), now=3000, stamps={"metadata.lang": 3000})
+    assert session.metadata == {"os": "mac", "ab": "x", "plan": "pro", "lang": "en"}
+    # A key b removed later goes; one b's map lacks without a stamp stays.
+    registry.remote_upsert(
+        "b", record(metadata={"os": "mac", "lang": "en"}), now=4000,
+        stamps={"metadata.lang": 3000, "metadata.ab": 4000},
+    )  # fmt: skip
+    assert session.metadata == {"os": "mac", "plan": "pro", "lang": "en"}
+    assert registry.stamps(KEY) == {"metadata.plan": 2000, "metadata.lang": 3000, "metadata.ab": 4000}
