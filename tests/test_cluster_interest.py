@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-from contextlib import ExitStack
+from collections.abc import AsyncIterator
+from contextlib import ExitStack, asynccontextmanager
 from typing import Any
 
 import pytest
@@ -23,7 +24,16 @@ import websockets
 from hub.partitions import Partitioner, owners
 from tests.helpers import HubProcess, wait_for
 from tests.redis_server import RedisCluster, RedisServer, free_port, have_redis
-from tests.test_cluster import LEASE, agent, cluster, node, sessions_of, tracker, wait_agreed
+from tests.test_cluster import (
+    LEASE,
+    AgentLog,
+    agent,
+    cluster,
+    node,
+    sessions_of,
+    tracker,
+    wait_agreed,
+)
 from tests.test_ops import scrape, value
 
 pytestmark = pytest.mark.skipif(not have_redis(), reason="redis-server is not installed")
@@ -237,6 +247,23 @@ async def test_the_directory_of_a_partition_follows_its_records_and_a_dead_node_
         await back.close()
 
 
+@asynccontextmanager
+async def _ended_with_a_tab_on(warm: HubProcess, cold: HubProcess) -> AsyncIterator[tuple[Any, AgentLog]]:
+    """Session e with a tab on each node and an agent on ``warm`` (so it mirrors p1), ended
+    by the tab on ``warm``: the other tab and the agent's log."""
+    main = await tracker(warm.port, "e")
+    async with agent(warm.port) as log:
+        tab = await tracker(cold.port, "e")
+        await wait_agreed([warm], until=lambda v: v.get("e", {}).get("tabs") == 2)
+        await main.send(json.dumps({"type": "end"}))
+        await wait_for(lambda: log.ends().get("e") == "ended", what="the end")
+        yield tab, log
+
+
+async def _holds_none(hub: HubProcess) -> bool:
+    return await _metric(hub, "hub_live_sessions") == 0
+
+
 @pytest.mark.parametrize("redis_kind", [RedisServer, RedisCluster], ids=["one-redis", "redis-cluster"])
 async def test_an_end_reaches_the_session_s_tab_on_a_node_that_does_not_mirror_the_project(
     redis_kind: type[RedisServer] | type[RedisCluster],
@@ -244,22 +271,13 @@ async def test_an_end_reaches_the_session_s_tab_on_a_node_that_does_not_mirror_t
     # On a Redis Cluster the batch function finds the other node's record in the partition's
     # slot, and the notice goes to that node's inbox, a shard channel.
     with redis_kind() as redis, cluster(redis.url, 2) as nodes:
-        warm, cold = nodes  # the agent on the first makes it mirror p1
-        main = await tracker(warm.port, "e")
-        async with agent(warm.port) as log:
-            # A second tab of the session, on the node that does not mirror p1.
-            tab = await tracker(cold.port, "e")
-            await wait_agreed([warm], until=lambda v: v.get("e", {}).get("tabs") == 2)
-            await main.send(json.dumps({"type": "end"}))
-            await wait_for(lambda: log.ends().get("e") == "ended", what="the end")
-
+        warm, cold = nodes
+        # The second tab is on the node that does not mirror p1.
+        async with _ended_with_a_tab_on(warm, cold) as (tab, log):
             # The tab's node ends its part too: the tab's close then publishes nothing that
             # would bring the session back. A start after it, in the same partition (one
             # channel, in order), shows the close has been heard.
-            async def let_go() -> bool:
-                return await _metric(cold, "hub_live_sessions") == 0
-
-            await wait_for(let_go, what="the tab's node lets e go")
+            await wait_for(lambda: _holds_none(cold), what="the tab's node lets e go")
             assert await _metric(warm, "hub_cluster_told_ended_sessions_total") == 1
             await tab.close()
             marker = await tracker(cold.port, "marker")
@@ -299,20 +317,11 @@ async def test_an_end_that_could_not_be_told_is_told_with_a_later_flush() -> Non
             cold = stack.enter_context(node(redis.url, "n1"))
             for n in (warm, cold):
                 n.wait_ready(path="/readyz")
-            main = await tracker(warm.port, "e")
-            async with agent(warm.port) as log:
-                tab = await tracker(cold.port, "e")
-                await wait_agreed([warm], until=lambda v: v.get("e", {}).get("tabs") == 2)
-                await main.send(json.dumps({"type": "end"}))
-                await wait_for(lambda: log.ends().get("e") == "ended", what="the end")
+            async with _ended_with_a_tab_on(warm, cold) as (tab, _):
                 await asyncio.sleep(1.0)
                 assert await _metric(cold, "hub_live_sessions") == 1, "not told yet"
                 admin.execute_command("ACL", "SETUSER", "n0", "&{hub}:in:n1")
-
-                async def let_go() -> bool:
-                    return await _metric(cold, "hub_live_sessions") == 0
-
-                await wait_for(let_go, timeout=LEASE + 5, what="the notice, told again")
+                await wait_for(lambda: _holds_none(cold), timeout=LEASE + 5, what="the notice, told again")
                 assert await _metric(warm, "hub_cluster_told_ended_sessions_total") == 1
                 await tab.close()
         admin.close()
