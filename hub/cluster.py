@@ -1236,7 +1236,9 @@ class Cluster:
                 self._unknown.setdefault(key, []).extend(waiters)
             raise
         latest: dict[SessionKey, tuple[Session, Stamps]] = {}
-        self._looked_up.update(unknown)
+        # Only what is held and not in Redis yet: its mark is pending, and the flush that
+        # publishes (or ends) it lets it go. One published since it was queued stays out.
+        self._looked_up.update(k for k in unknown if self._new_here(k) and self.registry.holds(k))
         for (node, key), values in zip(asked, found, strict=True):
             names = (key[1], TOUCHED + key[1], STAMPED + key[1])
             fields = {n.encode(): v for n, v in zip(names, values, strict=True) if v is not None}
