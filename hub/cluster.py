@@ -970,11 +970,11 @@ class Cluster:
 
     def _tell(self, pipe: Any, kind: BatchKind, partitions: list[str]) -> None:
         """Publish a control message of this node on ``{hub}:ctl``."""
-        message = _encode(Control(self.node, self.epoch, kind, partitions))
-        if self._sharded:
-            pipe.spublish(CONTROL_CHANNEL, message)
-        else:
-            pipe.publish(CONTROL_CHANNEL, message)
+        self._publish(pipe, CONTROL_CHANNEL, _encode(Control(self.node, self.epoch, kind, partitions)))
+
+    def _publish(self, pipe: Any, name: str, message: bytes) -> None:
+        """``message`` on channel ``name``: sharded pub/sub on a Redis Cluster."""
+        (pipe.spublish if self._sharded else pipe.publish)(name, message)
 
     async def _republish(self, client: Any) -> None:
         """Rewrite this node's partitions in Redis (Redis may have lost them).
@@ -1190,11 +1190,7 @@ class Cluster:
         does not mirror their partition would keep its part, and publish it again."""
         pipe = client.pipeline(transaction=False)
         for node, sessions in told.items():
-            message = _encode(Ended(self.node, self.epoch, sessions))
-            if self._sharded:
-                pipe.spublish(inbox(node), message)
-            else:
-                pipe.publish(inbox(node), message)
+            self._publish(pipe, inbox(node), _encode(Ended(self.node, self.epoch, sessions)))
         await pipe.execute()
         self.told += sum(len(sessions) for sessions in told.values())
 
