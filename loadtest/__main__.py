@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--plots", default="", help="directory for PNG plots (needs matplotlib)")
     rep.add_argument("--out", default="", help="Markdown file (default: stdout)")
     sub.add_parser("_worker", help=argparse.SUPPRESS)
+    sub.add_parser("_searches", help=argparse.SUPPRESS)
     return parser
 
 
@@ -230,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
         from .swarm import main as worker_main
 
         worker_main()
+        return 0
+    if args.command == "_searches":
+        from .searches import main as searches_main
+
+        searches_main()
         return 0
     if args.command == "report":
         from .report import main as report_main

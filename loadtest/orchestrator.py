@@ -34,7 +34,7 @@ from .procs import (
     start_servers,
 )
 from .result import swarm_result
-from .searches import HubSearch, SearchLoad
+from .searches import HubSearch, SearchProcess
 from .stats import Latencies
 from .timeseries import Timeseries
 
@@ -65,7 +65,7 @@ class Run:
         self.latencies = Latencies()
         self.fleet = Fleet(self.latencies)
         self.api = HubSearch(opts.targets, opts.projects, opts.api_key)
-        self.searches = SearchLoad(self.api, opts, self.latencies)
+        self.searches = SearchProcess(opts, self.latencies)
         self.checks = Checks(opts, self.api, self.fleet, t0)
         self.timeseries = Timeseries(t0)
         self.live_at: float | None = None  # wall clock when the swarm first reported every tracker live
@@ -91,6 +91,8 @@ class Run:
     async def execute(self, load_before: tuple[float, float, float], overflows_before: int) -> dict[str, Any]:
         opts = self.opts
         searchable = opts.spawn != "baseline"
+        if opts.qps > 0 and searchable:
+            await self.searches.open()
         await self.fleet.start(opts)
         loop = asyncio.get_running_loop()
         watcher = loop.create_task(self.watch_registered()) if opts.scenario == "storm" else None
@@ -226,6 +228,7 @@ async def run(opts: Options) -> dict[str, Any]:
             return await r.execute(load_before, overflows_before)
         finally:
             r.fleet.kill()
+            r.searches.kill()
             r.api.close()
     finally:
         for server in servers:

@@ -1,8 +1,13 @@
-"""Searches over HTTP: the connections the checks and the search load share, and the search load.
+"""Searches over HTTP: the connections the checks use, and the search load in a process of its own.
 
 ``HubSearch`` keeps a few keep-alive connections per target. ``SearchLoad``
-sends a query mix at ``--qps``, open loop: a search's latency counts from
-when it was due, so a slow hub cannot slow the load down.
+sends a query mix at ``--qps``, open loop: searches are started when due, so
+a slow hub cannot slow the load down. It runs in ``python -m loadtest
+_searches`` (``SearchProcess`` on the orchestrator's side): a search's answer
+is read by a loop that does nothing else, not by the orchestrator's, which
+decodes the swarm's reports and samples the hub every second (in one process,
+that loop's own stalls were ~9 ms at p99 at 100k trackers, and every search
+answered during one counted them as the hub's).
 """
 
 from __future__ import annotations
@@ -10,9 +15,12 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import sys
 import time
 from collections import Counter
 from typing import Any, Final
+
+import msgspec
 
 from .client import HttpClient
 from .options import Options
@@ -157,30 +165,34 @@ def query_mix() -> tuple[str, dict[str, Any] | None, str]:
     )
 
 
-class SearchLoad:
-    """``--qps`` searches of the query mix over random targets and projects, until stopped."""
+class SearchConfig(msgspec.Struct):
+    """The search process's one line of configuration."""
 
-    def __init__(self, api: HubSearch, opts: Options, latencies: Latencies) -> None:
+    targets: list[str]
+    projects: list[str]
+    api_key: str
+    qps: float
+    fresh: bool
+
+
+class Searched(msgspec.Struct):
+    """What the search process saw since its last line: one a second, the last with ``done``."""
+
+    samples: list[tuple[str, str, float, float]]  # kind, project, ms (write or connect to answer), lag ms
+    errors: dict[str, int]
+    done: bool = False
+
+
+class SearchLoad:
+    """``qps`` searches of the query mix over random targets and projects, until stopped."""
+
+    def __init__(self, api: HubSearch, qps: float, fresh: bool) -> None:
         self.api = api
-        self.qps = opts.qps
-        self.fresh = opts.fresh_searches
-        self.targets = len(opts.targets)
-        self.projects = opts.projects
-        self.latencies = latencies
-        self.by_kind: dict[str, list[float]] = {}
-        self.by_project: dict[str, list[float]] = {}
+        self.qps = qps
+        self.fresh = fresh
+        self.samples: list[tuple[str, str, float, float]] = []  # taken by the reporter
         self.errors: Counter[str] = Counter()
         self.stopping = False
-        self.task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self.run())
-
-    async def stop(self) -> None:
-        """No new search; the ones under way get 10 s to finish."""
-        self.stopping = True
-        if self.task is not None:
-            await self.task
 
     async def run(self) -> None:
         interval = 1.0 / self.qps
@@ -193,25 +205,144 @@ class SearchLoad:
             delay = due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if self.stopping:
+                break
             task = asyncio.get_running_loop().create_task(self.one(due))
             pending.add(task)
             task.add_done_callback(pending.discard)
-        if pending:
+        if pending:  # the ones under way get 10 s to finish
             await asyncio.wait(pending, timeout=10)
 
     async def one(self, due: float) -> None:
         kind, body, query = query_mix()
-        target = random.randrange(self.targets)
-        project = random.choice(self.projects)
+        target = random.randrange(len(self.api.targets))
+        project = random.choice(self.api.projects)
         try:
             _, sent_at = await self.api.timed(target, project, body, query, fresh=self.fresh)
         except Exception as exc:
             self.errors[type(exc).__name__ + ": " + str(exc)[:80]] += 1
             return
-        # From the request's write (--fresh-searches: its connect) to its answer; the swarm's own lag
-        # before that is kept apart (the orchestrator's loop also reads reports and samples the hub).
+        # From the request's write (--fresh-searches: its connect) to its answer; this loop's own
+        # lag before that is kept apart.
         ms = (time.monotonic() - sent_at) * 1000
-        self.latencies.add("search_lag", [(sent_at - due) * 1000])
-        self.latencies.add("search", [ms])
-        self.by_kind.setdefault(kind, []).append(ms)
-        self.by_project.setdefault(project, []).append(ms)
+        self.samples.append((kind, project, ms, (sent_at - due) * 1000))
+
+    def take(self, done: bool = False) -> Searched:
+        samples, self.samples = self.samples, []
+        return Searched(samples=samples, errors=dict(self.errors), done=done)
+
+
+class SearchProcess:
+    """The orchestrator's side of the search process: ``open``, ``start``, ``stop``, ``kill``.
+
+    Its lines go into ``latencies`` (``search``, ``search_lag``) as they come, and
+    into ``by_kind``, ``by_project`` and ``errors`` for the result.
+    """
+
+    def __init__(self, opts: Options, latencies: Latencies) -> None:
+        self.cfg = SearchConfig(
+            targets=opts.targets,
+            projects=opts.projects,
+            api_key=opts.api_key,
+            qps=opts.qps,
+            fresh=opts.fresh_searches,
+        )
+        self.latencies = latencies
+        self.by_kind: dict[str, list[float]] = {}
+        self.by_project: dict[str, list[float]] = {}
+        self.errors: Counter[str] = Counter()
+        self.proc: asyncio.subprocess.Process | None = None
+        self.reader: asyncio.Task[None] | None = None
+        self.done = asyncio.Event()
+        self.started = False
+
+    async def open(self) -> None:
+        """The process, up and configured, before the search window: its start is not in the window."""
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "loadtest", "_searches",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=64 << 20,
+        )  # fmt: skip
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(msgspec.json.encode(self.cfg) + b"\n")
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+
+    def start(self) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.started = True
+        self.proc.stdin.write(b"go\n")
+
+    async def stop(self) -> None:
+        """No new search; the ones under way get 10 s to finish, and their samples are read."""
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"stop\n")
+        self.proc.stdin.close()
+        if self.started:
+            try:
+                await asyncio.wait_for(self.done.wait(), 15)
+            except TimeoutError:
+                self.errors["search process: no last report in 15 s"] += 1
+        try:
+            await asyncio.wait_for(self.proc.wait(), 5)
+        except TimeoutError:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        decoder = msgspec.json.Decoder(Searched)
+        while line := await self.proc.stdout.readline():
+            msg = decoder.decode(line)
+            self.latencies.add("search", [ms for _, _, ms, _ in msg.samples])
+            self.latencies.add("search_lag", [lag for _, _, _, lag in msg.samples])
+            for kind, project, ms, _ in msg.samples:
+                self.by_kind.setdefault(kind, []).append(ms)
+                self.by_project.setdefault(project, []).append(ms)
+            self.errors = Counter(msg.errors)
+            if msg.done:
+                self.done.set()
+
+
+async def _main() -> None:
+    """``python -m loadtest _searches``: a ``SearchConfig`` line, then ``go`` and ``stop`` (or EOF)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    cfg = msgspec.json.decode(await reader.readline(), type=SearchConfig)
+    api = HubSearch(cfg.targets, cfg.projects, cfg.api_key)
+    load = SearchLoad(api, cfg.qps, cfg.fresh)
+    encoder = msgspec.json.Encoder()
+
+    def emit(msg: Searched) -> None:
+        sys.stdout.buffer.write(encoder.encode(msg) + b"\n")
+        sys.stdout.buffer.flush()
+
+    if (await reader.readline()).strip() != b"go":
+        return  # stopped (or the orchestrator gone) before the window
+    running = loop.create_task(load.run())
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            emit(load.take())
+
+    reporter = loop.create_task(report())
+    await reader.readline()  # "stop", or EOF: the orchestrator is gone
+    load.stopping = True
+    await running
+    reporter.cancel()
+    emit(load.take(done=True))
+    api.close()
+
+
+def main() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(_main())
+        return
+    uvloop.run(_main())
