@@ -34,9 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("hub.server")
 
 Connection = HttpConnection | WebSocketConnection
-# TCP_DEFER_ACCEPT: a connection silent this long is accepted anyway (1.0 s measured here),
-# so a client that connects and waits before it speaks is still served.
-DEFER_ACCEPT_S = 1
 
 
 class Server:
@@ -86,12 +83,6 @@ class Server:
                 backlog=self.settings.backlog,
                 reuse_address=True,
             )
-        for listening in self._server.sockets:
-            # Every client speaks first (an HTTP request, a WebSocket handshake): the kernel
-            # hands a connection over with its first bytes, one wake-up instead of two (the
-            # accept, then the read) on a machine where each one waits for a CPU.
-            with contextlib.suppress(OSError, AttributeError):
-                listening.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_S)
 
     def count_open(self, endpoint: Endpoint, conn: WebSocketConnection) -> None:
         kind = self.endpoint_kinds.get(type(endpoint), "other")
