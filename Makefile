@@ -59,6 +59,7 @@ conformance: $(VENV)/.dev $(AUTOBAHN)/.installed
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check hub tests loadtest
+	$(VENV)/bin/ruff format --check hub tests loadtest
 	$(VENV)/bin/mypy hub
 
 clean:

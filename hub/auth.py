@@ -27,9 +27,7 @@ def _digest(token: str) -> bytes:
 
 
 class Auth:
-    def __init__(
-        self, org_key: str, project_keys: Mapping[str, tuple[str, ...]] | None = None
-    ) -> None:
+    def __init__(self, org_key: str, project_keys: Mapping[str, tuple[str, ...]] | None = None) -> None:
         scopes: dict[str, set[str]] = {}
         for project, keys in (project_keys or {}).items():
             for key in keys:

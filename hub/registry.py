@@ -118,6 +118,7 @@ def _merged_map(
                 merged[key] = other
     return merged
 
+
 # Fields a resumed session takes from its earlier record where this node has none.
 _ADOPTED: Final = tuple(
     f.name for f in msgspec.structs.fields(Session) if f.name in _MIRRORED and f.default is None

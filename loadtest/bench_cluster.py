@@ -122,9 +122,7 @@ async def _drive(trackers: list[WsConn], rate: int, seconds: float) -> float:
     return sent / (now - start)
 
 
-async def _measure(
-    agent_port: int, trackers: list[WsConn], rate: int, seconds: float
-) -> dict[str, float]:
+async def _measure(agent_port: int, trackers: list[WsConn], rate: int, seconds: float) -> dict[str, float]:
     parent, child = multiprocessing.get_context("fork").Pipe()
     proc = multiprocessing.get_context("fork").Process(target=_agent_process, args=(agent_port, child))
     proc.start()

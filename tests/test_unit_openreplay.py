@@ -146,7 +146,13 @@ class World:
         assert isinstance(hello, AgentHello)
         conn = Conn()
         endpoint = AgentEndpoint(
-            conn, self.codec, hello, self.relay, self.auth, lambda: now / 1000, LocalReplication()  # type: ignore[arg-type]
+            conn,
+            self.codec,
+            hello,
+            self.relay,
+            self.auth,
+            lambda: now / 1000,
+            LocalReplication(),  # type: ignore[arg-type]
         )
         endpoint.receive(b"40" + json.dumps({"token": token}).encode(), now)
         return endpoint, conn
