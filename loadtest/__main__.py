@@ -15,10 +15,13 @@ import json
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from .options import Options
+
+T = TypeVar("T")
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     "trackers": {"trackers": 1000},
@@ -217,25 +220,26 @@ async def _terminable(opts: Options) -> dict[str, Any]:
     return await run(opts)
 
 
-def _run(opts: Options) -> dict[str, Any]:
+def _loop_run(coro: Coroutine[Any, Any, T]) -> T:
+    """``coro`` on uvloop (the lean clients cost less of the shared CPU there), else asyncio."""
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(_terminable(opts))
-    return uvloop.run(_terminable(opts))
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "_worker":
-        from .swarm import main as worker_main
+        from .swarm import serve as serve_worker
 
-        worker_main()
+        _loop_run(serve_worker())
         return 0
     if args.command == "_searches":
-        from .searches import main as searches_main
+        from .searches import serve as serve_searches
 
-        searches_main()
+        _loop_run(serve_searches())
         return 0
     if args.command == "report":
         from .report import main as report_main
@@ -254,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loadtest: error: {exc}", file=sys.stderr)
         return 2
     try:
-        result = _run(opts)
+        result = _loop_run(_terminable(opts))
     except asyncio.CancelledError:
         print("loadtest: terminated (SIGTERM); the servers it started are stopped", file=sys.stderr)
         return 128 + signal.SIGTERM

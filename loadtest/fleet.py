@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import json
 import math
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -18,6 +17,7 @@ from typing import Any, Final
 import msgspec
 
 from .options import Options
+from .procs import start_child
 from .stats import Latencies
 from .swarm import AgentSets, Report, Settled, WorkerConfig, WorkerMessage
 
@@ -113,13 +113,7 @@ class Fleet:
                 per_project=opts.per_project,
                 idle=opts.swarm_idle,
             )
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "loadtest", "_worker",
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=64 << 20,
-            )  # fmt: skip
-            worker = WorkerProcess(proc, cfg)
-            assert proc.stdin is not None
-            proc.stdin.write(msgspec.json.encode(cfg) + b"\n")
+            worker = WorkerProcess(await start_child("_worker", msgspec.json.encode(cfg)), cfg)
             self.workers.append(worker)
             reader = asyncio.get_running_loop().create_task(self._read(worker))
             self._readers.add(reader)

@@ -23,6 +23,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+async def start_child(command: str, config: bytes) -> asyncio.subprocess.Process:
+    """``python -m loadtest <command>`` with pipes, its configuration line written first."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "loadtest", command,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=64 << 20,
+    )  # fmt: skip
+    assert proc.stdin is not None
+    proc.stdin.write(config + b"\n")
+    return proc
+
+
 def start_hub(port: int, api_key: str, extra: list[str]) -> subprocess.Popen[bytes]:
     """``python -m hub serve`` on ``port`` (no HUB_* from this environment), once it accepts."""
     args = [sys.executable, "-m", "hub", "serve", "--port", str(port), "--api-key", api_key]

@@ -24,6 +24,7 @@ import msgspec
 
 from .client import HttpClient
 from .options import Options
+from .procs import start_child
 from .stats import Latencies
 
 POOL: Final = 8  # keep-alive HTTP connections per target, shared by its projects (at least 2 each)
@@ -258,12 +259,7 @@ class SearchProcess:
 
     async def open(self) -> None:
         """The process, up and configured, before the search window: its start is not in the window."""
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "loadtest", "_searches",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=64 << 20,
-        )  # fmt: skip
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(msgspec.json.encode(self.cfg) + b"\n")
+        self.proc = await start_child("_searches", msgspec.json.encode(self.cfg))
         self.reader = asyncio.get_running_loop().create_task(self._read())
 
     def start(self) -> None:
@@ -307,8 +303,9 @@ class SearchProcess:
                 self.done.set()
 
 
-async def _main() -> None:
-    """``python -m loadtest _searches``: a ``SearchConfig`` line, then ``go`` and ``stop`` (or EOF)."""
+async def serve() -> None:
+    """``python -m loadtest _searches`` (run by ``__main__``): a ``SearchConfig`` line, then ``go``
+    and ``stop`` (or EOF)."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -337,12 +334,3 @@ async def _main() -> None:
     reporter.cancel()
     emit(load.take(done=True))
     api.close()
-
-
-def main() -> None:
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(_main())
-        return
-    uvloop.run(_main())

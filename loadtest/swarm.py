@@ -757,18 +757,10 @@ class Worker:
         self.emit(self.report())
 
 
-async def _main() -> None:
+async def serve() -> None:
+    """``python -m loadtest _worker`` (run by ``__main__``)."""
     line = sys.stdin.buffer.readline()
     cfg = msgspec.json.decode(line, type=WorkerConfig)
     if cfg.idle:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     await Worker(cfg).run()
-
-
-def main() -> None:
-    try:
-        import uvloop
-
-        uvloop.run(_main())
-    except ImportError:
-        asyncio.run(_main())
