@@ -177,7 +177,8 @@ class SearchConfig(msgspec.Struct):
 
 
 class Searched(msgspec.Struct):
-    """What the search process saw since its last line: one a second, the last with ``done``."""
+    """What the search process saw since its last line: an empty one once it is up, then one a
+    second, the last with ``done``."""
 
     samples: list[tuple[str, str, float, float]]  # kind, project, ms (write or connect to answer), lag ms
     errors: dict[str, int]
@@ -254,6 +255,7 @@ class SearchProcess:
         self.errors: Counter[str] = Counter()
         self.proc: asyncio.subprocess.Process | None = None
         self.reader: asyncio.Task[None] | None = None
+        self.up = asyncio.Event()
         self.done = asyncio.Event()
         self.started = False
 
@@ -261,6 +263,11 @@ class SearchProcess:
         """The process, up and configured, before the search window: its start is not in the window."""
         self.proc = await start_child("_searches", msgspec.json.encode(self.cfg))
         self.reader = asyncio.get_running_loop().create_task(self._read())
+        # Otherwise its interpreter's start-up and imports would be in the window.
+        try:
+            await asyncio.wait_for(self.up.wait(), 60)
+        except TimeoutError:
+            self.errors["search process: not up in 60 s"] += 1
 
     def start(self) -> None:
         assert self.proc is not None and self.proc.stdin is not None
@@ -299,6 +306,7 @@ class SearchProcess:
                 self.by_kind.setdefault(kind, []).append(ms)
                 self.by_project.setdefault(project, []).append(ms)
             self.errors = Counter(msg.errors)
+            self.up.set()
             if msg.done:
                 self.done.set()
 
@@ -318,6 +326,7 @@ async def serve() -> None:
         sys.stdout.buffer.write(encoder.encode(msg) + b"\n")
         sys.stdout.buffer.flush()
 
+    emit(load.take())  # up
     if (await reader.readline()).strip() != b"go":
         return  # stopped (or the orchestrator gone) before the window
     running = loop.create_task(load.run())
