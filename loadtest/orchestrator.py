@@ -126,11 +126,14 @@ class Run:
                 last_tick = now
                 view.show(point, agg.errors, (self.checks.count_mismatches, self.checks.sample_missing))
                 if hold_until is None and agg.ramped:
-                    hold_until = now + opts.duration
+                    # From now, not from the pass's start: the checks above may have taken a
+                    # good part of a second, which the searches' window would lose.
+                    held_at = time.monotonic()
+                    hold_until = held_at + opts.duration
                     if opts.steady_window > 0:
                         steady_from = hold_until - min(opts.steady_window, opts.duration)
                     else:
-                        steady_from = now + min(opts.steady_skip, opts.duration / 2)
+                        steady_from = held_at + min(opts.steady_skip, opts.duration / 2)
                     if opts.qps > 0 and searchable:
                         self.search_window["start"] = await self.cpu_snapshot()
                         self.searches.start()
